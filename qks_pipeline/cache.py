@@ -1,0 +1,235 @@
+"""The feature cache: one Zarr v3 store per split, written by stage one and read by stage two.
+
+Layout of `<split>.zarr` (a Zarr v3 group):
+
+    tokens        float16 (N, V, T, D)  visual tokens after ln_post, before the projection; V = 1 + augmented views,
+                                        view 0 is the clean (center-crop) view. Sharded: shard (S, V, T, D), inner
+                                        chunk (1, 1, T, D), uncompressed (DESIGN.md section 3).
+    valid         bool    (N,)          the image decoded and its tokens are real; chunk S (one writer per shard)
+    labels        int8    (N, C)        +1 positive, -1 verified negative, 0 unknown, over `attrs.labels`
+    paths         str     (N,)          image path relative to the image root, in store order
+    manifest_index int64  (N,)          line of the manifest each row came from (the store order may be shuffled)
+    visual_proj   float32 (D, E)        CLIP's visual projection, to initialise stage two's trainable projection
+    done/NNNNN.json                     one marker per finished shard: {"shard", "rows", "skipped": [{path, reason}]}
+
+Group attributes: `fingerprint` (see `make_fingerprint`), `labels` (seen labels then unseen labels), `num_seen`,
+`shard_size`. Zarr never writes an all-fill-value chunk, so file existence proves nothing: only a done marker, written
+after its shard's data, says a shard is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from qks_pipeline.errors import QKSError
+
+FORMAT_VERSION = 1
+
+
+def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A store's identity. `backbone`: model, weights, preprocessing, token layout; `data`: manifest hash, views..."""
+    return {"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}
+
+
+def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable list of the keys whose values differ between two (nested) fingerprints."""
+    diffs = []
+    for key in sorted(set(found) | set(expected)):
+        a, b = found.get(key), expected.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += fingerprint_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} is {a!r} in the store, {b!r} expected")
+    return diffs
+
+
+def check_fingerprint(path: str | Path, found: dict[str, Any], expected: dict[str, Any], what: str = "cache") -> None:
+    """Refuse a store built differently from what is asked for, naming every difference."""
+    diffs = fingerprint_difference(found, expected)
+    if diffs:
+        raise QKSError(f"{what} was built differently: " + "; ".join(diffs), path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class Cache:
+    """An open feature store. Arrays are zarr arrays (lazy); small metadata is read eagerly."""
+
+    path: Path
+    group: zarr.Group
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.group.attrs["fingerprint"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.group.attrs["labels"])
+
+    @property
+    def num_seen(self) -> int:
+        return int(self.group.attrs["num_seen"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.group.attrs["shard_size"])
+
+    @property
+    def tokens(self) -> zarr.Array:
+        return self.group["tokens"]
+
+    @property
+    def num_images(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_rows(self, shard: int) -> slice:
+        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+
+    def _marker(self, shard: int) -> Path:
+        return self.path / "done" / f"{shard:05d}.json"
+
+    def done_shards(self) -> set[int]:
+        done = self.path / "done"
+        return {int(p.stem) for p in done.glob("*.json")} if done.exists() else set()
+
+    def is_complete(self) -> bool:
+        return len(self.done_shards()) == self.num_shards
+
+    def write_shard(self, shard: int, tokens: np.ndarray, valid: np.ndarray, skipped: list[dict[str, str]]) -> None:
+        """Write one whole shard, then its done marker (the marker is the only proof of completion)."""
+        rows = self.shard_rows(shard)
+        n = rows.stop - rows.start
+        assert tokens.shape[0] == n and valid.shape == (n,), (tokens.shape, valid.shape, n)
+        self.tokens[rows] = tokens.astype(np.float16, copy=False)
+        self.group["valid"][rows] = valid
+        record = {"shard": shard, "rows": [rows.start, rows.stop], "skipped": skipped}
+        _atomic_write_text(self._marker(shard), json.dumps(record))
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Every image recorded as unreadable, over all finished shards."""
+        out = []
+        for shard in sorted(self.done_shards()):
+            out += json.loads(self._marker(shard).read_text())["skipped"]
+        return out
+
+    def require_complete(self) -> None:
+        missing = self.num_shards - len(self.done_shards())
+        if missing:
+            raise QKSError(
+                f"cache is incomplete: {missing} of {self.num_shards} shards not extracted; rerun extract", self.path
+            )
+
+
+def create_cache(
+    path: str | Path,
+    *,
+    fingerprint: dict[str, Any],
+    token_shape: tuple[int, int],
+    num_views: int,
+    shard_size: int,
+    label_names: list[str],
+    num_seen: int,
+    labels: np.ndarray,
+    paths: list[str],
+    manifest_index: np.ndarray,
+    visual_proj: np.ndarray,
+) -> Cache:
+    """Create an empty store (all metadata, no tokens). Built under a temporary name and renamed, so a store that
+    exists is always fully initialised."""
+    path = Path(path)
+    n = len(paths)
+    assert labels.shape == (n, len(label_names)) and manifest_index.shape == (n,)
+    tmp = path.with_name(path.name + ".creating")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    t, d = token_shape
+    shard = min(shard_size, max(n, 1))
+    group.create_array(
+        "tokens", shape=(n, num_views, t, d), dtype="float16", chunks=(1, 1, t, d),
+        shards=(shard, num_views, t, d), compressors=None, fill_value=0,
+    )  # fmt: skip
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
+    group.create_array("labels", shape=labels.shape, dtype="int8", chunks=(shard, max(1, labels.shape[1])))[:] = labels
+    group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(paths, dtype=object)
+    group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
+    proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
+    proj[:] = visual_proj
+    group.attrs.update(
+        {"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen), "shard_size": shard}
+    )
+    (tmp / "done").mkdir()
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return open_cache(path, mode="r+")
+
+
+def open_cache(path: str | Path, mode: str = "r") -> Cache:
+    """Open a store written by `create_cache`; a missing or foreign store is one clear error."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise QKSError("no feature cache here (run `qks extract` first)", path)
+    try:
+        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        version = group.attrs["fingerprint"]["format_version"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise QKSError(f"not a qks feature cache ({e})", path) from None
+    if version != FORMAT_VERSION:
+        raise QKSError(f"cache format version {version}, this qks reads version {FORMAT_VERSION}; rebuild it", path)
+    return Cache(path, group)
+
+
+def write_label_embeddings(
+    path: str | Path, label_names: list[str], embeddings: np.ndarray, fingerprint: dict[str, Any], **attrs: Any
+) -> None:
+    """Store label embeddings (C, E) float32 with their label list and backbone fingerprint; atomic (temp + rename)."""
+    path = Path(path)
+    assert embeddings.shape[0] == len(label_names)
+    tmp = path.with_name(path.name + ".creating")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    group.create_array("embeddings", shape=embeddings.shape, dtype="float32", chunks=embeddings.shape)[:] = embeddings
+    group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_label_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Return (label names, embeddings (C, E) float32, attributes incl. `fingerprint`)."""
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise QKSError("no label embeddings here (run `qks embed-labels` first)", path)
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    attrs = dict(group.attrs)
+    if attrs.get("fingerprint", {}).get("format_version") != FORMAT_VERSION:
+        raise QKSError("label embeddings of another format version; rebuild them", path)
+    return list(attrs["labels"]), group["embeddings"][:], attrs

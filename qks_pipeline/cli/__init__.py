@@ -1,0 +1,24 @@
+"""The `qks` command line: one click group; each area of the pipeline adds its commands from its own module."""
+
+from __future__ import annotations
+
+import click
+
+from qks_pipeline.cli import data, stage_one, stage_two
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.version_option(package_name="qks_pipeline")
+def main() -> None:
+    """QKS open-vocabulary multi-label classification on cached CLIP features.
+
+    \b
+    Stage one (once):   qks extract, qks embed-labels  -> Zarr feature caches
+    Stage two (often):  qks train, qks evaluate        -> from the caches only, CLIP never loaded
+    Data:               qks import FORMAT, qks manifest check
+    """
+
+
+for module in (data, stage_one, stage_two):
+    for command in module.COMMANDS:
+        main.add_command(command)

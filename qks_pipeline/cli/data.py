@@ -1,0 +1,3 @@
+"""Placeholder: commands are added by the module owner."""
+
+COMMANDS: list = []

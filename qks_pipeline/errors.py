@@ -1,0 +1,15 @@
+"""User-facing errors: one clear line naming the file and the problem."""
+
+from __future__ import annotations
+
+import click
+
+
+class QKSError(click.ClickException):
+    """An error a user can cause (bad manifest, missing file, stale cache); printed as one line, exit code 1."""
+
+    def __init__(self, message: str, path: object | None = None, line: int | None = None):
+        where = ""
+        if path is not None:
+            where = f"{path}:{line}: " if line is not None else f"{path}: "
+        super().__init__(where + message)
