@@ -115,7 +115,7 @@ def write_labels(path: str | Path, labels: Sequence[str]) -> None:
 
 def read_templates(path: str | Path) -> list[str]:
     templates = read_lines(path, "template")
-    for i, t in enumerate(templates):
+    for t in templates:
         if t.count("{}") != 1:
             raise QKSError(f"template {t!r} must contain exactly one '{{}}'", path)
     return templates
