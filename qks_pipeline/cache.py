@@ -35,8 +35,11 @@ FORMAT_VERSION = 1
 
 
 def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A store's identity. `backbone`: model, weights, preprocessing, token layout; `data`: manifest hash, views..."""
-    return {"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}
+    """A store's identity. `backbone`: model, weights, preprocessing, token layout; `data`: manifest hash, views...
+
+    Normalised through JSON (tuples become lists), so it compares equal to the copy read back from the store.
+    """
+    return json.loads(json.dumps({"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}))
 
 
 def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
@@ -51,11 +54,13 @@ def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any], pref
     return diffs
 
 
-def check_fingerprint(path: str | Path, found: dict[str, Any], expected: dict[str, Any], what: str = "cache") -> None:
-    """Refuse a store built differently from what is asked for, naming every difference."""
+def check_fingerprint(
+    path: str | Path, found: dict[str, Any], expected: dict[str, Any], what: str = "cache", hint: str = ""
+) -> None:
+    """Refuse a store built differently from what is asked for, naming every difference (and `hint`, if given)."""
     diffs = fingerprint_difference(found, expected)
     if diffs:
-        raise QKSError(f"{what} was built differently: " + "; ".join(diffs), path)
+        raise QKSError(f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""), path)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -69,7 +74,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 @dataclass
 class Cache:
-    """An open feature store. Arrays are zarr arrays (lazy); small metadata is read eagerly."""
+    """An open feature store. Arrays (tokens, labels, valid, paths, manifest_index, visual_proj) are zarr arrays, read
+    lazily (`cache.valid[:]` gives numpy); small metadata is read eagerly."""
 
     path: Path
     group: zarr.Group
@@ -99,6 +105,26 @@ class Cache:
         return self.group["tokens"]
 
     @property
+    def labels(self) -> zarr.Array:
+        return self.group["labels"]
+
+    @property
+    def valid(self) -> zarr.Array:
+        return self.group["valid"]
+
+    @property
+    def paths(self) -> zarr.Array:
+        return self.group["paths"]
+
+    @property
+    def manifest_index(self) -> zarr.Array:
+        return self.group["manifest_index"]
+
+    @property
+    def visual_proj(self) -> zarr.Array:
+        return self.group["visual_proj"]
+
+    @property
     def num_images(self) -> int:
         return self.tokens.shape[0]
 
@@ -115,6 +141,10 @@ class Cache:
 
     def _marker(self, shard: int) -> Path:
         return self.path / "done" / f"{shard:05d}.json"
+
+    def done_record(self, shard: int) -> dict[str, Any]:
+        """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [{"path", "reason"}]}."""
+        return json.loads(self._marker(shard).read_text())
 
     def done_shards(self) -> set[int]:
         done = self.path / "done"
@@ -137,7 +167,7 @@ class Cache:
         """Every image recorded as unreadable, over all finished shards."""
         out = []
         for shard in sorted(self.done_shards()):
-            out += json.loads(self._marker(shard).read_text())["skipped"]
+            out += self.done_record(shard)["skipped"]
         return out
 
     def require_complete(self) -> None:
@@ -233,3 +263,63 @@ def read_label_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict
     if attrs.get("fingerprint", {}).get("format_version") != FORMAT_VERSION:
         raise QKSError("label embeddings of another format version; rebuild them", path)
     return list(attrs["labels"]), group["embeddings"][:], attrs
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of all files under `path`."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def cache_summary(cache: Cache) -> dict[str, Any]:
+    """What `qks cache info` prints: shape, views, shards done/total, fingerprint summary, skipped count, size."""
+    fp = cache.fingerprint
+    backbone, data = fp.get("backbone", {}), fp.get("data", {})
+    return {
+        "path": str(cache.path),
+        "tokens": f"{cache.tokens.dtype} {tuple(cache.tokens.shape)} (images, views, tokens, dim)",
+        "images": cache.num_images,
+        "views": cache.num_views,
+        "labels": f"{len(cache.label_names)} ({cache.num_seen} seen, {len(cache.label_names) - cache.num_seen} unseen)",
+        "shards": f"{len(cache.done_shards())}/{cache.num_shards} done, {cache.shard_size} images each",
+        "skipped": len(cache.skipped()),
+        "model": f"{backbone.get('model')} weights {backbone.get('pretrained')} "
+        f"sha256 {str(backbone.get('weights_sha256'))[:12]}",
+        "data": ", ".join(f"{k}={str(v)[:16]}" for k, v in data.items()),
+        "size_on_disk": f"{size_on_disk(cache.path) / 2**20:.1f} MiB",
+    }
+
+
+def _verify_shard(cache: Cache, shard: int, paths: np.ndarray) -> list[str]:
+    rows = cache.shard_rows(shard)
+    record = cache.done_record(shard)
+    if record.get("rows") != [rows.start, rows.stop]:
+        return [f"shard {shard}: marker rows {record.get('rows')} != {[rows.start, rows.stop]}"]
+    try:
+        tokens = cache.tokens[rows]  # (S, V, T, D)
+        valid = cache.valid[rows]
+    except Exception as e:  # a damaged shard file surfaces as any of zarr's/numcodecs' errors
+        return [f"shard {shard}: unreadable ({type(e).__name__}: {e})"]
+    problems = []
+    skipped = {s["path"] for s in record["skipped"]}
+    invalid = set(paths[rows][~valid].tolist())
+    if invalid != skipped:
+        problems.append(f"shard {shard}: {len(invalid)} rows not valid but {len(skipped)} images recorded as skipped")
+    nonzero = np.abs(tokens).reshape(len(valid), -1).max(axis=1) > 0  # (S,)
+    for i in np.flatnonzero(valid & ~nonzero):
+        problems.append(f"shard {shard}: row {rows.start + i} ({paths[rows.start + i]}) is valid but all zero")
+    if not np.isfinite(tokens[valid]).all():
+        problems.append(f"shard {shard}: non-finite tokens")
+    return problems
+
+
+def verify_cache(cache: Cache) -> list[str]:
+    """Every problem found: missing or inconsistent done markers, unreadable shards, valid/skipped mismatches."""
+    done = cache.done_shards()
+    problems = [f"shard {s}: no done marker (not extracted)" for s in range(cache.num_shards) if s not in done]
+    problems += [
+        f"done marker {s:05d}.json names no shard of this store" for s in sorted(done) if s >= cache.num_shards
+    ]
+    paths = cache.paths[:]
+    for shard in sorted(s for s in done if s < cache.num_shards):
+        problems += _verify_shard(cache, shard, paths)
+    return problems

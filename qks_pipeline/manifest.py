@@ -2,20 +2,26 @@
 
 A dataset directory holds `train.jsonl` and `test.jsonl` (one JSON object a line:
 `{"image": "rel/path.jpg", "positive": [...], "negative": [...]}`; labels not listed are unknown), and `seen.txt`,
-`unseen.txt` (one label a line, fixed order, disjoint). The prompt-template pool is one template a line with `{}`.
+`unseen.txt` (one label a line, fixed order, disjoint). Every label of a manifest is in seen + unseen. The
+prompt-template pool is one template a line with `{}`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qks_pipeline.errors import QKSError
+
+SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_image_path(image: str) -> str | None:
+    """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None when it is."""
+    if not image.strip() or image != image.strip():
+        return "'image' must be a non-empty path without surrounding spaces"
+    if image.startswith("/") or "\\" in image or ":" in image.split("/")[0]:
+        return f"image {image!r} must be a relative path with '/' separators"
+    if ".." in image.split("/"):
+        return f"image {image!r} must not contain '..'"
+    return None
+
+
 def _parse_record(text: str, path: Path, line: int) -> Record:
     try:
         obj = json.loads(text)
@@ -45,8 +62,11 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
     if extra:
         raise QKSError(f"unknown key(s) {sorted(extra)}; expected image, positive, negative", path, line)
     image = obj.get("image")
-    if not isinstance(image, str) or not image.strip():
+    if not isinstance(image, str):
         raise QKSError("'image' must be a non-empty string", path, line)
+    problem = check_image_path(image)
+    if problem:
+        raise QKSError(problem, path, line)
     lists = []
     for key in ("positive", "negative"):
         value = obj.get(key, [])
@@ -54,19 +74,20 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
             raise QKSError(f"'{key}' must be a list of non-empty strings", path, line)
         if len(set(value)) != len(value):
             raise QKSError(f"'{key}' lists a label twice", path, line)
-        lists.append(tuple(value))
+        # Interned: a fully annotated dataset repeats the same ~1,000 names on every line.
+        lists.append(tuple(sys.intern(v) for v in value))
     both = set(lists[0]) & set(lists[1])
     if both:
         raise QKSError(f"label(s) both positive and negative: {sorted(both)}", path, line)
     return Record(image, *lists)
 
 
-def read_manifest(path: str | Path) -> list[Record]:
-    """Read and validate a JSONL manifest; duplicate images are an error."""
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, Record]]:
+    """Yield (line number, record) of a JSONL manifest, validating each record; duplicate images are an error."""
     path = Path(path)
     if not path.is_file():
         raise QKSError("manifest not found", path)
-    records, seen = [], {}
+    seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for i, text in enumerate(f, 1):
             if not text.strip():
@@ -75,15 +96,20 @@ def read_manifest(path: str | Path) -> list[Record]:
             if rec.image in seen:
                 raise QKSError(f"image {rec.image!r} listed twice (first on line {seen[rec.image]})", path, i)
             seen[rec.image] = i
-            records.append(rec)
-    return records
+            yield i, rec
+
+
+def read_manifest(path: str | Path) -> list[Record]:
+    """Read and validate a JSONL manifest; duplicate images are an error."""
+    return [rec for _, rec in iter_manifest(path)]
+
+
+def _record_line(r: Record) -> str:
+    return json.dumps({"image": r.image, "positive": list(r.positive), "negative": list(r.negative)}) + "\n"
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
-    lines = (
-        json.dumps({"image": r.image, "positive": list(r.positive), "negative": list(r.negative)}) for r in records
-    )
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(_record_line(r) for r in records))
 
 
 def read_lines(path: str | Path, what: str) -> list[str]:
@@ -143,3 +169,197 @@ def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], path: str
                     raise QKSError(f"image {rec.image!r}: label {label!r} is not in the vocabulary", path)
                 out[i, j] = value
     return out
+
+
+def _check_label_list(labels: Sequence[str], path: Path) -> None:
+    if not labels:
+        raise QKSError("no labels", path)
+    for label in labels:
+        if not label or label != label.strip() or "\n" in label:
+            raise QKSError(f"label {label!r} must be non-empty, one line, without surrounding spaces", path)
+    counts = Counter(labels)
+    twice = sorted(label for label, n in counts.items() if n > 1)
+    if twice:
+        raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
+
+
+def _write_split(tmp: Path, final: Path, records: Iterable[Record], vocabulary: set[str]) -> int:
+    """Stream records into `tmp`, checking each; messages name `final` and the record's line there."""
+    first: dict[str, int] = {}
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line, rec in enumerate(records, 1):
+            problem = check_image_path(rec.image)
+            if problem:
+                raise QKSError(problem, final, line)
+            if rec.image in first:
+                raise QKSError(f"image {rec.image!r} written twice (first on line {first[rec.image]})", final, line)
+            unknown = (set(rec.positive) | set(rec.negative)) - vocabulary
+            if unknown:
+                raise QKSError(
+                    f"image {rec.image!r}: label(s) not in seen + unseen: {sorted(unknown)[:5]}", final, line
+                )
+            both = set(rec.positive) & set(rec.negative)
+            assert not both, f"{rec.image}: both positive and negative: {both}"
+            first[rec.image] = line
+            f.write(_record_line(rec))
+    if not first:
+        raise QKSError("no images left to write", final)
+    return len(first)
+
+
+def write_dataset(
+    out_dir: str | Path, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]
+) -> dict[str, int]:
+    """Write a dataset directory (`seen.txt`, `unseen.txt`, `<split>.jsonl`), all or nothing.
+
+    Records are streamed (an importer may yield them lazily) into a temporary sibling directory and every record is
+    checked; only when all files are complete are they renamed into `out_dir`. On any error nothing is left behind.
+
+    Returns:
+        Images written per split.
+    """
+    out_dir = Path(out_dir)
+    _check_label_list(seen, out_dir / "seen.txt")
+    _check_label_list(unseen, out_dir / "unseen.txt")
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", out_dir / "unseen.txt")
+    vocabulary = set(seen) | set(unseen)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts = {
+            name: _write_split(tmp / f"{name}.jsonl", out_dir / f"{name}.jsonl", records, vocabulary)
+            for name, records in splits.items()
+        }
+        write_labels(tmp / "seen.txt", seen)
+        write_labels(tmp / "unseen.txt", unseen)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in [f"{s}.jsonl" for s in splits] + ["seen.txt", "unseen.txt"]:
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
+
+
+# ---- checking a dataset directory ----
+
+
+@dataclass
+class SplitSummary:
+    scored: list[str]  # the labels this split is scored on: seen for train, seen + unseen for test
+    scope: str  # names `scored` in the summary: "seen" or "seen + unseen"
+    images: int = 0
+    no_positive: int = 0  # images without a positive among `scored`
+    positives: Counter = field(default_factory=Counter)  # label -> images where it is positive
+    negatives: Counter = field(default_factory=Counter)  # label -> images where it is a verified negative
+
+    def add(self, rec: Record, scored: set[str]) -> None:
+        self.images += 1
+        self.positives.update(rec.positive)
+        self.negatives.update(rec.negative)
+        if scored.isdisjoint(rec.positive):
+            self.no_positive += 1
+
+    def min_positives(self) -> tuple[int, str]:
+        """The fewest positive images of a scored label, and that label (the first such in label order)."""
+        label = min(self.scored, key=lambda name: self.positives[name])
+        return self.positives[label], label
+
+    def labels_without_positive(self) -> list[str]:
+        return [label for label in self.scored if not self.positives[label]]
+
+
+@dataclass
+class Problem:
+    manifest: Path
+    line: int
+    image: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.image}: {self.reason} ({self.manifest}:{self.line})"
+
+
+@dataclass
+class DatasetReport:
+    dataset_dir: Path
+    seen: list[str]
+    unseen: list[str]
+    splits: dict[str, SplitSummary]
+    image_root: Path | None = None  # None: image files were not checked
+    problems: list[Problem] = field(default_factory=list)  # image files that are missing or unreadable
+
+    def summary_lines(self) -> list[str]:
+        """A readable summary: counts per split, label statistics, then every problem."""
+        out = [f"{self.dataset_dir}: {len(self.seen)} seen + {len(self.unseen)} unseen labels"]
+        for name, s in self.splits.items():
+            low, label = s.min_positives()
+            scored = s.scope
+            out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scored} label")
+            out.append(f"    fewest positives of a {scored} label: {low} ({label!r})")
+            missing = s.labels_without_positive()
+            if missing:
+                out.append(f"    {len(missing)} {scored} label(s) without a positive: {missing[:10]}")
+        if self.image_root is None:
+            out.append("image files not checked (no image root given)")
+        else:
+            out.append(f"image files under {self.image_root}: {len(self.problems)} problem(s)")
+            out.extend(f"  {p}" for p in self.problems)
+        return out
+
+
+def _image_problem(file: Path) -> str | None:
+    """Why an image file cannot be used (missing or unreadable), or None when PIL opens and verifies it."""
+    from PIL import Image
+
+    if not file.is_file():
+        return "missing"
+    try:
+        with Image.open(file) as image:
+            image.verify()
+    except Exception as e:  # PIL signals a corrupt file with many exception types (OSError, SyntaxError, ...)
+        return f"unreadable ({type(e).__name__}: {e})"
+    return None
+
+
+def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
+    """Validate a dataset directory and count what it holds.
+
+    Structural problems (a missing or malformed file, an unknown label, a label both seen and unseen, an image listed
+    twice or in both splits) raise QKSError. Problems of image files (when `image_root` is given) are collected in the
+    report instead, so one run lists them all.
+    """
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise QKSError("dataset directory not found", dataset_dir)
+    seen, unseen = read_vocabulary(dataset_dir)
+    vocabulary = set(seen) | set(unseen)
+    report = DatasetReport(dataset_dir, seen, unseen, {}, None if image_root is None else Path(image_root))
+    first: dict[str, tuple[str, int]] = {}
+    for split in SPLITS:
+        path = dataset_dir / f"{split}.jsonl"
+        summary = report.splits[split] = (
+            SplitSummary(seen, "seen") if split == "train" else SplitSummary(seen + unseen, "seen + unseen")
+        )
+        scored = set(summary.scored)
+        for line, rec in iter_manifest(path):
+            unknown = (set(rec.positive) | set(rec.negative)) - vocabulary
+            if unknown:
+                raise QKSError(
+                    f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {sorted(unknown)}", path, line
+                )
+            if rec.image in first:
+                raise QKSError(
+                    f"image {rec.image!r} is also in {first[rec.image][0]} (line {first[rec.image][1]})", path, line
+                )
+            first[rec.image] = (path.name, line)
+            summary.add(rec, scored)
+            if report.image_root is not None:
+                problem = _image_problem(report.image_root / rec.image)
+                if problem:
+                    report.problems.append(Problem(path, line, report.image_root / rec.image, problem))
+        if not summary.images:
+            raise QKSError("manifest has no images", path)
+    return report

@@ -1,0 +1,269 @@
+"""The frozen CLIP backbone (open_clip): loading, visual tokens, label embeddings and the backbone's fingerprint.
+
+Stage one only; stage two never imports this module. The visual tokens are the vision transformer's output after its
+final LayerNorm (`ln_post`) over all tokens, CLS first, before the visual projection (DESIGN.md sections 1 and 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+from open_clip.utils import to_2tuple
+
+from qks_pipeline.errors import QKSError
+
+log = logging.getLogger(__name__)
+
+TOKEN_LAYOUT = "ln_post(all tokens), CLS first, before visual.proj"
+NO_WEIGHTS = ("none", "random")  # `pretrained` values that mean: seeded random weights (tests, benchmarks)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's weights come from, resolved from a `pretrained` tag or path."""
+
+    path: str | None  # local weights file (None: seeded random weights)
+    tag: str | None  # open_clip pretrained tag, when known
+    sha256: str | None  # of the weights file
+    quick_gelu: bool = False  # the weights were trained with QuickGELU (OpenAI's)
+    preprocess: dict[str, Any] = field(default_factory=dict)  # mean/std/interpolation/resize_mode of the tag
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, memoised per (path, size, mtime) so a 600 MB weights file is hashed once per process."""
+    st = Path(path).stat()
+    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def resolve_model_name(model: str) -> tuple[str, str | None]:
+    """Model name, plus the sha256 of its config when `model` is a path to an open_clip config JSON (registered)."""
+    if model.endswith(".json") or Path(model).is_file():
+        path = Path(model)
+        if not path.is_file():
+            raise QKSError("open_clip model config file not found", path)
+        open_clip.add_model_config(path)
+        if path.stem not in open_clip.list_models():
+            raise QKSError("not an open_clip model config (needs embed_dim, vision_cfg, text_cfg)", path)
+        return path.stem, file_sha256(path)
+    if model not in open_clip.list_models():
+        raise QKSError(f"unknown open_clip model {model!r} (a name from open_clip.list_models() or a config .json)")
+    return model, None
+
+
+def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
+    """The open_clip tag whose download URL names this file's hash (OpenAI's and LAION's URLs do), if any."""
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        url = cfg.get("url", "")
+        if url and (sha256 in url or f"-{sha256[:8]}." in url):
+            return tag, cfg
+    return None, {}
+
+
+def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def resolve_weights(name: str, pretrained: str | None) -> Weights:
+    """Turn `pretrained` (an open_clip tag, downloaded by open_clip, or a local file) into a local file and facts."""
+    if pretrained is None or pretrained.lower() in NO_WEIGHTS:
+        return Weights(None, None, None)
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if cfg:
+        try:
+            path = open_clip.download_pretrained(cfg)
+        except Exception as e:  # offline, hub error, checksum: all mean "no weights here"
+            hint = f" with backbone.model {name}-quickgelu" if cfg.get("quick_gelu") and "quickgelu" not in name else ""
+            raise QKSError(
+                f"could not download the '{pretrained}' weights of {name} ({type(e).__name__}: {str(e)[:120]}); "
+                f"download them where there is internet and set backbone.pretrained / --pretrained to the local "
+                f"weights file{hint}"
+            ) from None
+        return Weights(str(path), pretrained, file_sha256(path), bool(cfg.get("quick_gelu")), _preprocess_of(cfg))
+    if Path(pretrained).is_file():
+        sha = file_sha256(pretrained)
+        tag, cfg = _tag_of_file(name, sha)
+        return Weights(str(pretrained), tag, sha, bool(cfg.get("quick_gelu")), _preprocess_of(cfg))
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+    raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
+
+
+def _is_torchscript(path: str) -> bool:
+    """OpenAI's original .pt files are TorchScript archives, which torch.load(weights_only=True) refuses."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def check_supported(model: torch.nn.Module, name: str) -> None:
+    """Refuse towers whose ln_post tokens are not the reference's (DESIGN.md section 5)."""
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__
+        raise QKSError(f"model {name}: vision tower {kind} is not an open_clip VisionTransformer (timm/ResNet towers)")
+    if visual.attn_pool is not None:
+        raise QKSError(f"model {name}: attention-pooling vision towers are not supported (tokens differ)")
+    if visual.final_ln_after_pool or visual.pool_type != "tok":
+        raise QKSError(f"model {name}: only CLS-token pooling with ln_post over all tokens is supported")
+    if visual.proj is None:
+        raise QKSError(f"model {name}: the vision tower has no projection (visual.proj) to initialise stage two")
+
+
+def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
+    kwargs: dict[str, Any] = {"force_quick_gelu": weights.quick_gelu}
+    kwargs.update({f"image_{k}": v for k, v in weights.preprocess.items()})
+    try:
+        if weights.path is None:
+            with torch.random.fork_rng(devices=[]):  # the same random weights on every run (resumable extraction)
+                torch.manual_seed(0)
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+        elif _is_torchscript(weights.path):
+            kwargs["force_quick_gelu"] = True  # OpenAI's TorchScript checkpoints are all QuickGELU models
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+            state = torch.jit.load(weights.path, map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size"):
+                state.pop(key, None)
+            model.load_state_dict(state, strict=True)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights.path, **kwargs)
+    except (RuntimeError, KeyError, ValueError, OSError) as e:
+        raise QKSError(f"could not load {name} weights: {str(e).splitlines()[0][:200]}", weights.path) from None
+    return model, preprocess
+
+
+def load_backbone(
+    model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, Callable, Callable]:
+    """Load a frozen fp32 open_clip model in eval mode.
+
+    Args:
+        model: an open_clip model name, or a path to an open_clip model-config JSON (registered under its stem).
+        pretrained: an open_clip pretrained tag (downloaded by open_clip), a local weights file, or "none" (random
+            weights, seeded: for tests and benchmarks only).
+        device: where the model lives.
+
+    Returns:
+        (model, preprocess, tokenizer): preprocess is open_clip's inference transform (PIL image -> (3, H, W)).
+    """
+    name, _ = resolve_model_name(model)
+    weights = resolve_weights(name, pretrained)
+    if weights.path is None:
+        log.warning("backbone %s has random weights (pretrained=%r): features are meaningless", name, pretrained)
+    clip, preprocess = _create(name, weights)
+    check_supported(clip, name)
+    clip = clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return clip, preprocess, open_clip.get_tokenizer(name)
+
+
+def backbone_fingerprint(clip: torch.nn.Module, model: str, pretrained: str | None) -> dict[str, Any]:
+    """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout."""
+    name, config_sha = resolve_model_name(model)
+    weights = resolve_weights(name, pretrained)
+    pp = clip.visual.preprocess_cfg
+    t, d = token_shape(clip)
+    return {
+        "model": name,
+        "model_config_sha256": config_sha,
+        "pretrained": weights.tag if weights.tag else (None if weights.path is None else "file"),
+        "weights_sha256": weights.sha256 if weights.path else "random-seed-0",
+        "quick_gelu": weights.quick_gelu or "quickgelu" in name.lower(),
+        "preprocess": {
+            "size": list(to_2tuple(pp["size"])),
+            "mean": [float(x) for x in pp["mean"]],
+            "std": [float(x) for x in pp["std"]],
+            "interpolation": pp["interpolation"],
+            "resize_mode": pp["resize_mode"],
+        },
+        "tokens": TOKEN_LAYOUT,
+        "token_shape": [t, d],
+        "visual_proj": list(clip.visual.proj.shape),
+    }
+
+
+def token_shape(clip: torch.nn.Module) -> tuple[int, int]:
+    """(T, D) of the visual tokens: grid cells + CLS, transformer width."""
+    visual = clip.visual
+    return visual.grid_size[0] * visual.grid_size[1] + 1, visual.transformer.width
+
+
+@contextlib.contextmanager
+def _token_mode(visual: VisionTransformer) -> Iterator[None]:
+    """Make the tower return (pre-projection CLS, patch tokens) for one call; restored afterwards."""
+    saved = visual.output_tokens, visual.proj
+    visual.output_tokens, visual.proj = True, None
+    try:
+        yield
+    finally:
+        visual.output_tokens, visual.proj = saved
+
+
+@torch.no_grad()
+def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """ln_post output over all tokens, CLS first, before the projection.
+
+    Args:
+        clip: a model accepted by `check_supported`.
+        images: preprocessed images (B, 3, H, W).
+
+    Returns:
+        (B, T, D) tokens, e.g. (B, 197, 768) for ViT-B/16.
+    """
+    with _token_mode(clip.visual):
+        cls, patches = clip.visual(images)  # (B, D), (B, T-1, D)
+    return torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, T, D)
+
+
+@torch.no_grad()
+def encode_labels(
+    clip: torch.nn.Module,
+    tokenizer: Callable,
+    labels: Sequence[str],
+    templates: Sequence[str],
+    normalize: bool = False,
+    batch_labels: int = 16,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Prompt-pool label embeddings: every template filled with every label, projected text features averaged.
+
+    Args:
+        clip: the CLIP model.
+        tokenizer: its open_clip tokenizer.
+        labels: C label names.
+        templates: M templates, each with one '{}'.
+        normalize: L2-normalise each label's mean (the reference does not: plain mean of unnormalised features).
+        batch_labels: labels per text-encoder batch (batch_labels * M texts).
+        device: where to run the text encoder.
+
+    Returns:
+        (C, E) float32 on the CPU.
+    """
+    out = []
+    for start in range(0, len(labels), batch_labels):
+        chunk = labels[start : start + batch_labels]
+        texts = [t.format(label) for label in chunk for t in templates]
+        feats = clip.encode_text(tokenizer(texts).to(device)).float()  # (c * M, E)
+        out.append(feats.view(len(chunk), len(templates), -1).mean(dim=1))  # (c, E)
+    emb = torch.cat(out).cpu()  # (C, E)
+    return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb

@@ -1,0 +1,332 @@
+"""Stage one: run the frozen CLIP vision tower over a manifest's images once and store the tokens in a Zarr store;
+encode the label vocabulary with the prompt pool once (`embed_labels`).
+
+Decoding and preprocessing run in DataLoader worker processes while the main process runs the forward pass; each
+shard is assembled in memory and written whole by a background thread (`Cache.write_shard`), then marked done.
+A rerun resumes: only shards without a done marker are computed, and the result equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from open_clip.utils import to_2tuple
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from qks_pipeline.backbone import (
+    backbone_fingerprint,
+    encode_labels,
+    file_sha256,
+    load_backbone,
+    token_shape,
+    visual_tokens,
+)
+from qks_pipeline.cache import (
+    Cache,
+    check_fingerprint,
+    create_cache,
+    make_fingerprint,
+    open_cache,
+    write_label_embeddings,
+)
+from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
+from qks_pipeline.errors import QKSError
+from qks_pipeline.images import BadImage, augmented_view, load_rgb
+from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` call did."""
+
+    store: Path
+    images: int  # rows in the store
+    computed: int  # images computed by this call (0 when the store was already complete)
+    shards_written: int
+    seconds: float
+    skipped: list[dict[str, str]] = field(default_factory=list)  # every unreadable image of the store
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QKSError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(device)
+
+
+def effective_precision(precision: str, device: torch.device) -> str:
+    """fp16/bf16 autocast runs only on a GPU; on the CPU it falls back to fp32 (the reference) with a warning."""
+    if precision not in PRECISIONS:
+        raise QKSError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "fp32" and device.type != "cuda":
+        log.warning("precision %s is GPU-only; extracting in fp32 on %s", precision, device)
+        return "fp32"
+    return precision
+
+
+class ViewMaker:
+    """PIL image -> (V, 3, H, W): view 0 is the model's own preprocess, views 1.. are augmented, each seeded by
+    (seed, manifest line, view) so a rerun, a resumed run or another worker draws the same crops."""
+
+    def __init__(self, preprocess: Callable, preprocess_cfg: dict[str, Any], views: int, seed: int):
+        self.preprocess, self.views, self.seed = preprocess, views, seed
+        self.size = tuple(to_2tuple(preprocess_cfg["size"]))
+        self.mean, self.std = list(preprocess_cfg["mean"]), list(preprocess_cfg["std"])
+        self.interpolation = preprocess_cfg["interpolation"]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (1 + self.views, 3, *self.size)
+
+    def __call__(self, img: Image.Image, key: int) -> torch.Tensor:
+        out = [self.preprocess(img)]
+        for v in range(1, 1 + self.views):
+            rng = np.random.default_rng([self.seed, key, v])
+            out.append(augmented_view(img, rng, self.size, self.mean, self.std, self.interpolation))
+        return torch.stack(out)  # (V, 3, H, W)
+
+
+class ImageViews(Dataset):
+    """Store rows -> (row, views (V, 3, H, W), reason); an unreadable image gives zeros and a non-empty reason."""
+
+    def __init__(self, root: Path, paths: list[str], keys: np.ndarray, make_views: ViewMaker):
+        self.root, self.paths, self.keys, self.make_views = root, paths, keys, make_views
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            return row, self.make_views(load_rgb(self.root / self.paths[row]), int(self.keys[row])), ""
+        except BadImage as e:
+            return row, torch.zeros(self.make_views.shape), e.reason
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding workers must not compete with the forward pass for the cores
+
+
+def shard_batches(cache: Cache, shards: list[int], images_per_batch: int) -> list[list[int]]:
+    """Row batches in store order that never cross a shard boundary (a shard completes before the next starts)."""
+    batches = []
+    for shard in shards:
+        rows = cache.shard_rows(shard)
+        for begin in range(rows.start, rows.stop, images_per_batch):
+            batches.append(list(range(begin, min(begin + images_per_batch, rows.stop))))
+    return batches
+
+
+def _sha256_lines(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def data_fingerprint(
+    manifest: Path, split: str, seen: list[str], unseen: list[str], cfg: ExtractConfig, precision: str
+) -> dict[str, Any]:
+    """What besides the backbone determines a store's content."""
+    return {
+        "manifest_sha256": file_sha256(manifest),
+        "vocabulary_sha256": _sha256_lines(seen + ["|"] + unseen),
+        "split": split,
+        "views": cfg.views,
+        "seed": cfg.seed,
+        "shuffle": cfg.shuffle,
+        "precision": precision,
+    }
+
+
+@dataclass
+class _Shard:
+    """A shard being assembled in memory."""
+
+    tokens: np.ndarray  # (S, V, T, D) float16
+    valid: np.ndarray  # (S,) bool
+    skipped: list[dict[str, str]]
+    remaining: int
+
+
+class _Forward:
+    """Batches of views -> float16 tokens on the CPU, under autocast when asked (GPU only)."""
+
+    def __init__(self, clip: torch.nn.Module, device: torch.device, precision: str):
+        self.clip, self.device, self.dtype = clip, device, PRECISIONS[precision]
+
+    def __call__(self, views: torch.Tensor) -> np.ndarray:
+        b, v = views.shape[:2]
+        x = views.flatten(0, 1).to(self.device, non_blocking=True)  # (B * V, 3, H, W)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            tokens = visual_tokens(self.clip, x)  # (B * V, T, D)
+        return tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)  # (B, V, T, D)
+
+
+def _consume(
+    cache: Cache, loader: DataLoader, forward: _Forward, strict: bool, bar: tqdm
+) -> Iterator[tuple[int, _Shard]]:
+    """Fill shard buffers from the loader's batches; yield each shard as soon as it is complete."""
+    t, d = cache.tokens.shape[2:]
+    paths, open_shards = loader.dataset.paths, {}
+    for rows, views, reasons in loader:
+        rows = rows.numpy()
+        shard = int(rows[0]) // cache.shard_size
+        if shard not in open_shards:
+            n = cache.shard_rows(shard).stop - cache.shard_rows(shard).start
+            open_shards[shard] = _Shard(np.zeros((n, cache.num_views, t, d), np.float16), np.zeros(n, bool), [], n)
+        buf, local = open_shards[shard], rows - shard * cache.shard_size
+        ok = np.array([not r for r in reasons])
+        for row, reason in zip(rows[~ok], np.asarray(reasons, dtype=object)[~ok], strict=True):
+            if strict:
+                raise QKSError(f"unreadable image: {reason} (--strict)", loader.dataset.root / paths[row])
+            buf.skipped.append({"path": paths[row], "reason": reason})
+        if ok.any():
+            buf.tokens[local[ok]] = forward(views[torch.from_numpy(ok)])
+            buf.valid[local[ok]] = True
+        buf.remaining -= len(rows)
+        bar.update(len(rows))
+        if buf.remaining == 0:
+            yield shard, open_shards.pop(shard)
+
+
+def _progress(total: int) -> tqdm:
+    """images/s and ETA; redrawn every second on a terminal, a line every 30 s in a log (DVC, batch jobs)."""
+    return tqdm(total=total, unit="img", desc="extract", mininterval=1 if sys.stderr.isatty() else 30)
+
+
+def run_shards(
+    cache: Cache, shards: list[int], dataset: ImageViews, forward: _Forward, cfg: ExtractConfig, strict: bool
+) -> int:
+    """Compute and write `shards`; writes overlap the next shard's forward passes. Returns images computed."""
+    images_per_batch = max(1, cfg.batch_size // cache.num_views)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=shard_batches(cache, shards, images_per_batch),
+        num_workers=cfg.workers,
+        worker_init_fn=_worker_init if cfg.workers > 0 else None,
+        pin_memory=forward.device.type == "cuda",
+    )
+    total = sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer, _progress(total) as bar:
+        for shard, buf in _consume(cache, loader, forward, strict, bar):
+            if pending is not None:
+                pending.result()  # at most one shard in flight: bounded memory, errors surface here
+            pending = writer.submit(cache.write_shard, shard, buf.tokens, buf.valid, buf.skipped)
+        if pending is not None:
+            pending.result()
+    return total
+
+
+def open_or_create_store(out: Path, fingerprint: dict[str, Any], overwrite: bool, create: Callable[[], Cache]) -> Cache:
+    """Resume a store built the same way, refuse one built differently, build a new one when none (or --overwrite)."""
+    if out.exists() and not overwrite:
+        if not (out / "zarr.json").exists():
+            raise QKSError("exists and is not a feature cache (use --overwrite to replace it)", out)
+        cache = open_cache(out, mode="r+")
+        check_fingerprint(out, cache.fingerprint, fingerprint, "feature cache", hint="--overwrite rebuilds it")
+        return cache
+    return create()
+
+
+def _views_for(split: str, views: int) -> int:
+    if split != "train" and views > 0:
+        log.warning("augmented views are for the train split; the %s split stores the clean view only", split)
+        return 0
+    return views
+
+
+def extract(
+    dataset_dir: str | Path,
+    split: str,
+    images_root: str | Path,
+    out: str | Path,
+    backbone: BackboneConfig,
+    cfg: ExtractConfig,
+    device: str = "auto",
+    strict: bool = False,
+    overwrite: bool = False,
+) -> ExtractResult:
+    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`."""
+    start = time.perf_counter()
+    dataset_dir, images_root, out = Path(dataset_dir), Path(images_root), Path(out)
+    if split not in SPLITS:
+        raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not images_root.is_dir():
+        raise QKSError("image root is not a directory", images_root)
+    dev = resolve_device(device)
+    precision = effective_precision(cfg.precision, dev)
+    cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
+    manifest = dataset_dir / f"{split}.jsonl"
+    records = read_manifest(manifest)
+    seen, unseen = read_vocabulary(dataset_dir)
+    clip, preprocess, _ = load_backbone(backbone.model, backbone.pretrained, dev)
+    fingerprint = make_fingerprint(
+        backbone_fingerprint(clip, backbone.model, backbone.pretrained),
+        data_fingerprint(manifest, split, seen, unseen, cfg, precision),
+    )
+
+    def create() -> Cache:
+        order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
+        labels = label_matrix(records, seen + unseen, manifest)[order]
+        return create_cache(
+            out, fingerprint=fingerprint, token_shape=token_shape(clip), num_views=1 + cfg.views,
+            shard_size=cfg.shard_size, label_names=seen + unseen, num_seen=len(seen), labels=labels,
+            paths=[records[i].image for i in order], manifest_index=order.astype(np.int64),
+            visual_proj=clip.visual.proj.detach().float().cpu().numpy(),
+        )  # fmt: skip
+
+    cache = open_or_create_store(out, fingerprint, overwrite, create)
+    todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
+    make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cfg.views, cfg.seed)
+    dataset = ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)
+    computed = run_shards(cache, todo, dataset, _Forward(clip, dev, precision), cfg, strict) if todo else 0
+    return ExtractResult(out, cache.num_images, computed, len(todo), time.perf_counter() - start, cache.skipped())
+
+
+def embed_labels(
+    dataset_dir: str | Path,
+    templates: str | Path,
+    out: str | Path,
+    backbone: BackboneConfig,
+    labels: LabelsConfig,
+    device: str = "auto",
+) -> Path:
+    """Encode the dataset's seen then unseen labels with the prompt pool and store them (`write_label_embeddings`)."""
+    seen, unseen = read_vocabulary(dataset_dir)
+    pool = read_templates(templates)
+    dev = resolve_device(device)
+    clip, _, tokenizer = load_backbone(backbone.model, backbone.pretrained, dev)
+    emb = encode_labels(clip, tokenizer, seen + unseen, pool, normalize=labels.normalize, device=dev)  # (C, E)
+    write_label_embeddings(
+        out,
+        seen + unseen,
+        emb.numpy(),
+        make_fingerprint(backbone_fingerprint(clip, backbone.model, backbone.pretrained)),
+        templates_sha256=file_sha256(templates),
+        num_templates=len(pool),
+        normalize=labels.normalize,
+        num_seen=len(seen),
+    )
+    return Path(out)

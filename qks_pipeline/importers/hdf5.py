@@ -1,0 +1,90 @@
+"""BiAM/MKT-style HDF5 label files (NUS-WIDE): per image `<name>-labels` (+1/-1 over the seen tags, in tag-list
+order) and, in the test file, `<name>-labels_81` (+1/-1 over the 81 concepts). 0 means unknown.
+
+The image names come from a text file, one a line. BiAM/MKT names flatten the Flickr path:
+`actor_0001_2124494179.jpg` is `Flickr/actor/0001_2124494179.jpg` (layout "flickr"); layout "path" keeps a name as a
+path ('\\' -> '/'). A test `-labels` vector may also cover seen + unseen labels (MKT's 1,006); its seen part is used.
+An image without a positive among its split's labels is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.importers.common import ImportReport, iter_aligned_lines, require_file
+from qks_pipeline.manifest import Record, read_labels, write_dataset
+
+LAYOUTS = ("flickr", "path")
+
+
+def image_path(name: str, layout: str, path: Path, line: int) -> str:
+    if layout == "path":
+        return name.replace("\\", "/")
+    parts = name.split("_")
+    if len(parts) < 3:
+        raise QKSError(f"{name!r} is not a flattened Flickr name '<folder>_<id>_<photo>.jpg'", path, line)
+    return f"Flickr/{'_'.join(parts[:-2])}/{parts[-2]}_{parts[-1]}"
+
+
+def _vector(h5: h5py.File, key: str, sizes: Sequence[int], where: tuple[Path, int]) -> np.ndarray:
+    data = h5.get(key)
+    if not isinstance(data, h5py.Dataset):
+        raise QKSError(f"{h5.filename} has no dataset {key!r}", *where)
+    values = np.asarray(data).ravel()
+    if values.size not in sizes:
+        raise QKSError(
+            f"{h5.filename}: {key!r} has {values.size} values, expected {' or '.join(map(str, sizes))}", *where
+        )
+    return values
+
+
+def h5_records(
+    h5_path: Path, names: Path, seen: Sequence[str], unseen: Sequence[str] | None, layout: str, report: ImportReport
+) -> Iterator[Record]:
+    """Records of the images listed in `names`; `unseen` is None for the train file (no `-labels_81`)."""
+    split = "train" if unseen is None else "test"
+    labels = np.array(list(seen) + list(unseen or []), dtype=object)
+    first: dict[str, int] = {}
+    with h5py.File(require_file(h5_path, "HDF5 label file"), "r") as h5:
+        for line, name in iter_aligned_lines(require_file(names, "image-name list")):
+            if name in first:
+                raise QKSError(f"{name!r} listed twice (first on line {first[name]})", names, line)
+            first[name] = line
+            values = _vector(h5, f"{name}-labels", (len(seen), len(seen) + len(unseen or [])), (names, line))
+            values = values[: len(seen)]
+            if unseen is not None:
+                values = np.concatenate([values, _vector(h5, f"{name}-labels_81", (len(unseen),), (names, line))])
+            if not (values > 0).any():
+                report.drop(split, "no positive label")
+                continue
+            yield Record(image_path(name, layout, names, line), tuple(labels[values > 0]), tuple(labels[values < 0]))
+
+
+def import_hdf5(
+    train_h5: str | Path,
+    train_names: str | Path,
+    test_h5: str | Path,
+    test_names: str | Path,
+    seen_file: str | Path,
+    unseen_file: str | Path,
+    out: str | Path,
+    layout: str = "flickr",
+) -> ImportReport:
+    """Write a dataset directory from BiAM/MKT HDF5 label files; `seen_file` in tag-list order, `unseen_file` the 81."""
+    assert layout in LAYOUTS, layout
+    seen, unseen = read_labels(seen_file), read_labels(unseen_file)
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
+    report = ImportReport(Path(out), seen=len(seen), unseen=len(unseen))
+    splits = {
+        "train": h5_records(Path(train_h5), Path(train_names), seen, None, layout, report),
+        "test": h5_records(Path(test_h5), Path(test_names), seen, unseen, layout, report),
+    }
+    report.written = write_dataset(out, seen, unseen, splits)
+    return report

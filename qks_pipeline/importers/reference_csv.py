@@ -1,0 +1,109 @@
+"""The reference implementation's preprocessed CSVs: one per split, labels joined by '|'.
+
+Two headers are accepted: `image_path,posi_labels,nega_labels` (the reference's train file) and
+`image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels` (its test file). The label
+lists come from the reference's label files, one label a line; a name listed twice there (Open Images display names
+are not unique) is kept once, and the report says so.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.importers.common import ImportReport, require_file
+from qks_pipeline.manifest import Record, check_image_path, write_dataset
+
+HEADERS = {
+    ("image_path", "posi_labels", "nega_labels"): ((1,), (2,)),  # columns of positives, columns of negatives
+    ("image_path", "unseen_posi_labels", "unseen_nega_labels", "seen_posi_labels", "seen_nega_labels"): (
+        (3, 1),
+        (4, 2),
+    ),
+}
+
+
+def read_label_file(path: Path, report: ImportReport) -> list[str]:
+    """One label a line, stripped; a repeated label is kept once (noted in the report)."""
+    lines = [t.strip() for t in require_file(path, "label file").read_text(encoding="utf-8-sig").splitlines()]
+    labels = list(dict.fromkeys(t for t in lines if t))
+    repeated = sum(1 for t in lines if t) - len(labels)
+    if repeated:
+        report.notes.append(f"{path}: {repeated} repeated label line(s) merged")
+    if not labels:
+        raise QKSError("label file is empty", path)
+    return labels
+
+
+def image_path(raw: str, strip_prefix: str, path: Path, line: int) -> str:
+    """The manifest path of a CSV image path: '\\' -> '/', `strip_prefix` removed."""
+    image = raw.strip().replace("\\", "/")
+    if strip_prefix:
+        prefix = strip_prefix.rstrip("/") + "/"
+        if not image.startswith(prefix):
+            raise QKSError(f"image path {image!r} does not start with {prefix!r}", path, line)
+        image = image[len(prefix) :]
+    problem = check_image_path(image)
+    if problem:
+        raise QKSError(problem + " (use --strip-prefix to make it relative to the image root)", path, line)
+    return image
+
+
+def csv_records(
+    path: Path, vocabulary: set[str], strip_prefix: str, split: str, report: ImportReport
+) -> Iterator[Record]:
+    """Yield one record per CSV row; unknown labels and repeated images are errors naming the row's line."""
+    first: dict[str, int] = {}
+    with open(require_file(path, "CSV file"), encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f)
+        header = tuple(h.strip() for h in next(rows, []))
+        if header not in HEADERS:
+            raise QKSError(f"unexpected header {list(header)}; expected one of {[list(h) for h in HEADERS]}", path, 1)
+        columns = HEADERS[header]
+        for row in rows:
+            if not row:
+                continue
+            line = rows.line_num
+            if len(row) != len(header):
+                raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, line)
+            image = image_path(row[0], strip_prefix, path, line)
+            if image in first:
+                raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, line)
+            first[image] = line
+            positive, negative = (
+                tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip()))
+                for cols in columns
+            )
+            unknown = sorted((set(positive) | set(negative)) - vocabulary)
+            if unknown:
+                raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, line)
+            if set(positive) & set(negative):
+                report.drop(split, "positive and negative labels intersect")
+                continue
+            yield Record(image, positive, negative)
+
+
+def import_reference_csv(
+    train_csv: str | Path,
+    test_csv: str | Path,
+    seen_file: str | Path,
+    unseen_file: str | Path,
+    out: str | Path,
+    strip_prefix: str = "",
+) -> ImportReport:
+    """Write a dataset directory from the reference's train and test CSVs and its seen/unseen label files."""
+    report = ImportReport(Path(out))
+    seen, unseen = read_label_file(Path(seen_file), report), read_label_file(Path(unseen_file), report)
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
+    report.seen, report.unseen = len(seen), len(unseen)
+    vocabulary = set(seen) | set(unseen)
+    splits = {
+        "train": csv_records(Path(train_csv), vocabulary, strip_prefix, "train", report),
+        "test": csv_records(Path(test_csv), vocabulary, strip_prefix, "test", report),
+    }
+    report.written = write_dataset(out, seen, unseen, splits)
+    return report

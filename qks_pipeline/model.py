@@ -1,0 +1,152 @@
+"""The QKS head: learnable queries, a BERT-style post-LayerNorm Q-Former, and knowledge sharing by max over queries.
+
+Faithful to the reference implementation (DESIGN.md section 1): N query tokens pass an embedding LayerNorm and
+dropout, then L layers of self-attention over the queries, cross-attention from the queries to the frozen CLIP visual
+tokens, and a feed-forward block, each followed by dropout, a residual add and LayerNorm (eps 1e-12, BERT's). The query
+outputs are projected by a trainable copy of CLIP's visual projection and scored against the label embeddings; a label's
+logit is its best match over the queries. No normalisation and no temperature: magnitude is part of the match.
+
+The Q-Former width equals the visual token width (768 for ViT-B/16), as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qks_pipeline.config import ModelConfig
+
+LN_EPS = 1e-12  # BERT's LayerNorm epsilon, used everywhere in the Q-Former
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention -> dense -> dropout -> add & LayerNorm (BERT's attention + self-output)."""
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(kv_dim, dim)
+        self.value = nn.Linear(kv_dim, dim)
+        self.dense = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, D/H)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """Attend from `x` (B, N, D) to `context` (B, T, kv_dim); returns (B, N, D)."""
+        B, N, D = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
+        p = self.dropout if self.training else 0.0  # dropout on the attention probabilities
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, D/H)
+        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return self.norm(x + F.dropout(self.dense(out), self.dropout, self.training))
+
+
+class FeedForward(nn.Module):
+    """dim -> ff_dim -> dim with exact (erf) GELU, then dropout -> add & LayerNorm (BERT's intermediate + output)."""
+
+    def __init__(self, dim: int, ff_dim: int, dropout: float):
+        super().__init__()
+        self.dropout = dropout
+        self.fc1 = nn.Linear(dim, ff_dim)
+        self.fc2 = nn.Linear(ff_dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc2(F.gelu(self.fc1(x), approximate="none"))
+        return self.norm(x + F.dropout(h, self.dropout, self.training))
+
+
+class QFormerLayer(nn.Module):
+    """One post-LayerNorm layer: self-attention over the queries, cross-attention to the visual tokens, feed-forward."""
+
+    def __init__(self, dim: int, kv_dim: int, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = AttentionBlock(dim, dim, cfg.num_heads, cfg.dropout)
+        self.cross_attn = AttentionBlock(dim, kv_dim, cfg.num_heads, cfg.dropout)
+        self.ffn = FeedForward(dim, cfg.ff_dim, cfg.dropout)
+
+    def forward(self, queries: Tensor, tokens: Tensor) -> Tensor:
+        """queries (B, N, D), tokens (B, T, kv_dim) -> (B, N, D)."""
+        queries = self.self_attn(queries, queries)
+        queries = self.cross_attn(queries, tokens)
+        return self.ffn(queries)
+
+
+class QKS(nn.Module):
+    """Query-based knowledge sharing over cached CLIP visual tokens.
+
+    Args:
+        cfg: the model hyperparameters.
+        token_dim: width D of the visual tokens; also the Q-Former width (768 for ViT-B/16).
+        embed_dim: width E of CLIP's joint embedding space, where the label embeddings live (512 for ViT-B/16).
+    """
+
+    def __init__(self, cfg: ModelConfig, token_dim: int, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.query_tokens = nn.Parameter(torch.empty(1, cfg.num_queries, token_dim))
+        self.embed_norm = nn.LayerNorm(token_dim, eps=LN_EPS)
+        self.layers = nn.ModuleList(QFormerLayer(token_dim, token_dim, cfg) for _ in range(cfg.num_layers))
+        self.proj = nn.Parameter(torch.empty(token_dim, embed_dim))  # applied as x @ proj, like CLIP's visual.proj
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """BERT's initialisation: queries and Linear weights normal(0, 0.02), zero biases, LayerNorm (1, 0).
+
+        The projection gets CLIP's own initialisation (normal with std D^-0.5); `init_projection` replaces it with the
+        pretrained CLIP projection, as the reference does.
+        """
+        nn.init.normal_(self.query_tokens, std=0.02)
+        nn.init.normal_(self.proj, std=self.proj.shape[0] ** -0.5)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def init_projection(self, visual_proj: Tensor) -> None:
+        """Copy CLIP's visual projection (D, E) into the trainable projection."""
+        assert visual_proj.shape == self.proj.shape, (
+            f"projection {tuple(visual_proj.shape)} != {tuple(self.proj.shape)}"
+        )
+        self.proj.copy_(visual_proj)
+
+    def query_features(self, tokens: Tensor) -> Tensor:
+        """Run the Q-Former. tokens (B, T, D) with CLS at index 0 (any float dtype) -> query outputs (B, N, D)."""
+        tokens = tokens.to(self.proj.dtype)
+        if not self.cfg.keep_cls:
+            tokens = tokens[:, 1:]  # (B, T-1, D)
+        queries = self.query_tokens.expand(tokens.shape[0], -1, -1)  # (B, N, D)
+        queries = F.dropout(self.embed_norm(queries), self.cfg.dropout, self.training)
+        for layer in self.layers:
+            queries = layer(queries, tokens)
+        return queries
+
+    def forward(
+        self, tokens: Tensor, label_emb: Tensor, return_query_index: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Score every label for every image.
+
+        Args:
+            tokens: visual tokens (B, T, D), CLS at index 0.
+            label_emb: label embeddings (C, E), not normalised.
+            return_query_index: also return which query gave each label's logit.
+
+        Returns:
+            logits (B, C); with `return_query_index`, also the arg-max query index (B, C) as int64.
+        """
+        feats = self.query_features(tokens) @ self.proj  # (B, N, D) @ (D, E) -> (B, N, E)
+        scores = feats @ label_emb.to(feats.dtype).T  # (B, N, E) @ (E, C) -> (B, N, C)
+        logits, index = scores.max(dim=1)  # (B, C), (B, C)
+        return (logits, index) if return_query_index else logits

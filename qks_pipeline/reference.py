@@ -1,0 +1,200 @@
+"""Import the authors' published QKS checkpoints: the Q-Former head for `QKS`, and their CLIP weights for open_clip.
+
+The reference checkpoint holds (DESIGN.md section 1), optionally under a `module.` prefix (DDP) and optionally wrapped
+in a top-level `state_dict` or `model` entry:
+
+    net.*           a BERT model: embeddings.LayerNorm, encoder.layer.{i}.{attention, crossattention}.{self, output}.*,
+                    intermediate_query.dense, output_query.{dense, LayerNorm}; plus word/position embeddings and a
+                    text feed-forward (intermediate.dense, output.{dense, LayerNorm}) that the queries never use
+    query_tokens    (1, N, D)
+    proj            (D, E), the trainable copy of CLIP's visual projection
+    clip_model.*    the frozen CLIP in OpenAI's layout, without visual.proj
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qks_pipeline.config import ModelConfig
+from qks_pipeline.errors import QKSError
+from qks_pipeline.model import QKS
+
+# Reference (BERT) names inside encoder.layer.{i} -> our names inside layers.{i}.
+_LAYER_NAMES = {
+    "attention.self.query": "self_attn.query",
+    "attention.self.key": "self_attn.key",
+    "attention.self.value": "self_attn.value",
+    "attention.output.dense": "self_attn.dense",
+    "attention.output.LayerNorm": "self_attn.norm",
+    "crossattention.self.query": "cross_attn.query",
+    "crossattention.self.key": "cross_attn.key",
+    "crossattention.self.value": "cross_attn.value",
+    "crossattention.output.dense": "cross_attn.dense",
+    "crossattention.output.LayerNorm": "cross_attn.norm",
+    "intermediate_query.dense": "ffn.fc1",
+    "output_query.dense": "ffn.fc2",
+    "output_query.LayerNorm": "ffn.norm",
+}
+_UNUSED_LAYER = ("intermediate.dense", "output.dense", "output.LayerNorm")  # the text feed-forward
+_UNUSED_EMBEDDINGS = ("word_embeddings", "position_embeddings", "position_ids")
+_UNUSED_TOP = ("pooler.",)  # BERT's pooler, if saved, reads a text CLS token the queries never produce
+_LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # found in OpenAI's JIT archives only
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
+    """A checkpoint's flat state dict: unwrapped from `state_dict`/`model`, without a `module.` prefix.
+
+    Args:
+        path: a `.safetensors` file or a `torch.save` file.
+        trust_pickle: unpickle arbitrary objects (only for files from a trusted source); by default only tensors and
+            plain containers are read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QKSError("checkpoint not found", path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        hint = "" if trust_pickle else " (it holds more than tensors; pass trust_pickle=True if you trust its source)"
+        raise QKSError(f"cannot read checkpoint{hint}: {str(e).splitlines()[0]}", path) from None
+    except Exception as e:  # a truncated or foreign file: torch and safetensors raise various types
+        raise QKSError(f"cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}", path) from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise QKSError("not a state dict (expected a mapping of names to tensors)", path)
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _qformer_key(key: str) -> str | None:
+    """Our name for a reference `net.*` key (prefix removed); None for the weights the queries never use."""
+    key = key.removeprefix("bert.")
+    if key.startswith(_UNUSED_TOP):
+        return None
+    if key.startswith("embeddings."):
+        name = key.removeprefix("embeddings.")
+        if name.startswith("LayerNorm."):
+            return "embed_norm." + name.removeprefix("LayerNorm.")
+        return None if name.split(".")[0] in _UNUSED_EMBEDDINGS else key
+    m = _LAYER_KEY.fullmatch(key)
+    if m is None:
+        return key
+    index, block, param = m.groups()
+    if block in _UNUSED_LAYER:
+        return None
+    return f"layers.{index}.{_LAYER_NAMES[block]}.{param}" if block in _LAYER_NAMES else key
+
+
+def _split(state: dict[str, Tensor], path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
+    """Rename the Q-Former part to our names, strip `clip_model.` from the CLIP part, list keys outside the layout."""
+    qks, clip, unknown, foreign = {}, {}, [], []
+    for key, value in state.items():
+        if key in ("query_tokens", "proj"):
+            qks[key] = value
+        elif key.startswith("clip_model."):
+            clip[key.removeprefix("clip_model.")] = value
+        elif key.startswith("net."):
+            ours = _qformer_key(key.removeprefix("net."))
+            if ours is not None and ours.startswith(("embed_norm.", "layers.")):
+                qks[ours] = value
+            elif ours is not None:
+                unknown.append(key)
+        else:
+            foreign.append(key)
+    if unknown:
+        raise QKSError(f"Q-Former weights this model has no place for: {', '.join(unknown[:8])}", path)
+    return qks, clip, foreign
+
+
+def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
+    """num_queries, num_layers and ff_dim from the tensor shapes (the number of heads is not in the shapes)."""
+    for key in ("query_tokens", "proj", "layers.0.ffn.fc1.weight"):
+        if key not in qks:
+            raise QKSError(f"not a QKS checkpoint: no {key} (reference names: query_tokens, proj, net.encoder.*)", path)
+    _, num_queries, dim = qks["query_tokens"].shape
+    if qks["proj"].shape[0] != dim:
+        raise QKSError(f"proj is {tuple(qks['proj'].shape)} but the queries are {dim} wide", path)
+    num_layers = 1 + max(int(k.split(".")[1]) for k in qks if k.startswith("layers."))
+    return {"num_queries": num_queries, "num_layers": num_layers, "ff_dim": qks["layers.0.ffn.fc1.weight"].shape[0]}
+
+
+def _check_complete(qks: dict[str, Tensor], fields: dict[str, int], path: str | Path) -> None:
+    """Every parameter of the inferred `QKS` present with its shape, and nothing else."""
+    dim, embed_dim = qks["proj"].shape
+    with torch.device("meta"):  # shapes only, no memory and no initialisation cost
+        expected = QKS(ModelConfig(num_heads=1, **fields), token_dim=dim, embed_dim=embed_dim).state_dict()
+    missing = sorted(set(expected) - set(qks))
+    wrong = [
+        f"{k} {tuple(qks[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in qks and qks[k].shape != v.shape
+    ]
+    if missing or wrong:
+        raise QKSError(f"incomplete or inconsistent Q-Former: missing {missing[:6]}, wrong shapes {wrong[:6]}", path)
+
+
+def load_reference_checkpoint(
+    path: str | Path, trust_pickle: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
+    """Read an authors' checkpoint.
+
+    Args:
+        path: the checkpoint file.
+        trust_pickle: see `read_checkpoint`.
+
+    Returns:
+        The state dict for `QKS` (load with `strict=True`; `token_dim, embed_dim = state["proj"].shape`), the CLIP state
+        dict in OpenAI/open_clip layout (empty if the checkpoint has no `clip_model.*`), and the inferred `ModelConfig`
+        fields `num_queries`, `num_layers`, `ff_dim` (the reference uses 12 heads; the shapes do not tell).
+
+        The checkpoint has no `visual.proj` for CLIP: the reference trains a copy of it (`proj`) and never uses the
+        original. The CLIP state dict gets the trained `proj` as its `visual.proj`, the natural value for using the
+        exported CLIP's pooled CLS embedding zero-shot against the label embeddings. Visual tokens (before the
+        projection) do not depend on it; a stage-two model initialised from such a cache starts from the trained
+        projection, not CLIP's original one.
+    """
+    qks, clip, foreign = _split(read_checkpoint(path, trust_pickle), path)
+    fields = _infer_fields(qks, path)
+    _check_complete(qks, fields, path)
+    if foreign:
+        listed = ", ".join(foreign[:8])
+        warnings.warn(f"{path}: ignoring {len(foreign)} key(s) outside the QKS layout: {listed}", stacklevel=2)
+    if clip:
+        clip = {k: v for k, v in clip.items() if k not in _OPENAI_EXTRAS}
+        clip.setdefault("visual.proj", qks["proj"].detach().clone())
+    return qks, clip, fields
+
+
+def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:
+    """Write CLIP weights that `open_clip.create_model_and_transforms(name, pretrained=out_path)` loads strictly.
+
+    open_clip's `CLIP` class uses OpenAI's parameter names, so the state dict is written as is (`.safetensors` when the
+    file name says so, `torch.save` otherwise). OpenAI's weights were trained with QuickGELU, which a file cannot
+    record: load them as `ViT-B-16-quickgelu` (or with `force_quick_gelu=True`), not plain `ViT-B-16`.
+    """
+    if "visual.proj" not in clip_state:
+        raise QKSError("CLIP weights without visual.proj cannot be loaded by open_clip", out_path)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in clip_state.items()}  # safetensors refuses shared storage
+    if out_path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, out_path)
+    else:
+        torch.save(state, out_path)

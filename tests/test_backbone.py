@@ -1,0 +1,121 @@
+"""The backbone: loading through the real open_clip path, visual tokens, label embeddings, fingerprint, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from qks_pipeline.backbone import backbone_fingerprint, encode_labels, load_backbone, token_shape, visual_tokens
+from qks_pipeline.errors import QKSError
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_clip):
+    config, weights = tiny_clip
+    return load_backbone(str(config), str(weights), "cpu")
+
+
+def test_load_uses_the_weights_file_and_freezes(tiny, tiny_clip):
+    model, preprocess, tokenizer = tiny
+    saved = torch.load(tiny_clip[1], weights_only=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert not model.training
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert token_shape(model) == (17, 64)  # (64 / 16)^2 patches + CLS, width 64
+
+
+def _manual_tokens(visual, images: torch.Tensor) -> torch.Tensor:
+    """conv1 -> CLS + positional embedding -> ln_pre -> transformer -> ln_post, written out by hand."""
+    x = visual.conv1(images)  # (B, D, g, g)
+    x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
+    cls = visual.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding  # (B, T, D)
+    x = visual.transformer(visual.ln_pre(x))
+    return visual.ln_post(x)
+
+
+def test_visual_tokens_match_a_manual_pass(tiny):
+    model = tiny[0]
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tokens = visual_tokens(model, images)
+    assert tokens.shape == (3, 17, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, _manual_tokens(model.visual, images), rtol=0, atol=1e-6)
+        # CLS before the projection: projecting it gives open_clip's own image embedding
+        torch.testing.assert_close(tokens[:, 0] @ model.visual.proj, model.encode_image(images), rtol=1e-5, atol=1e-6)
+    assert model.visual.proj is not None and model.visual.output_tokens is False  # restored after the call
+
+
+def test_encode_labels_is_the_plain_mean_over_templates(tiny):
+    model, _, tokenizer = tiny
+    labels, templates = ["cat", "red car", "tree"], ["a photo of a {}.", "{} in the scene.", "a {}!"]
+    emb = encode_labels(model, tokenizer, labels, templates, batch_labels=2)
+    assert emb.shape == (3, 32)
+    with torch.no_grad():
+        for i, label in enumerate(labels):
+            feats = model.encode_text(tokenizer([t.format(label) for t in templates]))  # (M, E)
+            torch.testing.assert_close(emb[i], feats.mean(0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(emb.norm(dim=-1), torch.ones(3))  # unnormalised, as in the reference
+    normed = encode_labels(model, tokenizer, labels, templates, normalize=True)
+    torch.testing.assert_close(normed, torch.nn.functional.normalize(emb, dim=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_fingerprint_names_weights_preprocessing_and_layout(tiny, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    fp = backbone_fingerprint(tiny[0], str(config), str(weights))
+    assert fp["model"] == "TinyCLIP-test" and len(fp["model_config_sha256"]) == 64
+    assert fp["token_shape"] == [17, 64] and fp["visual_proj"] == [64, 32]
+    assert fp["preprocess"]["size"] == [64, 64] and fp["preprocess"]["interpolation"] == "bicubic"
+    assert fp["preprocess"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    json.dumps(fp)  # storable as a Zarr attribute
+    other = tmp_path / "other.pt"
+    state = torch.load(weights, weights_only=True)
+    state["visual.proj"] = state["visual.proj"] + 1
+    torch.save(state, other)
+    fp2 = backbone_fingerprint(load_backbone(str(config), str(other))[0], str(config), str(other))
+    assert fp2["weights_sha256"] != fp["weights_sha256"]
+
+
+def test_random_weights_are_reproducible(tiny_clip):
+    a = load_backbone(str(tiny_clip[0]), "none")[0]
+    b = load_backbone(str(tiny_clip[0]), "none")[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_offline_download_says_how_to_use_a_local_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    with pytest.raises(QKSError, match=r"--pretrained.*local weights file.*ViT-B-16-quickgelu"):
+        load_backbone("ViT-B-16", "openai")
+
+
+def test_bad_names_are_user_errors(tiny_clip):
+    with pytest.raises(QKSError, match="unknown open_clip model"):
+        load_backbone("No-Such-Model", "openai")
+    with pytest.raises(QKSError, match="neither an open_clip tag"):
+        load_backbone(str(tiny_clip[0]), "no-such-tag")
+    with pytest.raises(QKSError, match="config file not found"):
+        load_backbone("missing/TinyCLIP.json", "none")
+
+
+@pytest.mark.parametrize(
+    ("vision_extra", "message"),
+    [
+        ({"attentional_pool": True}, "attention-pooling"),
+        ({"final_ln_after_pool": True}, "CLS-token pooling"),
+        ({"pool_type": "avg"}, "CLS-token pooling"),
+    ],
+)
+def test_unsupported_towers_are_refused(tiny_clip, tmp_path, vision_extra, message):
+    cfg = json.loads(tiny_clip[0].read_text())
+    cfg["vision_cfg"].update(vision_extra)
+    path = tmp_path / f"TinyCLIP-{next(iter(vision_extra))}.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(QKSError, match=message):
+        load_backbone(str(path), "none")

@@ -1,0 +1,250 @@
+"""Stage one end to end: `qks extract` / `qks embed-labels` on the tiny model and dataset; bad images; resuming."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from qks_pipeline.backbone import encode_labels, load_backbone, visual_tokens
+from qks_pipeline.cache import open_cache, read_label_embeddings
+from qks_pipeline.cli import main
+from qks_pipeline.images import BadImage, load_rgb
+from qks_pipeline.manifest import label_matrix, read_manifest
+
+# ---------------------------------------------------------------- image loading
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size but holds no pixels: a decompression bomb PIL must refuse at open()."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _save(img: Image.Image, path: Path, **kw) -> Path:
+    img.save(path, **kw)
+    return path
+
+
+def test_modes_convert_to_rgb(tmp_path):
+    gray = load_rgb(_save(Image.new("L", (8, 8), 100), tmp_path / "gray.png"))
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (100, 100, 100)
+    clear = load_rgb(_save(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), tmp_path / "clear.png"))
+    assert clear.getpixel((0, 0)) == (255, 255, 255)  # composited on white, not black
+    half = load_rgb(_save(Image.new("RGBA", (8, 8), (255, 0, 0, 128)), tmp_path / "half.png")).getpixel((0, 0))
+    assert half[0] == 255 and 120 <= half[1] <= 135 and half[1] == half[2]
+    la = load_rgb(_save(Image.new("LA", (8, 8), (0, 0)), tmp_path / "la.png"))
+    assert la.getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert load_rgb(_save(pal, tmp_path / "pal.png")).getpixel((0, 0)) == (10, 200, 30)
+    assert load_rgb(_save(pal, tmp_path / "pal_t.png", transparency=1)).getpixel((0, 0)) == (255, 255, 255)
+    cmyk = load_rgb(_save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "cmyk.jpg", quality=95))
+    assert np.abs(np.subtract(cmyk.getpixel((8, 8)), (255, 0, 0))).max() <= 8
+    deep = np.array([[65535, 32896], [0, 257]], dtype=np.uint16)
+    img16 = load_rgb(_save(Image.fromarray(deep), tmp_path / "deep.png"))
+    assert [img16.getpixel(p)[0] for p in [(0, 0), (1, 0), (0, 1), (1, 1)]] == [255, 128, 0, 1]  # scaled, not clipped
+
+
+def test_unreadable_files_raise_with_a_reason(tmp_path, monkeypatch):
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(good, "JPEG")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    (tmp_path / "junk.jpg").write_bytes(b"this is not an image" * 10)
+    (tmp_path / "bomb.png").write_bytes(_png_header_only(30000, 30000))
+    (tmp_path / "bomb_warn.png").write_bytes(_png_header_only(10000, 10000))  # over the warning, under the error limit
+    cases = {"nope.jpg": "missing", "empty.jpg": "empty", "cut.jpg": "truncated", "junk.jpg": "not a readable"}
+    cases |= {"bomb.png": "decompression bomb", "bomb_warn.png": "decompression bomb"}
+    for name, reason in cases.items():
+        with pytest.raises(BadImage, match=reason):
+            load_rgb(tmp_path / name)
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def _qks(*args: object, expect: int = 0) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result.output
+
+
+def _extract(ds, tiny_clip, out: Path, *extra: object, split: str = "train", expect: int = 0) -> str:
+    config, weights = tiny_clip
+    args = ["extract", "--dataset", ds.dataset, "--split", split, "--images", ds.images, "--out", out]
+    args += ["--model", config, "--pretrained", weights, "--device", "cpu", "--workers", 0, "--shard-size", 5, *extra]
+    return _qks(*args, expect=expect)
+
+
+def _arrays(store: Path) -> dict[str, np.ndarray]:
+    cache = open_cache(store)
+    names = ("tokens", "valid", "labels", "paths", "manifest_index", "visual_proj")
+    return {name: cache.group[name][:] for name in names}
+
+
+def test_store_holds_the_tokens_labels_and_order(sample_dataset, tiny_clip, tmp_path):
+    ds, out = sample_dataset, tmp_path / "train.zarr"
+    _extract(ds, tiny_clip, out, "--batch-size", 3)
+    cache = open_cache(out)
+    records = read_manifest(ds.dataset / "train.jsonl")
+    assert cache.tokens.shape == (16, 1, 17, 64) and cache.tokens.dtype == np.float16
+    assert cache.is_complete() and cache.num_shards == 4 and cache.valid[:].all()
+    order = cache.manifest_index[:]
+    assert sorted(order) == list(range(16)) and list(order) != list(range(16))  # shuffled with the seed
+    assert list(cache.paths[:]) == [records[i].image for i in order]
+    np.testing.assert_array_equal(cache.labels[:], label_matrix(records, ds.seen + ds.unseen)[order])
+    assert cache.label_names == ds.seen + ds.unseen and cache.num_seen == len(ds.seen)
+    model, preprocess, _ = load_backbone(str(tiny_clip[0]), str(tiny_clip[1]))
+    images = torch.stack([preprocess(load_rgb(ds.images / p)) for p in cache.paths[:]])  # (N, 3, H, W)
+    expected = visual_tokens(model, images).numpy()  # (N, T, D)
+    np.testing.assert_allclose(cache.tokens[:, 0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(cache.visual_proj[:], model.visual.proj.detach().numpy())
+    data = cache.fingerprint["data"]
+    assert data["split"] == "train" and len(data["manifest_sha256"]) == 64 and data["precision"] == "fp32"
+
+
+def test_workers_give_the_same_store(sample_dataset, tiny_clip, tmp_path):
+    _extract(sample_dataset, tiny_clip, tmp_path / "a.zarr", "--views", 1)
+    _extract(sample_dataset, tiny_clip, tmp_path / "b.zarr", "--views", 1, "--workers", 2)
+    a, b = _arrays(tmp_path / "a.zarr"), _arrays(tmp_path / "b.zarr")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_augmented_views_are_seeded_and_view_zero_is_clean(sample_dataset, tiny_clip, tmp_path):
+    _extract(sample_dataset, tiny_clip, tmp_path / "clean.zarr")
+    _extract(sample_dataset, tiny_clip, tmp_path / "v1.zarr", "--views", 2)
+    _extract(sample_dataset, tiny_clip, tmp_path / "v2.zarr", "--views", 2, "--batch-size", 6)
+    clean, v1, v2 = (open_cache(tmp_path / f"{n}.zarr").tokens[:].astype(np.float32) for n in ("clean", "v1", "v2"))
+    assert v1.shape == (16, 3, 17, 64)
+    np.testing.assert_allclose(v1[:, 0], clean[:, 0], atol=2e-3)
+    np.testing.assert_allclose(v1, v2, atol=2e-3)  # same crops whatever the batching
+    assert np.abs(v1[:, 1] - v1[:, 0]).mean() > 1e-2 and np.abs(v1[:, 2] - v1[:, 1]).mean() > 1e-2
+
+
+def test_test_split_stores_the_clean_view_only(sample_dataset, tiny_clip, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  views: 2\n  shuffle: false\n  precision: fp16\n")
+    _extract(sample_dataset, tiny_clip, tmp_path / "test.zarr", "--params", params, split="test")
+    cache = open_cache(tmp_path / "test.zarr")
+    assert cache.tokens.shape[:2] == (8, 1) and list(cache.manifest_index[:]) == list(range(8))
+    assert cache.fingerprint["data"]["precision"] == "fp32"  # fp16 autocast is GPU-only
+    out = _extract(sample_dataset, tiny_clip, tmp_path / "t2.zarr", "--views", 2, split="test", expect=2)
+    assert "train split only" in out
+
+
+def test_a_store_built_differently_is_refused_then_overwritten(sample_dataset, tiny_clip, tmp_path):
+    out = tmp_path / "train.zarr"
+    _extract(sample_dataset, tiny_clip, out)
+    assert "already complete" in _extract(sample_dataset, tiny_clip, out)
+    message = _extract(sample_dataset, tiny_clip, out, "--views", 1, expect=1)
+    assert "data.views is 0 in the store, 1 expected" in message and "--overwrite" in message
+    _extract(sample_dataset, tiny_clip, out, "--views", 1, "--overwrite")
+    assert open_cache(out).num_views == 2
+
+
+def _bad_dataset(ds, tmp_path: Path) -> tuple[Path, Path]:
+    """The sample train split plus broken files and odd modes (which must load)."""
+    images, dataset = tmp_path / "images", tmp_path / "dataset"
+    shutil.copytree(ds.images, images)
+    shutil.copytree(ds.dataset, dataset)
+    (images / "bad").mkdir()
+    (images / "bad/empty.jpg").write_bytes(b"")
+    (images / "bad/junk.png").write_bytes(b"\x89PNG not really")
+    (images / "bad/cut.png").write_bytes((images / "train/img001.png").read_bytes()[:200])
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(images / "bad/cmyk.jpg")
+    Image.new("RGBA", (40, 40), (0, 0, 0, 0)).save(images / "bad/rgba.png")
+    extra = ["bad/missing.jpg", "bad/empty.jpg", "bad/junk.png", "bad/cut.png", "bad/cmyk.jpg", "bad/rgba.png"]
+    with open(dataset / "train.jsonl", "a") as f:
+        f.writelines(json.dumps({"image": p, "positive": ["red"]}) + "\n" for p in extra)
+    return dataset, images
+
+
+def test_bad_images_are_masked_recorded_and_summarised(sample_dataset, tiny_clip, tmp_path):
+    dataset, images = _bad_dataset(sample_dataset, tmp_path)
+    ds = type(sample_dataset)(dataset, images, sample_dataset.templates, sample_dataset.seen, sample_dataset.unseen)
+    out = _extract(ds, tiny_clip, tmp_path / "train.zarr")
+    assert "4 unreadable image(s) masked out" in out and "bad/empty.jpg: empty file" in out
+    cache = open_cache(tmp_path / "train.zarr")
+    reasons = {s["path"]: s["reason"] for s in cache.skipped()}
+    assert set(reasons) == {"bad/missing.jpg", "bad/empty.jpg", "bad/junk.png", "bad/cut.png"}
+    assert reasons["bad/missing.jpg"] == "missing" and reasons["bad/cut.png"].startswith("truncated")
+    paths, valid, tokens = cache.paths[:], cache.valid[:], cache.tokens[:]
+    assert set(paths[~valid]) == set(reasons)
+    assert not tokens[~valid].any()  # masked rows stay zero ...
+    assert (np.abs(tokens[valid]).reshape(valid.sum(), -1).max(1) > 0).all()  # ... and no valid row is all zero
+    assert "OK" in _qks("cache", "verify", tmp_path / "train.zarr")
+    strict = _extract(ds, tiny_clip, tmp_path / "strict.zarr", "--strict", expect=1)
+    error = strict.strip().splitlines()[-1]  # the progress bar may precede it
+    assert error.startswith("Error: ") and "/images/bad/" in error and "unreadable image" in error
+
+
+RESUME_SCRIPT = """
+import sys, time
+from qks_pipeline import cache
+write = cache.Cache.write_shard
+def slow_write(self, *args, **kwargs):  # widen the gap between shards so the test can kill in between
+    write(self, *args, **kwargs)
+    time.sleep(0.5)
+cache.Cache.write_shard = slow_write
+from qks_pipeline.cli import main
+main()
+"""
+
+
+def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_dataset, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    ds, out = sample_dataset, tmp_path / "killed.zarr"
+    options = ["--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--model", config,
+               "--pretrained", weights, "--device", "cpu", "--workers", 0, "--shard-size", 4, "--views", 1]  # fmt: skip
+    args = ["extract", *options, "--out", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not list((out / "done").glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    done = sorted((out / "done").glob("*.json"))
+    assert 1 <= len(done) < 4, "the kill must land between the first shard and the last"
+    inodes = {p.name: p.stat().st_ino for p in done}
+    _qks(*args)  # resume
+    assert {p.name: p.stat().st_ino for p in (out / "done").glob("*.json") if p.name in inodes} == inodes
+    assert len(open_cache(out).done_shards()) == 4
+    _qks("extract", *options, "--out", tmp_path / "whole.zarr")  # the same command, uninterrupted
+    a, b = _arrays(out), _arrays(tmp_path / "whole.zarr")
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    out = tmp_path / "labels.zarr"
+    _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out", out,
+         "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
+    names, emb, attrs = read_label_embeddings(out)
+    assert names == sample_dataset.seen + sample_dataset.unseen and emb.shape == (7, 32)
+    assert attrs["num_seen"] == 5 and attrs["normalize"] is False and len(attrs["templates_sha256"]) == 64
+    model, _, tokenizer = load_backbone(str(config), str(weights))
+    templates = sample_dataset.templates.read_text().splitlines()
+    np.testing.assert_allclose(emb, encode_labels(model, tokenizer, names, templates).numpy(), rtol=1e-5, atol=1e-6)
+    _extract(sample_dataset, tiny_clip, tmp_path / "train.zarr")
+    assert attrs["fingerprint"]["backbone"] == open_cache(tmp_path / "train.zarr").fingerprint["backbone"]

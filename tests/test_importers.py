@@ -1,0 +1,350 @@
+"""Importers on tiny fixtures written in each release's exact published format, quirks included."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qks_pipeline.cli import main
+from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest
+
+
+def write(path: Path, lines: list[str], crlf: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(line + ("\r\n" if crlf else "\n") for line in lines).encode("utf-8"))
+    return path
+
+
+def run(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def dataset(out: Path) -> tuple[list[str], list[str], list[Record], list[Record]]:
+    check_dataset(out)  # every importer's output passes the checker
+    return (
+        read_labels(out / "seen.txt"),
+        read_labels(out / "unseen.txt"),
+        read_manifest(out / "train.jsonl"),
+        read_manifest(out / "test.jsonl"),
+    )
+
+
+def assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+
+
+# ---- NUS-WIDE raw release ----
+
+TAGS = ["sky", "dog", "person", "old town", "cat"]  # 'old town': a label with a space
+CONCEPTS = ["sky", "person", "airport"]  # two are tags too; seen = dog, old town, cat
+
+
+def nuswide_release(root: Path) -> Path:
+    write(root / "NUS_WID_Tags" / "TagList1k.txt", [t + " " for t in TAGS], crlf=True)  # trailing spaces
+    write(root / "ConceptsList" / "Concepts81.txt", CONCEPTS, crlf=True)
+    write(root / "ImageList" / "TrainImagelist.txt", [r"actor\0001_11.jpg", r"actor\0002_12.jpg", r"beach\0003_13.jpg"])
+    write(root / "ImageList" / "TestImagelist.txt", [r"zoo\0004_14.jpg", r"zoo\0005_15.jpg"], crlf=True)
+    # Tab-separated rows with a trailing tab, as the release's .dat files.
+    rows = {"Train": ["0 1 0 0 1", "1 0 1 1 0", "1 0 1 0 0"], "Test": ["0 0 0 1 0", "1 0 0 0 0"]}
+    for split, lines in rows.items():
+        write(root / "NUS_WID_Tags" / f"{split}_Tags1k.dat", [line.replace(" ", "\t") + "\t" for line in lines], True)
+    truth = {"sky": ["0", "0"], "person": ["1", "0"], "airport": ["0", "0"]}
+    for concept, lines in truth.items():
+        write(root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_Test.txt", lines, crlf=True)
+    return root
+
+
+def test_nuswide(tmp_path):
+    root, out = nuswide_release(tmp_path / "nus"), tmp_path / "out"
+    code, output = run("import", "nuswide", "--root", root, "--out", out)
+    assert code == 0, output
+    seen, unseen, train, test = dataset(out)
+    assert (seen, unseen) == (["dog", "old town", "cat"], CONCEPTS)
+    assert train == [
+        Record("Flickr/actor/0001_11.jpg", ("dog", "cat"), ("old town",)),
+        Record("Flickr/actor/0002_12.jpg", ("old town",), ("dog", "cat")),
+    ]  # beach/0003: only concept tags (sky, person) set, no seen positive -> dropped
+    # zoo/0005: its 'sky' tag is ignored (the concept ground truth says 0) -> no positive -> dropped
+    assert test == [Record("Flickr/zoo/0004_14.jpg", ("old town", "person"), ("dog", "cat", "sky", "airport"))]
+    assert "train: 2 images written, dropped 1 (no positive label)" in output
+    assert "test: 1 images written, dropped 1 (no positive label)" in output
+
+
+TAG_DIR, TRUTH_DIR = "NUS_WID_Tags", "Groundtruth/TrainTestLabels"
+
+
+def change(root: Path, name: str, lines: list[str] | None) -> None:
+    """Replace a release file with `lines`, or delete it (None)."""
+    if lines is None:
+        (root / name).unlink()
+    else:
+        write(root / name, lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "message"),
+    [
+        (f"{TAG_DIR}/Test_Tags1k.dat", ["0 0 0 1 0"], "1 rows, but {r}/ImageList/TestImagelist.txt lists 2"),
+        (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "1 0 1", "1 0 1 0 0"], "Train_Tags1k.dat:2: expected 5 values"),
+        (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "", "1 0 1 0 0"], "Train_Tags1k.dat:2: empty line"),
+        (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0", "2"], "Labels_sky_Test.txt:2: expected 0 or 1"),
+        (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0"], "Labels_sky_Test.txt: 1 lines, but"),
+        (f"{TRUTH_DIR}/Labels_airport_Test.txt", None, "ground truth of concept 'airport' not found"),
+        (
+            "ImageList/TrainImagelist.txt",
+            [r"a\1.jpg", r"a\1.jpg", r"a\2.jpg"],
+            "TrainImagelist.txt:2: 'a\\\\1.jpg' listed",
+        ),
+        ("ConceptsList/Concepts81.txt", None, "Concepts81.txt not found"),
+    ],
+)
+def test_nuswide_bad_input(tmp_path, name, lines, message):
+    root, out = nuswide_release(tmp_path / "nus"), tmp_path / "out"
+    change(root, name, lines)
+    code, output = run("import", "nuswide", "--root", root, "--out", out)
+    assert code == 1 and message.format(r=root) in output, output
+    assert_nothing_written(tmp_path, out)
+
+
+# ---- Open Images v4 ----
+
+
+def openimages_release(root: Path) -> Path:
+    write(
+        root / "class-descriptions.csv",
+        ["/m/a,Bat", '/m/b,"Bat"', '/m/c,"Walnut, nut"', "/m/d,Apple ", "/m/f,Unused", "/m/u1,Cat", "/m/u2,Ant"],
+        crlf=True,
+    )
+    write(root / "classes-trainable.txt", ["/m/a", "/m/b", "/m/c", "/m/d"], crlf=True)
+    (root / "unseen_labels.pkl").write_bytes(pickle.dumps(["/m/x", "/m/u1", "/m/y", "/m/u2"]))
+    write(root / "top_400_unseen.csv", ["3,12", "1,40"])
+    header = "ImageID,Source,LabelName,Confidence"
+    write(
+        root / "train" / "train-annotations-human-imagelabels.csv",
+        [header, "i1,verification,/m/a,1", "i1,verification,/m/d,0", "i1,crowdsource-verification,/m/u1,1",
+         "i2,verification,/m/c,1", "i2,crowdsource-verification,/m/c,0", "i3,verification,/m/f,1",
+         "i4,verification,/m/d,0", "i1,verification,/m/a,1"],
+        crlf=True,
+    )  # fmt: skip
+    write(
+        root / "test" / "test-annotations-human-imagelabels.csv",
+        [
+            header,
+            "t1,verification,/m/u1,1",
+            "t1,verification,/m/a,0",
+            "t2,verification,/m/u2,0",
+            "t2,verification,/m/b,1",
+        ],
+    )
+    return root
+
+
+def test_openimages(tmp_path):
+    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    assert code == 0, output
+    seen, unseen, train, test = dataset(out)
+    assert seen == ["Apple", "Bat (/m/a)", "Bat (/m/b)", "Walnut, nut"]  # collision disambiguated, sorted
+    assert unseen == ["Ant", "Cat"]
+    assert train == [Record("train/i1.jpg", ("Bat (/m/a)",), ("Apple",)), Record("train/i4.jpg", (), ("Apple",))]
+    assert test == [
+        Record("test/t1.jpg", ("Cat",), ("Bat (/m/a)",)),
+        Record("test/t2.jpg", ("Bat (/m/b)",), ("Ant",)),
+    ]
+    assert "dropped 1 (no label of this split), 1 (positive and negative labels intersect)" in output
+    assert "display name 'Bat' shared by /m/a, /m/b" in output
+
+
+ANNOTATIONS = "test/test-annotations-human-imagelabels.csv"
+
+
+@pytest.mark.parametrize(
+    ("name", "lines", "message"),
+    [
+        ("top_400_unseen.csv", ["3", "9"], "top_400_unseen.csv:2: index 9 outside the 4 MIDs"),
+        ("classes-trainable.txt", ["/m/a", "/m/zz"], "MID /m/zz has no display name"),
+        ("classes-trainable.txt", ["/m/a", "/m/u1"], "both trainable and unseen"),
+        ("class-descriptions.csv", ["/m/a,Bat", "/m/a,Bat"], "class-descriptions.csv:2: MID /m/a described twice"),
+        ("class-descriptions.csv", ["/m/a,Bat", "/m/b"], "class-descriptions.csv:2: expected 'MID,Display name'"),
+        (ANNOTATIONS, ["ImageID,LabelName"], f"{ANNOTATIONS}:1: header"),
+        (
+            ANNOTATIONS,
+            ["ImageID,Source,LabelName,Confidence", "t1,v,/m/a,0.5"],
+            f"{ANNOTATIONS}:2: expected an ImageID",
+        ),
+        ("train/train-annotations-human-imagelabels.csv", None, "annotations not found"),
+    ],
+)
+def test_openimages_bad_input(tmp_path, name, lines, message):
+    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    change(root, name, lines)
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    assert code == 1 and message in output, output
+    assert_nothing_written(tmp_path, out)
+
+
+# ---- COCO ----
+
+
+def coco_file(path: Path, images: dict[int, str], annotations: list[tuple[int, int]]) -> Path:
+    data = {
+        "images": [{"id": i, "file_name": name, "width": 8, "height": 8} for i, name in images.items()],
+        "annotations": [
+            {"id": n, "image_id": i, "category_id": c, "iscrowd": 0} for n, (i, c) in enumerate(annotations)
+        ],
+        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "traffic light"}, {"id": 7, "name": "dog"}],
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def coco_files(tmp_path: Path) -> tuple[Path, Path]:
+    train = coco_file(tmp_path / "train.json", {1: "a.jpg", 2: "b.jpg", 5: "c.jpg"}, [(1, 1), (1, 7), (1, 1), (2, 7)])
+    test = coco_file(tmp_path / "val.json", {9: "d.jpg", 10: "e.jpg"}, [(9, 7), (9, 3), (10, 1)])
+    return train, test
+
+
+def test_coco(tmp_path):
+    (train, test), out = coco_files(tmp_path), tmp_path / "out"
+    args = ["import", "coco", "--train-json", train, "--test-json", test, "--unseen", " dog ", "--out", out]
+    code, output = run(*args, "--train-prefix", "train2017/", "--test-prefix", "val2017/")
+    assert code == 0, output
+    seen, unseen, train_records, test_records = dataset(out)
+    assert (seen, unseen) == (["person", "traffic light"], ["dog"])
+    # b.jpg has only the unseen dog, c.jpg no annotation: both dropped from train.
+    assert train_records == [Record("train2017/a.jpg", ("person",), ("traffic light",))]
+    assert test_records == [
+        Record("val2017/d.jpg", ("traffic light", "dog"), ("person",)),
+        Record("val2017/e.jpg", ("person",), ("traffic light", "dog")),
+    ]
+    assert "train: 1 images written, dropped 2 (no positive label)" in output
+
+
+def test_coco_bad_input(tmp_path):
+    (train, test), out = coco_files(tmp_path), tmp_path / "out"
+    code, output = run(
+        "import", "coco", "--train-json", train, "--test-json", test, "--unseen", "dog,cat", "--out", out
+    )
+    assert code == 1 and "--unseen: unseen label(s) ['cat'] are not categories" in output
+    unseen_file = write(tmp_path / "unseen.txt", ["unicorn"])
+    code, output = run(
+        "import", "coco", "--train-json", train, "--test-json", test, "--unseen-file", unseen_file, "--out", out
+    )
+    assert code == 1 and f"{unseen_file}: unseen label(s) ['unicorn']" in output
+    test.write_text('{"images": [')
+    code, output = run("import", "coco", "--train-json", train, "--test-json", test, "--unseen", "dog", "--out", out)
+    assert code == 1 and f"{test}:1: not valid JSON" in output
+    assert_nothing_written(tmp_path, out)
+
+
+# ---- the reference implementation's CSV ----
+
+
+def reference_files(tmp_path: Path) -> dict[str, Path]:
+    return {
+        "--seen-file": write(tmp_path / "label_seen.txt", ["Bat", "Walnut, nut", "Bat", "hot dog"]),
+        "--unseen-file": write(tmp_path / "label_unseen.txt", ["Ant ", "Cat"], crlf=True),
+        "--train-csv": write(
+            tmp_path / "train.txt",
+            ["image_path,posi_labels,nega_labels", 'data/oi/train/00/i1.jpg,"Walnut, nut|hot dog",Bat',
+             "data/oi/train/01/i2.jpg,,Bat", r"data/oi\train\01\i3.jpg,Bat,Bat"],
+            crlf=True,
+        ),
+        "--test-csv": write(
+            tmp_path / "test.txt",
+            ["image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels",
+             'data/oi/test/t1.jpg,Cat,Ant,"Walnut, nut",Bat'],
+        ),
+    }  # fmt: skip
+
+
+def test_reference_csv(tmp_path):
+    files, out = reference_files(tmp_path), tmp_path / "out"
+    args = [x for pair in files.items() for x in pair]
+    code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi/", "--out", out)
+    assert code == 0, output
+    seen, unseen, train, test = dataset(out)
+    assert (seen, unseen) == (["Bat", "Walnut, nut", "hot dog"], ["Ant", "Cat"])
+    assert train == [
+        Record("train/00/i1.jpg", ("Walnut, nut", "hot dog"), ("Bat",)),
+        Record("train/01/i2.jpg", (), ("Bat",)),
+    ]
+    assert test == [Record("test/t1.jpg", ("Walnut, nut", "Cat"), ("Bat", "Ant"))]
+    assert "dropped 1 (positive and negative labels intersect)" in output
+    assert "label_seen.txt: 1 repeated label line(s) merged" in output
+
+
+def test_reference_csv_bad_input(tmp_path):
+    files, out = reference_files(tmp_path), tmp_path / "out"
+    args = [x for pair in files.items() for x in pair]
+    code, output = run("import", "reference-csv", *args, "--strip-prefix", "other/", "--out", out)
+    assert (
+        code == 1
+        and f"{files['--train-csv']}:2: image path 'data/oi/train/00/i1.jpg' does not start with 'other/'" in output
+    )
+    write(files["--test-csv"], ["image_path,posi_labels,nega_labels", "data/oi/t/1.jpg,Cat|Dog,"])
+    code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi", "--out", out)
+    assert code == 1 and f"{files['--test-csv']}:2: label(s) not in the seen or unseen file: ['Dog']" in output
+    write(files["--test-csv"], ["path,labels", "t/1.jpg,Cat"])
+    code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi", "--out", out)
+    assert code == 1 and f"{files['--test-csv']}:1: unexpected header" in output
+    assert_nothing_written(tmp_path, out)
+
+
+# ---- BiAM/MKT HDF5 label files ----
+
+
+def hdf5_files(tmp_path: Path, test_width: int = 3) -> list[object]:
+    seen, unseen = (
+        write(tmp_path / "seen.txt", ["dog", "old town", "cat"]),
+        write(tmp_path / "unseen.txt", ["sky", "airport"]),
+    )
+    with h5py.File(tmp_path / "train.h5", "w") as h5:
+        h5["actor_0001_11.jpg-labels"] = np.array([1, -1, 1], np.int8)
+        h5["beach_bum_0003_13.jpg-labels"] = np.array([-1, -1, 0], np.int8)  # no positive: dropped
+    with h5py.File(tmp_path / "test.h5", "w") as h5:
+        h5["zoo_0004_14.jpg-labels"] = np.array([-1, 1, 0, 1, -1][:test_width], np.int8)
+        h5["zoo_0004_14.jpg-labels_81"] = np.array([1, -1], np.int8)
+    train_names = write(tmp_path / "train_names.txt", ["actor_0001_11.jpg", "beach_bum_0003_13.jpg"], crlf=True)
+    test_names = write(tmp_path / "test_names.txt", ["zoo_0004_14.jpg"])
+    return ["--train-h5", tmp_path / "train.h5", "--train-names", train_names, "--test-h5", tmp_path / "test.h5",
+            "--test-names", test_names, "--seen-file", seen, "--unseen-file", unseen]  # fmt: skip
+
+
+@pytest.mark.parametrize("test_width", [3, 5])  # seen only (BiAM) or seen + unseen (MKT's 1,006)
+def test_hdf5(tmp_path, test_width):
+    out = tmp_path / "out"
+    code, output = run("import", "hdf5", *hdf5_files(tmp_path, test_width), "--out", out)
+    assert code == 0, output
+    seen, unseen, train, test = dataset(out)
+    assert (seen, unseen) == (["dog", "old town", "cat"], ["sky", "airport"])
+    assert train == [Record("Flickr/actor/0001_11.jpg", ("dog", "cat"), ("old town",))]
+    assert test == [Record("Flickr/zoo/0004_14.jpg", ("old town", "sky"), ("dog", "airport"))]
+    assert "train: 1 images written, dropped 1 (no positive label)" in output
+
+
+def test_hdf5_bad_input(tmp_path):
+    args, out = hdf5_files(tmp_path, test_width=4), tmp_path / "out"
+    code, output = run("import", "hdf5", *args, "--out", out)
+    assert code == 1 and "test_names.txt:1: " in output and "has 4 values, expected 3 or 5" in output
+    write(tmp_path / "test_names.txt", ["zoo_0009_19.jpg"])
+    code, output = run("import", "hdf5", *args, "--out", out)
+    assert code == 1 and "test_names.txt:1: " in output and "no dataset 'zoo_0009_19.jpg-labels'" in output
+    assert_nothing_written(tmp_path, out)
+
+
+def test_openimages_refuses_pickled_objects(tmp_path):
+    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    (root / "unseen_labels.pkl").write_bytes(pickle.dumps(OrderedDict(a="/m/u1")))  # a class: refused, never run
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    assert code == 1 and "unseen_labels.pkl: cannot read the pickled MID list (refusing to load collections" in output
+    assert_nothing_written(tmp_path, out)

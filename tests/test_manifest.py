@@ -1,0 +1,167 @@
+"""Dataset directories: writing (all or nothing), checking, the CLI check, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from qks_pipeline.cli import main
+from qks_pipeline.errors import QKSError
+from qks_pipeline.manifest import Record, check_dataset, read_manifest, read_templates, write_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+SCENE = [
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
+]
+SEEN, UNSEEN = ["cat", "dog", "old car"], ["zebra", "sea lion"]
+TRAIN = [
+    Record("a/1.jpg", ("cat", "old car"), ("dog",)),
+    Record("a/2.jpg", ("dog",), ("cat", "zebra")),
+    Record("b/3.jpg", ("zebra",), ()),  # no seen positive: counted, not dropped
+]
+TEST = [
+    Record("c/4.jpg", ("sea lion", "cat"), ("dog", "old car", "zebra")),
+    Record("c/5.jpg", (), ("cat",)),
+]
+
+
+def make_dataset(path: Path) -> Path:
+    write_dataset(path, SEEN, UNSEEN, {"train": TRAIN, "test": TEST})
+    return path
+
+
+def test_templates_file_is_open_clip_pool_plus_scene_templates():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    expected = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] + SCENE
+    path = REPO / "data_manifests" / "templates.txt"
+    assert path.read_text(encoding="utf-8").splitlines() == expected
+    assert read_templates(path) == expected and len(expected) == 85
+
+
+def test_write_dataset_round_trips(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    assert sorted(p.name for p in out.iterdir()) == ["seen.txt", "test.jsonl", "train.jsonl", "unseen.txt"]
+    assert read_manifest(out / "train.jsonl") == TRAIN and read_manifest(out / "test.jsonl") == TEST
+    assert (out / "unseen.txt").read_text() == "zebra\nsea lion\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary directory left
+
+
+def test_check_dataset_counts_match_brute_force(tmp_path):
+    report = check_dataset(make_dataset(tmp_path / "ds"))
+    assert (report.seen, report.unseen, report.problems) == (SEEN, UNSEEN, [])
+    for name, records, scored in (("train", TRAIN, SEEN), ("test", TEST, SEEN + UNSEEN)):
+        split = report.splits[name]
+        assert split.images == len(records)
+        assert split.positives == Counter(label for r in records for label in r.positive)
+        assert split.no_positive == sum(1 for r in records if not set(r.positive) & set(scored))
+        fewest = min(sum(label in r.positive for r in records) for label in scored)
+        assert split.min_positives()[0] == fewest
+    assert report.splits["train"].labels_without_positive() == []
+    assert report.splits["test"].labels_without_positive() == ["dog", "old car", "zebra"]
+
+
+def write_images(root: Path) -> None:
+    for rec in TRAIN + TEST:
+        (root / rec.image).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(root / rec.image)
+
+
+def test_check_dataset_collects_image_problems(tmp_path):
+    out, root = make_dataset(tmp_path / "ds"), tmp_path / "images"
+    write_images(root)
+    (root / "a/2.jpg").unlink()
+    (root / "c/4.jpg").write_bytes(b"not a jpeg")
+    report = check_dataset(out, root)
+    assert [(p.image, p.reason.split(" ")[0], p.line) for p in report.problems] == [
+        (root / "a/2.jpg", "missing", 2),
+        (root / "c/4.jpg", "unreadable", 1),
+    ]
+
+
+def test_cli_check_summary_and_exit_codes(tmp_path):
+    out, root = make_dataset(tmp_path / "ds"), tmp_path / "images"
+    write_images(root)
+    ok = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
+    assert ok.exit_code == 0, ok.output
+    assert "train: 3 images, 1 without a positive seen label" in ok.output
+    assert "0 problem(s)" in ok.output
+    (root / "b/3.jpg").unlink()
+    bad = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
+    assert bad.exit_code == 1
+    assert f"{root / 'b/3.jpg'}: missing ({out / 'train.jsonl'}:3)" in bad.output
+
+
+def rewrite(path: Path, line: int, obj: object) -> None:
+    lines = path.read_text().splitlines()
+    lines[line - 1] = obj if isinstance(obj, str) else json.dumps(obj)
+    path.write_text("\n".join(lines) + "\n")
+
+
+BAD_INPUT = [
+    ("train.jsonl", 2, {"image": "a/2.jpg", "positive": ["wolf"]}, "train.jsonl:2: ", "not in seen.txt or unseen.txt"),
+    ("train.jsonl", 2, {"image": "a/1.jpg"}, "train.jsonl:2: ", "listed twice"),
+    ("test.jsonl", 2, {"image": "a/1.jpg"}, "test.jsonl:2: ", "also in train.jsonl (line 1)"),
+    ("test.jsonl", 1, '{"image": "c/4.jpg", ', "test.jsonl:1: ", "not valid JSON"),
+    ("test.jsonl", 1, {"image": "c/4.jpg", "labels": []}, "test.jsonl:1: ", "unknown key"),
+    ("test.jsonl", 1, {"image": "../c/4.jpg"}, "test.jsonl:1: ", "must not contain '..'"),
+    ("test.jsonl", 1, {"image": "/abs/4.jpg"}, "test.jsonl:1: ", "relative path"),
+    ("test.jsonl", 1, {"image": "c\\4.jpg"}, "test.jsonl:1: ", "'/' separators"),
+    ("test.jsonl", 1, {"image": "c/4.jpg", "positive": ["cat"], "negative": ["cat"]}, "test.jsonl:1: ", "both"),
+    ("unseen.txt", 2, "cat", "unseen.txt: ", "both seen and unseen"),
+    ("seen.txt", 3, "cat", "seen.txt:3: ", "listed twice"),
+]
+
+
+@pytest.mark.parametrize(("name", "line", "content", "where", "what"), BAD_INPUT)
+def test_bad_input_is_one_line_naming_file_and_line(tmp_path, name, line, content, where, what):
+    out = make_dataset(tmp_path / "ds")
+    rewrite(out / name, line, content)
+    with pytest.raises(QKSError) as err:
+        check_dataset(out)
+    assert where in err.value.message and what in err.value.message, err.value.message
+    result = CliRunner().invoke(main, ["manifest", "check", str(out)])
+    assert result.exit_code == 1 and where in result.output and "\n" not in result.output.strip()
+
+
+def test_missing_dataset_file(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    (out / "test.jsonl").unlink()
+    result = CliRunner().invoke(main, ["manifest", "check", str(out)])
+    assert result.exit_code == 1 and f"{out / 'test.jsonl'}: manifest not found" in result.output
+
+
+def _failing_records():
+    yield Record("x/1.jpg", ("cat",))
+    raise QKSError("broken source", "source.dat", 7)
+
+
+@pytest.mark.parametrize(
+    ("splits", "message"),
+    [
+        ({"train": TRAIN, "test": _failing_records()}, "source.dat:7: broken source"),
+        ({"train": TRAIN, "test": [Record("y.jpg", ("wolf",))]}, "test.jsonl:1: image 'y.jpg': label(s) not in"),
+        ({"train": TRAIN, "test": [Record("y.jpg"), Record("y.jpg")]}, "test.jsonl:2: image 'y.jpg' written twice"),
+        ({"train": TRAIN, "test": []}, "test.jsonl: no images left to write"),
+    ],
+)
+def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
+    out = make_dataset(tmp_path / "ds")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(QKSError) as err:
+        write_dataset(out, SEEN, UNSEEN, splits)
+    assert message in err.value.message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old dataset is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+    with pytest.raises(QKSError):
+        write_dataset(tmp_path / "new", SEEN, ["cat"], {"train": TRAIN})  # seen/unseen overlap: nothing created
+    assert not (tmp_path / "new").exists()

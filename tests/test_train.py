@@ -1,0 +1,183 @@
+"""Training from the cache: it learns, it resumes exactly, it refuses mismatched inputs, it reports test selection."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from synthetic import make_synthetic
+
+from qks_pipeline.cache import create_cache, make_fingerprint
+from qks_pipeline.cli import main
+from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
+from qks_pipeline.errors import QKSError
+from qks_pipeline.evaluate import SELECTED_ON_TEST
+from qks_pipeline.train import make_session, open_inputs, score_epoch, train
+
+TINY_MODEL = ModelConfig(num_queries=4, num_layers=2, num_heads=4, ff_dim=64)
+
+
+def params(**train: object) -> Params:
+    cfg = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "val_fraction": 0.25} | train
+    return Params(model=TINY_MODEL, train=TrainConfig(**cfg), evaluate=EvaluateConfig(batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("train"), num_train=128, num_test=64, invalid_train=(5, 70))
+
+
+def quiet(**kw):
+    return {"progress_bar": False, "echo": lambda _: None} | kw
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_training_improves_validation_map(data, tmp_path):
+    p = params(epochs=4, scheduler="none")
+    inputs = open_inputs(data.train, data.labels, None)
+    before = score_epoch(make_session(p, inputs, torch.device("cpu")))["val_mAP"]
+    progress = train(data.train, data.labels, tmp_path / "run", params=p, **quiet())
+    assert progress.epoch == 4 and progress.best_epoch >= 1
+    assert progress.best_score > before + 0.05, (before, progress.best_score)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["best"]["score"] == progress.best_score and config["selection"] == "val"
+    assert config["fingerprint"] == open_inputs(data.train, data.labels, None).backbone
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert all(float(r["loss"]) > 0 and 0 <= float(r["val_mAP"]) <= 1 for r in rows)
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(epoch: int):
+    def hook(done: int) -> None:
+        if done == epoch:
+            raise Killed
+
+    return hook
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_resume_equals_uninterrupted(data, tmp_path, scheduler):
+    p = params(epochs=3, scheduler=scheduler)
+    train(data.train, data.labels, tmp_path / "straight", params=p, **quiet())
+    with pytest.raises(Killed):  # dies right after epoch 1's checkpoint
+        train(data.train, data.labels, tmp_path / "resumed", params=p, **quiet(on_epoch_end=_kill_after(1)))
+    lines: list[str] = []
+    progress = train(data.train, data.labels, tmp_path / "resumed", params=p, **quiet(echo=lines.append))
+    assert any(line.startswith("resuming") for line in lines) and progress.epoch == 3
+    for name in ("last.safetensors", "best.safetensors"):
+        assert_same_weights(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    logs = [list(csv.DictReader(open(tmp_path / d / "train_log.csv"))) for d in ("straight", "resumed")]
+    assert [(r["loss"], r["lr"], r["val_mAP"]) for r in logs[0]] == [
+        (r["loss"], r["lr"], r["val_mAP"]) for r in logs[1]
+    ]
+
+
+def test_more_epochs_continue_and_no_resume_restarts(data, tmp_path):
+    out = tmp_path / "run"
+    train(data.train, data.labels, out, params=params(epochs=1, scheduler="none"), **quiet())
+    progress = train(data.train, data.labels, out, params=params(epochs=2, scheduler="none"), **quiet())
+    assert progress.epoch == 2 and len(progress.log) == 2
+    with pytest.raises(QKSError, match="train.lr"):
+        train(data.train, data.labels, out, params=params(epochs=2, lr=1e-4, scheduler="none"), **quiet())
+    progress = train(data.train, data.labels, out, params=params(epochs=1, lr=1e-4), resume=False, **quiet())
+    assert progress.epoch == 1
+
+
+def test_early_stopping(data, tmp_path):
+    progress = train(data.train, data.labels, tmp_path, params=params(epochs=6, lr=0.0, early_stop=2), **quiet())
+    assert progress.stopped_early and progress.epoch == 3 and progress.best_epoch == 1  # lr 0: nothing improves
+
+
+def test_selection_on_test_is_reported(data, tmp_path):
+    with pytest.raises(QKSError, match="--test-cache"):
+        train(data.train, data.labels, tmp_path, params=params(selection="test"), **quiet())
+    lines: list[str] = []
+    progress = train(data.train, data.labels, tmp_path, params=params(epochs=1, selection="test"),
+                     test_path=data.test, **quiet(echo=lines.append))  # fmt: skip
+    assert progress.log[0]["metric"] == "test_zsl_mAP" and 0 <= progress.log[0]["test_zsl_mAP"] <= 1
+    assert sum(SELECTED_ON_TEST in line for line in lines) >= 2  # at the start and at the end
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["selection"] == "test" and "TEST set" in config["selection_note"]
+
+
+def test_stale_or_incomplete_inputs_are_refused(data, tmp_path):
+    other = make_synthetic(tmp_path / "other", num_train=16, num_test=16, backbone={"model": "ViT-L-14"})
+    with pytest.raises(QKSError, match=r"label embeddings.*model is 'ViT-L-14'"):
+        train(data.train, other.labels, tmp_path / "a", params=params(), **quiet())
+    with pytest.raises(QKSError, match=r"test cache vs the training cache.*model"):
+        train(data.train, data.labels, tmp_path / "a", params=params(), test_path=other.test, **quiet())
+    empty = create_cache(
+        tmp_path / "empty.zarr", fingerprint=make_fingerprint({"model": "synthetic"}), token_shape=(10, 32),
+        num_views=1, shard_size=8, label_names=data.label_names, num_seen=data.num_seen,
+        labels=torch.zeros(16, 12, dtype=torch.int8).numpy(), paths=[str(i) for i in range(16)],
+        manifest_index=torch.arange(16).numpy(), visual_proj=torch.zeros(32, 16).numpy(),
+    )  # fmt: skip
+    with pytest.raises(QKSError, match="incomplete: 2 of 2 shards"):
+        train(empty.path, data.labels, tmp_path / "b", params=params(), **quiet())
+
+
+def _write_params(path: Path, p: Params) -> Path:
+    path.write_text(yaml.safe_dump({k: dataclasses.asdict(getattr(p, k)) for k in ("model", "train", "evaluate")}))
+    return path
+
+
+def test_cli_train(data, tmp_path):
+    cfg = _write_params(tmp_path / "params.yaml", params(epochs=1))
+    args = ["train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(tmp_path / "run"),
+            "--params", str(cfg), "--device", "cpu", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "best checkpoint:" in result.output and (tmp_path / "run" / "best.safetensors").exists()
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(main, [*args[:-3], "--device", "cuda"])
+        assert result.exit_code == 1 and "no CUDA device" in result.output
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_equals_uninterrupted(data, tmp_path):
+    """A real kill at an arbitrary moment (mid-epoch or mid-write), then the same command again."""
+    cfg = _write_params(tmp_path / "params.yaml", params(epochs=4, scheduler="cosine"))
+
+    def command(out: Path) -> list[str]:
+        qks = str(Path(sys.executable).parent / "qks")
+        return [qks, "train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(out),
+                "--params", str(cfg), "--device", "cpu", "--no-progress"]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True)
+    proc = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "train_log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True)
+    assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "killed" / "last.safetensors")
+    assert_same_weights(tmp_path / "straight" / "best.safetensors", tmp_path / "killed" / "best.safetensors")
