@@ -61,12 +61,13 @@ class ExtractResult:
     images: int  # rows in the store
     computed: int  # images computed by this call (0 when the store was already complete)
     shards_written: int
-    seconds: float
+    seconds: float  # the whole call, model loading included
+    loop_seconds: float  # decoding, forward passes and shard writes only
     skipped: list[dict[str, str]] = field(default_factory=list)  # every unreadable image of the store
 
     @property
     def images_per_second(self) -> float:
-        return self.computed / self.seconds if self.seconds > 0 else 0.0
+        return self.computed / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -241,9 +242,10 @@ def run_shards(
 
 def open_or_create_store(out: Path, fingerprint: dict[str, Any], overwrite: bool, create: Callable[[], Cache]) -> Cache:
     """Resume a store built the same way, refuse one built differently, build a new one when none (or --overwrite)."""
-    if out.exists() and not overwrite:
-        if not (out / "zarr.json").exists():
-            raise QKSError("exists and is not a feature cache (use --overwrite to replace it)", out)
+    is_store = (out / "zarr.json").exists()
+    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
+        raise QKSError("exists and is not a feature cache; refusing to replace it", out)
+    if is_store and not overwrite:
         cache = open_cache(out, mode="r+")
         check_fingerprint(out, cache.fingerprint, fingerprint, "feature cache", hint="--overwrite rebuilds it")
         return cache
@@ -301,8 +303,10 @@ def extract(
     todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
     make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cfg.views, cfg.seed)
     dataset = ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)
+    loop_start = time.perf_counter()
     computed = run_shards(cache, todo, dataset, _Forward(clip, dev, precision), cfg, strict) if todo else 0
-    return ExtractResult(out, cache.num_images, computed, len(todo), time.perf_counter() - start, cache.skipped())
+    end = time.perf_counter()
+    return ExtractResult(out, cache.num_images, computed, len(todo), end - start, end - loop_start, cache.skipped())
 
 
 def embed_labels(

@@ -92,6 +92,8 @@ def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> C
     h5, store = Path(h5), Path(store)
     if not h5.is_file():
         raise QKSError("HDF5 file not found", h5)
+    if store.exists() and not (store / "zarr.json").exists() and (not store.is_dir() or any(store.iterdir())):
+        raise QKSError("exists and is not a feature cache; refusing to replace it", store)
     if store.exists() and not overwrite:
         raise QKSError("store exists (use --overwrite to replace it)", store)
     with h5py.File(h5, "r") as f:

@@ -29,6 +29,18 @@ class Record:
     image: str  # path relative to the image root, with '/' separators
     positive: tuple[str, ...] = field(default=())
     negative: tuple[str, ...] = field(default=())
+    # `"negative": "*"` in JSON: every label the split is scored on (train: seen; test: seen + unseen) that is not
+    # positive is a verified negative. Fully annotated datasets (NUS-WIDE, COCO) would otherwise repeat ~1,000 names
+    # on every line (about 1.5 GB for NUS-WIDE's train manifest).
+    negative_rest: bool = False
+
+
+ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
+
+
+def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
+    """The labels a split is scored on (and that `"negative": "*"` covers): train seen only, test seen + unseen."""
+    return list(seen) if split == "train" else list(seen) + list(unseen)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -67,9 +79,10 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
     problem = check_image_path(image)
     if problem:
         raise QKSError(problem, path, line)
+    rest = obj.get("negative") == ALL_OTHERS
     lists = []
     for key in ("positive", "negative"):
-        value = obj.get(key, [])
+        value = [] if key == "negative" and rest else obj.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise QKSError(f"'{key}' must be a list of non-empty strings", path, line)
         if len(set(value)) != len(value):
@@ -79,7 +92,7 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
     both = set(lists[0]) & set(lists[1])
     if both:
         raise QKSError(f"label(s) both positive and negative: {sorted(both)}", path, line)
-    return Record(image, *lists)
+    return Record(image, *lists, negative_rest=rest)
 
 
 def iter_manifest(path: str | Path) -> Iterator[tuple[int, Record]]:
@@ -105,7 +118,8 @@ def read_manifest(path: str | Path) -> list[Record]:
 
 
 def _record_line(r: Record) -> str:
-    return json.dumps({"image": r.image, "positive": list(r.positive), "negative": list(r.negative)}) + "\n"
+    negative = ALL_OTHERS if r.negative_rest else list(r.negative)
+    return json.dumps({"image": r.image, "positive": list(r.positive), "negative": negative}) + "\n"
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
@@ -157,11 +171,22 @@ def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
     return seen, unseen
 
 
-def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], path: str | Path = "manifest") -> np.ndarray:
-    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown. A label outside the vocabulary is an error."""
+def label_matrix(
+    records: Sequence[Record],
+    vocabulary: Sequence[str],
+    path: str | Path = "manifest",
+    rest: Sequence[str] | None = None,
+) -> np.ndarray:
+    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown. A label outside the vocabulary is an error.
+
+    `rest`: the labels that `"negative": "*"` makes negative (`scored_labels` of the split); default: `vocabulary`.
+    """
     index = {label: j for j, label in enumerate(vocabulary)}
+    rest_columns = [index[label] for label in (vocabulary if rest is None else rest)]
     out = np.zeros((len(records), len(vocabulary)), dtype=np.int8)
     for i, rec in enumerate(records):
+        if rec.negative_rest:
+            out[i, rest_columns] = -1
         for value, labels in ((1, rec.positive), (-1, rec.negative)):
             for label in labels:
                 j = index.get(label)
@@ -258,7 +283,7 @@ class SplitSummary:
     def add(self, rec: Record, scored: set[str]) -> None:
         self.images += 1
         self.positives.update(rec.positive)
-        self.negatives.update(rec.negative)
+        self.negatives.update(set(self.scored) - set(rec.positive) if rec.negative_rest else rec.negative)
         if scored.isdisjoint(rec.positive):
             self.no_positive += 1
 
@@ -340,9 +365,8 @@ def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None)
     first: dict[str, tuple[str, int]] = {}
     for split in SPLITS:
         path = dataset_dir / f"{split}.jsonl"
-        summary = report.splits[split] = (
-            SplitSummary(seen, "seen") if split == "train" else SplitSummary(seen + unseen, "seen + unseen")
-        )
+        scope = "seen" if split == "train" else "seen + unseen"
+        summary = report.splits[split] = SplitSummary(scored_labels(split, seen, unseen), scope)
         scored = set(summary.scored)
         for line, rec in iter_manifest(path):
             unknown = (set(rec.positive) | set(rec.negative)) - vocabulary

@@ -8,7 +8,14 @@ import open_clip
 import pytest
 import torch
 
-from qks_pipeline.backbone import backbone_fingerprint, encode_labels, load_backbone, token_shape, visual_tokens
+from qks_pipeline.backbone import (
+    backbone_fingerprint,
+    check_supported,
+    encode_labels,
+    load_backbone,
+    token_shape,
+    visual_tokens,
+)
 from qks_pipeline.errors import QKSError
 
 
@@ -119,3 +126,10 @@ def test_unsupported_towers_are_refused(tiny_clip, tmp_path, vision_extra, messa
     path.write_text(json.dumps(cfg))
     with pytest.raises(QKSError, match=message):
         load_backbone(str(path), "none")
+
+
+def test_a_non_vit_tower_is_refused():
+    fake = torch.nn.Module()
+    fake.visual = torch.nn.Identity()  # stands for a timm or ResNet tower
+    with pytest.raises(QKSError, match="not an open_clip VisionTransformer"):
+        check_supported(fake, "fake")

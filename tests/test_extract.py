@@ -158,6 +158,10 @@ def test_a_store_built_differently_is_refused_then_overwritten(sample_dataset, t
     assert "data.views is 0 in the store, 1 expected" in message and "--overwrite" in message
     _extract(sample_dataset, tiny_clip, out, "--views", 1, "--overwrite")
     assert open_cache(out).num_views == 2
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a store")
+    message = _extract(sample_dataset, tiny_clip, tmp_path / "mine", "--overwrite", expect=1)
+    assert "is not a feature cache; refusing to replace it" in message and (tmp_path / "mine" / "notes.txt").exists()
 
 
 def _bad_dataset(ds, tmp_path: Path) -> tuple[Path, Path]:
@@ -202,7 +206,7 @@ from qks_pipeline import cache
 write = cache.Cache.write_shard
 def slow_write(self, *args, **kwargs):  # widen the gap between shards so the test can kill in between
     write(self, *args, **kwargs)
-    time.sleep(0.5)
+    time.sleep(1.0)
 cache.Cache.write_shard = slow_write
 from qks_pipeline.cli import main
 main()

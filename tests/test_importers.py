@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from qks_pipeline.cli import main
-from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest
+from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest, scored_labels
 
 
 def write(path: Path, lines: list[str], crlf: bool = False) -> Path:
@@ -28,13 +28,18 @@ def run(*args: object) -> tuple[int, str]:
 
 
 def dataset(out: Path) -> tuple[list[str], list[str], list[Record], list[Record]]:
+    """The dataset an importer wrote, with `"negative": "*"` spelled out over the split's scored labels."""
     check_dataset(out)  # every importer's output passes the checker
-    return (
-        read_labels(out / "seen.txt"),
-        read_labels(out / "unseen.txt"),
-        read_manifest(out / "train.jsonl"),
-        read_manifest(out / "test.jsonl"),
-    )
+    seen, unseen = read_labels(out / "seen.txt"), read_labels(out / "unseen.txt")
+
+    def explicit(split: str) -> list[Record]:
+        scored = scored_labels(split, seen, unseen)
+        return [
+            Record(r.image, r.positive, tuple(x for x in scored if x not in r.positive)) if r.negative_rest else r
+            for r in read_manifest(out / f"{split}.jsonl")
+        ]
+
+    return seen, unseen, explicit("train"), explicit("test")
 
 
 def assert_nothing_written(tmp_path: Path, out: Path) -> None:
@@ -75,6 +80,7 @@ def test_nuswide(tmp_path):
     ]  # beach/0003: only concept tags (sky, person) set, no seen positive -> dropped
     # zoo/0005: its 'sky' tag is ignored (the concept ground truth says 0) -> no positive -> dropped
     assert test == [Record("Flickr/zoo/0004_14.jpg", ("old town", "person"), ("dog", "cat", "sky", "airport"))]
+    assert '"negative": "*"' in (out / "train.jsonl").read_text()  # fully annotated: the compact form
     assert "train: 2 images written, dropped 1 (no positive label)" in output
     assert "test: 1 images written, dropped 1 (no positive label)" in output
 

@@ -12,7 +12,16 @@ from PIL import Image
 
 from qks_pipeline.cli import main
 from qks_pipeline.errors import QKSError
-from qks_pipeline.manifest import Record, check_dataset, read_manifest, read_templates, write_dataset
+from qks_pipeline.manifest import (
+    Record,
+    check_dataset,
+    label_matrix,
+    read_manifest,
+    read_templates,
+    scored_labels,
+    write_dataset,
+    write_manifest,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = [
@@ -165,3 +174,17 @@ def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
     with pytest.raises(QKSError):
         write_dataset(tmp_path / "new", SEEN, ["cat"], {"train": TRAIN})  # seen/unseen overlap: nothing created
     assert not (tmp_path / "new").exists()
+
+
+def test_negative_rest_round_trip_and_label_matrix(tmp_path):
+    """`"negative": "*"` makes every other scored label a verified negative, and nothing outside that scope."""
+    seen, unseen = ["cat", "dog", "owl"], ["bee"]
+    records = [Record("a.jpg", ("dog",), negative_rest=True), Record("b.jpg", ("owl",), ("cat",))]
+    write_manifest(tmp_path / "train.jsonl", records)
+    assert '"negative": "*"' in (tmp_path / "train.jsonl").read_text()
+    back = read_manifest(tmp_path / "train.jsonl")
+    assert back == records
+    train = label_matrix(back, seen + unseen, rest=scored_labels("train", seen, unseen))
+    assert train.tolist() == [[-1, 1, -1, 0], [-1, 0, 1, 0]]  # bee stays unknown in train
+    test = label_matrix(back, seen + unseen, rest=scored_labels("test", seen, unseen))
+    assert test.tolist() == [[-1, 1, -1, -1], [-1, 0, 1, 0]]

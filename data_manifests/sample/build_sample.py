@@ -56,6 +56,7 @@ PHRASES = {
     "hash brown": "hashbrown",
     "pop can": "popcan",
     "pan cake": "pancake",
+    "table tennis": "tabletennis",
     "magnifying glass": "magnifier",
     "magnifing glass": "magnifier",
 }
@@ -177,7 +178,7 @@ SYNONYMS = _table(
     person: people human persona
     man: uomo signore male
     woman: donna lady signorina female
-    child: boy girl kid youngster bambina bambino
+    child: boy kid youngster bambina bambino
     hat: cap fedora sombrero tophat cappello
     shoe: sneaker boot sandal footwear
     shirt: camicia
@@ -279,7 +280,7 @@ PARENTS["teddy bear"] = "toy"
 
 # A label named by an image's tags is dropped when the tags also carry one of these words (before the is-a closure):
 # a hot dog is no dog, a teddy bear no bear, a dolphin no fish, the "Little Boy" bomb no child.
-_PEOPLE_VETO = {"bomb", "alien", "babybottle"}
+_PEOPLE_VETO = {"bomb", "alien", "babybottle", "pin"}
 VETO = {
     "dog": {"hotdog"},
     "bear": {"teddybear"},
@@ -301,7 +302,7 @@ DENY = frozenset(
     map mapsym coastline globe network networksym dvb voip weathersym musicsym flowchart diagram chart graph blueprint
     pattern border bordered frame flourish ornament texture wallpaper background gradient
     text font letter alphabet number kanji arrow arrowshape shape geometry abstract magick callout jigsaw puzzle
-    smiley stickman card example tatoo tattoo
+    smiley stickman card example tatoo tattoo folder rule bullethole
     """.split()
 )
 

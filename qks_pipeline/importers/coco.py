@@ -45,8 +45,7 @@ def coco_records(
         if not positive:
             report.drop(split, "no positive label")
             continue
-        negative = tuple(label for label in labels if label not in present)
-        yield Record(prefix + file_name, positive, negative)
+        yield Record(prefix + file_name, positive, negative_rest=True)  # COCO is exhaustive: the rest are negative
 
 
 def import_coco(

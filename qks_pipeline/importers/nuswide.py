@@ -28,7 +28,7 @@ IMAGE_DIR = "Flickr"  # the release's image folder, relative to the image root
 def read_image_list(path: Path) -> list[str]:
     """`actor\\0001_2124494179.jpg` lines -> `Flickr/actor/0001_2124494179.jpg` manifest paths."""
     require_file(path, "image list")
-    return [f"{IMAGE_DIR}/{name.replace(chr(92), '/')}" for name in read_aligned_lines(path, unique=True)]
+    return [IMAGE_DIR + "/" + name.replace("\\", "/") for name in read_aligned_lines(path, unique=True)]
 
 
 def find_concepts(root: Path) -> Path:
@@ -63,11 +63,11 @@ def tag_records(
         if len(values) != len(tags) or not set(values) <= {"0", "1"}:
             raise QKSError(f"expected {len(tags)} values of 0/1 (one per tag), found {len(values)}", dat, line)
         hit = np.frombuffer("".join(values).encode("ascii"), np.uint8)[seen_cols] == ord("1")  # (925,)
-        positive, negative = seen_names[hit].tolist(), seen_names[~hit].tolist()
+        positive = seen_names[hit].tolist()
         if truth is not None:
             positive += unseen_names[truth[rows]].tolist()
-            negative += unseen_names[~truth[rows]].tolist()
-        yield Record(images[rows], tuple(positive), tuple(negative)) if positive else None
+        # Every other scored label is a verified negative: written as "*" (see manifest.Record.negative_rest).
+        yield Record(images[rows], tuple(positive), negative_rest=True) if positive else None
         rows += 1
     if rows != len(images):
         raise QKSError(f"{rows} rows, but {image_list} lists {len(images)} images", dat)

@@ -1,0 +1,91 @@
+"""Extraction throughput: the full stage-one path against the same model's pure forward pass, same run, same machine.
+
+Full path: JPEG files on disk -> DataLoader workers (decode + CLIP preprocessing) -> forward -> float16 -> whole-shard
+Zarr writes and done markers (`qks_pipeline.extract.extract`). Pure forward: `visual_tokens` on preprocessed tensors
+already in memory, same batch size. The ratio says how much of the forward pass's speed the input path keeps.
+
+The model has random weights (no pretrained weights can be downloaded here); speed does not depend on the values.
+
+    .venv/bin/python benchmarks/bench_extract.py                      # ViT-B-16, 48 images of 500x375
+    .venv/bin/python benchmarks/bench_extract.py --model ViT-B-32 --images 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qks_pipeline.backbone import load_backbone, visual_tokens
+from qks_pipeline.config import BackboneConfig, ExtractConfig
+from qks_pipeline.extract import extract
+
+
+def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Smooth colour fields plus mild noise: JPEG size and decode cost close to a real photo's."""
+    low = Image.fromarray(rng.integers(0, 255, (height // 25, width // 25, 3), dtype=np.uint8))
+    img = np.asarray(low.resize((width, height), Image.BICUBIC), dtype=np.int16)
+    img = img + rng.integers(-12, 12, img.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, n: int, size: tuple[int, int]) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+    dataset, images = root / "dataset", root / "images"
+    dataset.mkdir()
+    images.mkdir()
+    lines = []
+    for i in range(n):
+        photo_like(rng, *size).save(images / f"{i:05d}.jpg", quality=90)
+        lines.append(json.dumps({"image": f"{i:05d}.jpg", "positive": ["a"], "negative": ["b"]}))
+    (dataset / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (dataset / "seen.txt").write_text("a\n")
+    (dataset / "unseen.txt").write_text("b\n")
+    return dataset, images
+
+
+def pure_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    """images/s of visual_tokens alone over in-memory preprocessed batches (after one warm-up batch)."""
+    visual_tokens(model, batches[0])
+    start = time.perf_counter()
+    for x in batches:
+        visual_tokens(model, x)
+    return sum(len(x) for x in batches) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="ViT-B-16", help="open_clip model name (random weights)")
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--size", type=int, nargs=2, default=(500, 375), help="width height of the JPEGs on disk")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset, images = make_dataset(Path(tmp), args.images, tuple(args.size))
+        model, preprocess, _ = load_backbone(args.model, "none")
+        tensors = [preprocess(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.jpg"))]
+        batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
+        forward = pure_forward(model, batches)
+        cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
+        result = extract(
+            dataset, "train", images, Path(tmp) / "out.zarr", BackboneConfig(args.model, "none"), cfg, "cpu"
+        )
+        full = result.images_per_second
+    print(f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
+          f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(f"pure forward (in-memory tensors): {forward:8.2f} images/s")
+    print(f"full extraction (files -> store): {full:8.2f} images/s")
+    print(f"ratio full / forward:             {full / forward:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The Zarr store layer: creation, whole-shard writes, done markers, fingerprints, verification, label embeddings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from qks_pipeline.cache import (
+    cache_summary,
+    check_fingerprint,
+    create_cache,
+    make_fingerprint,
+    open_cache,
+    read_label_embeddings,
+    verify_cache,
+    write_label_embeddings,
+)
+from qks_pipeline.cli import main
+from qks_pipeline.errors import QKSError
+
+N, V, T, D, C = 10, 2, 5, 8, 3
+
+
+def _store(path, shard_size: int = 4):
+    rng = np.random.default_rng(0)
+    cache = create_cache(
+        path, fingerprint=make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"}), token_shape=(T, D),
+        num_views=V, shard_size=shard_size, label_names=["a", "b", "c"], num_seen=2,
+        labels=rng.integers(-1, 2, (N, C)).astype(np.int8), paths=[f"img{i}.jpg" for i in range(N)],
+        manifest_index=np.arange(N)[::-1].copy(), visual_proj=rng.standard_normal((D, 4)).astype(np.float32),
+    )  # fmt: skip
+    return cache, rng.standard_normal((N, V, T, D)).astype(np.float16)
+
+
+def _fill(cache, tokens, bad_rows=()):
+    for shard in range(cache.num_shards):
+        rows = cache.shard_rows(shard)
+        valid = np.ones(rows.stop - rows.start, bool)
+        part, skipped = tokens[rows].copy(), []
+        for r in bad_rows:
+            if rows.start <= r < rows.stop:
+                valid[r - rows.start], part[r - rows.start] = False, 0
+                skipped.append({"path": f"img{r}.jpg", "reason": "missing"})
+        cache.write_shard(shard, part, valid, skipped)
+
+
+def test_whole_shard_writes_and_done_markers(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    assert cache.num_shards == 3 and cache.shard_rows(2) == slice(8, 10) and cache.done_shards() == set()
+    with pytest.raises(QKSError, match="3 of 3 shards not extracted"):
+        cache.require_complete()
+    _fill(cache, tokens, bad_rows=[5])
+    again = open_cache(tmp_path / "s.zarr")
+    assert again.is_complete() and again.done_record(1) == {
+        "shard": 1,
+        "rows": [4, 8],
+        "skipped": [{"path": "img5.jpg", "reason": "missing"}],
+    }
+    expected = tokens.copy()
+    expected[5] = 0
+    np.testing.assert_array_equal(again.tokens[:], expected)
+    assert list(again.valid[:]) == [i != 5 for i in range(N)]
+    assert list(again.paths[:]) == [f"img{i}.jpg" for i in range(N)] and again.manifest_index[0] == N - 1
+    assert again.skipped() == [{"path": "img5.jpg", "reason": "missing"}]
+    assert again.label_names == ["a", "b", "c"] and again.num_seen == 2 and again.visual_proj.shape == (D, 4)
+
+
+def test_an_all_zero_shard_is_done_only_by_its_marker(tmp_path):
+    cache, _ = _store(tmp_path / "s.zarr")
+    cache.write_shard(0, np.zeros((4, V, T, D), np.float16), np.zeros(4, bool), [])
+    assert cache.done_shards() == {0}  # zarr wrote no chunk file, the marker alone records the shard
+    assert not cache.tokens[0:4].any()
+
+
+def test_fingerprints_compare_after_a_round_trip_and_name_differences(tmp_path):
+    cache, _ = _store(tmp_path / "s.zarr")
+    expected = make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"})
+    check_fingerprint(cache.path, open_cache(cache.path).fingerprint, expected)  # tuples became lists on both sides
+    other = make_fingerprint({"model": "m2", "shape": (T, D)}, {"split": "test"})
+    with pytest.raises(QKSError, match=r"backbone.model is 'm' in the store, 'm2' expected; data.split .* \(rebuild\)"):
+        check_fingerprint(cache.path, cache.fingerprint, other, hint="rebuild")
+
+
+def test_open_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(QKSError, match="no feature cache here"):
+        open_cache(tmp_path)
+    zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
+    with pytest.raises(QKSError, match="not a qks feature cache"):
+        open_cache(tmp_path / "g.zarr")
+    cache, _ = _store(tmp_path / "s.zarr")
+    cache.group.attrs["fingerprint"] = {**cache.fingerprint, "format_version": 99}
+    with pytest.raises(QKSError, match="format version 99"):
+        open_cache(tmp_path / "s.zarr")
+
+
+def test_verify_finds_missing_markers_mismatches_and_damage(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens, bad_rows=[1])
+    assert verify_cache(cache) == []
+    (cache.path / "done" / "00002.json").unlink()
+    marker = cache.path / "done" / "00000.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "skipped": []}))  # row 1 invalid, none recorded
+    cache.write_shard(1, np.zeros((4, V, T, D), np.float16), np.ones(4, bool), [])  # valid rows of zeros
+    problems = verify_cache(cache)
+    assert problems[0] == "shard 2: no done marker (not extracted)"
+    assert "shard 0: 1 rows not valid but 0 images recorded as skipped" in problems
+    assert any("row 4 (img4.jpg) is valid but all zero" in p for p in problems)
+    result = CliRunner().invoke(main, ["cache", "verify", str(cache.path)])
+    assert result.exit_code == 1 and "problem(s)" in result.output
+
+
+def test_verify_reports_an_unreadable_shard(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens)
+    shard_file = cache.path / "tokens" / "c" / "0" / "0" / "0" / "0"
+    shard_file.write_bytes(shard_file.read_bytes()[:100])
+    assert any(p.startswith("shard 0: unreadable") for p in verify_cache(cache))
+
+
+def test_info_summarises(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens, bad_rows=[3])
+    info = cache_summary(cache)
+    assert info["images"] == N and info["views"] == V and info["shards"].startswith("3/3 done") and info["skipped"] == 1
+    result = CliRunner().invoke(main, ["cache", "info", str(cache.path)])
+    assert result.exit_code == 0 and "float16 (10, 2, 5, 8)" in result.output
+
+
+def test_label_embeddings_round_trip(tmp_path):
+    emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    write_label_embeddings(tmp_path / "l.zarr", ["a", "b", "c"], emb, make_fingerprint({"model": "m"}), num_seen=2)
+    names, got, attrs = read_label_embeddings(tmp_path / "l.zarr")
+    assert names == ["a", "b", "c"] and attrs["num_seen"] == 2 and attrs["fingerprint"]["backbone"] == {"model": "m"}
+    np.testing.assert_array_equal(got, emb)
