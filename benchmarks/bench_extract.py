@@ -74,15 +74,16 @@ def main() -> None:
         model, preprocess, _ = load_backbone(args.model, "none")
         tensors = [preprocess(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.jpg"))]
         batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
-        forward = pure_forward(model, batches)
+        before = pure_forward(model, batches)
         cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
         result = extract(
             dataset, "train", images, Path(tmp) / "out.zarr", BackboneConfig(args.model, "none"), cfg, "cpu"
         )
-        full = result.images_per_second
+        after = pure_forward(model, batches)  # forward measured before and after: guards against drifting load
+    full, forward = result.images_per_second, (before + after) / 2
     print(f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
           f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"pure forward (in-memory tensors): {forward:8.2f} images/s")
+    print(f"pure forward (in-memory tensors): {forward:8.2f} images/s (before {before:.2f}, after {after:.2f})")
     print(f"full extraction (files -> store): {full:8.2f} images/s")
     print(f"ratio full / forward:             {full / forward:8.3f}")
 

@@ -170,6 +170,22 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
 
 
 # ------------------------------------------------------------------------------------------------- epoch and score
+def train_step(s: Session, tokens: torch.Tensor, labels: torch.Tensor, emb_seen: torch.Tensor) -> torch.Tensor:
+    """One optimisation step on tokens (B, T, D) and labels (B, C_seen) int8; returns the loss (detached)."""
+    tokens = tokens.to(s.device, non_blocking=True)
+    targets = labels.to(s.device, non_blocking=True)
+    with autocast(s.device, s.amp):
+        logits = s.model(tokens, emb_seen)  # (B, C_seen)
+    loss = s.loss_fn(logits.float(), targets)
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    if s.per_step:
+        s.scheduler.step()
+    return loss.detach()
+
+
 def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, float]:
     """One pass over the training rows; returns the mean loss, time and throughput."""
     s.model.train()
@@ -178,18 +194,8 @@ def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, 
     bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar,
                leave=False, dynamic_ncols=True)  # fmt: skip
     for batch in s.train_loader.epoch(epoch):
-        tokens = batch.tokens.to(s.device, non_blocking=True)  # (B, T, D) float16
-        targets = batch.labels.to(s.device, non_blocking=True)  # (B, C_seen) int8
-        with autocast(s.device, s.amp):
-            logits = s.model(tokens, emb_seen)  # (B, C_seen)
-        loss = s.loss_fn(logits.float(), targets)
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(loss).backward()
-        s.scaler.step(s.optimizer)
-        s.scaler.update()
-        if s.per_step:
-            s.scheduler.step()
-        total += loss.detach() * len(batch.rows)
+        loss = train_step(s, batch.tokens, batch.labels, emb_seen)
+        total += loss * len(batch.rows)
         count += len(batch.rows)
         bar.update(len(batch.rows))
     bar.close()

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from qks_pipeline.cli import main
-from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest, scored_labels
+from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest, scored_labels, write_dataset
 
 
 def write(path: Path, lines: list[str], crlf: bool = False) -> Path:
@@ -354,3 +354,16 @@ def test_openimages_refuses_pickled_objects(tmp_path):
     code, output = run("import", "openimages", "--root", root, "--out", out)
     assert code == 1 and "unseen_labels.pkl: cannot read the pickled MID list (refusing to load collections" in output
     assert_nothing_written(tmp_path, out)
+
+
+def test_manifest_copies_a_checked_dataset(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    train = [Record("a.jpg", ("cat",), negative_rest=True)]
+    test = [Record("b.jpg", ("owl",), ("cat",))]
+    write_dataset(src, ["cat"], ["owl"], {"train": train, "test": test})
+    code, output = run("import", "manifest", "--root", src, "--out", out)
+    assert code == 0, output
+    assert read_manifest(out / "train.jsonl") == train and read_manifest(out / "test.jsonl") == test
+    (src / "unseen.txt").write_text("cat\n")  # now both seen and unseen: refused, nothing written
+    code, output = run("import", "manifest", "--root", src, "--out", tmp_path / "bad")
+    assert code == 1 and "both seen and unseen" in output and not (tmp_path / "bad").exists()

@@ -279,7 +279,8 @@ PARENTS = _table(
 PARENTS["teddy bear"] = "toy"
 
 # A label named by an image's tags is dropped when the tags also carry one of these words (before the is-a closure):
-# a hot dog is no dog, a teddy bear no bear, a dolphin no fish, the "Little Boy" bomb no child.
+# a hot dog is no dog, a teddy bear no bear, a dolphin no fish, a hat in the "people" category no person, a lifebelt
+# in the "boating" category no boat, the "Little Boy" bomb no child.
 _PEOPLE_VETO = {"bomb", "alien", "babybottle", "pin"}
 VETO = {
     "dog": {"hotdog"},
@@ -288,7 +289,10 @@ VETO = {
     "airplane": {"paperplane"},
     "glass": {"magnifier"},
     "fish": {"dolphin", "whale", "crawfish", "mammal"},
-    "person": _PEOPLE_VETO,
+    "boat": {"knot", "lifebelt", "anchor", "scuba", "lighthouse"},
+    "house": {"lighthouse"},
+    "computer": {"tux", "linux"},
+    "person": _PEOPLE_VETO | {"clothing", "brain", "fingerprint", "eye", "skull"},
     "man": _PEOPLE_VETO,
     "woman": _PEOPLE_VETO,
     "child": _PEOPLE_VETO,
@@ -302,7 +306,7 @@ DENY = frozenset(
     map mapsym coastline globe network networksym dvb voip weathersym musicsym flowchart diagram chart graph blueprint
     pattern border bordered frame flourish ornament texture wallpaper background gradient
     text font letter alphabet number kanji arrow arrowshape shape geometry abstract magick callout jigsaw puzzle
-    smiley stickman card example tatoo tattoo folder rule bullethole
+    smiley stickman card example tatoo tattoo folder rule bullethole pointer cursor powered pinout
     """.split()
 )
 

@@ -9,7 +9,7 @@ import click
 from qks_pipeline import importers
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.hdf5 import LAYOUTS
-from qks_pipeline.manifest import check_dataset, read_labels
+from qks_pipeline.manifest import SPLITS, check_dataset, read_labels, read_manifest, read_vocabulary, write_dataset
 
 DIR = click.Path(file_okay=False, path_type=Path)
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -26,6 +26,21 @@ def _echo(report: importers.ImportReport) -> None:
 @click.group(name="import")
 def import_group() -> None:
     """Write a dataset directory from a dataset's own published files (see data_manifests/README.md)."""
+
+
+@import_group.command("manifest")
+@click.option("--root", type=DIR, required=True, help="A ready dataset directory (train/test.jsonl, seen/unseen.txt).")
+@OUT
+def manifest(root: Path, out: Path) -> None:
+    """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
+    check_dataset(root)
+    seen, unseen = read_vocabulary(root)
+    splits = {split: read_manifest(root / f"{split}.jsonl") for split in SPLITS}
+    counts = write_dataset(out, seen, unseen, splits)
+    click.echo(
+        f"wrote {out}: {len(seen)} seen + {len(unseen)} unseen labels; "
+        + ", ".join(f"{split}: {n} images" for split, n in counts.items())
+    )
 
 
 @import_group.command("nuswide")
