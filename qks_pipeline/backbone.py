@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ def file_sha256(path: str | Path) -> str:
 
 def resolve_model_name(model: str) -> tuple[str, str | None]:
     """Model name, plus the sha256 of its config when `model` is a path to an open_clip config JSON (registered)."""
-    if model.endswith(".json") or Path(model).is_file():
+    if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
             raise QKSError("open_clip model config file not found", path)
@@ -104,7 +105,8 @@ def resolve_weights(name: str, pretrained: str | None) -> Weights:
     if Path(pretrained).is_file():
         sha = file_sha256(pretrained)
         tag, cfg = _tag_of_file(name, sha)
-        return Weights(str(pretrained), tag, sha, bool(cfg.get("quick_gelu")), _preprocess_of(cfg))
+        quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(pretrained)  # OpenAI's TorchScript files all are
+        return Weights(str(pretrained), tag, sha, quick_gelu, _preprocess_of(cfg))
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
     raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
 
@@ -140,10 +142,11 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
                 torch.manual_seed(0)
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
         elif _is_torchscript(weights.path):
-            kwargs["force_quick_gelu"] = True  # OpenAI's TorchScript checkpoints are all QuickGELU models
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
-            state = torch.jit.load(weights.path, map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size"):
+            with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's files need it
+                warnings.simplefilter("ignore", FutureWarning)
+                state = torch.jit.load(weights.path, map_location="cpu").state_dict()
+            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not weights
                 state.pop(key, None)
             model.load_state_dict(state, strict=True)
         else:
@@ -188,7 +191,7 @@ def backbone_fingerprint(clip: torch.nn.Module, model: str, pretrained: str | No
         "model_config_sha256": config_sha,
         "pretrained": weights.tag if weights.tag else (None if weights.path is None else "file"),
         "weights_sha256": weights.sha256 if weights.path else "random-seed-0",
-        "quick_gelu": weights.quick_gelu or "quickgelu" in name.lower(),
+        "quick_gelu": weights.quick_gelu or bool(open_clip.get_model_config(name).get("quick_gelu", False)),
         "preprocess": {
             "size": list(to_2tuple(pp["size"])),
             "mean": [float(x) for x in pp["mean"]],

@@ -81,13 +81,9 @@ def predict(
         if qi is not None:
             index.append(qi.to(torch.int16).cpu().numpy())
     if not rows:
-        raise QKSError("no valid rows to score", loader_path(loader))
+        raise QKSError(f"no valid rows to score in rows {loader.row_range[0]}-{loader.row_range[1]}")
     cat = np.concatenate
     return Predictions(cat(scores), cat(labels), cat(rows), cat(index) if index else None)
-
-
-def loader_path(loader: CacheLoader) -> str:
-    return f"rows {loader.row_range[0]}-{loader.row_range[1]}"
 
 
 def model_scorer(model: QKS, label_emb: torch.Tensor, device: torch.device, amp: bool, query_index: bool = False):

@@ -6,11 +6,13 @@ a random sample. Each epoch therefore visits blocks of contiguous rows (aligned 
 random order; a background thread reads the next blocks while the model computes (zarr and TensorStore release the GIL
 during I/O); a shuffle buffer of `buffer_blocks` blocks mixes samples across blocks; batches are drawn from it.
 
-Memory bound, in token bytes (`CacheLoader.memory_bound_bytes`):
-    (buffer_blocks + prefetch + 2) x block_size x T x D x 2 bytes  (+ one batch)
-i.e. the shuffle buffer, the blocks waiting in the prefetch queue, the block being read and the block being consumed.
-For ViT-B/16 (T=197, D=768) with the defaults (256-row blocks, 4-block buffer, prefetch 2) that is 8 x 77.5 MB = 620 MB,
-whatever the size of the store.
+Memory bound, in token bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
+    (buffer_blocks + prefetch + 4) x block_size x T x D x 2 bytes + 2 batches
+i.e. the shuffle buffer, the blocks waiting in the prefetch queue, the block being consumed, the block the reader thread
+holds while the queue is full, and two blocks for the reader's transient decode buffers (measured by
+benchmarks/bench_train_memory.py: about 0.6 block with TensorStore, 1.7 with zarr-python); plus the batch being made
+and the one the caller still holds. For ViT-B/16 (T=197, D=768) with the defaults (256-row blocks, 4-block buffer,
+prefetch 2) and batch 64: 10 x 77.5 MB + 2 x 19.4 MB = 814 MB.
 
 Everything random (block order, the view drawn per sample, the buffer draws) comes from (seed, epoch): a given epoch is
 the same on every run, and different epochs differ.
@@ -115,7 +117,8 @@ class CacheLoader:
     @property
     def memory_bound_bytes(self) -> int:
         """Upper bound on the token bytes the loader holds at once (see the module docstring)."""
-        return ((self.buffer_blocks + self.prefetch + 2) * self.block_size + self.batch_size) * self.sample_bytes
+        blocks = self.buffer_blocks + self.prefetch + 4
+        return (blocks * self.block_size + 2 * self.batch_size) * self.sample_bytes
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch: every valid row exactly once (but the last partial batch with `drop_last`)."""
@@ -231,28 +234,40 @@ class _Prefetcher:
 
 
 class _Samples:
-    """A stream of samples cut from a stream of blocks: `take(k)` returns up to k samples as one block."""
+    """A stream of samples cut from a stream of blocks."""
 
     def __init__(self, blocks: Iterator[_Block]):
         self._blocks = iter(blocks)
         self._current: _Block | None = None
         self._pos = 0
 
+    def peek(self) -> _Block | None:
+        """The block the next sample comes from (None at the end of the stream)."""
+        if self._current is None or self._pos == len(self._current.rows):
+            self._current, self._pos = next(self._blocks, None), 0
+        return self._current
+
     def take(self, k: int) -> _Block | None:
+        """Up to k samples as one block (None at the end of the stream)."""
         parts = []
-        while k > 0:
-            if self._current is None or self._pos == len(self._current.rows):
-                self._current, self._pos = next(self._blocks, None), 0
-                if self._current is None:
-                    break
-            cut = slice(self._pos, min(self._pos + k, len(self._current.rows)))
-            parts.append(_Block(self._current.tokens[cut], self._current.labels[cut], self._current.rows[cut]))
+        while k > 0 and (block := self.peek()) is not None:
+            cut = slice(self._pos, min(self._pos + k, len(block.rows)))
+            parts.append(_Block(block.tokens[cut], block.labels[cut], block.rows[cut]))
             self._pos, k = cut.stop, k - (cut.stop - cut.start)
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:
+            return parts[0] if parts else None
         return _Block(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "labels", "rows")))
+
+    def fill(self, pool: list[np.ndarray], slots: np.ndarray) -> int:
+        """Copy the next samples straight into `pool` (tokens, labels, rows) at `slots`; returns how many."""
+        filled = 0
+        while filled < len(slots) and (block := self.peek()) is not None:
+            m = min(len(slots) - filled, len(block.rows) - self._pos)
+            dst, src = slots[filled : filled + m], slice(self._pos, self._pos + m)
+            for p, a in zip(pool, (block.tokens, block.labels, block.rows), strict=True):
+                p[dst] = a[src]
+            self._pos, filled = self._pos + m, filled + m
+        return filled
 
 
 def _to_batch(tokens: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> Batch:
@@ -271,24 +286,18 @@ def _shuffled(stream: Iterator[_Block], capacity: int, batch_size: int, rng: np.
               drop_last: bool) -> Iterator[Batch]:  # fmt: skip
     """Shuffle buffer: draw a random batch from the pool, refill the freed slots from the stream, compact at the end."""
     samples = _Samples(stream)
-    first = samples.take(capacity)
-    if first is None:
+    if (first := samples.peek()) is None:
         return
-    n = len(first.rows)
     pool = [np.empty((capacity, *a.shape[1:]), a.dtype) for a in (first.tokens, first.labels, first.rows)]
-    for p, a in zip(pool, (first.tokens, first.labels, first.rows), strict=False):
-        p[:n] = a
+    del first  # hold no block beyond the one `samples` is consuming
+    n = samples.fill(pool, np.arange(capacity))
     while n > 0:
         k = min(batch_size, n)
         if drop_last and k < batch_size:
             return
         slots = rng.choice(n, size=k, replace=False)
         batch = _to_batch(*(p[slots] for p in pool))  # fancy indexing copies out of the pool
-        incoming = samples.take(k)
-        m = 0 if incoming is None else len(incoming.rows)
-        for p, a in zip(pool, (incoming.tokens, incoming.labels, incoming.rows) if m else (), strict=False):
-            p[slots[:m]] = a
-        holes = slots[m:]
+        holes = slots[samples.fill(pool, slots) :]  # refilled from the stream in order; the rest stay empty
         if len(holes):  # the stream ran dry: move tail samples into the holes below the new end
             n_new = n - len(holes)
             low = holes[holes < n_new]

@@ -99,10 +99,10 @@ def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
         raise QKSError(f"train.selection must be val or test, got {cfg.selection!r}")
     if cfg.selection == "test" and inputs.test is None:
         raise QKSError("train.selection is 'test' (the reference protocol): give --test-cache")
-    if (
-        cfg.selection == "val"
-        and split_rows(inputs.train.num_images, cfg.val_fraction)[1][0] == inputs.train.num_images
-    ):
+    if not 0.0 <= cfg.val_fraction < 1.0 or cfg.epochs < 1 or cfg.batch_size < 1:
+        raise QKSError("train.val_fraction must be in [0, 1), train.epochs and train.batch_size at least 1")
+    val_rows = split_rows(inputs.train.num_images, cfg.val_fraction)[1]
+    if cfg.selection == "val" and val_rows[0] == val_rows[1]:
         raise QKSError(f"train.val_fraction {cfg.val_fraction} leaves no validation rows; selection 'val' needs some")
     if inputs.num_seen == len(inputs.label_names) and cfg.selection == "test":
         raise QKSError("selection 'test' scores unseen labels, and the caches have none")
@@ -156,8 +156,7 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     if cfg.selection == "test":
         test = open_loader(inputs.test, batch_size=params.evaluate.batch_size, shuffle=False)
     torch.manual_seed(cfg.seed)
-    t, d = inputs.train.tokens.shape[2:]
-    model = QKS(params.model, d, inputs.embeddings.shape[1])
+    model = QKS(params.model, inputs.train.tokens.shape[3], inputs.embeddings.shape[1])
     model.init_projection(torch.from_numpy(inputs.train.group["visual_proj"][:]))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

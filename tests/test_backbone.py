@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import open_clip
 import pytest
@@ -133,3 +134,16 @@ def test_a_non_vit_tower_is_refused():
     fake.visual = torch.nn.Identity()  # stands for a timm or ResNet tower
     with pytest.raises(QKSError, match="not an open_clip VisionTransformer"):
         check_supported(fake, "fake")
+
+
+def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_path):
+    """OpenAI's original .pt files are TorchScript archives of QuickGELU models; a traced tiny model stands in."""
+    model, _, tokenizer = tiny
+    archive = tmp_path / "openai-style.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(model, (torch.zeros(1, 3, 64, 64), tokenizer(["a"])), check_trace=False).save(archive)
+    loaded = load_backbone(str(tiny_clip[0]), str(archive))[0]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert backbone_fingerprint(loaded, str(tiny_clip[0]), str(archive))["quick_gelu"] is True

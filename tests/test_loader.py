@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+import weakref
+
 import numpy as np
 import pytest
 from synthetic import make_synthetic
@@ -100,7 +103,21 @@ def test_drop_last_and_early_break(data):
         break
 
 
-def test_memory_bound(data):
-    loader = open_loader(open_cache(data.train), batch_size=8)
+def test_blocks_held_are_bounded(data):
+    """Besides its fixed shuffle buffer, the loader holds at most prefetch + 2 blocks (queue, reader, consumer)."""
+    loader = _small(open_cache(data.train), prefetch=1, block_size=16, buffer_blocks=2, batch_size=4)
+    alive, peak, read = [0], [0], loader.reader
+
+    def counting_reader(*args):
+        block = read(*args)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(block.tokens, lambda: alive.__setitem__(0, alive[0] - 1))
+        return block
+
+    loader.reader = counting_reader
+    for _ in loader.epoch(0):
+        time.sleep(0.002)  # let the reader run ahead until the queue is full
+    assert 1 <= peak[0] <= loader.prefetch + 2
     t, d = 10, 32
-    assert loader.memory_bound_bytes == ((4 + 2 + 2) * 256 + 8) * t * d * 2
+    assert loader.memory_bound_bytes == ((2 + 1 + 4) * 16 + 2 * 4) * t * d * 2

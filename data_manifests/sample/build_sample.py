@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from qks_pipeline.manifest import Record, write_labels, write_manifest  # noqa: E402
+from qks_pipeline.manifest import Record, read_manifest, read_vocabulary, write_labels, write_manifest  # noqa: E402
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 PNG_ROOT = Path("/usr/share/openclipart/png")
@@ -53,8 +53,6 @@ PHRASES = {
     "sun flower": "sunflower",
     "palm tree": "palmtree",
     "baby bottle": "babybottle",
-    "hash brown": "hashbrown",
-    "pop can": "popcan",
     "pan cake": "pancake",
     "table tennis": "tabletennis",
     "magnifying glass": "magnifier",
@@ -76,12 +74,10 @@ IRREGULAR = {
     "tomatoes": "tomato",
     "potatoes": "potato",
     "scissors": "scissors",
-    "glasses": "glasses",
+    "glasses": "glasses",  # spectacles, not the "glass" label
     "sunglasses": "sunglasses",
     "clothes": "clothing",
     "stickmen": "stickman",
-    "bus": "bus",
-    "cactus": "cactus",
 }
 
 
@@ -321,22 +317,24 @@ _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
 _TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)
 _SUBJECT = re.compile(r"<dc:subject>(.*?)</dc:subject>", re.S)
 _LI = re.compile(r"<rdf:li>(.*?)</rdf:li>", re.S)
+_LICENSE = re.compile(r'<cc:license rdf:resource="([^"]*)"')
+PUBLIC_DOMAIN = {"http://web.resource.org/cc/PublicDomain", "http://creativecommons.org/licenses/publicdomain/"}
 _WORD = re.compile(r"[a-z]+")
 
 
-def read_metadata(svg: Path) -> tuple[str, list[str]]:
-    """Title and keywords of an SVG's `cc:Work` RDF block (empty when absent)."""
+def read_metadata(svg: Path) -> tuple[str, list[str], str]:
+    """Title, keywords and licence URL of an SVG's `cc:Work` RDF block (empty when absent)."""
     text = svg.read_text(encoding="utf-8", errors="replace")
     work = _WORK.search(text)
     if not work:
-        return "", []
+        return "", [], ""
     block = work.group(0)
-    title = _TITLE.search(block)
-    subject = _SUBJECT.search(block)
+    title, subject, license_ = _TITLE.search(block), _SUBJECT.search(block), _LICENSE.search(block)
     items = _LI.findall(subject.group(1)) if subject else []
     if subject and not items:
         items = [re.sub(r"<[^>]+>", " ", subject.group(1))]
-    return html.unescape(title.group(1)) if title else "", [html.unescape(s) for s in items]
+    title_text = html.unescape(title.group(1)) if title else ""
+    return title_text, [html.unescape(s) for s in items], license_.group(1) if license_ else ""
 
 
 def singular(word: str) -> str:
@@ -387,9 +385,11 @@ class Picture:
     png: Path  # resolved path of the PNG
     svgs: list[str] = field(default_factory=list)  # relative SVG paths (copies in several categories)
     tokens: set[str] = field(default_factory=set)  # words of the keywords and of a non-collection title
-    words: set[str] = field(default_factory=set)  # every word, collection titles included (for the deny-list)
+    words: set[str] = field(default_factory=set)  # every word, collection titles and file names included (deny-list)
+    public_domain: bool = True  # every SVG copy declares a public-domain licence
     labels: set[str] = field(default_factory=set)
     image: Image.Image | None = None
+    thumb: np.ndarray | None = None  # 32 x 32 RGB of `image`, flattened
 
     @property
     def name(self) -> str:
@@ -398,8 +398,8 @@ class Picture:
         return f"{stem}.jpg"
 
     @property
-    def group(self) -> str:
-        """Split group: the file name without its black-and-white marker (a drawing and its B&W copy stay together)."""
+    def stem_key(self) -> str:
+        """The file name without its black-and-white marker: a drawing and its B&W copy share it."""
         words = re.split(r"[^a-z0-9]+", Path(self.svgs[0]).stem.lower())
         return "_".join(w for w in words if w and w != "bw")
 
@@ -414,19 +414,20 @@ def collect(svg_root: Path, png_root: Path) -> list[Picture]:
         png = png_root / rel.with_suffix(".png")
         if not png.exists():
             continue
-        title, keywords = read_metadata(svg)
+        title, keywords, license_ = read_metadata(svg)
         pic = by_png.setdefault(os.path.realpath(png), Picture(Path(os.path.realpath(png))))
         pic.svgs.append(rel.as_posix())
         for text in keywords if COLLECTION_TITLE.search(title) else [title, *keywords]:
             pic.tokens |= tokenize(text)
-        pic.words |= pic.tokens | tokenize(title)
+        pic.words |= pic.tokens | tokenize(title) | tokenize(re.sub(r"[_.-]", " ", rel.stem))
+        pic.public_domain &= license_ in PUBLIC_DOMAIN
     return list(by_png.values())
 
 
 def keep(pic: Picture) -> bool:
-    """True for a non-denied picture that names at least one allow-listed label."""
+    """True for a public-domain, non-denied picture that names at least one allow-listed label."""
     pic.labels = labels_of(pic.tokens)
-    return bool(pic.labels) and not (pic.words & DENY)
+    return pic.public_domain and bool(pic.labels) and not (pic.words & DENY)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -453,24 +454,53 @@ def render(png: Path, size: int) -> Image.Image | None:
     return square.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def thumb(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("L").resize((16, 16), Image.Resampling.BOX), dtype=np.float32)
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """32 x 32 RGB thumbnail, flattened, for near-duplicate search."""
+    return np.asarray(image.resize((32, 32), Image.Resampling.BOX), dtype=np.float32).ravel()
 
 
-def merge_duplicates(pics: list[Picture]) -> list[Picture]:
-    """Merge pictures that share a file name and look the same (the same drawing rendered in two categories)."""
+def merge_duplicates(pics: list[Picture], tol: float = 0.5, same_name_tol: float = 8.0) -> list[Picture]:
+    """Merge pictures that look the same; the first one keeps the tags of all.
+
+    Same means a mean absolute thumbnail difference below `tol`, or below `same_name_tol` for equal file names (one
+    drawing filed, and rendered slightly differently, in two categories).
+    """
     out: list[Picture] = []
-    by_name: dict[str, list[Picture]] = defaultdict(list)
+    thumbs = np.empty((len(pics), 32 * 32 * 3), dtype=np.float32)
     for pic in pics:
-        twin = next((o for o in by_name[pic.png.name] if np.abs(thumb(o.image) - thumb(pic.image)).mean() < 8), None)
-        if twin is None:
-            by_name[pic.png.name].append(pic)
+        diff = np.abs(thumbs[: len(out)] - pic.thumb).mean(axis=1)
+        same_name = np.array([o.png.name == pic.png.name for o in out], dtype=bool)
+        twins = np.flatnonzero((diff < tol) | (same_name & (diff < same_name_tol)))
+        if twins.size == 0:
+            thumbs[len(out)] = pic.thumb
             out.append(pic)
-        else:
-            twin.svgs += pic.svgs
-            twin.tokens |= pic.tokens
-            twin.words |= pic.words
+            continue
+        twin = out[twins[0]]
+        twin.svgs += pic.svgs
+        twin.tokens |= pic.tokens
+        twin.words |= pic.words
+        twin.public_domain &= pic.public_domain
     return [pic for pic in out if keep(pic)]
+
+
+def split_groups(pics: list[Picture], tol: float = 3.0) -> dict[str, str]:
+    """Picture name -> group name; near-identical pictures (variants, B&W copies) share a group so that they land on
+    the same side of the train/test split."""
+    parent = list(range(len(pics)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    thumbs = np.stack([pic.thumb for pic in pics])
+    first_of_key: dict[str, int] = {}
+    for i, pic in enumerate(pics):
+        similar = np.flatnonzero(np.abs(thumbs[:i] - pic.thumb).mean(axis=1) < tol).tolist()
+        for j in [*similar, first_of_key.setdefault(pic.stem_key, i)]:
+            parent[root(i)] = root(j)
+    return {pic.name: pics[root(i)].name for i, pic in enumerate(pics)}
 
 
 def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
@@ -508,38 +538,64 @@ def thin(pics: list[Picture], max_images: int, floor: int, seed: int) -> list[Pi
     return [pic for pic in pics if pic.name not in dropped]
 
 
-def split_labels(vocab: Sequence[str], unseen_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Seeded random seen/unseen partition (each keeps the vocabulary's order)."""
-    shuffled = list(vocab)
-    random.Random(seed).shuffle(shuffled)
-    unseen = set(shuffled[: round(len(vocab) * unseen_fraction)])
+def split_labels(
+    pics: list[Picture], vocab: Sequence[str], unseen_fraction: float, max_share: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Seeded random seen/unseen partition (each keeps the vocabulary's order).
+
+    Labels on more than `max_share` of the pictures (food, animal, person, ...) stay seen: an unseen label of that
+    size would empty much of the training set, whose pictures need a seen positive.
+    """
+    counts = Counter(label for pic in pics for label in pic.labels)
+    eligible = [v for v in vocab if counts[v] <= max_share * len(pics)]
+    random.Random(seed).shuffle(eligible)
+    unseen = set(eligible[: round(len(vocab) * unseen_fraction)])
     return [v for v in vocab if v not in unseen], [v for v in vocab if v in unseen]
 
 
-def split_pictures(pics: list[Picture], test_fraction: float, min_test: int, seed: int) -> set[str]:
+def split_pictures(
+    pics: list[Picture], seen: Sequence[str], test_fraction: float, min_test: int, seed: int
+) -> set[str]:
     """Grouped iterative stratification: names of the test pictures.
 
-    Groups (variants of one drawing) go to one side. Groups are placed rarest label first, each on the side whose
-    per-label targets (test: max(min_test, fraction * count)) are furthest from being met.
+    Groups (variants of a drawing, see `split_groups`) go to one side. Groups without a seen label go to test (training
+    could not use them). The others are placed rarest label first, each on the side whose per-label targets
+    (test: max(min_test, fraction * count)) are furthest from being met.
     """
     groups: dict[str, list[Picture]] = defaultdict(list)
+    group_of = split_groups(pics)
     for pic in pics:
-        groups[pic.group].append(pic)
+        groups[group_of[pic.name]].append(pic)
     counts = Counter(label for pic in pics for label in pic.labels)
     want_test = {label: max(min_test, round(test_fraction * n)) for label, n in counts.items()}
     want_train = {label: n - want_test[label] for label, n in counts.items()}
     rng = random.Random(seed)
-    order = sorted(groups, key=lambda g: (min(counts[lab] for p in groups[g] for lab in p.labels), rng.random()))
-    have_test: Counter[str] = Counter()
-    have_train: Counter[str] = Counter()
+    order = sorted(
+        groups,
+        key=lambda g: (
+            any(set(p.labels) & set(seen) for p in groups[g]),
+            min(counts[lab] for p in groups[g] for lab in p.labels),
+            rng.random(),
+        ),
+    )
+    have = {True: Counter(), False: Counter()}  # True: test
+
+    def need(labels: list[str], test: bool) -> float:
+        want = want_test if test else want_train
+        return sum(max(0, want[lab] - have[test][lab]) / max(1, want[lab]) for lab in labels)
+
     test_names: set[str] = set()
     for key in order:
         members = groups[key]
-        labels = Counter(lab for p in members for lab in p.labels)
-        need_test = sum(max(0, want_test[lab] - have_test[lab]) / want_test[lab] for lab in sorted(labels))
-        need_train = sum(max(0, want_train[lab] - have_train[lab]) / max(1, want_train[lab]) for lab in sorted(labels))
-        to_test = need_test > need_train or (need_test == need_train and rng.random() < test_fraction)
-        (have_test if to_test else have_train).update(labels)
+        labels = sorted({lab for p in members for lab in p.labels}, key=lambda lab: (counts[lab], lab))
+        # The group's rarest label decides; the sum over all its labels breaks ties, then a seeded coin.
+        by_rarest = (need(labels[:1], True), need(labels, True)), (need(labels[:1], False), need(labels, False))
+        to_test = (
+            not set(labels) & set(seen)
+            or by_rarest[0] > by_rarest[1]
+            or (by_rarest[0] == by_rarest[1] and rng.random() < test_fraction)
+        )
+        have[to_test].update(lab for p in members for lab in p.labels)
         if to_test:
             test_names |= {p.name for p in members}
     return test_names
@@ -574,6 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--thin-floor", type=int, default=30, help="thinning keeps every label above this many pictures")
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--unseen-fraction", type=float, default=0.25)
+    p.add_argument("--max-unseen-share", type=float, default=0.03, help="larger labels always stay seen")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -583,6 +640,7 @@ def gather(args: argparse.Namespace) -> tuple[list[Picture], list[str]]:
     pics = [pic for pic in collect(args.svg_root, args.png_root) if keep(pic)]
     for pic in pics:
         pic.image = render(pic.png, args.size)
+        pic.thumb = None if pic.image is None else thumbnail(pic.image)
     pics = merge_duplicates([pic for pic in pics if pic.image is not None])
     vocab = choose_vocabulary(pics, args.min_count)
     pics = sorted((p for p in pics if p.labels), key=lambda p: p.name)
@@ -591,8 +649,8 @@ def gather(args: argparse.Namespace) -> tuple[list[Picture], list[str]]:
 
 def write_dataset(out: Path, pics: list[Picture], vocab: list[str], args: argparse.Namespace) -> None:
     """Write the JPEGs, train.jsonl, test.jsonl, seen.txt and unseen.txt under `out`."""
-    seen, unseen = split_labels(vocab, args.unseen_fraction, args.seed)
-    test_names = split_pictures(pics, args.test_fraction, args.min_test, args.seed)
+    seen, unseen = split_labels(pics, vocab, args.unseen_fraction, args.max_unseen_share, args.seed)
+    test_names = split_pictures(pics, seen, args.test_fraction, args.min_test, args.seed)
     train = records((p for p in pics if p.name not in test_names), seen)
     test = records((p for p in pics if p.name in test_names), vocab)
     if (out / "images").exists():
@@ -609,28 +667,51 @@ def write_dataset(out: Path, pics: list[Picture], vocab: list[str], args: argpar
     write_labels(out / "unseen.txt", [DISPLAY.get(v, v) for v in unseen])
 
 
-def report(out: Path) -> None:
-    """Print counts of the written dataset."""
-    from qks_pipeline.manifest import read_manifest, read_vocabulary
-
+def label_counts(out: Path, pics: list[Picture]) -> dict[str, tuple[str, int, int, int]]:
+    """Label -> (seen/unseen, pictures carrying it in train + test, train positives, test positives)."""
     seen, unseen = read_vocabulary(out)
     train, test = read_manifest(out / "train.jsonl"), read_manifest(out / "test.jsonl")
+    kept = {r.image for r in train + test}
+    n_all = Counter(DISPLAY.get(lab, lab) for p in pics if f"images/{p.name}" in kept for lab in p.labels)
     n_train = Counter(label for r in train for label in r.positive)
     n_test = Counter(label for r in test for label in r.positive)
-    print(f"labels: {len(seen)} seen, {len(unseen)} unseen; images: {len(train)} train, {len(test)} test")
-    for label in seen + unseen:
-        kind = "seen" if label in seen else "unseen"
-        print(f"  {label:20s} {kind:6s} train {n_train[label]:4d}  test {n_test[label]:4d}")
+    kind = dict.fromkeys(seen, "seen") | dict.fromkeys(unseen, "unseen")
+    return {label: (kind[label], n_all[label], n_train[label], n_test[label]) for label in seen + unseen}
+
+
+def report(out: Path, counts: dict[str, tuple[str, int, int, int]]) -> None:
+    """Print the per-label counts, the split sizes and the size of the written files."""
+    n_train, n_test = (len(read_manifest(out / f)) for f in ("train.jsonl", "test.jsonl"))
+    n_seen = sum(kind == "seen" for kind, *_ in counts.values())
+    print(f"labels: {n_seen} seen, {len(counts) - n_seen} unseen; images: {n_train} train, {n_test} test")
+    print(f"  {'label':20s} {'kind':6s} {'images':>6s} {'train+':>6s} {'test+':>6s}")
+    for label, (kind, n_all, n_tr, n_te) in counts.items():
+        print(f"  {label:20s} {kind:6s} {n_all:6d} {n_tr:6d} {n_te:6d}")
+    n_all = [c[1] for c in counts.values()]
+    print(f"images per label: min {min(n_all)}, max {max(n_all)}")
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix in {".jpg", ".jsonl", ".txt"}]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(files))).hexdigest()[:16]
     print(f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB, content sha256 {digest}")
+
+
+def problems(counts: dict[str, tuple[str, int, int, int]], min_count: int, min_test: int) -> list[str]:
+    """Labels that break the sample's guarantees."""
+    out = []
+    for label, (kind, n_all, n_train, n_test) in counts.items():
+        if n_all < min_count or n_test < min_test or (kind == "seen" and n_train == 0):
+            out.append(f"{label}: {n_all} images, {n_train} train and {n_test} test positives")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     pics, vocab = gather(args)
     write_dataset(args.out, pics, vocab, args)
-    report(args.out)
+    counts = label_counts(args.out, pics)
+    report(args.out, counts)
+    bad = problems(counts, args.min_count, args.min_test)
+    if bad:
+        sys.exit("label(s) below the minimum counts:\n  " + "\n  ".join(bad))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The DVC pipeline end to end, in a temporary git repository holding a copy of the project.
+
+Exactly the README's main job (`dvc repro` on the bundled sample) except for the backbone, which is the tiny random
+open_clip model saved to a local file, and the head and epochs, which are shrunk so the run takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+COPY = ["dvc.yaml", "params.yaml", "stages", "data_manifests", "qks_pipeline", ".dvc/config", ".dvcignore"]
+
+
+def sh(cwd: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the venv's `qks` and `dvc`
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        "DVC_NO_ANALYTICS": "1",
+    }  # fmt: skip
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def set_params(repo: Path, **sections: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for name, values in sections.items():
+        params[name].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, tiny_clip: tuple[Path, Path]) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in COPY:
+        src, dst = REPO / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
+    config, weights = tiny_clip
+    set_params(
+        repo,
+        backbone={"model": str(config), "pretrained": str(weights)},
+        extract={"workers": 0, "batch_size": 64},
+        model={"num_queries": 3, "num_layers": 1, "num_heads": 2, "ff_dim": 64},
+        train={"epochs": 2, "batch_size": 32, "lr": 1e-3},
+    )
+    sh(repo, "git", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "project copy")
+    return repo
+
+
+@pytest.mark.slow
+def test_repro_runs_everything_then_nothing(repo: Path) -> None:
+    sh(repo, "dvc", "repro")
+    for name in ("qks", "clip"):
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        for setting in ("zsl", "gzsl"):
+            value = metrics[setting]["mAP"]
+            assert isinstance(value, float) and 0.0 < value <= 1.0, (name, setting, value)
+    assert (repo / "models" / "qks" / "train_log.csv").read_text().count("\n") >= 3  # header + 2 epochs
+    assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
+    out = sh(repo, "dvc", "repro")
+    assert "didn't change, skipping" in out and "Running stage" not in out
+
+
+@pytest.mark.slow
+def test_training_param_reruns_train_and_evaluate_only(repo: Path) -> None:
+    set_params(repo, train={"lr": 5e-4})
+    out = sh(repo, "dvc", "repro")
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}, out
+
+
+@pytest.mark.slow
+def test_exp_run_sweeps_a_parameter(repo: Path) -> None:
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "lr 5e-4")
+    out = sh(repo, "dvc", "exp", "run", "-S", "model.num_queries=2")
+    assert "Running stage 'train'" in out and "Running stage 'extract" not in out, out
+    assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["num_queries"] == 2
+    assert math.isfinite(json.loads((repo / "metrics" / "qks.json").read_text())["zsl"]["mAP"])
+    assert len(sh(repo, "dvc", "exp", "list", "--name-only").split()) == 1  # the experiment is recorded
