@@ -87,7 +87,12 @@ def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
-    """Turn `pretrained` (an open_clip tag, downloaded by open_clip, or a local file) into a local file and facts."""
+    """Turn `pretrained` (an open_clip tag, downloaded by open_clip, or a local file) into a local file and facts.
+
+    A tag brings its own activation (QuickGELU for OpenAI's weights) and preprocessing. So does a local file that is
+    recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript archive); any other local file of
+    QuickGELU weights needs a `-quickgelu` model name (e.g. ViT-B-16-quickgelu), as in open_clip itself.
+    """
     if pretrained is None or pretrained.lower() in NO_WEIGHTS:
         return Weights(None, None, None)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
@@ -152,7 +157,7 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
         else:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights.path, **kwargs)
     except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise QKSError(f"could not load {name} weights: {str(e).splitlines()[0][:200]}", weights.path) from None
+        raise QKSError(f"could not load {name} weights: {' '.join(str(e).split())[:240]}", weights.path) from None
     return model, preprocess
 
 

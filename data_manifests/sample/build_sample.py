@@ -3,8 +3,9 @@
 Labels are the authors' own tags: the keywords in each SVG's RDF metadata (`<dc:subject>`) plus the words of its
 title (`<dc:title>` of the `cc:Work`). Tags are lower-cased, split into words, singularised, mapped through a small
 explicit synonym/translation table, kept only if they are in an allow-list of concrete nouns, and closed under a small
-"is-a" table (a dog is a mammal is an animal). Pictures carrying a deny-listed tag (icon, flag, sign, symbol, map, ...)
-are left out. Every vocabulary label an image does not carry is written as a verified negative (see README.md).
+"is-a" table (a dog is a mammal is an animal). Pictures with a deny-listed word (icon, flag, sign, symbol, map, ...) in
+their tags, title or file name, and pictures whose SVG metadata does not declare public domain, are left out. Every
+vocabulary label an image does not carry is written as a verified negative (see README.md).
 
 Run from the repository root: `.venv/bin/python data_manifests/sample/build_sample.py`.
 """
