@@ -22,6 +22,7 @@ import numpy as np
 from qks_pipeline.errors import QKSError
 
 SPLITS = ("train", "test")
+MAX_LISTED = 20  # problems printed by a summary; the report keeps them all
 
 
 @dataclass(frozen=True)
@@ -331,7 +332,9 @@ class DatasetReport:
             out.append("image files not checked (no image root given)")
         else:
             out.append(f"image files under {self.image_root}: {len(self.problems)} problem(s)")
-            out.extend(f"  {p}" for p in self.problems)
+            out.extend(f"  {p}" for p in self.problems[:MAX_LISTED])
+            if len(self.problems) > MAX_LISTED:
+                out.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
         return out
 
 

@@ -188,3 +188,14 @@ def test_negative_rest_round_trip_and_label_matrix(tmp_path):
     assert train.tolist() == [[-1, 1, -1, 0], [-1, 0, 1, 0]]  # bee stays unknown in train
     test = label_matrix(back, seen + unseen, rest=scored_labels("test", seen, unseen))
     assert test.tolist() == [[-1, 1, -1, -1], [-1, 0, 1, 0]]
+
+
+def test_bundled_sample_passes_the_check():
+    sample = REPO / "data_manifests" / "sample"
+    report = check_dataset(sample, sample)
+    assert report.problems == []
+    assert 40 <= len(report.seen) + len(report.unseen) <= 80
+    for name, split in report.splits.items():
+        assert split.no_positive == 0, name
+    positives = report.splits["train"].positives + report.splits["test"].positives
+    assert min(positives[label] for label in report.seen + report.unseen) >= 8
