@@ -10,7 +10,7 @@ Same run, same model (ViT-B/16 sizes: T=197, D=768, E=512; 12 queries, 7 layers)
    weights, open_clip `ViT-B-16`, pretrained=None) + the head step; augmentation (RandAugment, cutout) is left out, so
    this is a lower bound on the reference's cost.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--images 256] [--batch-size 32] [--rounds 2]
+Usage: .venv/bin/python benchmarks/bench_train.py [--images 256] [--batch-size 16] [--rounds 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -120,9 +120,9 @@ def setup(root: Path, images: int, batch_size: int) -> tuple[Session, torch.Tens
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256, help="training images in the synthetic cache")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=2, help="epochs, each step-interleaved (cache, in-memory)")
-    ap.add_argument("--e2e-batches", type=int, default=2, help="batches of the end-to-end measurement")
+    ap.add_argument("--e2e-batches", type=int, default=4, help="batches of the end-to-end measurement")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
