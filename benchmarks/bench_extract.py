@@ -6,7 +6,8 @@ already in memory, same batch size. The ratio says how much of the forward pass'
 
 The model has random weights (no pretrained weights can be downloaded here); speed does not depend on the values.
 Forward-only and full runs alternate and the best of each is compared, so a machine shared with other work biases
-neither side.
+neither side. The share of the full run's loop time spent inside the forward pass is printed too: unlike the
+images/s figures it hardly depends on what else the machine is doing.
 
     .venv/bin/python benchmarks/bench_extract.py                      # ViT-B-16, 48 images of 500x375
     .venv/bin/python benchmarks/bench_extract.py --model ViT-B-32 --images 96
@@ -83,16 +84,18 @@ def main() -> None:
         batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
         cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
         backbone = BackboneConfig(args.model, "none")
-        forward, full = [pure_forward(model, batches)], []
+        forward, full, busy = [pure_forward(model, batches)], [], []
         for i in range(args.repeats):  # forward, full, forward, full, ..., forward: both see the same drifting load
             result = extract(dataset, "train", images, Path(tmp) / f"out{i}.zarr", backbone, cfg, "cpu")
             full.append(result.images_per_second)
+            busy.append(result.forward_seconds / result.loop_seconds)
             forward.append(pure_forward(model, batches))
     print(f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
           f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}")  # fmt: skip
     print(f"pure forward (in-memory tensors): {max(forward):8.2f} images/s (best of {_fmt(forward)})")
     print(f"full extraction (files -> store): {max(full):8.2f} images/s (best of {_fmt(full)})")
     print(f"ratio full / forward (best runs): {max(full) / max(forward):8.3f}")
+    print(f"share of the full runs' loop time inside the forward pass: {_fmt(busy)} (the rest: input waits, writes)")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from qks_pipeline.cli import data, stage_one, stage_two
+from qks_pipeline.cli import data, predict, stage_one, stage_two
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -19,6 +19,6 @@ def main() -> None:
     """
 
 
-for module in (data, stage_one, stage_two):
+for module in (data, stage_one, stage_two, predict):
     for command in module.COMMANDS:
         main.add_command(command)

@@ -81,6 +81,11 @@ def extract_cmd(dataset, split, images, out, params, device, pretrained, model, 
             f"{out}: {result.computed} images in {result.shards_written} shard(s), "
             f"{result.images_per_second:.1f} images/s; store has {result.images} images"
         )
+        busy = result.forward_seconds / result.loop_seconds if result.loop_seconds else 1.0
+        if busy < 0.8 and result.loop_seconds > 30:  # a long run that waited on its input
+            click.echo(
+                f"the forward pass was busy {busy:.0%} of the time: more --workers would decode faster", err=True
+            )
     else:
         click.echo(f"{out}: already complete ({result.images} images), nothing to do")
     _summarise_skipped(result.skipped)

@@ -1,0 +1,137 @@
+"""A self-contained HTML page of predictions: one card per image with its thumbnail, top labels and scores.
+
+Thumbnails are embedded as base64 JPEG data URIs and the styles inline; a Content-Security-Policy forbids every
+other source, so the page opens offline and never touches the network. All text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+
+from PIL import Image
+
+from qks_pipeline.images import BadImage, load_rgb, to_rgb
+from qks_pipeline.manifest import atomic_write_text
+from qks_pipeline.predict import ImageInput, Prediction
+
+THUMBNAIL_SIZE = 256  # longest side of an embedded thumbnail, pixels
+JPEG_QUALITY = 85
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f4f5f7; color: #1d2330; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+.meta { color: #555; margin: 0 0 16px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 16px; }
+.card { margin: 0; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002; overflow: hidden; }
+.thumb { display: flex; align-items: center; justify-content: center; height: 200px; background: #e8eaee; }
+.thumb img { max-width: 100%; max-height: 200px; }
+.thumb.none { color: #a33; font-weight: 600; }
+figcaption { padding: 8px 12px 12px; }
+.name { font-weight: 600; word-break: break-all; margin-bottom: 6px; }
+.reason { color: #a33; margin: 0; }
+ol.tags { list-style: none; margin: 0; padding: 0; }
+.tag { position: relative; display: flex; justify-content: space-between; padding: 2px 6px; margin: 2px 0; }
+.tag .bar { position: absolute; left: 0; top: 0; bottom: 0; background: #dfe6f3; z-index: 0; }
+.tag.above .bar { background: #b9e0c2; }
+.tag .label, .tag .score { position: relative; z-index: 1; }
+.tag.above .label { font-weight: 600; }
+.more { color: #555; font-size: 12px; margin: 4px 0 0; }
+"""
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def thumbnail_uri(img: Image.Image, size: int = THUMBNAIL_SIZE) -> str:
+    """A JPEG data URI of `img` scaled to fit `size` x `size` (never enlarged)."""
+    thumb = to_rgb(img).copy()
+    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    thumb.save(buf, "JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _thumbnail(source: ImageInput, size: int) -> str:
+    """The thumbnail's <div>: the image, or the reason it cannot be shown."""
+    try:
+        img = source if isinstance(source, Image.Image) else load_rgb(source)
+    except BadImage as e:
+        return f'<div class="thumb none">{escape(e.reason)}</div>'
+    return f'<div class="thumb"><img src="{thumbnail_uri(img, size)}" alt=""></div>'
+
+
+def _tags(p: Prediction, threshold: float) -> str:
+    items = []
+    for label, score in p.top:
+        cls = "tag above" if score > threshold else "tag"
+        bar = f'<span class="bar" style="width:{100 * score:.1f}%"></span>'
+        text = f'<span class="label">{escape(label)}</span><span class="score">{score:.3f}</span>'
+        items.append(f'<li class="{cls}">{bar}{text}</li>')
+    shown = {label for label, _ in p.top}
+    extra = [label for label, _ in p.above if label not in shown]
+    more = f'<p class="more">also above {threshold:g}: {escape(", ".join(extra))}</p>' if extra else ""
+    return f'<ol class="tags">{"".join(items)}</ol>{more}'
+
+
+def card(p: Prediction, source: ImageInput, threshold: float, size: int = THUMBNAIL_SIZE) -> str:
+    """One image's <figure>: thumbnail, name, and its top labels (those above the threshold highlighted)."""
+    name = f'<div class="name">{escape(p.image)}</div>'
+    if p.skipped is not None:
+        body = f'<div class="thumb none">skipped</div><figcaption>{name}<p class="reason">{escape(p.skipped)}</p>'
+        return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figcaption></figure>'
+    caption = f"<figcaption>{name}{_tags(p, threshold)}</figcaption>"
+    return f'<figure class="card" data-image="{escape(p.image)}">{_thumbnail(source, size)}{caption}</figure>'
+
+
+def render_html(
+    predictions: Sequence[Prediction],
+    *,
+    threshold: float,
+    sources: Sequence[ImageInput] | None = None,
+    title: str = "QKS predictions",
+    subtitle: str = "",
+    size: int = THUMBNAIL_SIZE,
+) -> str:
+    """The page as a string.
+
+    Args:
+        predictions: what `Tagger.predict` returned.
+        threshold: the score above which a label counts as present (highlighted).
+        sources: the images, aligned with `predictions` (paths or PIL images); default: each prediction's path.
+        title: the page title.
+        subtitle: one line under the title (e.g. the checkpoint and the label count).
+        size: thumbnail size in pixels.
+    """
+    sources = sources if sources is not None else [Path(p.image) for p in predictions]
+    assert len(sources) == len(predictions), (len(sources), len(predictions))
+    skipped = sum(p.skipped is not None for p in predictions)
+    labels = predictions[0].labels if predictions else []
+    meta = f"{len(predictions)} images ({skipped} skipped), {len(labels)} labels, threshold {threshold:g}"
+    cards = "\n".join(card(p, s, threshold, size) for p, s in zip(predictions, sources, strict=True))
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{escape(title)}</h1>
+<p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>
+<details class="meta"><summary>labels</summary>{escape(", ".join(labels))}</details>
+<main class="grid">
+{cards}
+</main>
+</body>
+</html>
+"""
+
+
+def write_html(path: str | Path, predictions: Sequence[Prediction], **kwargs) -> Path:
+    """Write `render_html(predictions, **kwargs)` to `path` (atomically); returns the path."""
+    atomic_write_text(path, render_html(predictions, **kwargs))
+    return Path(path)

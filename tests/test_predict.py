@@ -1,0 +1,319 @@
+"""Tagging new images (`qks predict`, `Tagger`): agreement with the evaluation path, the label-embedding cache, the
+backbone check, outputs, and bad input. Built on the tiny open_clip model through the real extract and train paths."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from qks_pipeline import predict as predict_module
+from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
+from qks_pipeline.cli import main
+from qks_pipeline.config import ModelConfig, Params, TrainConfig
+from qks_pipeline.errors import QKSError
+from qks_pipeline.evaluate import load_checkpoint, model_scorer, open_test_inputs
+from qks_pipeline.evaluate import predict as evaluate_predict
+from qks_pipeline.images import load_rgb
+from qks_pipeline.loader import open_loader
+from qks_pipeline.manifest import read_templates
+from qks_pipeline.predict import Tagger, clean_labels, find_images, prompt_pool
+from qks_pipeline.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def _qks(*args: object, expect: int = 0) -> tuple[str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output + result.stderr
+    return result.stdout, result.stderr
+
+
+@pytest.fixture(autouse=True)
+def label_cache(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own label-embedding cache (never the user's ~/.cache)."""
+    monkeypatch.setenv("QKS_CACHE_DIR", str(tmp_path / "qks-cache"))
+    return tmp_path / "qks-cache" / "label_embeddings"
+
+
+@pytest.fixture(scope="module")
+def run(sample_dataset, tiny_clip, tmp_path_factory):
+    """Train and test caches of the sample dataset (real extract path), label embeddings, a 2-epoch checkpoint."""
+    root, (config, weights), ds = tmp_path_factory.mktemp("predict"), tiny_clip, sample_dataset
+    backbone = ["--model", config, "--pretrained", weights, "--device", "cpu"]
+    for split in ("train", "test"):
+        _qks("extract", "--dataset", ds.dataset, "--split", split, "--images", ds.images, "--out",
+             root / f"{split}.zarr", "--workers", 0, "--shard-size", 8, *backbone)  # fmt: skip
+    _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", root / "labels.zarr", *backbone)
+    p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
+               train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(root / "train.zarr", root / "labels.zarr", root / "ckpt", params=p, device="cpu", progress_bar=False,
+          echo=lambda _: None)  # fmt: skip
+    torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture
+def tagger(run, tiny_clip, sample_dataset) -> Tagger:
+    config, weights = tiny_clip
+    return Tagger.load(run / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates)
+
+
+def _predict_args(run: Path, tiny_clip, sample_dataset, *extra: object) -> list[object]:
+    config, weights = tiny_clip
+    return ["predict", "--checkpoint", run / "ckpt", "--model", config, "--pretrained", weights,
+            "--templates", sample_dataset.templates, "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- agreement with stage one and evaluation
+
+
+def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, sample_dataset):
+    model, config = load_checkpoint(run / "ckpt", CPU)
+    inputs = open_test_inputs(run / "test.zarr", run / "labels.zarr", config)
+    loader = open_loader(inputs.cache, batch_size=8, shuffle=False)
+    expected = evaluate_predict(model_scorer(model, inputs.embeddings, CPU, amp=False), loader, CPU)  # (N, C)
+    paths = [sample_dataset.images / p for p in inputs.cache.paths[:][expected.rows]]
+    got = tagger.predict(paths, inputs.label_names, top_k=3, batch_size=3)
+    logits = np.stack([p.logits for p in got])  # (N, C)
+    # The label embeddings are stage one's, computed the same way.
+    np.testing.assert_allclose(tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings.numpy(),
+                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    # The cache stores tokens in float16: a relative rounding error of at most 2^-11 (4.9e-4) per element. The head
+    # (LayerNorms, softmax attention, a max over queries) does not amplify a small relative input error much, so we
+    # allow 4x that unit of the logits' spread (measured: about 5e-5 of it). Sigmoid scores: atol 1e-2 (issue #6).
+    spread = float(expected.scores.std())
+    np.testing.assert_allclose(logits, expected.scores, rtol=0, atol=2e-3 * spread)
+    np.testing.assert_allclose(np.stack([p.scores for p in got]), 1 / (1 + np.exp(-expected.scores)), atol=1e-2)
+    # Rounding our own tokens to float16 removes the only difference: then the two paths agree to float32 precision.
+    pixels = torch.stack([tagger.preprocess(load_rgb(p)) for p in paths])  # (N, 3, H, W)
+    tokens = visual_tokens(tagger.clip, pixels).half()  # (N, T, D)
+    with torch.no_grad():
+        rounded = tagger.head(tokens, tagger.label_embeddings(inputs.label_names)).numpy()
+    np.testing.assert_allclose(rounded, expected.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_top_k_and_threshold_follow_the_scores(tagger, sample_dataset):
+    images = find_images([sample_dataset.images / "test"])
+    labels = sample_dataset.seen + sample_dataset.unseen
+    for p in tagger.predict(images, labels, top_k=3, threshold=0.4):
+        order = np.argsort(-p.scores, kind="stable")
+        assert [label for label, _ in p.top] == [labels[j] for j in order[:3]]
+        assert [s for _, s in p.top] == sorted((s for _, s in p.top), reverse=True)
+        assert {label for label, _ in p.above} == {labels[j] for j in range(len(labels)) if p.scores[j] > 0.4}
+        assert p.scores_by_label[p.top[0][0]] == pytest.approx(p.scores.max())
+        np.testing.assert_allclose(p.scores, 1 / (1 + np.exp(-p.logits.astype(np.float64))), rtol=1e-6)
+
+
+def test_in_memory_images_equal_files(tagger, sample_dataset):
+    files = find_images([sample_dataset.images / "test"])[:3]
+    from_files = tagger.predict(files, ["red", "circle"])
+    in_memory = [Image.open(f) for f in files]
+    in_memory[0] = in_memory[0].convert("RGBA")  # converted back to RGB (alpha is opaque: the same pixels)
+    from_memory = tagger.predict(in_memory, ["red", "circle"])
+    for a, b in zip(from_files, from_memory, strict=True):
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    assert from_memory[1].image == str(files[1]) and from_memory[0].image == "<image 0>"  # PIL's file name, if any
+    assert tagger.predict([Image.new("RGB", (70, 50), "red")], ["red"])[0].image == "<image 0>"
+
+
+def test_default_prompt_pool_is_the_repository_templates_file():
+    assert prompt_pool() == read_templates(REPO / "data_manifests" / "templates.txt")
+
+
+# ---------------------------------------------------------------- the label-embedding cache
+
+
+def test_label_embeddings_are_cached_per_label(tagger, label_cache, monkeypatch):
+    first = tagger.label_embeddings(["red", "blue"]).numpy()
+    assert len(list(label_cache.glob("*.npy"))) == 2
+
+    def must_not_encode(*_args, **_kw):
+        raise AssertionError("encoded although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(predict_module, "encode_labels", must_not_encode)
+        np.testing.assert_array_equal(tagger.label_embeddings(["blue", "red"]).numpy(), first[::-1])
+    both = tagger.label_embeddings(["red", "green"]).numpy()  # one cached, one new
+    np.testing.assert_array_equal(both[0], first[0])
+    assert len(list(label_cache.glob("*.npy"))) == 3
+    for f in label_cache.glob("*.npy"):  # damaged files are recomputed, not trusted
+        f.write_bytes(b"garbage")
+    np.testing.assert_allclose(tagger.label_embeddings(["red", "blue"]).numpy(), first, rtol=1e-6)
+    other = Tagger(**{**tagger.__dict__, "templates": ["a sketch of a {}."]})  # other templates: other keys
+    assert not np.allclose(other.label_embeddings(["red"]).numpy(), first[:1])
+    assert len(list(label_cache.glob("*.npy"))) == 4
+
+
+# ---------------------------------------------------------------- the CLI, outputs and bad input
+
+
+def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(run, tiny_clip, sample_dataset, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(sample_dataset.images / "test", images)
+    (images / "sub").mkdir()
+    (images / "sub" / "empty.jpg").write_bytes(b"")
+    (images / "junk.png").write_bytes(b"\x89PNG not really")
+    (images / "notes.txt").write_text("not an image, not walked")
+    (images / ".hidden.jpg").write_bytes(b"")
+    out, table, page = tmp_path / "p.jsonl", tmp_path / "p.csv", tmp_path / "p.html"
+    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red, green, red, triangle, , blue",
+                         "--top-k", 2, "--threshold", 0.3, "--out", out, "--csv", table, "--html", page,
+                         "--batch-size", 4, images)  # fmt: skip
+    _, err = _qks(*args)
+    assert "note: duplicate label(s) removed: red" in err
+    assert f"skipped {images / 'junk.png'}: not a readable image format" in err
+    assert f"skipped {images / 'sub' / 'empty.jpg'}: empty file" in err
+    assert "8 image(s) tagged with 4 labels, 2 skipped" in err
+    records = _jsonl(out)
+    expected = sorted([p.name for p in sample_dataset.images.glob("test/*")] + ["junk.png", "sub/empty.jpg"])
+    assert [Path(r["image"]).relative_to(images).as_posix() for r in records] == expected
+    skipped = {Path(r["image"]).name: r["skipped"] for r in records if "skipped" in r}
+    assert skipped == {"junk.png": "not a readable image format", "empty.jpg": "empty file"}
+    for r in records:
+        if "skipped" not in r:
+            assert len(r["top"]) == 2 and {t["label"] for t in r["top"]} <= {"red", "green", "triangle", "blue"}
+            assert all(t["score"] > 0.3 for t in r["above_threshold"])
+    rows = list(csv.DictReader(open(table)))
+    tagged = [r for r in records if "skipped" not in r]
+    listed = sum(len({t["label"] for t in r["top"]} | {t["label"] for t in r["above_threshold"]}) for r in tagged)
+    assert len(rows) == listed + 2 and {r["skipped"] for r in rows} - {""} == set(skipped.values())
+    first = next(r for r in rows if r["image"] == tagged[0]["image"] and r["rank"] == "1")
+    assert first["label"] == tagged[0]["top"][0]["label"] and float(first["score"]) == tagged[0]["top"][0]["score"]
+    html = page.read_text()
+    assert html.count('<figure class="card"') == 8 and html.count('<figure class="card skipped"') == 2
+
+
+def test_cli_jsonl_to_stdout_with_all_scores(run, tiny_clip, sample_dataset):
+    image = sorted((sample_dataset.images / "test").iterdir())[0]
+    out, _ = _qks(*_predict_args(run, tiny_clip, sample_dataset, "--labels", "red,blue", "--all-scores", image))
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert set(record["scores"]) == {"red", "blue"} and record["image"] == str(image)
+
+
+def test_label_lists(tmp_path):
+    assert clean_labels([" red ", "big  red car", "red", "", "Red", "big red car"]) == (
+        ["red", "big red car", "Red"], ["red", "big red car"])  # fmt: skip
+    for empty in ([], ["", "  "]):
+        with pytest.raises(QKSError, match="label list is empty"):
+            clean_labels(empty)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--labels", " , ,"], "the label list is empty"),
+        (["--labels-file", "EMPTY"], "the label list is empty"),
+        (["--labels-file", "MISSING"], "label file not found"),
+        (["--labels", "red", "--labels-file", "EMPTY"], "give exactly one of --labels and --labels-file"),
+        ([], "give exactly one of --labels and --labels-file"),
+    ],
+)
+def test_bad_label_options(run, tiny_clip, sample_dataset, tmp_path, options, message):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    options = [str(tmp_path / "empty.txt") if o == "EMPTY" else str(tmp_path / "nope.txt") if o == "MISSING" else o
+               for o in options]  # fmt: skip
+    result = CliRunner().invoke(main, list(map(str, _predict_args(run, tiny_clip, sample_dataset, *options, "x.jpg"))))
+    assert result.exit_code in (1, 2) and message in result.output
+
+
+def test_labels_file_with_duplicates(run, tiny_clip, sample_dataset, tmp_path):
+    (tmp_path / "labels.txt").write_text("red\nblue\n\nred\n")
+    image = sorted((sample_dataset.images / "test").iterdir())[0]
+    out, err = _qks(*_predict_args(run, tiny_clip, sample_dataset, "--labels-file", tmp_path / "labels.txt", image))
+    assert "duplicate label(s) removed: red" in err
+    assert sorted(t["label"] for t in json.loads(out)["top"]) == ["blue", "red"]
+
+
+def _error(args: list[object]) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines  # one clear line
+    return lines[0]
+
+
+def test_missing_or_broken_checkpoint(run, tiny_clip, sample_dataset, tmp_path):
+    base = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test")
+    at = base.index("--checkpoint") + 1
+    for ckpt, message in [(tmp_path / "nope", "checkpoint directory not found"),
+                          (tmp_path, "config.json: not found; is this a `qks train` output directory?")]:  # fmt: skip
+        assert message in _error(base[:at] + [ckpt] + base[at + 1 :])
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "ckpt", broken)
+    (broken / "config.json").write_text("{not json")
+    assert "config.json: not valid JSON" in _error(base[:at] + [broken] + base[at + 1 :])
+    (broken / "config.json").write_text((run / "ckpt" / "config.json").read_text())
+    (broken / "best.safetensors").unlink()
+    assert "best.safetensors: not found" in _error(base[:at] + [broken] + base[at + 1 :])
+
+
+def test_a_different_backbone_is_refused_naming_both(run, tiny_clip, sample_dataset, tmp_path):
+    config, weights = tiny_clip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        other = open_clip.create_model(config.stem, pretrained=None)
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(QKSError) as e:
+        Tagger.load(run / "ckpt", "cpu", str(tmp_path / "other.pt"), model=str(config))
+    message = str(e.value.message)
+    trained = json.loads((run / "ckpt" / "config.json").read_text())["fingerprint"]["weights_sha256"]
+    assert "backbone mismatch" in message and "differs in weights_sha256" in message
+    assert trained[:12] in message and file_sha256(tmp_path / "other.pt")[:12] in message
+    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test")
+    args[args.index("--pretrained") + 1] = tmp_path / "other.pt"
+    assert "backbone mismatch" in _error(args)
+
+
+def test_the_backbone_files_are_asked_for_when_the_fingerprint_cannot_name_them(run, tiny_clip):
+    config, weights = tiny_clip
+    with pytest.raises(QKSError, match="model-config file TinyCLIP-test.json .* give its path with --model"):
+        Tagger.load(run / "ckpt", "cpu", str(weights))
+    with pytest.raises(QKSError, match="weights are a local file .* give its path with --pretrained"):
+        Tagger.load(run / "ckpt", "cpu", model=str(config))
+
+
+def test_exported_clip_weights_beside_the_checkpoint_are_found(run, tiny_clip, tmp_path):
+    config, weights = tiny_clip
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "ckpt", ckpt)
+    shutil.copy(weights, ckpt / "clip_weights.pt")  # where `qks import-checkpoint` puts them
+    tagger = Tagger.load(ckpt, "cpu", model=str(config))
+    reference, _, _ = load_backbone(str(config), str(weights))
+    loaded, expected = tagger.clip.state_dict(), reference.state_dict()
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+
+
+def test_find_images_walks_sorted_and_keeps_missing_files(tmp_path):
+    for name in ["b/z.PNG", "a.jpg", "b/a.webp", "c.txt", ".git/x.jpg", "d.TIFF"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    found = find_images([tmp_path, tmp_path / "missing.jpg"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.jpg", "b/a.webp", "b/z.PNG", "d.TIFF",
+                                                                   "missing.jpg"]  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QKSError, match="no image files"):
+        find_images([tmp_path / "empty"])
+
+
+def test_every_image_unreadable_is_an_error_after_writing_the_record(run, tiny_clip, sample_dataset, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"junk")
+    out = tmp_path / "p.jsonl"
+    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", "--out", out, tmp_path / "bad.jpg")
+    assert "no image could be read" in CliRunner().invoke(main, list(map(str, args))).output
+    assert _jsonl(out) == [{"image": str(tmp_path / "bad.jpg"), "skipped": "not a readable image format"}]
