@@ -45,7 +45,7 @@ from qks_pipeline.cache import (
 from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, augmented_view, load_rgb
-from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary
+from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary, scored_labels
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +249,22 @@ def run_shards(
     return total
 
 
-def open_or_create_store(out: Path, fingerprint: dict[str, Any], overwrite: bool, create: Callable[[], Cache]) -> Cache:
-    """Resume a store built the same way, refuse one built differently, build a new one when none (or --overwrite)."""
+def open_or_create_store(
+    out: Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool, replace_stale: bool = False
+) -> Cache:
+    """Resume a store built the same way; one built differently is refused, or rebuilt with `replace_stale`; a new
+    store is built when there is none or with `overwrite`. A path holding anything else is never replaced."""
     is_store = (out / "zarr.json").exists()
     if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
         raise QKSError("exists and is not a feature cache; refusing to replace it", out)
     if is_store and not overwrite:
         cache = open_cache(out, mode="r+")
-        check_fingerprint(out, cache.fingerprint, fingerprint, "feature cache", hint="--overwrite rebuilds it")
-        return cache
+        if cache.fingerprint == fingerprint:
+            return cache
+        if not replace_stale:
+            hint = "--overwrite or --replace-stale rebuilds it"
+            check_fingerprint(out, cache.fingerprint, fingerprint, "feature cache", hint=hint)
+        log.info("%s was built differently; rebuilding it (--replace-stale)", out)
     return create()
 
 
@@ -278,8 +285,13 @@ def extract(
     device: str = "auto",
     strict: bool = False,
     overwrite: bool = False,
+    replace_stale: bool = False,
 ) -> ExtractResult:
-    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`."""
+    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
+
+    A store built the same way (same fingerprint) is resumed; one built differently is refused unless `overwrite`
+    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants) is set.
+    """
     start = time.perf_counter()
     dataset_dir, images_root, out = Path(dataset_dir), Path(images_root), Path(out)
     if split not in SPLITS:
@@ -300,7 +312,7 @@ def extract(
 
     def create() -> Cache:
         order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
-        labels = label_matrix(records, seen + unseen, manifest)[order]
+        labels = label_matrix(records, seen + unseen, manifest, rest=scored_labels(split, seen, unseen))[order]
         return create_cache(
             out, fingerprint=fingerprint, token_shape=token_shape(clip), num_views=1 + cfg.views,
             shard_size=cfg.shard_size, label_names=seen + unseen, num_seen=len(seen), labels=labels,
@@ -308,7 +320,7 @@ def extract(
             visual_proj=clip.visual.proj.detach().float().cpu().numpy(),
         )  # fmt: skip
 
-    cache = open_or_create_store(out, fingerprint, overwrite, create)
+    cache = open_or_create_store(out, fingerprint, create, overwrite, replace_stale)
     todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
     make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cfg.views, cfg.seed)
     dataset = ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -22,7 +23,7 @@ from qks_pipeline.backbone import encode_labels, load_backbone, visual_tokens
 from qks_pipeline.cache import open_cache, read_label_embeddings
 from qks_pipeline.cli import main
 from qks_pipeline.images import BadImage, load_rgb
-from qks_pipeline.manifest import label_matrix, read_manifest
+from qks_pipeline.manifest import Record, label_matrix, read_manifest, write_manifest
 
 # ---------------------------------------------------------------- image loading
 
@@ -155,9 +156,15 @@ def test_a_store_built_differently_is_refused_then_overwritten(sample_dataset, t
     _extract(sample_dataset, tiny_clip, out)
     assert "already complete" in _extract(sample_dataset, tiny_clip, out)
     message = _extract(sample_dataset, tiny_clip, out, "--views", 1, expect=1)
-    assert "data.views is 0 in the store, 1 expected" in message and "--overwrite" in message
+    assert "data.views is 0 in the store, 1 expected" in message and "--replace-stale" in message
     _extract(sample_dataset, tiny_clip, out, "--views", 1, "--overwrite")
     assert open_cache(out).num_views == 2
+    marker = out / "done" / "00000.json"
+    inode = marker.stat().st_ino
+    assert "already complete" in _extract(sample_dataset, tiny_clip, out, "--views", 1, "--replace-stale")
+    assert marker.stat().st_ino == inode  # a store built the same way is kept
+    _extract(sample_dataset, tiny_clip, out, "--views", 2, "--replace-stale")
+    assert open_cache(out).num_views == 3  # one built differently is rebuilt
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a store")
     message = _extract(sample_dataset, tiny_clip, tmp_path / "mine", "--overwrite", expect=1)
@@ -252,3 +259,20 @@ def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_pat
     np.testing.assert_allclose(emb, encode_labels(model, tokenizer, names, templates).numpy(), rtol=1e-5, atol=1e-6)
     _extract(sample_dataset, tiny_clip, tmp_path / "train.zarr")
     assert attrs["fingerprint"]["backbone"] == open_cache(tmp_path / "train.zarr").fingerprint["backbone"]
+
+
+def test_compact_negatives_cover_the_split_labels_only(sample_dataset, tiny_clip, tmp_path):
+    """A train record with `"negative": "*"` is negative on every other seen label; unseen labels stay unknown."""
+    ds = sample_dataset
+    dataset = tmp_path / "dataset"
+    shutil.copytree(ds.dataset, dataset)
+    records = [
+        Record(r.image, tuple(x for x in r.positive if x in ds.seen), negative_rest=True)
+        for r in read_manifest(dataset / "train.jsonl")
+    ]
+    write_manifest(dataset / "train.jsonl", records)
+    out = tmp_path / "train.zarr"
+    _extract(dataclasses.replace(ds, dataset=dataset), tiny_clip, out)
+    labels = open_cache(out).labels[:]  # (N, C) over seen + unseen
+    seen = len(ds.seen)
+    assert set(np.unique(labels[:, :seen])) == {-1, 1} and (labels[:, seen:] == 0).all()

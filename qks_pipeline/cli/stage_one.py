@@ -63,8 +63,9 @@ def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
 @click.option("--shard-size", type=click.IntRange(min=1), help="Images per Zarr shard (new stores only).")
 @click.option("--strict", is_flag=True, help="An unreadable image is fatal instead of masked out.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
+@click.option("--replace-stale", is_flag=True, help="Rebuild a store built differently; resume one built the same.")
 def extract_cmd(dataset, split, images, out, params, device, pretrained, model, precision, views, workers, batch_size,
-                shard_size, strict, overwrite) -> None:  # fmt: skip
+                shard_size, strict, overwrite, replace_stale) -> None:  # fmt: skip
     """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption."""
     from qks_pipeline.extract import extract
 
@@ -75,7 +76,10 @@ def extract_cmd(dataset, split, images, out, params, device, pretrained, model, 
     backbone = _override(p.backbone, model=model, pretrained=pretrained)
     cfg = _override(p.extract, precision=precision, views=views, workers=workers, batch_size=batch_size,
                     shard_size=shard_size)  # fmt: skip
-    result = extract(dataset, split, images, out, backbone, cfg, device=device, strict=strict, overwrite=overwrite)
+    result = extract(
+        dataset, split, images, out, backbone, cfg, device=device, strict=strict, overwrite=overwrite,
+        replace_stale=replace_stale,
+    )  # fmt: skip
     if result.computed:
         click.echo(
             f"{out}: {result.computed} images in {result.shards_written} shard(s), "
