@@ -42,16 +42,21 @@ def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = Non
     return json.loads(json.dumps({"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}))
 
 
-def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable list of the keys whose values differ between two (nested) fingerprints."""
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in `a`, value in `b`) for every leaf where two nested dicts differ."""
     diffs = []
-    for key in sorted(set(found) | set(expected)):
-        a, b = found.get(key), expected.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += fingerprint_difference(a, b, f"{prefix}{key}.")
-        elif a != b:
-            diffs.append(f"{prefix}{key} is {a!r} in the store, {b!r} expected")
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            diffs += differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            diffs.append((prefix + key, x, y))
     return diffs
+
+
+def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """Human-readable list of the keys whose values differ between two (nested) fingerprints."""
+    return [f"{key} is {a!r} in the store, {b!r} expected" for key, a, b in differing_keys(found, expected)]
 
 
 def check_fingerprint(

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qks_pipeline.backbone import backbone_fingerprint, encode_labels, load_backbone, visual_tokens
+from qks_pipeline.cache import differing_keys
 from qks_pipeline.errors import QKSError
 from qks_pipeline.evaluate import autocast, load_checkpoint, resolve_device
 from qks_pipeline.images import BadImage, load_rgb, to_rgb
@@ -160,20 +161,9 @@ def describe_backbone(fp: dict[str, Any]) -> str:
     return f"{model}, weights {weights} sha256 {str(fp.get('weights_sha256'))[:12]}"
 
 
-def _differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _differing_keys(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(prefix + key)
-    return out
-
-
 def check_backbone(checkpoint: Path, expected: dict[str, Any], loaded: dict[str, Any]) -> None:
     """Refuse a backbone other than the one the checkpoint was trained on, naming both."""
-    diffs = _differing_keys(expected, loaded)
+    diffs = [key for key, _, _ in differing_keys(expected, loaded)]
     if diffs:
         raise QKSError(
             f"backbone mismatch: the checkpoint was trained on {describe_backbone(expected)}, but the loaded backbone "
