@@ -15,13 +15,15 @@ Layout of `<split>.zarr` (a Zarr v3 group):
 Group attributes: `fingerprint` (see `make_fingerprint`), `labels` (seen labels then unseen labels), `num_seen`,
 `shard_size`. Zarr never writes an all-fill-value chunk, so file existence proves nothing: only a done marker, written
 after its shard's data, says a shard is complete.
+
+A store is a local directory or an fsspec URL (`s3://bucket/train.zarr`): see `qks_pipeline.storage`. `Cache.path` is
+then a Path or the URL string.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,10 @@ import numpy as np
 import zarr
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.storage import Location
 
 FORMAT_VERSION = 1
+ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
 
 
 def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -68,22 +72,17 @@ def check_fingerprint(
         raise QKSError(f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""), path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class Cache:
     """An open feature store. Arrays (tokens, labels, valid, paths, manifest_index, visual_proj) are zarr arrays, read
     lazily (`cache.valid[:]` gives numpy); small metadata is read eagerly."""
 
-    path: Path
+    path: Path | str  # a local directory, or an fsspec URL
     group: zarr.Group
+
+    @functools.cached_property
+    def location(self) -> Location:
+        return Location.of(self.path)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -144,16 +143,12 @@ class Cache:
     def shard_rows(self, shard: int) -> slice:
         return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
 
-    def _marker(self, shard: int) -> Path:
-        return self.path / "done" / f"{shard:05d}.json"
-
     def done_record(self, shard: int) -> dict[str, Any]:
         """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [{"path", "reason"}]}."""
-        return json.loads(self._marker(shard).read_text())
+        return json.loads(self.location.read_text(_marker(shard)))
 
     def done_shards(self) -> set[int]:
-        done = self.path / "done"
-        return {int(p.stem) for p in done.glob("*.json")} if done.exists() else set()
+        return {int(name[: -len(".json")]) for name in self.location.list("done") if name.endswith(".json")}
 
     def is_complete(self) -> bool:
         return len(self.done_shards()) == self.num_shards
@@ -163,10 +158,13 @@ class Cache:
         rows = self.shard_rows(shard)
         n = rows.stop - rows.start
         assert tokens.shape[0] == n and valid.shape == (n,), (tokens.shape, valid.shape, n)
-        self.tokens[rows] = tokens.astype(np.float16, copy=False)
-        self.group["valid"][rows] = valid
         record = {"shard": shard, "rows": [rows.start, rows.stop], "skipped": skipped}
-        _atomic_write_text(self._marker(shard), json.dumps(record))
+        try:
+            self.tokens[rows] = tokens.astype(np.float16, copy=False)
+            self.group["valid"][rows] = valid
+            self.location.write_text(_marker(shard), json.dumps(record))
+        except OSError as e:  # a full disk, a quota, a file-size limit: the shard stays not done, a rerun redoes it
+            raise QKSError(f"cannot write shard {shard}: {e.strerror or e}", e.filename or self.path) from None
 
     def skipped(self) -> list[dict[str, str]]:
         """Every image recorded as unreadable, over all finished shards."""
@@ -183,6 +181,10 @@ class Cache:
             )
 
 
+def _marker(shard: int) -> str:
+    return f"done/{shard:05d}.json"
+
+
 def create_cache(
     path: str | Path,
     *,
@@ -197,82 +199,89 @@ def create_cache(
     manifest_index: np.ndarray,
     visual_proj: np.ndarray,
 ) -> Cache:
-    """Create an empty store (all metadata, no tokens). Built under a temporary name and renamed, so a store that
-    exists is always fully initialised."""
-    path = Path(path)
+    """Create an empty store (all metadata, no tokens). Built under a temporary name and put in place
+    (`Location.replace_with`), so a store that exists is always fully initialised."""
     n = len(paths)
     assert labels.shape == (n, len(label_names)) and manifest_index.shape == (n,)
-    tmp = path.with_name(path.name + ".creating")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    t, d = token_shape
-    shard = min(shard_size, max(n, 1))
-    group.create_array(
-        "tokens", shape=(n, num_views, t, d), dtype="float16", chunks=(1, 1, t, d),
-        shards=(shard, num_views, t, d), compressors=None, fill_value=0,
-    )  # fmt: skip
-    group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
-    group.create_array("labels", shape=labels.shape, dtype="int8", chunks=(shard, max(1, labels.shape[1])))[:] = labels
-    group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(paths, dtype=object)
-    group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
-    proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
-    proj[:] = visual_proj
-    group.attrs.update(
-        {"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen), "shard_size": shard}
-    )
-    (tmp / "done").mkdir()
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    location = Location.of(path)
+    tmp = location.sibling(".creating")
+    tmp.remove()
+    try:
+        group = tmp.open_group("w")
+        t, d = token_shape
+        shard = min(shard_size, max(n, 1))
+        group.create_array(
+            "tokens", shape=(n, num_views, t, d), dtype="float16", chunks=(1, 1, t, d),
+            shards=(shard, num_views, t, d), compressors=None, fill_value=0,
+        )  # fmt: skip
+        group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
+        group.create_array("labels", shape=labels.shape, dtype="int8", chunks=(shard, max(1, labels.shape[1])))[:] = (
+            labels
+        )
+        group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(paths, dtype=object)
+        group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
+        proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
+        proj[:] = visual_proj
+        group.attrs.update(
+            {"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen), "shard_size": shard}
+        )
+        tmp.makedirs("done")
+        location.replace_with(tmp)
+    except OSError as e:  # a full disk: leave nothing half-built, taking the space
+        tmp.remove()
+        raise QKSError(f"cannot create the store: {e.strerror or e}", e.filename or location.url) from None
     return open_cache(path, mode="r+")
 
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
     """Open a store written by `create_cache`; a missing or foreign store is one clear error."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    location = Location.of(path)
+    path = location.url
+    if not location.exists("zarr.json"):
         raise QKSError("no feature cache here (run `qks extract` first)", path)
     try:
-        group = zarr.open_group(path, mode=mode, zarr_format=3)
+        group = location.open_group(mode)
         version = group.attrs["fingerprint"]["format_version"]
     except (KeyError, TypeError, ValueError) as e:
         raise QKSError(f"not a qks feature cache ({e})", path) from None
     if version != FORMAT_VERSION:
         raise QKSError(f"cache format version {version}, this qks reads version {FORMAT_VERSION}; rebuild it", path)
+    missing = [name for name in ARRAYS if name not in group]
+    if missing:
+        raise QKSError(f"damaged feature cache: no {', '.join(missing)} array; rebuild it (--overwrite)", path)
     return Cache(path, group)
 
 
 def write_label_embeddings(
     path: str | Path, label_names: list[str], embeddings: np.ndarray, fingerprint: dict[str, Any], **attrs: Any
 ) -> None:
-    """Store label embeddings (C, E) float32 with their label list and backbone fingerprint; atomic (temp + rename)."""
-    path = Path(path)
+    """Store label embeddings (C, E) float32 with their label list and backbone fingerprint; built under a temporary
+    name and put in place (`Location.replace_with`)."""
     assert embeddings.shape[0] == len(label_names)
-    tmp = path.with_name(path.name + ".creating")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    location = Location.of(path)
+    tmp = location.sibling(".creating")
+    tmp.remove()
+    group = tmp.open_group("w")
     group.create_array("embeddings", shape=embeddings.shape, dtype="float32", chunks=embeddings.shape)[:] = embeddings
     group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    location.replace_with(tmp)
 
 
 def read_label_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
     """Return (label names, embeddings (C, E) float32, attributes incl. `fingerprint`)."""
-    path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise QKSError("no label embeddings here (run `qks embed-labels` first)", path)
-    group = zarr.open_group(path, mode="r", zarr_format=3)
+    location = Location.of(path)
+    if not location.exists("zarr.json"):
+        raise QKSError("no label embeddings here (run `qks embed-labels` first)", location.url)
+    group = location.open_group("r")
     attrs = dict(group.attrs)
     if attrs.get("fingerprint", {}).get("format_version") != FORMAT_VERSION:
-        raise QKSError("label embeddings of another format version; rebuild them", path)
+        raise QKSError("label embeddings of another format version; rebuild them", location.url)
     return list(attrs["labels"]), group["embeddings"][:], attrs
 
 
 def size_on_disk(path: str | Path) -> int:
-    """Bytes of all files under `path`."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    """Bytes of all files (objects) under `path`."""
+    return Location.of(path).size()
 
 
 def cache_summary(cache: Cache) -> dict[str, Any]:

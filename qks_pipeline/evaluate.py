@@ -7,7 +7,6 @@ token gives the label's logit on its positive images (the paper's "knowledge sha
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -20,30 +19,17 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from qks_pipeline.atomic import atomic_write
 from qks_pipeline.cache import Cache, check_fingerprint, open_cache, read_label_embeddings
 from qks_pipeline.config import EvaluateConfig, ModelConfig
+from qks_pipeline.devices import autocast, resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.loader import CacheLoader, open_loader
-from qks_pipeline.manifest import atomic_write_text
 from qks_pipeline.metrics import evaluate_scores
 from qks_pipeline.model import QKS
 
 UNITS = "fraction"  # every metric written here is a fraction in [0, 1]
 CLIP_BASELINE = "clip_zero_shot"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; asking for CUDA without one is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise QKSError("--device cuda asked for, but torch sees no CUDA device")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """float16 autocast on CUDA when `enabled`; a no-op on the CPU."""
-    return torch.autocast("cuda", dtype=torch.float16, enabled=enabled and device.type == "cuda")
 
 
 def check_label_names(path: Path, found: list[str], expected: list[str], what: str) -> None:
@@ -184,7 +170,7 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str] | 
     writer = csv.DictWriter(buf, fieldnames=fields or list(rows[0]), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -288,7 +274,7 @@ def evaluate(
         shown["clip zero-shot"] = results_b
     if per_label is not None:
         write_csv(per_label, per_label_table(results, pred.labels, inputs.label_names, inputs.num_seen))
-    atomic_write_text(out, json.dumps(_json_safe(report), indent=2) + "\n")
+    atomic_write(out, json.dumps(_json_safe(report), indent=2) + "\n")
     echo(format_table(shown, params.top_k))
     if model is not None:
         echo(format_query_preference(table, model.cfg.num_queries))

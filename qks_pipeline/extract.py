@@ -1,19 +1,28 @@
 """Stage one: run the frozen CLIP vision tower over a manifest's images once and store the tokens in a Zarr store;
 encode the label vocabulary with the prompt pool once (`embed_labels`).
 
-Decoding and preprocessing run in DataLoader worker processes while the main process runs the forward pass; each
-shard is assembled in memory and written whole by a background thread (`Cache.write_shard`), then marked done.
-A rerun resumes: only shards without a done marker are computed, and the result equals an uninterrupted run's.
+One shard is the unit of work: `shard_tokens` turns the batches of one shard into its tokens, and the shard is written
+whole (`Cache.write_shard`), then marked done. A rerun resumes: only shards without a done marker are computed, and the
+result equals an uninterrupted run's.
+
+Two ways to run the shards, both through `shard_tokens`:
+- in this process (`run_shards`): DataLoader worker processes decode while the main process runs the forward pass, and a
+  background thread writes the finished shard while the next one is computed;
+- on a dask cluster (`cluster=`, see `qks_pipeline.distributed`): one task per shard (`extract_shard`), each dask
+  worker loading the backbone once, decoding its shard's images in threads and writing the shard itself.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +32,7 @@ import numpy as np
 import torch
 from open_clip.utils import to_2tuple
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
 from qks_pipeline.backbone import (
@@ -43,9 +52,11 @@ from qks_pipeline.cache import (
     write_label_embeddings,
 )
 from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
+from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, augmented_view, load_rgb
 from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary, scored_labels
+from qks_pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 class ExtractResult:
     """What one `extract` call did."""
 
-    store: Path
+    store: Path | str
     images: int  # rows in the store
     computed: int  # images computed by this call (0 when the store was already complete)
     shards_written: int
@@ -69,15 +80,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.computed / self.loop_seconds if self.loop_seconds > 0 else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QKSError(f"device {device!r} asked for, but no CUDA GPU is available (use --device cpu or auto)")
-    return torch.device(device)
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
@@ -162,16 +164,15 @@ def data_fingerprint(
 
 
 @dataclass
-class _Shard:
-    """A shard being assembled in memory."""
+class ShardTokens:
+    """One shard's content, as `Cache.write_shard` takes it."""
 
     tokens: np.ndarray  # (S, V, T, D) float16
     valid: np.ndarray  # (S,) bool
     skipped: list[dict[str, str]]
-    remaining: int
 
 
-class _Forward:
+class Forward:
     """Batches of views -> float16 tokens on the CPU, under autocast when asked (GPU only)."""
 
     def __init__(self, clip: torch.nn.Module, device: torch.device, precision: str):
@@ -193,40 +194,49 @@ class _Forward:
         return tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)  # (B, V, T, D)
 
 
-def _consume(
-    cache: Cache, loader: DataLoader, forward: _Forward, strict: bool, bar: tqdm
-) -> Iterator[tuple[int, _Shard]]:
-    """Fill shard buffers from the loader's batches; yield each shard as soon as it is complete."""
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # rows (B,), views (B, V, 3, H, W), reasons (B,)
+
+
+def shard_tokens(
+    cache: Cache,
+    shard: int,
+    batches: Iterable[Batch],
+    dataset: ImageViews,
+    forward: Forward,
+    strict: bool,
+    progress: Callable[[int], object] = lambda n: None,
+) -> ShardTokens:
+    """The tokens of one shard from the batches covering its rows: the one per-shard computation of both paths.
+
+    Unreadable images are recorded as skipped (masked out: valid False, tokens zero), or fatal with `strict`.
+    """
+    rows_of_shard = cache.shard_rows(shard)
+    n = rows_of_shard.stop - rows_of_shard.start
     t, d = cache.tokens.shape[2:]
-    paths, open_shards = loader.dataset.paths, {}
-    for rows, views, reasons in loader:
+    out, covered = ShardTokens(np.zeros((n, cache.num_views, t, d), np.float16), np.zeros(n, bool), []), 0
+    for rows, views, reasons in batches:
         rows = rows.numpy()
-        shard = int(rows[0]) // cache.shard_size
-        if shard not in open_shards:
-            n = cache.shard_rows(shard).stop - cache.shard_rows(shard).start
-            open_shards[shard] = _Shard(np.zeros((n, cache.num_views, t, d), np.float16), np.zeros(n, bool), [], n)
-        buf, local = open_shards[shard], rows - shard * cache.shard_size
-        ok = np.array([not r for r in reasons])
+        local, ok = rows - rows_of_shard.start, np.array([not r for r in reasons])
         for row, reason in zip(rows[~ok], np.asarray(reasons, dtype=object)[~ok], strict=True):
             if strict:
-                raise QKSError(f"unreadable image: {reason} (--strict)", loader.dataset.root / paths[row])
-            buf.skipped.append({"path": paths[row], "reason": reason})
+                raise QKSError(f"unreadable image: {reason} (--strict)", dataset.root / dataset.paths[row])
+            out.skipped.append({"path": dataset.paths[row], "reason": reason})
         if ok.any():
-            buf.tokens[local[ok]] = forward(views[torch.from_numpy(ok)])
-            buf.valid[local[ok]] = True
-        buf.remaining -= len(rows)
-        bar.update(len(rows))
-        if buf.remaining == 0:
-            yield shard, open_shards.pop(shard)
+            out.tokens[local[ok]] = forward(views[torch.from_numpy(ok)])  # (b, V, T, D)
+            out.valid[local[ok]] = True
+        covered += len(rows)
+        progress(len(rows))
+    assert covered == n, f"shard {shard}: batches covered {covered} of {n} rows"
+    return out
 
 
-def _progress(total: int) -> tqdm:
+def progress_bar(total: int) -> tqdm:
     """images/s and ETA; redrawn every second on a terminal, a line every 30 s in a log (DVC, batch jobs)."""
     return tqdm(total=total, unit="img", desc="extract", mininterval=1 if sys.stderr.isatty() else 30)
 
 
 def run_shards(
-    cache: Cache, shards: list[int], dataset: ImageViews, forward: _Forward, cfg: ExtractConfig, strict: bool
+    cache: Cache, shards: list[int], dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
 ) -> int:
     """Compute and write `shards`; writes overlap the next shard's forward passes. Returns images computed."""
     images_per_batch = max(1, cfg.batch_size // cache.num_views)
@@ -239,32 +249,67 @@ def run_shards(
     )
     total = sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
     pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer, _progress(total) as bar:
-        for shard, buf in _consume(cache, loader, forward, strict, bar):
+    with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(total) as bar:
+        for shard, batches in itertools.groupby(loader, key=lambda batch: int(batch[0][0]) // cache.shard_size):
+            out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface here
-            pending = writer.submit(cache.write_shard, shard, buf.tokens, buf.valid, buf.skipped)
+            pending = writer.submit(cache.write_shard, shard, out.tokens, out.valid, out.skipped)
         if pending is not None:
             pending.result()
     return total
 
 
+def _decoded_batches(dataset: ImageViews, batches: list[list[int]], threads: int) -> Iterator[Batch]:
+    """`batches` of rows decoded by `threads` threads (PIL and torch release the GIL), at most two batches ahead;
+    0 threads: in line. Collated as a DataLoader collates, so the forward pass sees the same tensors."""
+    if threads == 0:
+        yield from (default_collate([dataset[row] for row in rows]) for rows in batches)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ahead: collections.deque = collections.deque()
+        for rows in batches:
+            ahead.append([pool.submit(dataset.__getitem__, row) for row in rows])
+            if len(ahead) > 2:
+                yield default_collate([f.result() for f in ahead.popleft()])
+        while ahead:
+            yield default_collate([f.result() for f in ahead.popleft()])
+
+
+def extract_shard(
+    cache: Cache, shard: int, dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
+) -> int:
+    """Compute and write one shard in this process, decoding in `cfg.workers` threads (a dask worker is a daemon
+    process and may not start DataLoader worker processes): the task of a distributed run. Returns its rows."""
+    images_per_batch = max(1, cfg.batch_size // cache.num_views)
+    batches = _decoded_batches(dataset, shard_batches(cache, [shard], images_per_batch), cfg.workers)
+    out = shard_tokens(cache, shard, batches, dataset, forward, strict)
+    cache.write_shard(shard, out.tokens, out.valid, out.skipped)
+    return len(out.valid)
+
+
 def open_or_create_store(
-    out: Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool, replace_stale: bool = False
-) -> Cache:
-    """Resume a store built the same way; one built differently is refused, or rebuilt with `replace_stale`; a new
-    store is built when there is none or with `overwrite`. A path holding anything else is never replaced."""
-    is_store = (out / "zarr.json").exists()
-    if out.exists() and not is_store and (not out.is_dir() or any(out.iterdir())):
-        raise QKSError("exists and is not a feature cache; refusing to replace it", out)
+    out: str | Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool,
+    replace_stale: bool = False,
+) -> Cache:  # fmt: skip
+    """Resume a store built the same way (first removing what interrupted writes left in it); one built differently is
+    refused, or rebuilt with `replace_stale`; a new store is built when there is none or with `overwrite`. A path (or
+    URL) holding anything else is never replaced. The caller holds the store's `Location.writer_lock`."""
+    location = Location.of(out)
+    is_store = location.exists("zarr.json")
+    if not is_store and location.has_content():
+        raise QKSError("exists and is not a feature cache; refusing to replace it", location.url)
     if is_store and not overwrite:
         cache = open_cache(out, mode="r+")
         if cache.fingerprint == fingerprint:
+            removed = location.remove_interrupted_writes()
+            if removed:
+                log.info("removed %d file(s) left by interrupted writes, e.g. %s", len(removed), removed[0])
             return cache
         if not replace_stale:
             hint = "--overwrite or --replace-stale rebuilds it"
-            check_fingerprint(out, cache.fingerprint, fingerprint, "feature cache", hint=hint)
-        log.info("%s was built differently; rebuilding it (--replace-stale)", out)
+            check_fingerprint(location.url, cache.fingerprint, fingerprint, "feature cache", hint=hint)
+        log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
     return create()
 
 
@@ -275,36 +320,21 @@ def _views_for(split: str, views: int) -> int:
     return views
 
 
-def extract(
-    dataset_dir: str | Path,
-    split: str,
-    images_root: str | Path,
-    out: str | Path,
-    backbone: BackboneConfig,
-    cfg: ExtractConfig,
-    device: str = "auto",
-    strict: bool = False,
-    overwrite: bool = False,
-    replace_stale: bool = False,
-) -> ExtractResult:
-    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
+def make_dataset(cache: Cache, images_root: Path, clip: torch.nn.Module, preprocess: Callable) -> ImageViews:
+    """The store's rows as images to decode, with the views and seed its fingerprint records."""
+    seed = int(cache.fingerprint["data"]["seed"])
+    make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cache.num_views - 1, seed)
+    return ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)
 
-    A store built the same way (same fingerprint) is resumed; one built differently is refused unless `overwrite`
-    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants) is set.
-    """
-    start = time.perf_counter()
-    dataset_dir, images_root, out = Path(dataset_dir), Path(images_root), Path(out)
-    if split not in SPLITS:
-        raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if not images_root.is_dir():
-        raise QKSError("image root is not a directory", images_root)
-    dev = resolve_device(device)
-    precision = effective_precision(cfg.precision, dev)
-    cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
+
+def _open_store(
+    out: str | Path, dataset_dir: Path, split: str, clip: torch.nn.Module, backbone: BackboneConfig,
+    cfg: ExtractConfig, precision: str, overwrite: bool, replace_stale: bool,
+) -> Cache:  # fmt: skip
+    """Resume the store `out` or (re)create it for this split of the dataset (`open_or_create_store`)."""
     manifest = dataset_dir / f"{split}.jsonl"
     records = read_manifest(manifest)
     seen, unseen = read_vocabulary(dataset_dir)
-    clip, preprocess, _ = load_backbone(backbone.model, backbone.pretrained, dev)
     fingerprint = make_fingerprint(
         backbone_fingerprint(clip, backbone.model, backbone.pretrained),
         data_fingerprint(manifest, split, seen, unseen, cfg, precision),
@@ -320,16 +350,71 @@ def extract(
             visual_proj=clip.visual.proj.detach().float().cpu().numpy(),
         )  # fmt: skip
 
-    cache = open_or_create_store(out, fingerprint, create, overwrite, replace_stale)
-    todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
-    make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cfg.views, cfg.seed)
-    dataset = ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)
-    forward, loop_start = _Forward(clip, dev, precision), time.perf_counter()
-    computed = run_shards(cache, todo, dataset, forward, cfg, strict) if todo else 0
+    return open_or_create_store(out, fingerprint, create, overwrite, replace_stale)
+
+
+def extract(
+    dataset_dir: str | Path,
+    split: str,
+    images_root: str | Path,
+    out: str | Path,
+    backbone: BackboneConfig,
+    cfg: ExtractConfig,
+    device: str = "auto",
+    strict: bool = False,
+    overwrite: bool = False,
+    replace_stale: bool = False,
+    cluster: Any = None,
+    retries: int = 2,
+) -> ExtractResult:
+    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
+
+    A store built the same way (same fingerprint) is resumed; one built differently is refused unless `overwrite`
+    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants) is set. A second
+    extraction into a local store that one is writing is refused (`Location.writer_lock`).
+
+    Args:
+        out: a local directory or an fsspec URL (`s3://bucket/train.zarr`, see `qks_pipeline.storage`).
+        device: in this process, or on each dask worker with `cluster`.
+        cluster: None: in this process. "local:N": a LocalCluster of N worker processes, 1 thread each; a scheduler
+            address ("tcp://host:port"); or a `distributed.Client`. See `qks_pipeline.distributed`.
+        retries: with `cluster`, how often a failing shard is retried (a user error such as --strict's is not).
+    """
+    start = time.perf_counter()
+    dataset_dir, images_root = Path(dataset_dir), Path(images_root)
+    if split not in SPLITS:
+        raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not images_root.is_dir():
+        raise QKSError("image root is not a directory", images_root)
+    cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
+    dist = _distributed() if cluster is not None else None
+    with Location.of(out).writer_lock(), dist.connect(cluster) if dist else contextlib.nullcontext() as client:
+        dev = dist.cluster_device(client, device) if dist else resolve_device(device)
+        precision = effective_precision(cfg.precision, dev)
+        clip, preprocess, _ = load_backbone(backbone.model, backbone.pretrained, "cpu" if dist else dev)
+        cache = _open_store(out, dataset_dir, split, clip, backbone, cfg, precision, overwrite, replace_stale)
+        todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
+        loop_start = time.perf_counter()
+        if dist:
+            job = dist.ShardJob.of(cache, images_root, backbone, cfg, device, strict)
+            computed, forward_seconds = dist.run_on_cluster(client, cache, todo, job, retries)
+        else:
+            forward = Forward(clip, dev, precision)
+            dataset = make_dataset(cache, images_root, clip, preprocess)
+            computed = run_shards(cache, todo, dataset, forward, cfg, strict) if todo else 0
+            forward_seconds = forward.seconds
     end = time.perf_counter()
     return ExtractResult(
-        out, cache.num_images, computed, len(todo), end - start, end - loop_start, forward.seconds, cache.skipped()
-    )
+        cache.path, cache.num_images, computed, len(todo), end - start, end - loop_start, forward_seconds,
+        cache.skipped(),
+    )  # fmt: skip
+
+
+def _distributed() -> Any:
+    """qks_pipeline.distributed, imported only for a cluster run (the `distributed` package is optional)."""
+    from qks_pipeline import distributed
+
+    return distributed
 
 
 def embed_labels(

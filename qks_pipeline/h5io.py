@@ -16,14 +16,15 @@ Layout of the .h5 file (attributes hold only small values; HDF5 attributes are l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from qks_pipeline.atomic import atomic_path
 from qks_pipeline.cache import Cache, create_cache, open_cache
 from qks_pipeline.errors import QKSError
+from qks_pipeline.storage import Location
 
 FORMAT = "qks-feature-cache-hdf5/1"
 STR = h5py.string_dtype("utf-8")
@@ -52,20 +53,13 @@ def export_hdf5(store: str | Path, out: str | Path) -> Path:
     """Write a complete store to `out` (through a temporary file, renamed when finished)."""
     cache, out = open_cache(store), Path(out)
     cache.require_complete()
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     n, v, t, d = cache.tokens.shape
-    try:
-        with h5py.File(tmp, "w") as f:
-            feats = f.create_dataset(
-                "features", shape=(n, v, t, d), dtype="float16", chunks=(1, 1, t, d) if n else None
-            )
-            for shard in range(cache.num_shards):
-                rows = cache.shard_rows(shard)
-                feats[rows] = cache.tokens[rows]  # one whole shard at a time: bounded memory
-            _write_small(f, cache)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
+        feats = f.create_dataset("features", shape=(n, v, t, d), dtype="float16", chunks=(1, 1, t, d) if n else None)
+        for shard in range(cache.num_shards):
+            rows = cache.shard_rows(shard)
+            feats[rows] = cache.tokens[rows]  # one whole shard at a time: bounded memory
+        _write_small(f, cache)
     return out
 
 
@@ -89,14 +83,15 @@ def _read_export(f: h5py.File, path: Path) -> dict:
 
 def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> Cache:
     """Rebuild a store (arrays, attributes, done markers) from an export; an existing store needs `overwrite`."""
-    h5, store = Path(h5), Path(store)
+    h5, location = Path(h5), Location.of(store)
     if not h5.is_file():
         raise QKSError("HDF5 file not found", h5)
-    if store.exists() and not (store / "zarr.json").exists() and (not store.is_dir() or any(store.iterdir())):
-        raise QKSError("exists and is not a feature cache; refusing to replace it", store)
-    if store.exists() and not overwrite:
-        raise QKSError("store exists (use --overwrite to replace it)", store)
-    with h5py.File(h5, "r") as f:
+    is_store = location.exists("zarr.json")
+    if not is_store and location.has_content():
+        raise QKSError("exists and is not a feature cache; refusing to replace it", location.url)
+    if is_store and not overwrite:
+        raise QKSError("store exists (use --overwrite to replace it)", location.url)
+    with location.writer_lock(), h5py.File(h5, "r") as f:
         meta = _read_export(f, h5)
         n, v, t, d = f["features"].shape
         cache = create_cache(

@@ -74,8 +74,8 @@ def load_rgb(path: str | Path) -> Image.Image:
             raise BadImage("empty file")
     except FileNotFoundError:
         raise BadImage("missing") from None
-    except OSError as e:
-        raise BadImage(f"unreadable ({e.strerror or e})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte or an unpaired surrogate in the name
+        raise BadImage(f"unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not path.is_file():
         raise BadImage("not a file")
     with warnings.catch_warnings():

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from qks_pipeline.cache import Cache
+from qks_pipeline.errors import QKSError
 
 BLOCK_SIZE = 256  # rows per contiguous read
 BUFFER_BLOCKS = 4  # shuffle-buffer capacity, in blocks
@@ -172,7 +173,8 @@ def open_loader(
     """A loader over the valid rows in `rows` (default: all) and the label `columns` (train: the seen labels).
 
     Args:
-        backend: "tensorstore", "zarr", or "auto" (TensorStore when installed).
+        backend: "tensorstore", "zarr", or "auto" (TensorStore when installed and the store is local; zarr-python for a
+            store URL such as s3://..., which it reads through fsspec with the filesystem's own configuration).
     """
     start, stop = rows if rows is not None else (0, cache.num_images)
     valid = np.asarray(cache.group["valid"][start:stop], dtype=bool)
@@ -181,7 +183,9 @@ def open_loader(
         kept = a + np.flatnonzero(valid[a - start : b - start])
         if len(kept):
             blocks.append((a, b, kept.astype(np.int64)))
-    use_ts = backend == "tensorstore" or (backend == "auto" and tensorstore is not None)
+    if backend == "tensorstore" and not cache.location.local:
+        raise QKSError("the tensorstore backend reads local stores only; use the zarr backend for a URL", cache.path)
+    use_ts = backend == "tensorstore" or (backend == "auto" and tensorstore is not None and cache.location.local)
     reader = _tensorstore_reader(cache, columns) if use_ts else _zarr_reader(cache, columns)
     t, d = cache.tokens.shape[2:]
     return CacheLoader(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from collections import Counter
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qks_pipeline.atomic import atomic_write
 from qks_pipeline.errors import QKSError
 
 SPLITS = ("train", "test")
@@ -37,6 +39,7 @@ class Record:
 
 
 ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns a byte that is not UTF-8 into
 
 
 def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
@@ -44,19 +47,21 @@ def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> lis
     return list(seen) if split == "train" else list(seen) + list(unseen)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temporary name and a rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _encodable(text: str) -> bool:
+    """False for a string holding an unpaired surrogate (a JSON escape such as "\\ud800"): no file can be named so."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_image_path(image: str) -> str | None:
     """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None when it is."""
     if not image.strip() or image != image.strip():
         return "'image' must be a non-empty path without surrounding spaces"
+    if any(ord(c) < 32 or ord(c) == 127 for c in image) or not _encodable(image):
+        return f"image {image!r} must not contain control characters or unpaired surrogates"
     if image.startswith("/") or "\\" in image or ":" in image.split("/")[0]:
         return f"image {image!r} must be a relative path with '/' separators"
     if ".." in image.split("/"):
@@ -69,6 +74,8 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise QKSError(f"not valid JSON ({e.msg})", path, line) from None
+    except (ValueError, RecursionError) as e:  # a number too long to convert, arrays nested too deep
+        raise QKSError(f"not valid JSON ({str(e).split(':')[0]})", path, line) from None
     if not isinstance(obj, dict):
         raise QKSError("a record must be a JSON object", path, line)
     extra = set(obj) - {"image", "positive", "negative"}
@@ -102,8 +109,10 @@ def iter_manifest(path: str | Path) -> Iterator[tuple[int, Record]]:
     if not path.is_file():
         raise QKSError("manifest not found", path)
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, text in enumerate(f, 1):
+            if bad := UNDECODABLE.search(text):
+                raise QKSError(f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})", path, i)
             if not text.strip():
                 continue
             rec = _parse_record(text, path, i)
@@ -124,7 +133,7 @@ def _record_line(r: Record) -> str:
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
-    atomic_write_text(path, "".join(_record_line(r) for r in records))
+    atomic_write(path, "".join(_record_line(r) for r in records))
 
 
 def read_lines(path: str | Path, what: str) -> list[str]:
@@ -132,8 +141,12 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise QKSError(f"{what} file not found", path)
+    try:
+        content = path.read_text(encoding="utf-8-sig")  # universal newlines: \r\n and \r arrive as \n
+    except UnicodeDecodeError as e:
+        raise QKSError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})", path) from None
     out, first = [], {}
-    for i, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for i, text in enumerate(content.split("\n"), 1):  # not splitlines(): a label may hold \x0c, \x85 or \u2028
         value = text.strip()
         if not value:
             continue
@@ -151,7 +164,7 @@ def read_labels(path: str | Path) -> list[str]:
 
 
 def write_labels(path: str | Path, labels: Sequence[str]) -> None:
-    atomic_write_text(path, "".join(f"{label}\n" for label in labels))
+    atomic_write(path, "".join(f"{label}\n" for label in labels))
 
 
 def read_templates(path: str | Path) -> list[str]:
@@ -201,7 +214,7 @@ def _check_label_list(labels: Sequence[str], path: Path) -> None:
     if not labels:
         raise QKSError("no labels", path)
     for label in labels:
-        if not label or label != label.strip() or "\n" in label:
+        if not label or label != label.strip() or "\n" in label or "\r" in label:
             raise QKSError(f"label {label!r} must be non-empty, one line, without surrounding spaces", path)
     counts = Counter(labels)
     twice = sorted(label for label, n in counts.items() if n > 1)
@@ -339,16 +352,15 @@ class DatasetReport:
 
 
 def _image_problem(file: Path) -> str | None:
-    """Why an image file cannot be used (missing or unreadable), or None when PIL opens and verifies it."""
-    from PIL import Image
+    """Why an image file cannot be used, or None. Decoded fully, as extraction decodes it (`images.load_rgb`), so
+    the check lists exactly the images extraction masks out: PIL's verify() misses truncated JPEGs and moderate
+    decompression bombs."""
+    from qks_pipeline.images import BadImage, load_rgb
 
-    if not file.is_file():
-        return "missing"
     try:
-        with Image.open(file) as image:
-            image.verify()
-    except Exception as e:  # PIL signals a corrupt file with many exception types (OSError, SyntaxError, ...)
-        return f"unreadable ({type(e).__name__}: {e})"
+        load_rgb(file)
+    except BadImage as e:
+        return e.reason if e.reason == "missing" else f"unreadable ({e.reason})"
     return None
 
 

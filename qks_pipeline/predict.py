@@ -13,7 +13,6 @@ embeddings are cached on disk, one small file per (backbone, label, templates) k
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +30,9 @@ from tqdm import tqdm
 
 from qks_pipeline.backbone import backbone_fingerprint, encode_labels, load_backbone, visual_tokens
 from qks_pipeline.cache import differing_keys
+from qks_pipeline.devices import autocast, resolve_device
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import autocast, load_checkpoint, resolve_device
+from qks_pipeline.evaluate import load_checkpoint
 from qks_pipeline.images import BadImage, load_rgb, to_rgb
 from qks_pipeline.manifest import read_templates
 from qks_pipeline.model import QKS
@@ -497,17 +497,3 @@ def csv_rows(p: Prediction) -> list[dict[str, Any]]:
         for r, j in enumerate(order, 1)
         if p.labels[j] in top or p.labels[j] in above
     ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def atomic_stream(path: str | Path) -> Iterator[TextIO]:
-    """A text file written through a temporary name and renamed only when the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from qks_pipeline.atomic import atomic_write
 from qks_pipeline.images import BadImage, load_rgb, to_rgb
-from qks_pipeline.manifest import atomic_write_text
 from qks_pipeline.predict import ImageInput, Prediction
 
 THUMBNAIL_SIZE = 256  # longest side of an embedded thumbnail, pixels
@@ -133,5 +133,5 @@ def render_html(
 
 def write_html(path: str | Path, predictions: Sequence[Prediction], **kwargs) -> Path:
     """Write `render_html(predictions, **kwargs)` to `path` (atomically); returns the path."""
-    atomic_write_text(path, render_html(predictions, **kwargs))
+    atomic_write(path, render_html(predictions, **kwargs))
     return Path(path)

@@ -8,7 +8,8 @@ Output directory:
     config.json         model config, token/embed dims, backbone fingerprint, labels, training params, best epoch
     best.safetensors    weights of the selected epoch
     last.safetensors    weights after the last completed epoch
-    last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, RNG, progress), atomic
+    last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, RNG, progress); written
+                        last each epoch, so a kill before it replays that epoch. Every file is written atomically.
     train_log.csv       one row per epoch (epoch, loss, lr, val_mAP[, test_zsl_mAP], score, time_s, samples_per_s)
 
 Rerunning the same command after an interruption resumes from the last completed epoch; on the CPU, with the same
@@ -18,9 +19,9 @@ seed, the final weights equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -28,25 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from qks_pipeline.atomic import atomic_write
 from qks_pipeline.cache import Cache, check_fingerprint, open_cache, read_label_embeddings
 from qks_pipeline.config import ModelConfig, Params, TrainConfig
+from qks_pipeline.devices import autocast, resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.evaluate import (
     SELECTED_ON_TEST,
-    autocast,
     check_label_names,
     model_scorer,
     predict,
-    resolve_device,
     write_csv,
 )
 from qks_pipeline.loader import CacheLoader, open_loader, split_rows
 from qks_pipeline.losses import make_loss
-from qks_pipeline.manifest import atomic_write_text
 from qks_pipeline.metrics import evaluate_setting
 from qks_pipeline.model import QKS
 
@@ -77,14 +77,14 @@ def open_inputs(train_path: str | Path, labels_path: str | Path, test_path: str 
     backbone = {"backbone": train.fingerprint["backbone"]}
     check_fingerprint(labels_path, {"backbone": attrs["fingerprint"]["backbone"]}, backbone,
                       "label embeddings vs the training cache")  # fmt: skip
-    check_label_names(Path(labels_path), names, train.label_names, "label embeddings vs the training cache")
+    check_label_names(labels_path, names, train.label_names, "label embeddings vs the training cache")
     test = None
     if test_path is not None:
         test = open_cache(test_path)
         test.require_complete()
         check_fingerprint(test_path, {"backbone": test.fingerprint["backbone"]}, backbone,
                           "test cache vs the training cache")  # fmt: skip
-        check_label_names(Path(test_path), test.label_names, train.label_names, "test cache vs the training cache")
+        check_label_names(test_path, test.label_names, train.label_names, "test cache vs the training cache")
         if test.num_seen != train.num_seen:
             raise QKSError(
                 f"test cache has {test.num_seen} seen labels, the training cache {train.num_seen}", test_path
@@ -231,20 +231,15 @@ class Progress:
     log: list[dict[str, Any]] = field(default_factory=list)  # one row per completed epoch
 
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file and a rename: a reader (or a resumed run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_weights(model: QKS, path: Path) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic(path, lambda p: save_file(tensors, str(p)))
+    atomic_write(path, safetensors.torch.save(tensors))
 
 
 def save_state(s: Session, progress: Progress, path: Path) -> None:
-    """The single source of truth for resuming: weights, optimizer, scheduler, scaler, RNG and progress."""
+    """The single source of truth for resuming: weights, optimizer, scheduler, scaler, RNG and progress. Serialised
+    in memory first, so that a full disk is a plain OSError naming the file (torch.save on a file would say only
+    'unexpected pos')."""
     state = {
         "model": s.model.state_dict(),
         "optimizer": s.optimizer.state_dict(),
@@ -254,7 +249,9 @@ def save_state(s: Session, progress: Progress, path: Path) -> None:
         "cuda_rng": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None,
         "progress": asdict(progress),
     }
-    _atomic(path, lambda p: torch.save(state, p))
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def load_state(s: Session, path: Path) -> Progress:
@@ -316,7 +313,7 @@ def _start(s: Session, out: Path, config: dict[str, Any], cfg: TrainConfig, resu
         for name in (BEST, LAST, STATE, LOG):
             (out / name).unlink(missing_ok=True)
         progress = Progress()
-    atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
     return progress
 
 
@@ -328,10 +325,10 @@ def _save_epoch(s: Session, progress: Progress, out: Path, config: dict[str, Any
             "score": progress.best_score,
             "metric": progress.log[-1]["metric"],
         }
-        atomic_write_text(out / CONFIG, json.dumps(config, indent=2) + "\n")
-    save_state(s, progress, out / STATE)  # the resume point: written after best, so a replayed epoch rewrites best
+        atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
     save_weights(s.model, out / LAST)
     write_csv(out / LOG, [{k: row.get(k, "") for k in LOG_FIELDS} for row in progress.log], LOG_FIELDS)
+    save_state(s, progress, out / STATE)  # the resume point, last: a run killed before it replays the whole epoch
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
@@ -461,7 +458,7 @@ def import_checkpoint(
         "num_seen": None, "train": None, "selection": "test",
         "selection_note": "reference checkpoint: its authors selected it on the test set", "source": str(path),
     }  # fmt: skip
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
     echo(f"{out}: Q-Former ({fields['num_queries']} queries, {fields['num_layers']} layers, {num_heads} heads, "
          f"{token_dim}->{embed_dim}) -> best.safetensors; CLIP -> {clip_path.name}; config.json")  # fmt: skip
     echo(f"extract caches with: --model {model} --pretrained {clip_path}  (other caches are refused as stale)")

@@ -5,9 +5,23 @@ from __future__ import annotations
 import click
 
 from qks_pipeline.cli import data, predict, stage_one, stage_two
+from qks_pipeline.errors import QKSError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+class QKSGroup(click.Group):
+    """Reports an OSError that reaches the top (a full disk, a read-only or unreadable path) as one error line naming
+    the file, as every other user-facing error is."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if e.errno is None:
+                raise
+            raise QKSError(e.strerror or str(e), e.filename) from None
+
+
+@click.group(cls=QKSGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(package_name="qks_pipeline")
 def main() -> None:
     """QKS open-vocabulary multi-label classification on cached CLIP features.

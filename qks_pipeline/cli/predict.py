@@ -20,7 +20,7 @@ NEW_PATH = click.Path(dir_okay=False, path_type=Path)
 @contextlib.contextmanager
 def _output(path: Path | None) -> Iterator[TextIO | None]:
     """The file to stream into (written atomically), stdout for '-', or None."""
-    from qks_pipeline.predict import atomic_stream
+    from qks_pipeline.atomic import atomic_stream
 
     if path is None:
         yield None

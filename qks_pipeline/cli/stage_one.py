@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+import dask
 
 from qks_pipeline.config import load_params
+from qks_pipeline.storage import StoreParam
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 NEW_PATH = click.Path(path_type=Path)
+STORE, EXISTING_STORE = StoreParam(), StoreParam(exists=True)  # a local directory or a URL (s3://bucket/train.zarr)
 
 
 def _override(section: Any, **values: Any) -> Any:
@@ -33,9 +36,10 @@ def _backbone_options(f):
 
 
 def _log_setup() -> None:
-    """Our own notes at INFO; open_clip's chatter only from WARNING up."""
+    """Our own notes at INFO; open_clip's and dask's chatter only from WARNING up."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qks_pipeline").setLevel(logging.INFO)
+    dask.config.set({"logging.distributed": "warning"})  # read when --cluster imports dask.distributed
 
 
 def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
@@ -54,7 +58,7 @@ def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
 @click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory.")
 @click.option("--split", required=True, type=click.Choice(["train", "test"]))
 @click.option("--images", required=True, type=EXISTING_DIR, help="Image root the manifest's paths are relative to.")
-@click.option("--out", required=True, type=NEW_PATH, help="Zarr store to write (resumed when it exists).")
+@click.option("--out", required=True, type=STORE, help="Zarr store to write (resumed when it exists): path or URL.")
 @_backbone_options
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast precision (GPU only).")
 @click.option("--views", type=click.IntRange(min=0), help="Augmented views per training image besides the clean one.")
@@ -64,8 +68,10 @@ def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
 @click.option("--strict", is_flag=True, help="An unreadable image is fatal instead of masked out.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
 @click.option("--replace-stale", is_flag=True, help="Rebuild a store built differently; resume one built the same.")
+@click.option("--cluster", help="Run on dask: local:N (N worker processes, 1 thread each; --workers = decoding threads "
+              "per worker) or tcp://HOST:PORT (a running scheduler).")  # fmt: skip
 def extract_cmd(dataset, split, images, out, params, device, pretrained, model, precision, views, workers, batch_size,
-                shard_size, strict, overwrite, replace_stale) -> None:  # fmt: skip
+                shard_size, strict, overwrite, replace_stale, cluster) -> None:  # fmt: skip
     """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption."""
     from qks_pipeline.extract import extract
 
@@ -78,7 +84,7 @@ def extract_cmd(dataset, split, images, out, params, device, pretrained, model, 
                     shard_size=shard_size)  # fmt: skip
     result = extract(
         dataset, split, images, out, backbone, cfg, device=device, strict=strict, overwrite=overwrite,
-        replace_stale=replace_stale,
+        replace_stale=replace_stale, cluster=cluster,
     )  # fmt: skip
     if result.computed:
         click.echo(
@@ -98,7 +104,7 @@ def extract_cmd(dataset, split, images, out, params, device, pretrained, model, 
 @click.command("embed-labels")
 @click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory (seen.txt, unseen.txt).")
 @click.option("--templates", required=True, type=EXISTING_FILE, help="Prompt templates, one a line with '{}'.")
-@click.option("--out", required=True, type=NEW_PATH, help="Zarr store of the label embeddings.")
+@click.option("--out", required=True, type=STORE, help="Zarr store of the label embeddings: path or URL.")
 @_backbone_options
 @click.option("--normalize/--no-normalize", default=None, help="L2-normalise each label's mean [params: no].")
 def embed_labels_cmd(dataset, templates, out, params, device, pretrained, model, normalize) -> None:
@@ -119,7 +125,7 @@ def cache_group() -> None:
 
 
 @cache_group.command("info")
-@click.argument("store", type=EXISTING_DIR)
+@click.argument("store", type=EXISTING_STORE)
 def info_cmd(store: Path) -> None:
     """Shape, views, shards done, fingerprint summary, skipped images, size on disk."""
     from qks_pipeline.cache import cache_summary, open_cache
@@ -129,7 +135,7 @@ def info_cmd(store: Path) -> None:
 
 
 @cache_group.command("verify")
-@click.argument("store", type=EXISTING_DIR)
+@click.argument("store", type=EXISTING_STORE)
 def verify_cmd(store: Path) -> None:
     """Check every shard: done marker, readable tokens, valid rows consistent with the skipped list. Exit 1 if not."""
     from qks_pipeline.cache import open_cache, verify_cache
@@ -145,7 +151,7 @@ def verify_cmd(store: Path) -> None:
 
 
 @cache_group.command("export-hdf5")
-@click.argument("store", type=EXISTING_DIR)
+@click.argument("store", type=EXISTING_STORE)
 @click.argument("out", type=NEW_PATH)
 def export_cmd(store: Path, out: Path) -> None:
     """Write a complete store to one HDF5 file (features float16, labels, valid, paths, fingerprint)."""
@@ -156,7 +162,7 @@ def export_cmd(store: Path, out: Path) -> None:
 
 @cache_group.command("import-hdf5")
 @click.argument("h5", type=EXISTING_FILE)
-@click.argument("store", type=NEW_PATH)
+@click.argument("store", type=STORE)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def import_cmd(h5: Path, store: Path, overwrite: bool) -> None:
     """Rebuild a Zarr store from an HDF5 export (done markers included)."""

@@ -10,19 +10,21 @@ from pathlib import Path
 import click
 
 from qks_pipeline.config import load_params
+from qks_pipeline.storage import StoreParam
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 NEW_PATH = click.Path(path_type=Path)
+STORE = StoreParam(exists=True)  # a feature or label-embedding store: a local directory or a URL (s3://...)
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")
 PARAMS = click.option("--params", type=EXISTING_FILE, help="params.yaml (sections model, train, evaluate).")
 
 
 @click.command("train")
-@click.option("--train-cache", required=True, type=EXISTING_DIR, help="Training feature store (stage one).")
-@click.option("--labels", required=True, type=EXISTING_DIR, help="Label-embedding store (stage one).")
+@click.option("--train-cache", required=True, type=STORE, help="Training feature store (stage one).")
+@click.option("--labels", required=True, type=STORE, help="Label-embedding store (stage one).")
 @click.option("--out", required=True, type=NEW_PATH, help="Output directory: checkpoints, config.json, train_log.csv.")
-@click.option("--test-cache", type=EXISTING_DIR, help="Test store; required by train.selection 'test'.")
+@click.option("--test-cache", type=STORE, help="Test store; required by train.selection 'test'.")
 @PARAMS
 @DEVICE
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue a run found in --out.")
@@ -37,8 +39,8 @@ def train_cmd(train_cache, labels, out, test_cache, params, device, resume, prog
 
 @click.command("evaluate")
 @click.option("--checkpoint", type=EXISTING_DIR, help="A `qks train` (or `qks import-checkpoint`) output directory.")
-@click.option("--test-cache", required=True, type=EXISTING_DIR, help="Test feature store (stage one).")
-@click.option("--labels", required=True, type=EXISTING_DIR, help="Label-embedding store (stage one).")
+@click.option("--test-cache", required=True, type=STORE, help="Test feature store (stage one).")
+@click.option("--labels", required=True, type=STORE, help="Label-embedding store (stage one).")
 @click.option("--out", required=True, type=NEW_PATH, help="Metrics JSON (fractions in [0, 1]).")
 @click.option("--per-label", type=NEW_PATH, help="CSV: label, seen/unseen, AP, positives.")
 @click.option("--query-preference", type=NEW_PATH,

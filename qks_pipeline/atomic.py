@@ -1,0 +1,50 @@
+"""Files written whole or not at all: through a temporary name beside the target, fsynced, then renamed into place.
+
+A reader, a resumed run or DVC never sees half a file, and a failed write (a full disk, a kill in Python code) leaves
+no temporary file holding the space. The one mechanism for every file qks writes outside the Zarr arrays (manifests,
+metrics, checkpoints, done markers, HDF5 exports, predictions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path (`.<name>.tmp<pid>`) to write; renamed to `path` when the block succeeds, removed if not."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` atomically and durably. A failure (a full disk) is an OSError naming
+    `path`."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+@contextlib.contextmanager
+def atomic_stream(path: str | Path) -> Iterator[TextIO]:
+    """A UTF-8 text file to write line by line, put in place only when the block succeeds."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())

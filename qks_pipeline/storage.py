@@ -1,0 +1,191 @@
+"""Where a store lives: a local directory or an fsspec URL (`s3://bucket/train.zarr`, `gs://...`), behind one interface.
+
+zarr reads and writes the arrays (zarr's LocalStore for a local path, its FsspecStore for a URL); this module does
+the rest through one fsspec filesystem: the done markers and other small keys, listing, existence, removal, size, and
+putting a store built under a temporary name in place. A `file://` URL is a local path.
+
+Atomicity: a local key is written to a temporary file, fsynced and renamed; on object storage one PUT is atomic per
+object. A local store is put in place by one directory rename; object storage has no rename, so its keys are copied
+server-side with the root `zarr.json` last (a store that opens is whole) and the temporary copy is then removed.
+
+Credentials and endpoints come from each filesystem's usual configuration, never from qks. For S3: the AWS environment
+and files (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, ~/.aws/config) and, for an S3-compatible server
+(MinIO, Ceph, moto), `AWS_ENDPOINT_URL` (botocore's own variable, honoured by s3fs). For GCS: application-default
+credentials. fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables (e.g. `FSSPEC_S3_ENDPOINT_URL`) apply as well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import fsspec
+import zarr
+from fsspec.implementations.local import LocalFileSystem
+
+from qks_pipeline.atomic import atomic_write
+from qks_pipeline.errors import QKSError
+
+ROOT_METADATA = "zarr.json"
+INTERRUPTED_WRITE = re.compile(r"\.partial$|\.tmp\d+$")  # zarr's temporary chunk files; `qks_pipeline.atomic`'s
+
+
+def is_url(location: str | Path) -> bool:
+    """A remote fsspec URL (`s3://...`); plain paths and `file://` URLs are local."""
+    return isinstance(location, str) and "://" in location and not location.startswith("file://")
+
+
+def _local_path(location: str | Path) -> Path:
+    return Path(str(location).removeprefix("file://"))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store's root: `url` as the user gave it (a Path when local), `fs` the filesystem, `root` the path within it."""
+
+    url: str | Path
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    @classmethod
+    def of(cls, location: str | Path) -> Location:
+        if not is_url(location):
+            path = _local_path(location)
+            return cls(path, LocalFileSystem(), str(path))
+        try:
+            fs, root = fsspec.url_to_fs(location)
+        except (ImportError, ValueError) as e:  # unknown protocol, or its package (s3fs, gcsfs) is not installed
+            raise QKSError(f"cannot open this URL: {e}", location) from None
+        return cls(location.rstrip("/"), fs, root.rstrip("/"))
+
+    @property
+    def local(self) -> bool:
+        return isinstance(self.url, Path)
+
+    def open_group(self, mode: str) -> zarr.Group:
+        """The Zarr v3 group here: zarr's LocalStore for a path, its FsspecStore for a URL. A refusal by the filesystem
+        (no such bucket, no permission) is one clear error."""
+        try:
+            return zarr.open_group(self.url, mode=mode, zarr_format=3)
+        except OSError as e:
+            raise QKSError(f"cannot open a store here ({type(e).__name__}: {e})", self.url) from None
+
+    def sibling(self, suffix: str) -> Location:
+        """The location `<this name><suffix>` beside this one (e.g. a temporary build)."""
+        if self.local:
+            return Location.of(self.url.with_name(self.url.name + suffix))
+        return Location(f"{self.url}{suffix}", self.fs, f"{self.root}{suffix}")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def exists(self, key: str = "") -> bool:
+        self.fs.invalidate_cache(self._path(key))  # another process (a dask worker) may have written it
+        return self.fs.exists(self._path(key))
+
+    def has_content(self) -> bool:
+        """Something is here: a file (object), or a directory (prefix) that is not empty."""
+        return self.fs.isfile(self.root) or bool(self.list(""))
+
+    def read_text(self, key: str) -> str:
+        return self.fs.cat_file(self._path(key)).decode()
+
+    def write_text(self, key: str, text: str) -> None:
+        """Write one small key atomically: temp file + fsync + rename locally, one PUT on object storage."""
+        path = self._path(key)
+        if not self.local:
+            self.fs.pipe_file(path, text.encode())
+            return
+        atomic_write(path, text)
+
+    def makedirs(self, key: str) -> None:
+        """A directory locally; nothing on object storage (prefixes exist through their keys)."""
+        self.fs.makedirs(self._path(key), exist_ok=True)
+
+    def list(self, key: str) -> list[str]:
+        """Names directly under `key` (none when it does not exist)."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def remove(self) -> None:
+        if self.exists():
+            self.fs.rm(self.root, recursive=True)
+
+    def replace_with(self, built: Location) -> None:
+        """Put the store built at `built` here, replacing what is here; `built` is gone afterwards."""
+        self.remove()
+        if self.local:
+            os.replace(built.root, self.root)
+            return
+        keys = sorted(built.fs.find(built.root))
+        meta = built._path(ROOT_METADATA)
+        rest = [k for k in keys if k != meta]
+        self.fs.copy(rest, [self._path(k[len(built.root) + 1 :]) for k in rest])
+        self.fs.copy(meta, self._path(ROOT_METADATA))  # last: a store that opens is whole
+        built.remove()
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold an exclusive lock on `<store>.lock` while this process writes the store: a second writer is refused
+        at once, with one line naming the holder. The lock file stays (removing it would let two runs lock two
+        different files); the operating system releases the lock when its holder exits, however it exits. Local
+        stores only: object storage has no lock, so one writer per URL is up to the user."""
+        if not self.local:
+            yield
+            return
+        lock = self.url.with_name(self.url.name + ".lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                raise QKSError(f"another extraction is writing this store (pid {holder}, lock {lock.name})",
+                               self.url) from None  # fmt: skip
+            f.truncate(0)
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+
+    def remove_interrupted_writes(self) -> list[str]:
+        """Delete what writes cut short by a kill leave inside a local store: zarr's `<chunk>.<uuid>.partial` files
+        and our `.<name>.tmp<pid>` files. Call it only under `writer_lock`. Returns the removed paths."""
+        if not self.local or not self.url.is_dir():
+            return []
+        removed = [p for p in self.url.rglob("*") if p.is_file() and INTERRUPTED_WRITE.search(p.name)]
+        for p in removed:
+            p.unlink(missing_ok=True)
+        return [str(p) for p in removed]
+
+    def size(self) -> int:
+        """Bytes of all files (objects) under this location."""
+        return int(self.fs.du(self.root, total=True))
+
+    def __str__(self) -> str:
+        return str(self.url)
+
+
+class StoreParam(click.ParamType):
+    """A command-line store: a local directory (must exist when `exists`) or a URL (checked when it is opened)."""
+
+    name = "store"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+
+    def convert(self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None) -> str | Path:
+        if is_url(value):
+            return value
+        path = click.Path(exists=self.exists, file_okay=not self.exists, path_type=Path)  # as before URLs were allowed
+        return path.convert(str(_local_path(value)), param, ctx)

@@ -1,0 +1,143 @@
+"""Extraction on a dask cluster: the same store as the single-process path, resumable, one backbone load per worker."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from qks_pipeline.cache import open_cache
+from qks_pipeline.cli import main
+from qks_pipeline.config import BackboneConfig, ExtractConfig
+from qks_pipeline.distributed import ShardJob, _backbone, run_shard
+from qks_pipeline.errors import QKSError
+from qks_pipeline.extract import extract
+
+distributed = pytest.importorskip("distributed")
+
+SHARD_SIZE, VIEWS = 5, 1  # 16 train images: shards of 5, 5, 5, 1
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A two-worker local cluster (processes, one thread each) shared by this module's tests."""
+    local = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, **local) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        yield c
+
+
+def _qks(*args: object, expect: int = 0) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result.output
+
+
+def _extract_cli(ds, tiny_clip, out: Path, *extra: object, expect: int = 0) -> str:
+    config, weights = tiny_clip
+    return _qks("extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--out", out,
+                "--model", config, "--pretrained", weights, "--device", "cpu", "--workers", 0,
+                "--shard-size", SHARD_SIZE, "--views", VIEWS, "--batch-size", 4, *extra, expect=expect)  # fmt: skip
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def _backbone_calls(client) -> tuple[int, int]:
+    """(loads, uses) of the backbone over the workers' lifetime: misses and hits + misses of its per-process memo."""
+    infos = client.run(_backbone.cache_info).values()
+    return sum(i.misses for i in infos), sum(i.hits + i.misses for i in infos)
+
+
+def test_two_workers_write_the_single_process_store_byte_for_byte(sample_dataset, tiny_clip, tmp_path, client):
+    _extract_cli(sample_dataset, tiny_clip, tmp_path / "single.zarr")
+    address = client.scheduler.address  # the module's two-worker cluster, joined as a running scheduler
+    loads, uses = _backbone_calls(client)
+    out = _extract_cli(sample_dataset, tiny_clip, tmp_path / "dist.zarr", "--cluster", address, "--workers", 2)
+    assert "16 images in 4 shard(s)" in out
+    single, dist = _files(tmp_path / "single.zarr"), _files(tmp_path / "dist.zarr")
+    assert sorted(single) == sorted(dist) and len([k for k in single if k.startswith("done/")]) == 4
+    for name in single:
+        assert single[name] == dist[name], name  # shard files, metadata and done markers alike
+    assert open_cache(tmp_path / "dist.zarr").valid[:].all()
+    loads_now, uses_now = _backbone_calls(client)
+    assert uses_now - uses == 4 and loads_now <= 2  # 4 tasks; each worker loads the backbone once in its life
+
+
+def test_a_local_cluster_option_starts_and_stops_its_own_cluster(sample_dataset, tiny_clip, tmp_path):
+    out = _extract_cli(sample_dataset, tiny_clip, tmp_path / "local.zarr", "--cluster", "local:2")
+    assert "16 images in 4 shard(s)" in out and open_cache(tmp_path / "local.zarr").is_complete()
+    assert "must be local:N" in _extract_cli(sample_dataset, tiny_clip, tmp_path / "x.zarr", "--cluster", "two",
+                                             expect=1)  # fmt: skip
+
+
+def test_a_resumed_distributed_run_recomputes_only_the_missing_shard(sample_dataset, tiny_clip, tmp_path, client):
+    store = tmp_path / "train.zarr"
+    backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
+    cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, views=VIEWS)
+    run = dict(dataset_dir=sample_dataset.dataset, split="train", images_root=sample_dataset.images, out=store,
+               backbone=backbone, cfg=cfg, device="cpu", cluster=client)  # fmt: skip
+    first = extract(**run)
+    assert first.shards_written == 4 and first.computed == 16
+    before = _files(store)
+    stamps = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    (store / "done" / "00002.json").unlink()
+    second = extract(**run)
+    assert second.shards_written == 1 and second.computed == SHARD_SIZE
+    rewritten = {p for p in store.rglob("*") if p.is_file() and stamps.get(p) != p.stat().st_mtime_ns}
+    assert {p.relative_to(store).as_posix() for p in rewritten} == {"done/00002.json", "tokens/c/2/0/0/0", "valid/c/2"}
+    assert _files(store) == before
+    assert json.loads((store / "done" / "00002.json").read_text())["rows"] == [10, 15]
+    assert extract(**run).shards_written == 0
+
+
+def test_a_user_error_on_a_worker_is_reported_after_the_other_shards(sample_dataset, tiny_clip, tmp_path, client):
+    dataset = tmp_path / "dataset"
+    shutil.copytree(sample_dataset.dataset, dataset)
+    with open(dataset / "train.jsonl", "a") as f:
+        f.write(json.dumps({"image": "train/missing.jpg", "positive": ["red"]}) + "\n")
+    backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
+    cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, shuffle=False)
+    run = dict(dataset_dir=dataset, split="train", images_root=sample_dataset.images, out=tmp_path / "strict.zarr",
+               backbone=backbone, cfg=cfg, device="cpu", cluster=client)  # fmt: skip
+    with pytest.raises(QKSError, match=r"1 of 4 shard\(s\) failed.*shard 3: .*missing\.jpg: unreadable image"):
+        extract(**run, strict=True, retries=3)
+    cache = open_cache(tmp_path / "strict.zarr")
+    assert cache.done_shards() == {0, 1, 2}  # the missing image is row 16, in the last shard; the others finished
+    outcome = run_shard(3, ShardJob.of(cache, sample_dataset.images, backbone, cfg, "cpu", strict=True))
+    assert outcome.rows == 0 and "(--strict)" in outcome.error  # returned, not raised: dask has nothing to retry
+    result = extract(**run)  # without --strict: masked out, and only the unfinished shard runs
+    assert result.shards_written == 1 and [s["path"] for s in result.skipped] == ["train/missing.jpg"]
+
+
+def test_workers_with_a_gpu_resource_run_one_shard_at_a_time(sample_dataset, tiny_clip, tmp_path):
+    """Workers started with `--resources GPU=1`: each task asks for the GPU, so a 2-thread worker runs one at a time."""
+    backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
+    cfg = ExtractConfig(batch_size=2, workers=0, shard_size=2)  # 8 small tasks
+    local = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", "resources": {"GPU": 1}}
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=2, **local) as cluster,
+        distributed.Client(cluster) as c,
+    ):
+        running, stop = [], threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                running.extend(c.run(lambda dask_worker: len(dask_worker.state.executing)).values())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            ds, out = sample_dataset, tmp_path / "gpu.zarr"
+            result = extract(ds.dataset, "train", ds.images, out, backbone, cfg, "cpu", cluster=c)
+        finally:
+            stop.set()
+            watcher.join()
+    assert result.shards_written == 8 and max(running) == 1

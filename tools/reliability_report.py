@@ -1,0 +1,107 @@
+"""Run the reliability fault cases and print a table: fault injected, trials, survived, data lost, wrong results.
+
+    .venv/bin/python tools/reliability_report.py [--kills 20] [--train-kills 5] [--trials 4] [--pairs 10]
+                                                 [--fuzz 200] [--spawn] [--work DIR] [--seed 0]
+
+The cases are those of tests/reliability (the same functions: tests/reliability/faults.py and corpus.py); what each
+count means is in faults.py's docstring. Runs are real processes that are SIGKILLed; by default they are forked from a
+warm process (fast); `--spawn` starts each as a fresh interpreter, as a user's shell does (about 4.5 s more per run).
+Mounting the small tmpfs of the disk-full cases needs root; without it those rows say so. Exits 1 when any trial lost
+data or gave a wrong result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "reliability"), str(ROOT / "tests")]
+
+import corpus  # noqa: E402
+import faults  # noqa: E402
+from harness import Runner, make_image_data, make_tiny_clip  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs of qks extract (the extraction soak)")
+    p.add_argument("--train-kills", type=int, default=5, help="SIGKILLs of qks train")
+    p.add_argument("--trials", type=int, default=4, help="disk-full trials, for extraction and for checkpoints each")
+    p.add_argument("--pairs", type=int, default=10, help="pairs of simultaneous extractions")
+    p.add_argument("--fuzz", type=int, default=200, help="hypothesis-generated manifests")
+    p.add_argument("--spawn", action="store_true", help="start every run as a fresh interpreter")
+    p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory, removed)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _row(name: str, work: Path, make: Callable[[Path], faults.Outcome]) -> faults.Outcome:
+    """Run one case in its own directory; a case that cannot run here becomes a row with 0 trials and the reason."""
+    start = time.monotonic()
+    (work / name).mkdir(parents=True, exist_ok=True)
+    try:
+        outcome = make(work / name)
+    except faults.Unavailable as e:
+        outcome = faults.Outcome(name.replace("_", " "), notes=[f"not run: {e}"])
+    print(f"  {outcome.fault}: {outcome.trials} trials, {time.monotonic() - start:.0f} s", file=sys.stderr)
+    return outcome
+
+
+def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[faults.Outcome]:
+    clip, other = make_tiny_clip(work / "clip", 0), make_tiny_clip(work / "clip", 1)
+    small, big = make_image_data(work / "small", 24), make_image_data(work / "big", 64)
+    setup = faults.make_train_setup(work / "train_setup", num_train=384, epochs=6)
+    small_setup = faults.make_train_setup(work / "small_train_setup", num_train=128, epochs=3)
+    s = args.seed
+    cases: list[tuple[str, Callable[[Path], faults.Outcome]]] = [
+        ("kill_extract", lambda w: faults.extraction_kills(runner, w, big, clip, args.kills, seed=s)),
+        ("kill_train", lambda w: faults.training_kills(runner, w, setup, args.train_kills, 6, seed=s)),
+        ("disk_extract", lambda w: faults.disk_full_extraction(runner, w, small, clip, faults.spread(args.trials, s))),
+        ("fsize_extract", lambda w: faults.file_size_limit_extraction(runner, w, small, clip)),
+        (
+            "disk_checkpoint",
+            lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, faults.spread(args.trials, s), True),
+        ),  # fmt: skip
+        ("pairs", lambda w: faults.concurrent_extractions(runner, w, small, clip, args.pairs)),
+        ("pairs_together", lambda w: faults.concurrent_extractions(runner, w, small, clip, 5, barrier=True)),
+        ("create_while_creating", lambda w: faults.create_while_creating(runner, w, small, clip)),
+        ("replace_running", lambda w: faults.replace_while_running(runner, w, small, clip, other)),
+        ("stale", lambda w: faults.stale_inputs(faults.make_stale_setup(w, small, clip, other))),
+        ("manifests", lambda w: corpus.manifest_outcome(w, args.fuzz, seed=s)),
+        ("images", lambda w: corpus.image_outcome(w, clip)),
+        ("labels", lambda w: corpus.label_outcome(w, _embed_options(w, clip))),
+    ]
+    return [_row(name, work, make) for name, make in cases]
+
+
+def _embed_options(work: Path, clip) -> list[str]:
+    templates = work / "templates.txt"
+    templates.write_text("a photo of a {}.\n")
+    return ["--templates", str(templates), "--model", str(clip.config), "--pretrained", str(clip.weights),
+            "--device", "cpu"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="qks_reliability_"))
+    start = time.monotonic()
+    try:
+        with Runner("spawn" if args.spawn else "fork") as runner:
+            outcomes = run_all(args, runner, work)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    mode = "fresh interpreters" if args.spawn else "forked from a warm process"
+    print(f"\nqks reliability report ({mode}, seed {args.seed}, {time.monotonic() - start:.0f} s)\n")
+    print(faults.format_table(outcomes))
+    return int(any(o.data_lost or o.wrong for o in outcomes))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
