@@ -22,6 +22,7 @@ then a Path or the URL string.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from qks_pipeline.errors import QKSError
 from qks_pipeline.storage import Location
 
 FORMAT_VERSION = 1
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file-size limit: a user error
 ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
 
 
@@ -163,8 +165,10 @@ class Cache:
             self.tokens[rows] = tokens.astype(np.float16, copy=False)
             self.group["valid"][rows] = valid
             self.location.write_text(_marker(shard), json.dumps(record))
-        except OSError as e:  # a full disk, a quota, a file-size limit: the shard stays not done, a rerun redoes it
-            raise QKSError(f"cannot write shard {shard}: {e.strerror or e}", e.filename or self.path) from None
+        except OSError as e:  # the shard stays not done: a rerun redoes it
+            if e.errno not in NO_SPACE:
+                raise  # maybe transient (a network store): a cluster run retries it
+            raise QKSError(f"cannot write shard {shard}: {e.strerror}", e.filename or self.path) from None
 
     def skipped(self) -> list[dict[str, str]]:
         """Every image recorded as unreadable, over all finished shards."""

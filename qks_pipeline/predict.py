@@ -2,9 +2,10 @@
 
 Unlike stage two, this loads CLIP: the backbone named by the checkpoint's fingerprint (config.json), checked to be the
 very one the head was trained on. Images get the backbone's own preprocessing (center crop, the clean view of stage
-one); labels are embedded with the prompt pool exactly like stage one's `encode_labels` (plain mean of unnormalised
-text features), so scores equal `qks evaluate`'s on the same images up to the cache's float16 rounding. Label
-embeddings are cached on disk, one small file per (backbone, label, templates) key.
+one); labels are embedded with the prompt pool exactly like stage one's `encode_labels` (the mean of unnormalised
+text features, L2-normalised when the checkpoint's label store was), so scores equal `qks evaluate`'s on the same
+images up to the cache's float16 rounding. Label embeddings are cached on disk, one small file per (backbone, label,
+templates, normalisation) key.
 
     tagger = Tagger.load("runs/qks", device="auto")
     for p in tagger.predict(["a.jpg", "b.png"], ["dog", "beach", "sunset"], top_k=2):
@@ -219,9 +220,10 @@ def templates_sha256(templates: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(templates).encode()).hexdigest()
 
 
-def label_key(fingerprint: dict[str, Any], label: str, templates_hash: str) -> str:
-    """The cache key of one label's embedding: sha256 of (backbone fingerprint, label, templates hash)."""
-    blob = json.dumps({"backbone": fingerprint, "label": label, "templates": templates_hash}, sort_keys=True)
+def label_key(fingerprint: dict[str, Any], label: str, templates_hash: str, normalize: bool = False) -> str:
+    """The cache key of one label's embedding: sha256 of (backbone fingerprint, label, templates hash, normalize)."""
+    blob = {"backbone": fingerprint, "label": label, "templates": templates_hash}
+    blob = json.dumps(blob | ({"normalize": True} if normalize else {}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -377,8 +379,17 @@ class Tagger:
             pool = read_templates(templates)
         else:
             pool = list(templates) if templates is not None else prompt_pool()
+        trained_with = config.get("label_embedding", {}).get("num_templates")
+        if trained_with is not None and trained_with != len(pool):
+            log.warning("the head was trained on labels embedded with %d templates; predicting with %d", trained_with,
+                        len(pool))  # fmt: skip
         directory = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
         return cls(clip, preprocess, tokenizer, head, config, loaded, pool, dev, amp, LabelEmbeddingCache(directory))
+
+    @property
+    def normalize_labels(self) -> bool:
+        """Whether the head was trained on L2-normalised label means (`labels.normalize`); predict does the same."""
+        return bool(self.config.get("label_embedding", {}).get("normalize", False))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -386,17 +397,18 @@ class Tagger:
         return 3, int(size[0]), int(size[1])
 
     def label_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
-        """(C, E) float32 on the device: the plain mean of the templates' text features, from the disk cache when
-        there, else encoded with stage one's `encode_labels` (and cached)."""
+        """(C, E) float32 on the device: the mean of the templates' text features (L2-normalised when the head was
+        trained so), from the disk cache when there, else encoded with stage one's `encode_labels` (and cached)."""
         dim = int(self.head.proj.shape[1])
         cache = self.label_cache or LabelEmbeddingCache(None)
         t_hash = templates_sha256(self.templates)
-        keys = [label_key(self.fingerprint, label, t_hash) for label in labels]
+        normalize = self.normalize_labels
+        keys = [label_key(self.fingerprint, label, t_hash, normalize) for label in labels]
         found = {i: e for i, k in enumerate(keys) if (e := cache.get(k, dim)) is not None}
         missing = [i for i in range(len(labels)) if i not in found]
         if missing:
             emb = encode_labels(self.clip, self.tokenizer, [labels[i] for i in missing], self.templates,
-                                device=self.device).numpy()  # (M, E)  # fmt: skip
+                                normalize=normalize, device=self.device).numpy()  # (M, E)  # fmt: skip
             for i, row in zip(missing, emb, strict=True):
                 cache.put(keys[i], row)
                 found[i] = row

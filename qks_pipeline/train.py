@@ -5,7 +5,8 @@ out; the checkpoint is selected on its seen-label mAP. `selection: test` instead
 the reference code does, and every output says so.
 
 Output directory:
-    config.json         model config, token/embed dims, backbone fingerprint, labels, training params, best epoch
+    config.json         model config, token/embed dims, backbone fingerprint, labels and how they were embedded,
+                        training params, best epoch
     best.safetensors    weights of the selected epoch
     last.safetensors    weights after the last completed epoch
     last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, RNG, progress); written
@@ -63,6 +64,7 @@ class Inputs:
     label_names: list[str]  # seen then unseen
     embeddings: torch.Tensor  # (C, E) float32
     num_seen: int
+    label_embedding: dict[str, Any]  # how the label store was made (normalize, num_templates): predict repeats it
 
     @property
     def backbone(self) -> dict[str, Any]:
@@ -89,7 +91,8 @@ def open_inputs(train_path: str | Path, labels_path: str | Path, test_path: str 
             raise QKSError(
                 f"test cache has {test.num_seen} seen labels, the training cache {train.num_seen}", test_path
             )
-    return Inputs(train, test, names, torch.from_numpy(emb), train.num_seen)
+    made = {"normalize": bool(attrs.get("normalize", False)), "num_templates": attrs.get("num_templates")}
+    return Inputs(train, test, names, torch.from_numpy(emb), train.num_seen, made)
 
 
 def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
@@ -279,6 +282,7 @@ def run_config(params: Params, inputs: Inputs) -> dict[str, Any]:
         "fingerprint": inputs.backbone,
         "label_names": inputs.label_names,
         "num_seen": inputs.num_seen,
+        "label_embedding": inputs.label_embedding,
         "train": asdict(params.train),
         "selection": params.train.selection,
         "selection_note": SELECTED_ON_TEST if test else "held-out tail of the training store (train.val_fraction)",

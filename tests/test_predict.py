@@ -17,6 +17,7 @@ from PIL import Image
 
 from qks_pipeline import predict as predict_module
 from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
+from qks_pipeline.cache import read_label_embeddings
 from qks_pipeline.cli import main
 from qks_pipeline.config import ModelConfig, Params, TrainConfig
 from qks_pipeline.errors import QKSError
@@ -106,6 +107,23 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     with torch.no_grad():
         rounded = tagger.head(tokens, tagger.label_embeddings(inputs.label_names)).numpy()
     np.testing.assert_allclose(rounded, expected.scores, rtol=1e-4, atol=1e-4)
+
+
+def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, tiny_clip, sample_dataset, tmp_path):
+    """`labels.normalize: true` at stage one is recorded in the checkpoint, and predict embeds labels the same way."""
+    config, weights = tiny_clip
+    labels = tmp_path / "labels_normalised.zarr"
+    _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out", labels,
+         "--normalize", "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
+    p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
+               train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
+    train(run / "train.zarr", labels, tmp_path / "ckpt", params=p, device="cpu", progress_bar=False,
+          echo=lambda _: None)  # fmt: skip
+    tagger = Tagger.load(tmp_path / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates)
+    names, stored, _ = read_label_embeddings(labels)
+    assert tagger.normalize_labels
+    np.testing.assert_allclose(tagger.label_embeddings(names).numpy(), stored, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, rtol=1e-5)
 
 
 def test_top_k_and_threshold_follow_the_scores(tagger, sample_dataset):
