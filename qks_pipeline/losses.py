@@ -56,12 +56,19 @@ def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor
     For each image, every (positive, verified negative) pair contributes `max(0, margin - s_pos + s_neg)`; unknown
     entries (0) take part in no pair. An image's loss is the sum over its pairs divided by the number of violating
     pairs (those with a positive hinge); an image without violations contributes 0. The loss is the mean over images.
+
+    Pairs are formed from each image's positives only, padded to the batch's largest positive count P: (B, P, C)
+    rather than (B, C, C), which matters at Open Images' 7,586 labels (P is tens, C thousands).
     """
     logits = logits.float()
-    pos = (targets == 1).to(logits.dtype)
-    neg = (targets == -1).to(logits.dtype)
-    hinge = margin - logits[:, :, None] + logits[:, None, :]  # (B, C_pos, C_neg): margin - s_i + s_j
-    hinge = (hinge * pos[:, :, None] * neg[:, None, :]).clamp(min=0)  # only (positive i, negative j) pairs
+    pos, neg = targets == 1, targets == -1
+    most = int(pos.sum(dim=1).max()) if pos.numel() else 0
+    if most == 0:
+        return logits.sum() * 0.0  # no positive anywhere: no pair (zero, with a gradient path)
+    is_pos, columns = pos.float().topk(most, dim=1)  # (B, P): each image's positive columns first, then padding
+    s_pos = logits.gather(1, columns)  # (B, P)
+    hinge = (margin - s_pos[:, :, None] + logits[:, None, :]).clamp(min=0)  # (B, P, C): margin - s_i + s_j
+    hinge = hinge * (is_pos[:, :, None] * neg[:, None, :])  # only (positive i, verified negative j) pairs
     violations = (hinge > 0).sum(dim=(1, 2))  # (B,)
     per_image = hinge.sum(dim=(1, 2)) / violations.clamp(min=1)  # (B,)
     return per_image.mean()

@@ -56,6 +56,31 @@ def test_ranking_by_hand() -> None:
     assert make_loss("ranking")(LOGITS, TARGETS).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_ranking_equals_the_all_pairs_computation_on_random_batches() -> None:
+    """The (B, P, C) computation against the plain (B, C, C) one over every pair, values and gradients."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randn(8, 40, generator=gen)
+        y = torch.randint(-1, 2, (8, 40), generator=gen, dtype=torch.int8)
+        y[0] = -1  # an image without positives
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = make_loss("ranking")(a, y)
+        pos, neg = (y == 1).float(), (y == -1).float()
+        hinge = ((1 - b[:, :, None] + b[:, None, :]) * pos[:, :, None] * neg[:, None, :]).clamp(min=0)
+        want = (hinge.sum(dim=(1, 2)) / (hinge > 0).sum(dim=(1, 2)).clamp(min=1)).mean()
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_ranking_without_any_positive_is_zero() -> None:
+    x = torch.randn(2, 5, requires_grad=True)
+    loss = make_loss("ranking")(x, -torch.ones(2, 5, dtype=torch.int8))
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad is not None
+
+
 def test_ranking_ignores_unknown() -> None:
     changed = LOGITS.clone()
     changed[TARGETS == 0] = torch.randn(int((TARGETS == 0).sum()))
