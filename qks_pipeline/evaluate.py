@@ -32,7 +32,7 @@ UNITS = "fraction"  # every metric written here is a fraction in [0, 1]
 CLIP_BASELINE = "clip_zero_shot"
 
 
-def check_label_names(path: Path, found: list[str], expected: list[str], what: str) -> None:
+def check_label_names(path: str | Path, found: list[str], expected: list[str], what: str) -> None:
     """Refuse a label list that is not the expected one, naming the first difference."""
     if found == expected:
         return
@@ -125,12 +125,12 @@ def open_test_inputs(test_path: str | Path, labels_path: str | Path, checkpoint:
     names, emb, attrs = read_label_embeddings(labels_path)
     backbone = {"backbone": cache.fingerprint["backbone"]}
     check_fingerprint(labels_path, {"backbone": attrs["fingerprint"]["backbone"]}, backbone, "label embeddings")
-    check_label_names(Path(labels_path), names, cache.label_names, "label embeddings vs the test cache")
+    check_label_names(labels_path, names, cache.label_names, "label embeddings vs the test cache")
     if checkpoint is not None:
         check_fingerprint(test_path, backbone, {"backbone": checkpoint["fingerprint"]}, "test cache vs the checkpoint")
     if checkpoint is not None and checkpoint["label_names"] is not None:  # None: an imported reference checkpoint
         seen = cache.label_names[: cache.num_seen]
-        check_label_names(Path(test_path), seen, checkpoint["label_names"][: checkpoint["num_seen"]],
+        check_label_names(test_path, seen, checkpoint["label_names"][: checkpoint["num_seen"]],
                           "seen labels of the test cache vs the checkpoint")  # fmt: skip
     return TestInputs(cache, names, torch.from_numpy(emb), cache.num_seen)
 
