@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from qks_pipeline.atomic import atomic_path
 from qks_pipeline.backbone import backbone_fingerprint, encode_labels, load_backbone, visual_tokens
 from qks_pipeline.cache import differing_keys
 from qks_pipeline.devices import autocast, resolve_device
@@ -250,14 +251,10 @@ class LabelEmbeddingCache:
     def put(self, key: str, emb: np.ndarray) -> None:
         if self.directory is None:
             return
-        path = self.directory / f"{key}.npy"
-        tmp = path.with_name(f".{key}.tmp{os.getpid()}.npy")
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            np.save(tmp, emb.astype(np.float32))
-            os.replace(tmp, path)
+            with atomic_path(self.directory / f"{key}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, emb.astype(np.float32))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             if not self._warned:
                 log.warning("label-embedding cache %s not writable (%s); continuing without it", self.directory, e)
                 self._warned = True
