@@ -30,6 +30,7 @@ class ExtractConfig:
     views: int = 0  # extra augmented views stored per training image (0 = the clean view only)
     shuffle: bool = True  # store images in a seeded random order, so contiguous reads are random batches
     seed: int = 0  # seed of the write-time shuffle and of the augmented views
+    cluster: str = ""  # "" = this process; local:N or tcp://HOST:PORT = a dask cluster (qks_pipeline.distributed)
 
 
 @dataclass

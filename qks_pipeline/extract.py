@@ -376,8 +376,9 @@ def extract(
     Args:
         out: a local directory or an fsspec URL (`s3://bucket/train.zarr`, see `qks_pipeline.storage`).
         device: in this process, or on each dask worker with `cluster`.
-        cluster: None: in this process. "local:N": a LocalCluster of N worker processes, 1 thread each; a scheduler
-            address ("tcp://host:port"); or a `distributed.Client`. See `qks_pipeline.distributed`.
+        cluster: None: `cfg.cluster`, where "" means this process. "local:N": a LocalCluster of N worker processes,
+            1 thread each; a scheduler address ("tcp://host:port"); or a `distributed.Client`. See
+            `qks_pipeline.distributed`.
         retries: with `cluster`, how often a failing shard is retried (a user error such as --strict's is not).
     """
     start = time.perf_counter()
@@ -387,6 +388,7 @@ def extract(
     if not images_root.is_dir():
         raise QKSError("image root is not a directory", images_root)
     cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
+    cluster = cluster if cluster is not None else (cfg.cluster or None)
     dist = _distributed() if cluster is not None else None
     with Location.of(out).writer_lock(), dist.connect(cluster) if dist else contextlib.nullcontext() as client:
         dev = dist.cluster_device(client, device) if dist else resolve_device(device)

@@ -76,6 +76,10 @@ def test_a_local_cluster_option_starts_and_stops_its_own_cluster(sample_dataset,
     assert "16 images in 4 shard(s)" in out and open_cache(tmp_path / "local.zarr").is_complete()
     assert "must be local:N" in _extract_cli(sample_dataset, tiny_clip, tmp_path / "x.zarr", "--cluster", "two",
                                              expect=1)  # fmt: skip
+    params = tmp_path / "params.yaml"  # the same through params.yaml (a DVC run: extract.cluster)
+    params.write_text("extract:\n  cluster: two\n")
+    assert "must be local:N" in _extract_cli(sample_dataset, tiny_clip, tmp_path / "y.zarr", "--params", params,
+                                             expect=1)  # fmt: skip
 
 
 def test_a_resumed_distributed_run_recomputes_only_the_missing_shard(sample_dataset, tiny_clip, tmp_path, client):

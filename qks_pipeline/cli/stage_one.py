@@ -68,8 +68,9 @@ def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
 @click.option("--strict", is_flag=True, help="An unreadable image is fatal instead of masked out.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
 @click.option("--replace-stale", is_flag=True, help="Rebuild a store built differently; resume one built the same.")
-@click.option("--cluster", help="Run on dask: local:N (N worker processes, 1 thread each; --workers = decoding threads "
-              "per worker) or tcp://HOST:PORT (a running scheduler).")  # fmt: skip
+@click.option("--cluster", help="Run on dask: local:N (N worker processes, 1 thread each; --workers = decoding "
+              "threads per worker) or tcp://HOST:PORT (a running scheduler) "
+              "[params: extract.cluster; '' = here].")  # fmt: skip
 def extract_cmd(dataset, split, images, out, params, device, pretrained, model, precision, views, workers, batch_size,
                 shard_size, strict, overwrite, replace_stale, cluster) -> None:  # fmt: skip
     """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption."""
