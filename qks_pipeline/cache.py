@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,42 +199,51 @@ def create_cache(
     shard_size: int,
     label_names: list[str],
     num_seen: int,
-    labels: np.ndarray,
+    labels: np.ndarray | Callable[[int, int], np.ndarray],
     paths: list[str],
     manifest_index: np.ndarray,
     visual_proj: np.ndarray,
 ) -> Cache:
     """Create an empty store (all metadata, no tokens). Built under a temporary name and put in place
-    (`Location.replace_with`), so a store that exists is always fully initialised."""
-    n = len(paths)
-    assert labels.shape == (n, len(label_names)) and manifest_index.shape == (n,)
+    (`Location.replace_with`), so a store that exists is always fully initialised; a failure leaves nothing.
+
+    `labels`: the (N, C) int8 label matrix, or a function (start, stop) -> its rows start:stop, called one shard at a
+    time, so that the whole matrix is never in memory (Open Images' training split: 9 M images x 7,586 labels, 68 GB).
+    """
+    n, c = len(paths), len(label_names)
+    assert manifest_index.shape == (n,)
+    label_rows = labels if callable(labels) else lambda start, stop: labels[start:stop]
     location = Location.of(path)
     tmp = location.sibling(".creating")
     tmp.remove()
+    t, d = token_shape
+    shard = min(shard_size, max(n, 1))
     try:
         group = tmp.open_group("w")
-        t, d = token_shape
-        shard = min(shard_size, max(n, 1))
         group.create_array(
             "tokens", shape=(n, num_views, t, d), dtype="float16", chunks=(1, 1, t, d),
             shards=(shard, num_views, t, d), compressors=None, fill_value=0,
         )  # fmt: skip
         group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
-        group.create_array("labels", shape=labels.shape, dtype="int8", chunks=(shard, max(1, labels.shape[1])))[:] = (
-            labels
-        )
+        label_array = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
+        for start in range(0, n, shard):
+            stop = min(start + shard, n)
+            rows = label_rows(start, stop)
+            assert rows.shape == (stop - start, c), rows.shape
+            label_array[start:stop] = rows
         group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(paths, dtype=object)
         group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
         proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
         proj[:] = visual_proj
-        group.attrs.update(
-            {"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen), "shard_size": shard}
-        )
+        group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen),
+                            "shard_size": shard})  # fmt: skip
         tmp.makedirs("done")
         location.replace_with(tmp)
-    except OSError as e:  # a full disk: leave nothing half-built, taking the space
+    except BaseException as e:  # a full disk, a bad label, an interrupt: leave nothing half-built taking the space
         tmp.remove()
-        raise QKSError(f"cannot create the store: {e.strerror or e}", e.filename or location.url) from None
+        if isinstance(e, OSError):
+            raise QKSError(f"cannot create the store: {e.strerror or e}", e.filename or location.url) from None
+        raise
     return open_cache(path, mode="r+")
 
 

@@ -342,7 +342,11 @@ def _open_store(
 
     def create() -> Cache:
         order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
-        labels = label_matrix(records, seen + unseen, manifest, rest=scored_labels(split, seen, unseen))[order]
+        rest = scored_labels(split, seen, unseen)
+
+        def labels(start: int, stop: int) -> np.ndarray:  # one shard's rows at a time: bounded memory
+            return label_matrix([records[i] for i in order[start:stop]], seen + unseen, manifest, rest=rest)
+
         return create_cache(
             out, fingerprint=fingerprint, token_shape=token_shape(clip), num_views=1 + cfg.views,
             shard_size=cfg.shard_size, label_names=seen + unseen, num_seen=len(seen), labels=labels,

@@ -31,7 +31,6 @@ STR = h5py.string_dtype("utf-8")
 
 
 def _write_small(f: h5py.File, cache: Cache) -> None:
-    f.create_dataset("labels", data=cache.labels[:])
     f.create_dataset("valid", data=cache.valid[:])
     f.create_dataset("paths", data=np.asarray(cache.paths[:], dtype=object), dtype=STR)
     f.create_dataset("manifest_index", data=cache.manifest_index[:])
@@ -56,9 +55,11 @@ def export_hdf5(store: str | Path, out: str | Path) -> Path:
     n, v, t, d = cache.tokens.shape
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         feats = f.create_dataset("features", shape=(n, v, t, d), dtype="float16", chunks=(1, 1, t, d) if n else None)
+        labels = f.create_dataset("labels", shape=cache.labels.shape, dtype="int8")
         for shard in range(cache.num_shards):
             rows = cache.shard_rows(shard)
             feats[rows] = cache.tokens[rows]  # one whole shard at a time: bounded memory
+            labels[rows] = cache.labels[rows]
         _write_small(f, cache)
     return out
 
@@ -70,10 +71,13 @@ def _read_export(f: h5py.File, path: Path) -> dict:
                if k not in f]  # fmt: skip
     if missing:
         raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", path)
+    names = [s.decode() if isinstance(s, bytes) else s for s in f["label_names"][:]]
+    if f["labels"].shape != (f["features"].shape[0], len(names)):
+        raise QKSError(f"HDF5 export's labels have shape {f['labels'].shape}, expected (images, {len(names)})", path)
     return {
         "fingerprint": json.loads(f.attrs["fingerprint"]),
-        "labels": f["labels"][:],
-        "label_names": [s.decode() if isinstance(s, bytes) else s for s in f["label_names"][:]],
+        "labels": lambda start, stop: f["labels"][start:stop],  # read a shard at a time
+        "label_names": names,
         "paths": [s.decode() if isinstance(s, bytes) else s for s in f["paths"][:]],
         "manifest_index": f["manifest_index"][:],
         "visual_proj": f["visual_proj"][:],
