@@ -29,7 +29,8 @@ def main() -> None:
     \b
     Stage one (once):   qks extract, qks embed-labels  -> Zarr feature caches
     Stage two (often):  qks train, qks evaluate        -> from the caches only, CLIP never loaded
-    Data:               qks import FORMAT, qks manifest check
+    Tagging:            qks predict                    -> any label list on new images
+    Data:               qks import FORMAT, qks manifest check, qks cache info|verify
     """
 
 
