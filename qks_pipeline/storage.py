@@ -17,7 +17,7 @@ credentials. fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables (e.g. `FSSPEC_S3_EN
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -31,6 +31,13 @@ from fsspec.implementations.local import LocalFileSystem
 
 from qks_pipeline.atomic import atomic_write
 from qks_pipeline.errors import QKSError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
+
+log = logging.getLogger(__name__)
 
 ROOT_METADATA = "zarr.json"
 INTERRUPTED_WRITE = re.compile(r"\.partial$|\.tmp\d+$")  # zarr's temporary chunk files; `qks_pipeline.atomic`'s
@@ -140,7 +147,9 @@ class Location:
         at once, with one line naming the holder. The lock file stays (removing it would let two runs lock two
         different files); the operating system releases the lock when its holder exits, however it exits. Local
         stores only: object storage has no lock, so one writer per URL is up to the user."""
-        if not self.local:
+        if fcntl is None and self.local:
+            log.warning("no file locking on this system (Windows): make sure no other run writes %s", self.url)
+        if not self.local or fcntl is None:
             yield
             return
         lock = self.url.with_name(self.url.name + ".lock")
