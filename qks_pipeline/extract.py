@@ -134,8 +134,10 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the forward pass for the cores
 
 
-def shard_batches(cache: Cache, shards: list[int], images_per_batch: int) -> list[list[int]]:
-    """Row batches in store order that never cross a shard boundary (a shard completes before the next starts)."""
+def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list[int]]:
+    """Row batches in store order that never cross a shard boundary (a shard completes before the next starts);
+    `batch_size` counts views, so a batch holds batch_size // views images."""
+    images_per_batch = max(1, batch_size // cache.num_views)
     batches = []
     for shard in shards:
         rows = cache.shard_rows(shard)
@@ -239,10 +241,9 @@ def run_shards(
     cache: Cache, shards: list[int], dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
 ) -> int:
     """Compute and write `shards`; writes overlap the next shard's forward passes. Returns images computed."""
-    images_per_batch = max(1, cfg.batch_size // cache.num_views)
     loader = DataLoader(
         dataset,
-        batch_sampler=shard_batches(cache, shards, images_per_batch),
+        batch_sampler=shard_batches(cache, shards, cfg.batch_size),
         num_workers=cfg.workers,
         worker_init_fn=_worker_init if cfg.workers > 0 else None,
         pin_memory=forward.device.type == "cuda",
@@ -281,8 +282,7 @@ def extract_shard(
 ) -> int:
     """Compute and write one shard in this process, decoding in `cfg.workers` threads (a dask worker is a daemon
     process and may not start DataLoader worker processes): the task of a distributed run. Returns its rows."""
-    images_per_batch = max(1, cfg.batch_size // cache.num_views)
-    batches = _decoded_batches(dataset, shard_batches(cache, [shard], images_per_batch), cfg.workers)
+    batches = _decoded_batches(dataset, shard_batches(cache, [shard], cfg.batch_size), cfg.workers)
     out = shard_tokens(cache, shard, batches, dataset, forward, strict)
     cache.write_shard(shard, out.tokens, out.valid, out.skipped)
     return len(out.valid)
@@ -296,10 +296,7 @@ def open_or_create_store(
     refused, or rebuilt with `replace_stale`; a new store is built when there is none or with `overwrite`. A path (or
     URL) holding anything else is never replaced. The caller holds the store's `Location.writer_lock`."""
     location = Location.of(out)
-    is_store = location.exists("zarr.json")
-    if not is_store and location.has_content():
-        raise QKSError("exists and is not a feature cache; refusing to replace it", location.url)
-    if is_store and not overwrite:
+    if location.holds_store() and not overwrite:
         cache = open_cache(out, mode="r+")
         if cache.fingerprint == fingerprint:
             removed = location.remove_interrupted_writes()

@@ -90,25 +90,27 @@ def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> C
     h5, location = Path(h5), Location.of(store)
     if not h5.is_file():
         raise QKSError("HDF5 file not found", h5)
-    is_store = location.exists("zarr.json")
-    if not is_store and location.has_content():
-        raise QKSError("exists and is not a feature cache; refusing to replace it", location.url)
-    if is_store and not overwrite:
-        raise QKSError("store exists (use --overwrite to replace it)", location.url)
-    with location.writer_lock(), h5py.File(h5, "r") as f:
-        meta = _read_export(f, h5)
-        n, v, t, d = f["features"].shape
-        cache = create_cache(
-            store, fingerprint=meta["fingerprint"], token_shape=(t, d), num_views=v,
-            shard_size=int(f.attrs["shard_size"]), label_names=meta["label_names"], num_seen=int(f.attrs["num_seen"]),
-            labels=meta["labels"], paths=meta["paths"], manifest_index=meta["manifest_index"],
-            visual_proj=meta["visual_proj"],
-        )  # fmt: skip
-        valid = f["valid"][:]
-        for record in meta["done"]:
-            shard = record["shard"]
-            rows = cache.shard_rows(shard)
-            if record["rows"] != [rows.start, rows.stop]:
-                raise QKSError(f"done record of shard {shard} covers rows {record['rows']}, not {rows}", h5)
-            cache.write_shard(shard, f["features"][rows], valid[rows], record["skipped"])
+    with location.writer_lock():
+        if location.holds_store() and not overwrite:
+            raise QKSError("store exists (use --overwrite to replace it)", location.url)
+        with h5py.File(h5, "r") as f:
+            return _rebuild(f, h5, store)
+
+
+def _rebuild(f: h5py.File, h5: Path, store: str | Path) -> Cache:
+    meta = _read_export(f, h5)
+    n, v, t, d = f["features"].shape
+    cache = create_cache(
+        store, fingerprint=meta["fingerprint"], token_shape=(t, d), num_views=v,
+        shard_size=int(f.attrs["shard_size"]), label_names=meta["label_names"], num_seen=int(f.attrs["num_seen"]),
+        labels=meta["labels"], paths=meta["paths"], manifest_index=meta["manifest_index"],
+        visual_proj=meta["visual_proj"],
+    )  # fmt: skip
+    valid = f["valid"][:]
+    for record in meta["done"]:
+        shard = record["shard"]
+        rows = cache.shard_rows(shard)
+        if record["rows"] != [rows.start, rows.stop]:
+            raise QKSError(f"done record of shard {shard} covers rows {record['rows']}, not {rows}", h5)
+        cache.write_shard(shard, f["features"][rows], valid[rows], record["skipped"])
     return cache

@@ -96,9 +96,14 @@ class Location:
         self.fs.invalidate_cache(self._path(key))  # another process (a dask worker) may have written it
         return self.fs.exists(self._path(key))
 
-    def has_content(self) -> bool:
-        """Something is here: a file (object), or a directory (prefix) that is not empty."""
-        return self.fs.isfile(self.root) or bool(self.list(""))
+    def holds_store(self) -> bool:
+        """True when a Zarr store is here, False when nothing (or an empty directory) is. Anything else is refused:
+        qks never replaces what it did not write."""
+        if self.exists(ROOT_METADATA):
+            return True
+        if self.fs.isfile(self.root) or self.list(""):
+            raise QKSError("exists and is not a feature cache; refusing to replace it", self.url)
+        return False
 
     def read_text(self, key: str) -> str:
         return self.fs.cat_file(self._path(key)).decode()

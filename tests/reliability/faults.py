@@ -67,6 +67,12 @@ class Outcome:
         if text not in self.notes:
             self.notes.append(text)
 
+    def litter_left(self, files: list[str], by: str) -> None:
+        """Count and note temporary files that writes `by` (e.g. "killed writes") left behind, if any."""
+        if files:
+            self.litter += 1
+            self.note(f"temporary files left by {by}: {files[:2]}")
+
     @property
     def clean(self) -> bool:
         return self.trials > 0 and self.survived == self.trials and not (self.data_lost or self.wrong)
@@ -181,9 +187,7 @@ def extraction_kills(runner: Runner, work: Path, data: ImageData, clip: TinyClip
         diff = compare_trees(store, reference)
         if final.status != 0 or not diff.equal:
             outcome.note(f"round {round_no}: final run exit {final.status}, store vs clean run: {diff.summary()}")
-        if diff.litter:
-            outcome.litter += 1
-            outcome.note(f"temporary files left in the store by killed writes, e.g. {diff.litter[0]}")
+        outcome.litter_left(diff.litter, "killed writes in the store")
         for r in records:
             outcome.add(lost=r.lost or final.status != 0, wrong=r.wrong or not diff.equal)
         round_no = outcome.rounds = round_no + 1
@@ -321,10 +325,7 @@ def training_kills(runner: Runner, work: Path, setup: TrainSetup, kills: int, ep
             records.append(_Kill(lost, bool(broken)))
         final = runner.run(argv, work / f"round{round_no}-final.log")
         diff = compare_runs(out, reference) if final.status == 0 else ["final run failed"]
-        litter = sorted(p.name for p in out.glob(".*.tmp*"))
-        if litter:
-            outcome.litter += 1
-            outcome.note(f"temporary files left by killed checkpoint writes, e.g. {litter[0]}")
+        outcome.litter_left(sorted(p.name for p in out.glob(".*.tmp*")), "killed checkpoint writes")
         if diff:
             outcome.note(f"round {round_no}: differs from the clean run: {diff} ({last_line(final.output)})")
         for r in records:
@@ -420,9 +421,7 @@ def _extraction_trial(runner: Runner, mount: Path, argv: list[str], store: Path,
     diff = compare_trees(store, reference)
     if rerun.status != 0 or not diff.equal:
         outcome.note(f"rerun with space: exit {rerun.status}, vs clean run: {diff.summary()}")
-    if diff.litter:
-        outcome.litter += 1
-        outcome.note(f"failed writes left temporary files: {diff.litter[:2]}")
+    outcome.litter_left(diff.litter, "failed writes")
     if run.status == 0:
         outcome.note("a trial had enough space (no failure injected)")
     outcome.add(lost=rerun.status != 0, wrong=wrong or not diff.equal, unclear=unclear, ok=run.status != 0)
@@ -476,10 +475,7 @@ def _checkpoint_trial(runner: Runner, mount: Path, setup: TrainSetup, reference:
     broken = checkpoint_problems(out, epochs)
     if broken:
         outcome.note(f"checkpoint files broken by the failed write: {broken}")
-    litter = [p.name for p in out.glob(".*tmp*")] if out.exists() else []
-    if litter:
-        outcome.litter += 1
-        outcome.note(f"failed checkpoint writes left temporary files: {litter[:2]}")
+    outcome.litter_left([p.name for p in out.glob(".*tmp*")] if out.exists() else [], "failed checkpoint writes")
     filler.unlink()
     rerun = runner.run(train_argv(setup, out), mount.parent / "train-rerun.log")
     diff = compare_runs(out, reference) if rerun.status == 0 else [f"rerun failed: {last_line(rerun.output)}"]
