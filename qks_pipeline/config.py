@@ -5,10 +5,14 @@ Every default lives here and only here. Paths live on the command line and in `d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -42,25 +46,36 @@ class LabelsConfig:
 class ModelConfig:
     num_queries: int = 12  # learnable query tokens (NUS-WIDE 12, Open Images 22)
     num_layers: int = 7  # Q-Former layers (NUS-WIDE 7, Open Images 8)
-    num_heads: int = 12  # attention heads
+    num_heads: int | Literal["auto"] = "auto"  # attention heads; auto: width / 64 (BERT's and CLIP's head width)
     ff_dim: int = 3072  # feed-forward hidden size
     dropout: float = 0.1  # hidden and attention-probability dropout
     keep_cls: bool = True  # let the queries attend to the CLS token as well as the patch tokens
 
+    def heads(self, width: int) -> int:
+        """The number of heads for a Q-Former `width` wide; an explicit one must divide it."""
+        if self.num_heads == "auto":  # width / 64, or the nearest divisor below it
+            return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
+        if self.num_heads < 1 or width % self.num_heads:
+            raise QKSError(f"model.num_heads {self.num_heads} does not divide the backbone's width {width} (use auto)")
+        return self.num_heads
+
 
 @dataclass
 class TrainConfig:
-    epochs: int = 60  # upper bound; early stopping usually ends sooner
-    batch_size: int = 64
+    epochs: int = 60
+    batch_size: int = 64  # the global batch: with nproc N ranks, each takes batch_size / N of it
     lr: float = 1e-5
     weight_decay: float = 1e-4
-    loss: str = "asl"  # asl (NUS-WIDE) | bce (Open Images) | ranking (the ablation)
-    scheduler: str = "plateau"  # plateau (ReduceLROnPlateau, mode max, the reference) | cosine | onecycle | none
+    # asl (NUS-WIDE) | bce (Open Images); masl, mbce leave unknown labels out; ranking (the ablation);
+    # asl_focus_grad: ASL with gradients through its focusing weight (not the reference's)
+    loss: Literal["asl", "masl", "bce", "mbce", "ranking", "asl_focus_grad"] = "asl"
+    scheduler: Literal["plateau", "cosine", "onecycle", "none"] = "plateau"  # plateau: the reference's (mode max)
     plateau_patience: int = 1  # epochs without improvement before the LR is reduced
-    early_stop: int = 5  # stop after this many epochs without improvement (0 = never)
+    early_stop: int = 0  # stop after this many epochs without improvement (0 = never, the reference)
     val_fraction: float = 0.1  # share of training images held out to select the checkpoint
-    selection: str = "val"  # val (honest, default) | test (the reference's protocol: selects on the test set)
-    amp: bool = True  # mixed precision on GPU (ignored on CPU)
+    selection: Literal["val", "test"] = "val"  # val (honest) | test (the reference's protocol: selects on the test set)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: the reference; bf16/fp16 autocast (fp16 on CUDA only)
+    nproc: int = 1  # data-parallel processes on this machine (qks_pipeline/ddp.py)
     seed: int = 0
 
 
@@ -86,33 +101,66 @@ T = TypeVar("T")
 PIPELINE_SECTIONS = {"dataset", "data"}
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against a field's type hint (bool, int, float, str, list[...], Literal[...], unions of them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise QKSError(f"'{where}' must be one of {' | '.join(map(str, args))}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except QKSError:
+                pass
+        names = " or ".join(" | ".join(map(str, typing.get_args(a))) or a.__name__ for a in args)
+        raise QKSError(f"'{where}' must be {names}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise QKSError(f"'{where}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if hint is float and not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value)  # also YAML 1.1's strings such as 3e-5
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        expected = "true or false" if hint is bool else hint.__name__
+        raise QKSError(f"'{where}' must be {expected}, got {value!r}")
+    return value
+
+
 def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise QKSError(f"unknown key(s) in section '{where}': {', '.join(unknown)} (known: {', '.join(known)})")
+        raise QKSError(f"unknown key(s) in section '{where}': {', '.join(unknown)} (known: {', '.join(hints)})")
     kwargs = {}
     for name, value in values.items():
-        default = getattr(cls(), name)
-        if dataclasses.is_dataclass(default):
+        if dataclasses.is_dataclass(hints[name]):
             if not isinstance(value, dict):
                 raise QKSError(f"section '{where}.{name}' must be a mapping")
-            value = _build(type(default), value, f"{where}.{name}")
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise QKSError(f"'{where}.{name}' must be true or false, got {value!r}")
-        elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = float(value)
-        elif default is not None and not isinstance(value, type(default)):
-            raise QKSError(f"'{where}.{name}' must be {type(default).__name__}, got {value!r}")
-        kwargs[name] = value
+            kwargs[name] = _build(hints[name], value, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
     return cls(**kwargs)
 
 
-def load_params(path: str | Path | None) -> Params:
-    """Read `params.yaml` (or return the defaults when `path` is None)."""
-    if path is None:
-        return Params()
-    path = Path(path)
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`SECTION.KEY=VALUE` strings as nested sections; VALUE is read as YAML (numbers, true/false, [lists])."""
+    raw: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (sep and dot and section and name):
+            raise QKSError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=3e-5")
+        try:
+            raw.setdefault(section, {})[name] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise QKSError(f"--set {item!r}: the value is not valid YAML") from None
+    return raw
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -121,8 +169,21 @@ def load_params(path: str | Path | None) -> Params:
         raise QKSError(f"not valid YAML: {e}".splitlines()[0], path) from None
     if not isinstance(raw, dict):
         raise QKSError("params file must be a mapping of sections", path)
-    raw = {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS}
+    return {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS}
+
+
+def load_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """The defaults, updated by `params.yaml` (when given), then by `--set SECTION.KEY=VALUE` overrides."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
     try:
-        return _build(Params, raw, "params")
+        _build(Params, raw, "params")
     except QKSError as e:
         raise QKSError(e.message, path) from None
+    sets = _parse_overrides(overrides)
+    try:
+        _build(Params, sets, "params")
+    except QKSError as e:
+        raise QKSError(e.message, "--set") from None
+    for section, values in sets.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return _build(Params, raw, "params")

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import fsspec
 import zarr
 from fsspec.implementations.local import LocalFileSystem
@@ -48,7 +47,7 @@ def is_url(location: str | Path) -> bool:
     return isinstance(location, str) and "://" in location and not location.startswith("file://")
 
 
-def _local_path(location: str | Path) -> Path:
+def local_path(location: str | Path) -> Path:
     return Path(str(location).removeprefix("file://"))
 
 
@@ -63,7 +62,7 @@ class Location:
     @classmethod
     def of(cls, location: str | Path) -> Location:
         if not is_url(location):
-            path = _local_path(location)
+            path = local_path(location)
             return cls(path, LocalFileSystem(), str(path))
         try:
             fs, root = fsspec.url_to_fs(location)
@@ -188,18 +187,3 @@ class Location:
 
     def __str__(self) -> str:
         return str(self.url)
-
-
-class StoreParam(click.ParamType):
-    """A command-line store: a local directory (must exist when `exists`) or a URL (checked when it is opened)."""
-
-    name = "store"
-
-    def __init__(self, exists: bool = False):
-        self.exists = exists
-
-    def convert(self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None) -> str | Path:
-        if is_url(value):
-            return value
-        path = click.Path(exists=self.exists, file_okay=not self.exists, path_type=Path)  # as before URLs were allowed
-        return path.convert(str(_local_path(value)), param, ctx)

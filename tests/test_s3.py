@@ -74,7 +74,7 @@ def _backbone_args(tiny_clip) -> list[object]:
 
 def _extract(ds, tiny_clip, out: str | Path, expect: int = 0) -> str:
     return _qks("extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--out", out,
-                *_backbone_args(tiny_clip), "--workers", 0, "--shard-size", 5, "--views", 1, expect=expect)  # fmt: skip
+                *_backbone_args(tiny_clip), "--set", "extract.workers=0", "--set", "extract.shard_size=5", "--set", "extract.views=1", expect=expect)  # fmt: skip
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:

@@ -9,16 +9,18 @@ from qks_pipeline.errors import QKSError
 
 
 class QKSGroup(click.Group):
-    """Reports an OSError that reaches the top (a full disk, a read-only or unreadable path) as one error line naming
-    the file, as every other user-facing error is."""
+    """The edge where library errors become click's one-line errors (exit 1): a `QKSError`, and an OSError that reaches
+    the top (a full disk, a read-only or unreadable path) named by its file."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except QKSError as e:
+            raise click.ClickException(e.message) from None
         except OSError as e:
             if e.errno is None:
                 raise
-            raise QKSError(e.strerror or str(e), e.filename) from None
+            raise click.ClickException(QKSError(e.strerror or str(e), e.filename).message) from None
 
 
 @click.group(cls=QKSGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})

@@ -1,6 +1,6 @@
 """Stage-one commands: `qks extract`, `qks embed-labels` and the `qks cache` group (info, verify, HDF5 interop).
 
-Options given on the command line override the `backbone` / `extract` / `labels` sections of `--params`.
+Hyperparameters come from the `backbone` / `extract` / `labels` sections of `--params`, overridden by `--set`.
 """
 
 from __future__ import annotations
@@ -8,31 +8,32 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
 
 import click
 import dask
 
-from qks_pipeline.config import load_params
-from qks_pipeline.storage import StoreParam
-
-EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-NEW_PATH = click.Path(path_type=Path)
-STORE, EXISTING_STORE = StoreParam(), StoreParam(exists=True)  # a local directory or a URL (s3://bucket/train.zarr)
-
-
-def _override(section: Any, **values: Any) -> Any:
-    """A copy of a params section with every option the user gave (not None) replacing the file's value."""
-    return dataclasses.replace(section, **{k: v for k, v in values.items() if v is not None})
+from qks_pipeline.cli.options import (
+    DEVICE,
+    EXISTING_DIR,
+    EXISTING_FILE,
+    EXISTING_STORE,
+    NEW_FILE,
+    STORE,
+    params_options,
+)
+from qks_pipeline.config import Params
 
 
 def _backbone_options(f):
-    f = click.option("--params", type=EXISTING_FILE, help="params.yaml; its sections are overridden by options.")(f)
-    f = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")(f)
-    f = click.option("--pretrained", help="open_clip pretrained tag or a local weights file [params: openai]")(f)
-    f = click.option("--model", help="open_clip model name or model-config .json [params: ViT-B-16]")(f)
-    return f
+    f = params_options("backbone, extract, labels")(f)
+    f = DEVICE(f)
+    f = click.option("--pretrained", help="open_clip pretrained tag or a local weights file [params: backbone].")(f)
+    return click.option("--model", help="open_clip model name or model-config .json [params: backbone].")(f)
+
+
+def _backbone(params: Params, model: str | None, pretrained: str | None):
+    given = {k: v for k, v in {"model": model, "pretrained": pretrained}.items() if v is not None}
+    return dataclasses.replace(params.backbone, **given)
 
 
 def _log_setup() -> None:
@@ -60,33 +61,28 @@ def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
 @click.option("--images", required=True, type=EXISTING_DIR, help="Image root the manifest's paths are relative to.")
 @click.option("--out", required=True, type=STORE, help="Zarr store to write (resumed when it exists): path or URL.")
 @_backbone_options
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), help="Autocast precision (GPU only).")
-@click.option("--views", type=click.IntRange(min=0), help="Augmented views per training image besides the clean one.")
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader worker processes decoding images.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Images per forward pass.")
-@click.option("--shard-size", type=click.IntRange(min=1), help="Images per Zarr shard (new stores only).")
 @click.option("--strict", is_flag=True, help="An unreadable image is fatal instead of masked out.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
 @click.option("--replace-stale", is_flag=True, help="Rebuild a store built differently; resume one built the same.")
-@click.option("--cluster", help="Run on dask: local:N (N worker processes, 1 thread each; --workers = decoding "
-              "threads per worker) or tcp://HOST:PORT (a running scheduler) "
-              "[params: extract.cluster; '' = here].")  # fmt: skip
-def extract_cmd(dataset, split, images, out, params, device, pretrained, model, precision, views, workers, batch_size,
-                shard_size, strict, overwrite, replace_stale, cluster) -> None:  # fmt: skip
-    """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption."""
+@click.option(
+    "--cluster",
+    help="Run on dask: local:N (N worker processes; extract.workers = decoding threads per worker) or tcp://HOST:PORT "
+    "(a running scheduler) [params: extract.cluster; '' = here].",
+)
+def extract_cmd(
+    dataset, split, images, out, params, device, pretrained, model, strict, overwrite, replace_stale, cluster
+) -> None:
+    """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption.
+
+    Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE` (see params.yaml).
+    """
     from qks_pipeline.extract import extract
 
-    if split == "test" and views:
-        raise click.BadParameter("augmented views are for the train split only", param_hint="--views")
+    if split == "test" and any(s.startswith("extract.views=") for s in click.get_current_context().meta["qks.sets"]):
+        raise click.BadParameter("augmented views are for the train split only", param_hint="--set extract.views")
     _log_setup()
-    p = load_params(params)
-    backbone = _override(p.backbone, model=model, pretrained=pretrained)
-    cfg = _override(p.extract, precision=precision, views=views, workers=workers, batch_size=batch_size,
-                    shard_size=shard_size)  # fmt: skip
-    result = extract(
-        dataset, split, images, out, backbone, cfg, device=device, strict=strict, overwrite=overwrite,
-        replace_stale=replace_stale, cluster=cluster,
-    )  # fmt: skip
+    kwargs = dict(device=device, strict=strict, overwrite=overwrite, replace_stale=replace_stale, cluster=cluster)
+    result = extract(dataset, split, images, out, _backbone(params, model, pretrained), params.extract, **kwargs)
     if result.computed:
         click.echo(
             f"{out}: {result.computed} images in {result.shards_written} shard(s), "
@@ -107,16 +103,13 @@ def extract_cmd(dataset, split, images, out, params, device, pretrained, model, 
 @click.option("--templates", required=True, type=EXISTING_FILE, help="Prompt templates, one a line with '{}'.")
 @click.option("--out", required=True, type=STORE, help="Zarr store of the label embeddings: path or URL.")
 @_backbone_options
-@click.option("--normalize/--no-normalize", default=None, help="L2-normalise each label's mean [params: no].")
-def embed_labels_cmd(dataset, templates, out, params, device, pretrained, model, normalize) -> None:
-    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates' text features."""
+def embed_labels_cmd(dataset, templates, out, params, device, pretrained, model) -> None:
+    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates' text features
+    (`--set labels.normalize=true` L2-normalises each mean)."""
     from qks_pipeline.extract import embed_labels
 
     _log_setup()
-    p = load_params(params)
-    backbone = _override(p.backbone, model=model, pretrained=pretrained)
-    labels = _override(p.labels, normalize=normalize)
-    embed_labels(dataset, templates, out, backbone, labels, device=device)
+    embed_labels(dataset, templates, out, _backbone(params, model, pretrained), params.labels, device=device)
     click.echo(f"{out}: label embeddings written")
 
 
@@ -153,7 +146,7 @@ def verify_cmd(store: Path) -> None:
 
 @cache_group.command("export-hdf5")
 @click.argument("store", type=EXISTING_STORE)
-@click.argument("out", type=NEW_PATH)
+@click.argument("out", type=NEW_FILE)
 def export_cmd(store: Path, out: Path) -> None:
     """Write a complete store to one HDF5 file (features float16, labels, valid, paths, fingerprint)."""
     from qks_pipeline.h5io import export_hdf5

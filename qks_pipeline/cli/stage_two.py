@@ -5,27 +5,25 @@ Hyperparameters come from `--params` (sections `model`, `train`, `evaluate`); pa
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from qks_pipeline.config import load_params
-from qks_pipeline.storage import StoreParam
-
-EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
-EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-NEW_PATH = click.Path(path_type=Path)
-STORE = StoreParam(exists=True)  # a feature or label-embedding store: a local directory or a URL (s3://...)
-DEVICE = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")
-PARAMS = click.option("--params", type=EXISTING_FILE, help="params.yaml (sections model, train, evaluate).")
+from qks_pipeline.cli.options import (
+    DEVICE,
+    EXISTING_DIR,
+    EXISTING_FILE,
+    EXISTING_STORE,
+    NEW_DIR,
+    NEW_FILE,
+    params_options,
+)
 
 
 @click.command("train")
-@click.option("--train-cache", required=True, type=STORE, help="Training feature store (stage one).")
-@click.option("--labels", required=True, type=STORE, help="Label-embedding store (stage one).")
-@click.option("--out", required=True, type=NEW_PATH, help="Output directory: checkpoints, config.json, train_log.csv.")
-@click.option("--test-cache", type=STORE, help="Test store; required by train.selection 'test'.")
-@PARAMS
+@click.option("--train-cache", required=True, type=EXISTING_STORE, help="Training feature store (stage one).")
+@click.option("--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one).")
+@click.option("--out", required=True, type=NEW_DIR, help="Output directory: checkpoints, config.json, train_log.csv.")
+@click.option("--test-cache", type=EXISTING_STORE, help="Test store; required by train.selection 'test'.")
+@params_options("model, train, evaluate")
 @DEVICE
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue a run found in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
@@ -33,36 +31,43 @@ def train_cmd(train_cache, labels, out, test_cache, params, device, resume, prog
     """Train the QKS head from the feature cache (stage two). Rerun the same command to resume after a kill."""
     from qks_pipeline.train import train
 
-    train(train_cache, labels, out, params=load_params(params), test_path=test_cache, device=device, resume=resume,
-          progress_bar=progress, echo=click.echo)  # fmt: skip
+    kwargs = dict(test_path=test_cache, device=device, resume=resume, progress_bar=progress, echo=click.echo)
+    train(train_cache, labels, out, params=params, **kwargs)
 
 
 @click.command("evaluate")
 @click.option("--checkpoint", type=EXISTING_DIR, help="A `qks train` (or `qks import-checkpoint`) output directory.")
-@click.option("--test-cache", required=True, type=STORE, help="Test feature store (stage one).")
-@click.option("--labels", required=True, type=STORE, help="Label-embedding store (stage one).")
-@click.option("--out", required=True, type=NEW_PATH, help="Metrics JSON (fractions in [0, 1]).")
-@click.option("--per-label", type=NEW_PATH, help="CSV: label, seen/unseen, AP, positives.")
-@click.option("--query-preference", type=NEW_PATH,
-              help="CSV: per label, how often each query wins on its positives [default: beside --out].")  # fmt: skip
+@click.option("--test-cache", required=True, type=EXISTING_STORE, help="Test feature store (stage one).")
+@click.option("--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one).")
+@click.option("--out", required=True, type=NEW_FILE, help="Metrics JSON (fractions in [0, 1]).")
+@click.option("--per-label", type=NEW_FILE, help="CSV: label, seen/unseen, AP, positives.")
+@click.option(
+    "--query-preference",
+    type=NEW_FILE,
+    help="CSV: per label, how often each query wins on its positives [default: OUT's name + .query_preference.csv].",
+)
 @click.option("--baseline", type=click.Choice(["clip"]), help="Also (or, without --checkpoint, only) CLIP zero-shot.")
-@PARAMS
+@params_options("model, train, evaluate")
 @DEVICE
 def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preference, baseline, params, device) -> None:
     """Score the test cache on seen + unseen labels; write ZSL / GZSL / seen metrics and the query-preference table."""
     from qks_pipeline.evaluate import evaluate
 
-    p = load_params(params)
-    evaluate(test_cache, labels, out, checkpoint=checkpoint, params=p.evaluate, per_label=per_label,
-             query_table=query_preference, baseline=baseline, device=device, amp=p.train.amp,
-             echo=click.echo)  # fmt: skip
+    query_preference = query_preference or out.with_name(out.stem + ".query_preference.csv")
+    tables = dict(per_label=per_label, query_table=query_preference)
+    kwargs = dict(checkpoint=checkpoint, baseline=baseline, device=device, echo=click.echo)
+    evaluate(test_cache, labels, out, params=params.evaluate, **tables, **kwargs)
 
 
 @click.command("import-checkpoint")
 @click.argument("file", type=EXISTING_FILE)
-@click.option("--out", required=True, type=NEW_PATH, help="Directory for best.safetensors, config.json, CLIP weights.")
-@click.option("--model", default="ViT-B-16-quickgelu", show_default=True,
-              help="open_clip model (name or config .json) the CLIP weights belong to.")  # fmt: skip
+@click.option("--out", required=True, type=NEW_DIR, help="Directory for best.safetensors, config.json, CLIP weights.")
+@click.option(
+    "--model",
+    default="ViT-B-16-quickgelu",
+    show_default=True,
+    help="open_clip model (name or config .json) the CLIP weights belong to.",
+)
 @click.option("--num-heads", default=12, show_default=True, type=click.IntRange(min=1), help="Q-Former heads.")
 @click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (only for a trusted file).")
 def import_checkpoint_cmd(file, out, model, num_heads, trust_pickle) -> None:

@@ -97,7 +97,7 @@ def extract_argv(data: ImageData, clip: TinyClip, out: Path, shard_size: int, sp
     """`qks extract` arguments for the tiny model on the CPU, decoding in the main process."""
     return ["extract", "--dataset", str(data.dataset), "--split", split, "--images", str(data.images),
             "--out", str(out), "--model", str(clip.config), "--pretrained", str(clip.weights), "--device", "cpu",
-            "--workers", "0", "--batch-size", "4", "--shard-size", str(shard_size)]  # fmt: skip
+            "--set", "extract.workers=0", "--set", "extract.batch_size=4", "--set", f"extract.shard_size={shard_size}"]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- processes

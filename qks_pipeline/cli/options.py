@@ -1,0 +1,68 @@
+"""Options and parameter types that several commands share, each defined once.
+
+Hyperparameters have one override mechanism on every stage command: `--params params.yaml` then `--set
+SECTION.KEY=VALUE` (repeatable), both checked by `qks_pipeline.config`, which holds every default. Paths and the device,
+which people type daily, are plain options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qks_pipeline.config import Params, load_params
+from qks_pipeline.storage import local_path, is_url
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+NEW_FILE = click.Path(dir_okay=False, path_type=Path)  # an output file: refused at once when a directory is given
+NEW_DIR = click.Path(file_okay=False, path_type=Path)  # an output directory: refused at once when a file is given
+
+
+class StoreParam(click.ParamType):
+    """A store: a local directory (must exist when `exists`) or a URL such as s3://bucket/train.zarr (checked when the
+    store is opened)."""
+
+    name = "store"
+
+    def __init__(self, exists: bool = False):
+        self.exists = exists
+
+    def convert(self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None) -> str | Path:
+        if is_url(value):
+            return value
+        path = click.Path(exists=self.exists, file_okay=False, path_type=Path)
+        return path.convert(str(local_path(value)), param, ctx)
+
+
+STORE, EXISTING_STORE = StoreParam(), StoreParam(exists=True)
+
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")
+
+
+def params_options(sections: str):
+    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`; the command receives them as one `params: Params`."""
+
+    def decorate(f):
+        def to_params(ctx: click.Context, _: click.Parameter, sets: tuple[str, ...]) -> Params:
+            ctx.meta["qks.sets"] = sets  # what the user set by hand, for checks that only apply then
+            return load_params(ctx.params.pop("params_file", None), sets)
+
+        f = click.option(
+            "--set",
+            "params",
+            multiple=True,
+            metavar="SECTION.KEY=VALUE",
+            callback=to_params,
+            help="Override one hyperparameter (repeatable), e.g. --set train.lr=3e-5.",
+        )(f)
+        return click.option(
+            "--params",
+            "params_file",
+            type=EXISTING_FILE,
+            is_eager=True,
+            help=f"params.yaml (sections {sections}) [default: the built-in defaults].",
+        )(f)
+
+    return decorate
