@@ -1,11 +1,14 @@
 """Training losses over logits (B, C) and targets (B, C) int8: +1 positive, -1 verified negative, 0 unknown.
 
-`asl` (NUS-WIDE) and `bce` (Open Images) are the reference's losses; `ranking` is the ablation's ranking loss.
+`asl` (NUS-WIDE) and `bce` (Open Images) are the reference's losses, `masl` and `mbce` its variants that leave unknown
+(0) entries out; `ranking` is the ablation's ranking loss. Every loss is a mean over images of a per-image term, so that
+distributed training can weight each rank's share of a batch exactly (qks_pipeline/ddp.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,11 @@ from qks_pipeline.errors import QKSError
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
+def _wide(logits: Tensor) -> Tensor:
+    """At least float32: the summed loss overflows float16 (mixed precision); float64 stays float64 (tests)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def asymmetric_loss(
     logits: Tensor,
     targets: Tensor,
@@ -23,15 +31,22 @@ def asymmetric_loss(
     gamma_pos: float = 0.0,
     clip: float = 0.0,
     eps: float = 1e-5,
+    masked: bool = False,
+    focus_grad: bool = False,
 ) -> Tensor:
-    """Asymmetric loss (Ridnik et al., 2021) as the reference computes it.
+    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it (ASL's `AsymmetricLossOptimized`).
 
-    Positives are the entries labelled +1; every other entry (verified negative or unknown) is a negative. Per entry:
-    `y log(max(p, eps)) (1 - p)^gamma_pos + (1 - y) log(max(p_neg, eps)) p_neg'^gamma_neg` with `p = sigmoid(logit)`,
-    `p_neg = min(1 - p + clip, 1)` (no clipping when `clip` is 0), and the focusing weight computed from the same
-    probabilities (gradients flow through it). The negated sum is scaled by 1000 / (B x C).
+    Per entry: `y log(max(p, eps)) w + (1 - y) log(max(p_neg, eps)) w` with `p = sigmoid(logit)`, `y` 1 for entries
+    labelled +1 and 0 otherwise, `p_neg = min(1 - p + clip, 1)` (no clipping when `clip` is 0), and the focusing weight
+    `w = (1 - p_t)^(gamma_pos y + gamma_neg (1 - y))`, `p_t = p y + p_neg (1 - y)`. The reference computes `w` without
+    gradient (`disable_torch_grad_focal_loss=True`); `focus_grad` lets gradients flow through it (this project's
+    earlier form, kept as the loss `asl_focus_grad`). The negated sum is scaled by 1000 / (B x C), see
+    docs/design.md section 1.
+
+    Args:
+        masked: leave unknown (0) entries out of the sum (`masl`); otherwise they count as negatives (`asl`).
     """
-    logits = logits.float()  # the summed loss overflows float16 (mixed precision)
+    logits = _wide(logits)
     y = (targets == 1).to(logits.dtype)
     p_pos = torch.sigmoid(logits)
     p_neg = 1.0 - p_pos
@@ -39,15 +54,27 @@ def asymmetric_loss(
         p_neg = (p_neg + clip).clamp(max=1.0)
     loss = y * torch.log(p_pos.clamp(min=eps)) + (1.0 - y) * torch.log(p_neg.clamp(min=eps))
     if gamma_neg > 0 or gamma_pos > 0:
-        pt = p_pos * y + p_neg * (1.0 - y)  # probability of the correct side
-        loss = loss * torch.pow(1.0 - pt, gamma_pos * y + gamma_neg * (1.0 - y))
+        with torch.set_grad_enabled(focus_grad and torch.is_grad_enabled()):
+            pt = p_pos * y + p_neg * (1.0 - y)  # probability of the correct side
+            focus = torch.pow(1.0 - pt, gamma_pos * y + gamma_neg * (1.0 - y))
+        loss = loss * focus
+    if masked:
+        loss = loss * (targets != 0)
     return -loss.sum() * 1000.0 / logits.numel()
 
 
-def bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Binary cross-entropy with logits, mean over all entries; unknown (0) counts as negative, as in the reference."""
-    logits = logits.float()
-    return F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype))
+def bce_loss(logits: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
+    """Binary cross-entropy with logits, summed over entries and divided by B x C.
+
+    Args:
+        masked: leave unknown (0) entries out (`mbce`); otherwise they count as negatives (`bce`, the reference's Open
+            Images loss). The divisor stays B x C, so on fully annotated labels `mbce` equals `bce`.
+    """
+    logits = _wide(logits)
+    loss = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
+    if masked:
+        loss = loss * (targets != 0)
+    return loss.sum() / logits.numel()
 
 
 def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor:
@@ -60,7 +87,7 @@ def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor
     Pairs are formed from each image's positives only, padded to the batch's largest positive count P: (B, P, C)
     rather than (B, C, C), which matters at Open Images' 7,586 labels (P is tens, C thousands).
     """
-    logits = logits.float()
+    logits = _wide(logits)
     pos, neg = targets == 1, targets == -1
     most = int(pos.sum(dim=1).max()) if pos.numel() else 0
     if most == 0:
@@ -74,11 +101,18 @@ def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor
     return per_image.mean()
 
 
-LOSSES: dict[str, LossFn] = {"asl": asymmetric_loss, "bce": bce_loss, "ranking": ranking_loss}
+LOSSES: dict[str, LossFn] = {
+    "asl": asymmetric_loss,
+    "masl": partial(asymmetric_loss, masked=True),
+    "asl_focus_grad": partial(asymmetric_loss, focus_grad=True),
+    "bce": bce_loss,
+    "mbce": partial(bce_loss, masked=True),
+    "ranking": ranking_loss,
+}
 
 
 def make_loss(name: str) -> LossFn:
-    """The loss called `name` (`asl`, `bce` or `ranking`), as a function of (logits, targets) -> scalar."""
+    """The loss called `name` (see LOSSES), as a function of (logits, targets) -> scalar."""
     if name not in LOSSES:
         raise QKSError(f"unknown loss '{name}' (choices: {', '.join(LOSSES)})")
     return LOSSES[name]

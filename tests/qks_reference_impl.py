@@ -133,3 +133,60 @@ def random_reference_state(
             sd[f"{p}.{name}.LayerNorm.weight"] = rnd(dim, mean=1.0)
             sd[f"{p}.{name}.LayerNorm.bias"] = rnd(dim)
     return sd
+
+
+# ------------------------------------------------------------------------------------------- the reference's training
+def reference_asl(
+    x: Tensor, targets: Tensor, masked: bool = False, gamma_neg: float = 4.0, eps: float = 1e-5
+) -> Tensor:
+    """ASL's `AsymmetricLossOptimized(gamma_neg=4, gamma_pos=0, clip=0, eps=1e-5, disable_torch_grad_focal_loss=True)`
+    step by step, in its in-place style, scaled as the QKS reference scales it (x 1000 / (B x C)). `masked` (masl)
+    multiplies out the unknown (0) entries."""
+    y = (targets == 1).to(x.dtype)
+    anti = 1 - y
+    xs_pos = torch.sigmoid(x)
+    xs_neg = 1.0 - xs_pos
+    loss = y * torch.log(xs_pos.clamp(min=eps))
+    loss.add_(anti * torch.log(xs_neg.clamp(min=eps)))
+    torch.set_grad_enabled(False)  # the authors' switch: the focusing weight is a constant to autograd
+    w = torch.pow(1 - xs_pos * y - xs_neg * anti, 0.0 * y + gamma_neg * anti)
+    torch.set_grad_enabled(True)
+    loss *= w
+    if masked:
+        loss = loss * (targets != 0).to(x.dtype)
+    return -loss.sum() * 1000 / (x.shape[0] * x.shape[1])
+
+
+def reference_bce(x: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
+    """BCE written out: -(y log s(x) + (1 - y) log(1 - s(x))) summed (over annotated entries if `masked`) / (B x C)."""
+    y = (targets == 1).to(x.dtype)
+    per_entry = -(y * torch.log(torch.sigmoid(x)) + (1 - y) * torch.log(1 - torch.sigmoid(x)))
+    if masked:
+        per_entry = per_entry * (targets != 0).to(x.dtype)
+    return per_entry.sum() / x.numel()
+
+
+def reference_adamw(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict, lr: float, wd: float) -> None:
+    """One AdamW step (Loshchilov & Hutter; torch's defaults betas (0.9, 0.999), eps 1e-8), in place on `params`."""
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    state["t"] = t = state.get("t", 0) + 1
+    for k, p in params.items():
+        m, v = state.get(("m", k), torch.zeros_like(p)), state.get(("v", k), torch.zeros_like(p))
+        m = b1 * m + (1 - b1) * grads[k]
+        v = b2 * v + (1 - b2) * grads[k] ** 2
+        state[("m", k)], state[("v", k)] = m, v
+        p.mul_(1 - lr * wd)  # decoupled weight decay, on every parameter (one group)
+        p.sub_(lr * (m / (1 - b1**t)) / (torch.sqrt(v / (1 - b2**t)) + eps))
+
+
+def reference_step(
+    params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], num_heads: int, state: dict, lr: float, wd: float
+) -> float:
+    """The reference's training step on our-named float64 parameters: naive forward, max over queries, ASL, AdamW."""
+    tokens, label_emb, targets = batch
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    logits = reference_scores(ours_to_reference(leaves), tokens, label_emb, num_heads).max(dim=1).values  # (B, C)
+    loss = reference_asl(logits, targets)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    reference_adamw(params, grads, state, lr, wd)
+    return loss.item()

@@ -1,4 +1,4 @@
-"""Losses against element-by-element hand computations on small tensors."""
+"""Losses against element-by-element hand computations on small tensors, and against the reference's formulas."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from qks_reference_impl import reference_asl, reference_bce
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.losses import make_loss
@@ -31,6 +32,52 @@ def test_asl_by_hand() -> None:
     got = make_loss("asl")(LOGITS, TARGETS)
     assert got.ndim == 0
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+REFERENCE = {
+    "asl": reference_asl,
+    "masl": lambda x, y: reference_asl(x, y, masked=True),
+    "bce": reference_bce,
+    "mbce": lambda x, y: reference_bce(x, y, masked=True),
+}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE))
+def test_value_and_gradient_equal_the_reference_formulas(name: str) -> None:
+    """float64 logits over a wide range (saturated sigmoids included), targets +1 / -1 / 0; relative difference 1e-6."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(16, 37, generator=gen, dtype=torch.float64) * 4
+        y = torch.randint(-1, 2, (16, 37), generator=gen, dtype=torch.int8)
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got, want = make_loss(name)(a, y), REFERENCE[name](b, y)
+        got.backward()
+        want.backward()
+        assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+        assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
+
+
+def test_asl_focusing_weight_carries_no_gradient() -> None:
+    """The reference detaches (1 - p_t)^gamma: same value as the gradient-flowing form, a different gradient."""
+    x = LOGITS.double().requires_grad_()
+    reference, flowing = make_loss("asl")(x, TARGETS), make_loss("asl_focus_grad")(x, TARGETS)
+    g_ref, g_flow = torch.autograd.grad(reference, x)[0], torch.autograd.grad(flowing, x)[0]
+    assert reference.item() == pytest.approx(flowing.item(), rel=1e-12)
+    negative = TARGETS != 1  # gamma_pos = 0: the positives' weight is 1 either way
+    assert torch.equal(g_ref[~negative], g_flow[~negative])
+    assert ((g_ref - g_flow)[negative].abs() > 1e-6).any()
+    p = torch.sigmoid(LOGITS.double())  # by hand for a negative: d/dx [-log(1 - p) p^4] * 1000 / 12 with p^4 constant
+    assert g_ref[0, 1].item() == pytest.approx((p[0, 1] * p[0, 1] ** 4).item() * 1000 / 12, rel=1e-12)
+
+
+def test_masked_losses_leave_unknown_out() -> None:
+    changed = LOGITS.clone()
+    changed[TARGETS == 0] = torch.randn(int((TARGETS == 0).sum()))
+    for name in ("masl", "mbce"):
+        assert make_loss(name)(changed, TARGETS).item() == pytest.approx(make_loss(name)(LOGITS, TARGETS).item())
+    full = torch.where(TARGETS == 0, -1, TARGETS).to(torch.int8)  # nothing unknown: masked equals plain
+    assert make_loss("masl")(LOGITS, full).item() == pytest.approx(make_loss("asl")(LOGITS, full).item())
+    assert make_loss("mbce")(LOGITS, full).item() == pytest.approx(make_loss("bce")(LOGITS, full).item())
 
 
 def test_bce_by_hand() -> None:
@@ -88,7 +135,7 @@ def test_ranking_ignores_unknown() -> None:
     assert loss(changed, TARGETS).item() == pytest.approx(loss(LOGITS, TARGETS).item())
 
 
-@pytest.mark.parametrize("name", ["asl", "bce", "ranking"])
+@pytest.mark.parametrize("name", ["asl", "masl", "bce", "mbce", "ranking"])
 def test_losses_have_gradients(name: str) -> None:
     x = LOGITS.clone().requires_grad_()
     make_loss(name)(x, TARGETS).backward()
@@ -96,11 +143,11 @@ def test_losses_have_gradients(name: str) -> None:
 
 
 def test_unknown_loss_lists_choices() -> None:
-    with pytest.raises(QKSError, match="asl, bce, ranking"):
+    with pytest.raises(QKSError, match="asl, masl, asl_focus_grad, bce, mbce, ranking"):
         make_loss("focal")
 
 
-@pytest.mark.parametrize("name", ["asl", "bce", "ranking"])
+@pytest.mark.parametrize("name", ["asl", "masl", "bce", "mbce", "ranking"])
 def test_half_precision_logits(name: str) -> None:
     """Mixed-precision training hands float16 logits; the 1000-scaled sum must not overflow float16's range."""
     logits = torch.full((64, 300), -12.0)
