@@ -10,32 +10,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny import SEEN, UNSEEN, TinyClip, make_tiny_clip
 
-TINY_CLIP_CONFIG = Path(__file__).parent / "assets" / "tiny_clip" / "TinyCLIP-test.json"
-
-SEEN = ["red", "green", "blue", "circle", "square"]
-UNSEEN = ["yellow", "triangle"]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 220, 20)}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "there is a {} in the scene."]
 
 
-@pytest.fixture(scope="session")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(config_json_path, weights_path) of a tiny randomly initialised (seed 0) open_clip model.
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
-    Load it through the real path: `load_backbone(str(config), str(weights))`.
-    """
-    open_clip.add_model_config(TINY_CLIP_CONFIG)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.create_model(TINY_CLIP_CONFIG.stem, pretrained=None)
-    weights = tmp_path_factory.mktemp("tiny_clip") / f"{TINY_CLIP_CONFIG.stem}.pt"
-    torch.save(model.state_dict(), weights)
-    return TINY_CLIP_CONFIG, weights
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> TinyClip:
+    """(config_json_path, weights_path) of a tiny randomly initialised (seed 0) open_clip model."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,25 @@ def _backbone_args(tiny_clip) -> list[object]:
 
 
 def _extract(ds, tiny_clip, out: str | Path, expect: int = 0) -> str:
-    return _qks("extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--out", out,
-                *_backbone_args(tiny_clip), "--set", "extract.workers=0", "--set", "extract.shard_size=5", "--set", "extract.views=1", expect=expect)  # fmt: skip
+    return _qks(
+        "extract",
+        "--dataset",
+        ds.dataset,
+        "--split",
+        "train",
+        "--images",
+        ds.images,
+        "--out",
+        out,
+        *_backbone_args(tiny_clip),
+        "--set",
+        "extract.workers=0",
+        "--set",
+        "extract.shard_size=5",
+        "--set",
+        "extract.views=1",
+        expect=expect,
+    )
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:

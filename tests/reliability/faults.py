@@ -198,7 +198,7 @@ def extraction_kills(runner: Runner, work: Path, data: ImageData, clip: TinyClip
 TRAIN_PARAMS = {
     "model": {"num_queries": 4, "num_layers": 2, "num_heads": 4, "ff_dim": 64},
     "train": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "val_fraction": 0.25, "scheduler": "plateau",
-              "early_stop": 0, "amp": False, "seed": 0},
+              "early_stop": 0, "seed": 0},
     "evaluate": {"batch_size": 64},
 }  # fmt: skip
 TIMING_COLUMNS = ("time_s", "samples_per_s")  # train_log.csv columns that measure time: legitimately differ

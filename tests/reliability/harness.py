@@ -21,11 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tiny import SEEN, UNSEEN, TinyClip, make_tiny_clip  # noqa: F401  (re-exported to the fault cases)
 
-TESTS = Path(__file__).resolve().parents[1]
-TINY_CONFIG = TESTS / "assets" / "tiny_clip" / "TinyCLIP-test.json"
-SEEN = ["red", "green", "blue", "circle", "square"]
-UNSEEN = ["yellow", "triangle"]
 SPAWN_CODE = "from qks_pipeline.cli import main; main()"
 INSTRUMENT = "import sys; sys.path.insert(0, {here!r}); import zygote; zygote.instrument({request!r}); "
 INSTRUMENTATION_FAILED = 99  # zygote.INSTRUMENTATION_FAILED
@@ -34,27 +31,6 @@ LITTER = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp\d+)$")
 
 
 # ------------------------------------------------------------------------------------------------------------ data
-@dataclass(frozen=True)
-class TinyClip:
-    config: Path  # open_clip model-config JSON
-    weights: Path  # state_dict file
-
-
-def make_tiny_clip(directory: Path, seed: int = 0, config: Path = TINY_CONFIG) -> TinyClip:
-    """A tiny randomly initialised open_clip model (seeded) saved to `directory`."""
-    import open_clip
-    import torch
-
-    open_clip.add_model_config(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(config.stem, pretrained=None)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{config.stem}-seed{seed}.pt"
-    torch.save(model.state_dict(), weights)
-    return TinyClip(config, weights)
-
-
 @dataclass(frozen=True)
 class ImageData:
     dataset: Path  # train.jsonl, test.jsonl, seen.txt, unseen.txt
@@ -95,9 +71,10 @@ def make_image_data(root: Path, n_train: int, n_test: int = 8, seed: int = 0) ->
 
 def extract_argv(data: ImageData, clip: TinyClip, out: Path, shard_size: int, split: str = "train") -> list[str]:
     """`qks extract` arguments for the tiny model on the CPU, decoding in the main process."""
+    settings = ["extract.workers=0", "extract.batch_size=4", f"extract.shard_size={shard_size}"]
     return ["extract", "--dataset", str(data.dataset), "--split", split, "--images", str(data.images),
             "--out", str(out), "--model", str(clip.config), "--pretrained", str(clip.weights), "--device", "cpu",
-            "--set", "extract.workers=0", "--set", "extract.batch_size=4", "--set", f"extract.shard_size={shard_size}"]  # fmt: skip
+            *[arg for s in settings for arg in ("--set", s)]]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------- processes

@@ -1,0 +1,32 @@
+"""The tiny assets every test shares: a tiny randomly initialised open_clip model saved to a local weights file (so the
+real loading code runs) and the toy vocabulary of the sample images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+TINY_CONFIG = Path(__file__).parent / "assets" / "tiny_clip" / "TinyCLIP-test.json"
+SEEN = ["red", "green", "blue", "circle", "square"]
+UNSEEN = ["yellow", "triangle"]
+
+
+class TinyClip(NamedTuple):
+    config: Path  # open_clip model-config JSON
+    weights: Path  # state_dict file
+
+
+def make_tiny_clip(directory: Path, seed: int = 0, config: Path = TINY_CONFIG) -> TinyClip:
+    """A tiny randomly initialised open_clip model (seeded) saved to `directory`; load it through the real path:
+    `load_backbone(str(config), str(weights))`."""
+    import open_clip
+    import torch
+
+    open_clip.add_model_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(config.stem, pretrained=None)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / f"{config.stem}-seed{seed}.pt"
+    torch.save(model.state_dict(), weights)
+    return TinyClip(config, weights)
