@@ -4,6 +4,9 @@ A dataset directory holds `train.jsonl` and `test.jsonl` (one JSON object a line
 `{"image": "rel/path.jpg", "positive": [...], "negative": [...]}`; labels not listed are unknown), and `seen.txt`,
 `unseen.txt` (one label a line, fixed order, disjoint). Every label of a manifest is in seen + unseen. The
 prompt-template pool is one template a line with `{}`.
+
+The rules live in one place, `check_vocabulary` and `Validator`: reading, writing (`write_dataset`) and
+`qks manifest check` (`check_dataset`) all apply them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,9 @@ from qks_pipeline.atomic import atomic_write
 from qks_pipeline.errors import QKSError
 
 SPLITS = ("train", "test")
-MAX_LISTED = 20  # problems printed by a summary; the report keeps them all
+ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
+UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns a byte that is not UTF-8 into
+UNPAIRED = re.compile("[\ud800-\udfff]")  # left by a JSON escape such as "\\ud800": no file can be named so
 
 
 @dataclass(frozen=True)
@@ -38,29 +43,19 @@ class Record:
     negative_rest: bool = False
 
 
-ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
-UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" turns a byte that is not UTF-8 into
-
-
 def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
     """The labels a split is scored on (and that `"negative": "*"` covers): train seen only, test seen + unseen."""
     return list(seen) if split == "train" else list(seen) + list(unseen)
 
 
-def _encodable(text: str) -> bool:
-    """False for a string holding an unpaired surrogate (a JSON escape such as "\\ud800"): no file can be named so."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+# ---- the rules ----
 
 
 def check_image_path(image: str) -> str | None:
     """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None when it is."""
     if not image.strip() or image != image.strip():
         return "'image' must be a non-empty path without surrounding spaces"
-    if any(ord(c) < 32 or ord(c) == 127 for c in image) or not _encodable(image):
+    if any(ord(c) < 32 or ord(c) == 127 for c in image) or UNPAIRED.search(image):
         return f"image {image!r} must not contain control characters or unpaired surrogates"
     if image.startswith("/") or "\\" in image or ":" in image.split("/")[0]:
         return f"image {image!r} must be a relative path with '/' separators"
@@ -69,7 +64,104 @@ def check_image_path(image: str) -> str | None:
     return None
 
 
+def check_vocabulary(seen: Sequence[str], unseen: Sequence[str], dataset_dir: Path) -> None:
+    """Each label list non-empty, one line per label, no label twice; no label both seen and unseen."""
+    for name, labels in (("seen.txt", seen), ("unseen.txt", unseen)):
+        if not labels:
+            raise QKSError("no labels", dataset_dir / name)
+        bad = [label for label in labels if not label or label != label.strip() or {"\n", "\r"} & set(label)]
+        if bad:
+            raise QKSError(
+                f"label {bad[0]!r} must be non-empty, one line, without surrounding spaces", dataset_dir / name
+            )
+        twice = sorted(label for label, n in Counter(labels).items() if n > 1)
+        if twice:
+            raise QKSError(f"label(s) listed twice: {twice[:5]}", dataset_dir / name)
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", dataset_dir / "unseen.txt")
+
+
+class Validator:
+    """The rules of a record, across the manifests of one dataset: a valid image path, listed once in the dataset,
+    no label twice in a list nor both positive and negative, and (when the vocabulary is known) only its labels."""
+
+    def __init__(self, vocabulary: Collection[str] | None = None):
+        self.vocabulary = None if vocabulary is None else set(vocabulary)
+        self.first: dict[str, tuple[Path, int]] = {}  # image -> (manifest, line) where it was first listed
+
+    def check(self, rec: Record, path: Path, line: int) -> None:
+        """Raise QKSError naming `path:line` when `rec` breaks a rule."""
+        problem = self._problem(rec, path)
+        if problem:
+            raise QKSError(problem, path, line)
+        self.first[rec.image] = (path, line)
+
+    def _problem(self, rec: Record, path: Path) -> str | None:
+        if problem := check_image_path(rec.image):
+            return problem
+        for key, labels in (("positive", rec.positive), ("negative", rec.negative)):
+            if len(set(labels)) != len(labels):
+                return f"'{key}' lists a label twice"
+        if both := set(rec.positive) & set(rec.negative):
+            return f"label(s) both positive and negative: {sorted(both)}"
+        if self.vocabulary is not None and (unknown := (set(rec.positive) | set(rec.negative)) - self.vocabulary):
+            return f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {sorted(unknown)[:5]}"
+        if rec.image in self.first:
+            where, first = self.first[rec.image]
+            if where == path:
+                return f"image {rec.image!r} listed twice (first on line {first})"
+            return f"image {rec.image!r} is also in {where.name} (line {first})"
+        return None
+
+
+@dataclass
+class SplitSummary:
+    """What one split holds, counted as its records pass the validator."""
+
+    scored: list[str]  # the labels this split is scored on: seen for train, seen + unseen for test
+    images: int = 0
+    no_positive: int = 0  # images without a positive among `scored`
+    positives: Counter = field(default_factory=Counter)  # label -> images where it is positive
+    negatives: Counter = field(default_factory=Counter)  # label -> images listing it as negative
+    rest: int = 0  # images with `"negative": "*"`
+    rest_positives: Counter = field(default_factory=Counter)  # label -> those of them where it is positive
+
+    def __post_init__(self) -> None:
+        self._scored = set(self.scored)
+
+    def add(self, rec: Record) -> bool:
+        """Count `rec`; True when it has a positive among the scored labels."""
+        self.images += 1
+        self.positives.update(rec.positive)
+        self.negatives.update(rec.negative)
+        if rec.negative_rest:
+            self.rest += 1
+            self.rest_positives.update(rec.positive)
+        has_positive = not self._scored.isdisjoint(rec.positive)
+        self.no_positive += not has_positive
+        return has_positive
+
+    def negatives_of(self, label: str) -> int:
+        return self.negatives[label] + self.rest - self.rest_positives[label]
+
+    def min_positives(self) -> tuple[int, str]:
+        """The fewest positive images of a scored label, and that label (the first such in label order)."""
+        label = min(self.scored, key=lambda name: self.positives[name])
+        return self.positives[label], label
+
+    def labels_without_positive(self) -> list[str]:
+        return [label for label in self.scored if not self.positives[label]]
+
+    def labels_without_negative(self) -> list[str]:
+        return [label for label in self.scored if not self.negatives_of(label)]
+
+
+# ---- reading ----
+
+
 def _parse_record(text: str, path: Path, line: int) -> Record:
+    """The JSON syntax of a record; its content is the validator's."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -81,50 +173,37 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
     extra = set(obj) - {"image", "positive", "negative"}
     if extra:
         raise QKSError(f"unknown key(s) {sorted(extra)}; expected image, positive, negative", path, line)
-    image = obj.get("image")
-    if not isinstance(image, str):
+    if not isinstance(obj.get("image"), str):
         raise QKSError("'image' must be a non-empty string", path, line)
-    problem = check_image_path(image)
-    if problem:
-        raise QKSError(problem, path, line)
     rest = obj.get("negative") == ALL_OTHERS
     lists = []
     for key in ("positive", "negative"):
         value = [] if key == "negative" and rest else obj.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise QKSError(f"'{key}' must be a list of non-empty strings", path, line)
-        if len(set(value)) != len(value):
-            raise QKSError(f"'{key}' lists a label twice", path, line)
-        # Interned: a fully annotated dataset repeats the same ~1,000 names on every line.
-        lists.append(tuple(sys.intern(v) for v in value))
-    both = set(lists[0]) & set(lists[1])
-    if both:
-        raise QKSError(f"label(s) both positive and negative: {sorted(both)}", path, line)
-    return Record(image, *lists, negative_rest=rest)
+        lists.append(tuple(sys.intern(v) for v in value))  # interned: the same ~1,000 names on every line
+    return Record(obj["image"], *lists, negative_rest=rest)
 
 
-def iter_manifest(path: str | Path) -> Iterator[tuple[int, Record]]:
-    """Yield (line number, record) of a JSONL manifest, validating each record; duplicate images are an error."""
-    path = Path(path)
+def iter_manifest(path: str | Path, validator: Validator | None = None) -> Iterator[tuple[int, Record]]:
+    """Yield (line number, record) of a JSONL manifest, each checked by `validator` (default: a fresh one, which does
+    not know the vocabulary)."""
+    path, validator = Path(path), validator or Validator()
     if not path.is_file():
         raise QKSError("manifest not found", path)
-    seen: dict[str, int] = {}
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, text in enumerate(f, 1):
             if bad := UNDECODABLE.search(text):
                 raise QKSError(f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})", path, i)
-            if not text.strip():
-                continue
-            rec = _parse_record(text, path, i)
-            if rec.image in seen:
-                raise QKSError(f"image {rec.image!r} listed twice (first on line {seen[rec.image]})", path, i)
-            seen[rec.image] = i
-            yield i, rec
+            if text.strip():
+                rec = _parse_record(text, path, i)
+                validator.check(rec, path, i)
+                yield i, rec
 
 
-def read_manifest(path: str | Path) -> list[Record]:
-    """Read and validate a JSONL manifest; duplicate images are an error."""
-    return [rec for _, rec in iter_manifest(path)]
+def read_manifest(path: str | Path, vocabulary: Collection[str] | None = None) -> list[Record]:
+    """Read and validate a JSONL manifest; with `vocabulary`, a label outside it is an error too."""
+    return [rec for _, rec in iter_manifest(path, Validator(vocabulary))]
 
 
 def _record_line(r: Record) -> str:
@@ -148,12 +227,11 @@ def read_lines(path: str | Path, what: str) -> list[str]:
     out, first = [], {}
     for i, text in enumerate(content.split("\n"), 1):  # not splitlines(): a label may hold \x0c, \x85 or \u2028
         value = text.strip()
-        if not value:
-            continue
         if value in first:
             raise QKSError(f"{what} {value!r} listed twice (first on line {first[value]})", path, i)
-        first[value] = i
-        out.append(value)
+        if value:
+            first[value] = i
+            out.append(value)
     if not out:
         raise QKSError(f"{what} file is empty", path)
     return out
@@ -176,22 +254,15 @@ def read_templates(path: str | Path) -> list[str]:
 
 
 def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
-    """Seen and unseen labels of a dataset directory; they must be disjoint."""
+    """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
     dataset_dir = Path(dataset_dir)
     seen, unseen = read_labels(dataset_dir / "seen.txt"), read_labels(dataset_dir / "unseen.txt")
-    both = sorted(set(seen) & set(unseen))
-    if both:
-        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", dataset_dir / "unseen.txt")
+    check_vocabulary(seen, unseen, dataset_dir)
     return seen, unseen
 
 
-def label_matrix(
-    records: Sequence[Record],
-    vocabulary: Sequence[str],
-    path: str | Path = "manifest",
-    rest: Sequence[str] | None = None,
-) -> np.ndarray:
-    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown. A label outside the vocabulary is an error.
+def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Sequence[str] | None = None) -> np.ndarray:
+    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown, for records validated against `vocabulary`.
 
     `rest`: the labels that `"negative": "*"` makes negative (`scored_labels` of the split); default: `vocabulary`.
     """
@@ -201,77 +272,44 @@ def label_matrix(
     for i, rec in enumerate(records):
         if rec.negative_rest:
             out[i, rest_columns] = -1
-        for value, labels in ((1, rec.positive), (-1, rec.negative)):
-            for label in labels:
-                j = index.get(label)
-                if j is None:
-                    raise QKSError(f"image {rec.image!r}: label {label!r} is not in the vocabulary", path)
-                out[i, j] = value
+        out[i, [index[label] for label in rec.negative]] = -1
+        out[i, [index[label] for label in rec.positive]] = 1
     return out
 
 
-def _check_label_list(labels: Sequence[str], path: Path) -> None:
-    if not labels:
-        raise QKSError("no labels", path)
-    for label in labels:
-        if not label or label != label.strip() or "\n" in label or "\r" in label:
-            raise QKSError(f"label {label!r} must be non-empty, one line, without surrounding spaces", path)
-    counts = Counter(labels)
-    twice = sorted(label for label, n in counts.items() if n > 1)
-    if twice:
-        raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
-
-
-def _write_split(tmp: Path, final: Path, records: Iterable[Record], vocabulary: set[str]) -> int:
-    """Stream records into `tmp`, checking each; messages name `final` and the record's line there."""
-    first: dict[str, int] = {}
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line, rec in enumerate(records, 1):
-            problem = check_image_path(rec.image)
-            if problem:
-                raise QKSError(problem, final, line)
-            if rec.image in first:
-                raise QKSError(f"image {rec.image!r} written twice (first on line {first[rec.image]})", final, line)
-            unknown = (set(rec.positive) | set(rec.negative)) - vocabulary
-            if unknown:
-                raise QKSError(
-                    f"image {rec.image!r}: label(s) not in seen + unseen: {sorted(unknown)[:5]}", final, line
-                )
-            both = set(rec.positive) & set(rec.negative)
-            assert not both, f"{rec.image}: both positive and negative: {both}"
-            first[rec.image] = line
-            f.write(_record_line(rec))
-    if not first:
-        raise QKSError("no images left to write", final)
-    return len(first)
+# ---- writing ----
 
 
 def write_dataset(
     out_dir: str | Path, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]
-) -> dict[str, int]:
+) -> dict[str, SplitSummary]:
     """Write a dataset directory (`seen.txt`, `unseen.txt`, `<split>.jsonl`), all or nothing.
 
-    Records are streamed (an importer may yield them lazily) into a temporary sibling directory and every record is
-    checked; only when all files are complete are they renamed into `out_dir`. On any error nothing is left behind.
+    Records are streamed (an importer may yield them lazily) into a temporary sibling directory; every record passes
+    the validator, and one without a positive among its split's scored labels is left out (and counted): the
+    reference drops such images from training, and evaluation never scores them. Only when all files are complete
+    are they renamed into `out_dir`; on any error nothing is left behind.
 
     Returns:
-        Images written per split.
+        Per split, the records received; `images - no_positive` of them were written.
     """
     out_dir = Path(out_dir)
-    _check_label_list(seen, out_dir / "seen.txt")
-    _check_label_list(unseen, out_dir / "unseen.txt")
-    both = sorted(set(seen) & set(unseen))
-    if both:
-        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", out_dir / "unseen.txt")
-    vocabulary = set(seen) | set(unseen)
+    check_vocabulary(seen, unseen, out_dir)
+    validator, summaries = Validator(list(seen) + list(unseen)), {}
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        counts = {
-            name: _write_split(tmp / f"{name}.jsonl", out_dir / f"{name}.jsonl", records, vocabulary)
-            for name, records in splits.items()
-        }
+        for name, records in splits.items():
+            final, summary = out_dir / f"{name}.jsonl", SplitSummary(scored_labels(name, seen, unseen))
+            with open(tmp / final.name, "w", encoding="utf-8") as f:
+                for line, rec in enumerate(records, 1):
+                    validator.check(rec, final, line)
+                    if summary.add(rec):
+                        f.write(_record_line(rec))
+            if summary.images == summary.no_positive:
+                raise QKSError("no images left to write", final)
+            summaries[name] = summary
         write_labels(tmp / "seen.txt", seen)
         write_labels(tmp / "unseen.txt", unseen)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,35 +317,10 @@ def write_dataset(
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return counts
+    return summaries
 
 
-# ---- checking a dataset directory ----
-
-
-@dataclass
-class SplitSummary:
-    scored: list[str]  # the labels this split is scored on: seen for train, seen + unseen for test
-    scope: str  # names `scored` in the summary: "seen" or "seen + unseen"
-    images: int = 0
-    no_positive: int = 0  # images without a positive among `scored`
-    positives: Counter = field(default_factory=Counter)  # label -> images where it is positive
-    negatives: Counter = field(default_factory=Counter)  # label -> images where it is a verified negative
-
-    def add(self, rec: Record, scored: set[str]) -> None:
-        self.images += 1
-        self.positives.update(rec.positive)
-        self.negatives.update(set(self.scored) - set(rec.positive) if rec.negative_rest else rec.negative)
-        if scored.isdisjoint(rec.positive):
-            self.no_positive += 1
-
-    def min_positives(self) -> tuple[int, str]:
-        """The fewest positive images of a scored label, and that label (the first such in label order)."""
-        label = min(self.scored, key=lambda name: self.positives[name])
-        return self.positives[label], label
-
-    def labels_without_positive(self) -> list[str]:
-        return [label for label in self.scored if not self.positives[label]]
+# ---- checking ----
 
 
 @dataclass
@@ -330,26 +343,6 @@ class DatasetReport:
     image_root: Path | None = None  # None: image files were not checked
     problems: list[Problem] = field(default_factory=list)  # image files that are missing or unreadable
 
-    def summary_lines(self) -> list[str]:
-        """A readable summary: counts per split, label statistics, then every problem."""
-        out = [f"{self.dataset_dir}: {len(self.seen)} seen + {len(self.unseen)} unseen labels"]
-        for name, s in self.splits.items():
-            low, label = s.min_positives()
-            scored = s.scope
-            out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scored} label")
-            out.append(f"    fewest positives of a {scored} label: {low} ({label!r})")
-            missing = s.labels_without_positive()
-            if missing:
-                out.append(f"    {len(missing)} {scored} label(s) without a positive: {missing[:10]}")
-        if self.image_root is None:
-            out.append("image files not checked (no image root given)")
-        else:
-            out.append(f"image files under {self.image_root}: {len(self.problems)} problem(s)")
-            out.extend(f"  {p}" for p in self.problems[:MAX_LISTED])
-            if len(self.problems) > MAX_LISTED:
-                out.append(f"  ... and {len(self.problems) - MAX_LISTED} more")
-        return out
-
 
 def _image_problem(file: Path) -> str | None:
     """Why an image file cannot be used, or None. Decoded fully, as extraction decodes it (`images.load_rgb`), so
@@ -367,38 +360,23 @@ def _image_problem(file: Path) -> str | None:
 def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
     """Validate a dataset directory and count what it holds.
 
-    Structural problems (a missing or malformed file, an unknown label, a label both seen and unseen, an image listed
-    twice or in both splits) raise QKSError. Problems of image files (when `image_root` is given) are collected in the
-    report instead, so one run lists them all.
+    A broken file (a rule of the validator, a missing or malformed file) raises QKSError. Problems of image files
+    (when `image_root` is given) are collected in the report instead, so one run lists them all.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise QKSError("dataset directory not found", dataset_dir)
     seen, unseen = read_vocabulary(dataset_dir)
-    vocabulary = set(seen) | set(unseen)
     report = DatasetReport(dataset_dir, seen, unseen, {}, None if image_root is None else Path(image_root))
-    first: dict[str, tuple[str, int]] = {}
+    validator = Validator(seen + unseen)
     for split in SPLITS:
         path = dataset_dir / f"{split}.jsonl"
-        scope = "seen" if split == "train" else "seen + unseen"
-        summary = report.splits[split] = SplitSummary(scored_labels(split, seen, unseen), scope)
-        scored = set(summary.scored)
-        for line, rec in iter_manifest(path):
-            unknown = (set(rec.positive) | set(rec.negative)) - vocabulary
-            if unknown:
-                raise QKSError(
-                    f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {sorted(unknown)}", path, line
-                )
-            if rec.image in first:
-                raise QKSError(
-                    f"image {rec.image!r} is also in {first[rec.image][0]} (line {first[rec.image][1]})", path, line
-                )
-            first[rec.image] = (path.name, line)
-            summary.add(rec, scored)
-            if report.image_root is not None:
-                problem = _image_problem(report.image_root / rec.image)
-                if problem:
-                    report.problems.append(Problem(path, line, report.image_root / rec.image, problem))
+        summary = report.splits[split] = SplitSummary(scored_labels(split, seen, unseen))
+        for line, rec in iter_manifest(path, validator):
+            summary.add(rec)
+            problem = report.image_root and _image_problem(report.image_root / rec.image)
+            if problem:
+                report.problems.append(Problem(path, line, report.image_root / rec.image, problem))
         if not summary.images:
             raise QKSError("manifest has no images", path)
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -102,6 +103,11 @@ def change(root: Path, name: str, lines: list[str] | None) -> None:
         (f"{TAG_DIR}/Test_Tags1k.dat", ["0 0 0 1 0"], "1 rows, but {r}/ImageList/TestImagelist.txt lists 2"),
         (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "1 0 1", "1 0 1 0 0"], "Train_Tags1k.dat:2: expected 5 values"),
         (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "", "1 0 1 0 0"], "Train_Tags1k.dat:2: empty line"),
+        (
+            f"{TAG_DIR}/Train_Tags1k.dat",
+            ["0 1 0 0 1", "1 0 1 2 0", "1 0 1 0 0"],
+            "Train_Tags1k.dat:2: expected 0 or 1, found '2' in column 4 ('old town')",
+        ),
         (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0", "2"], "Labels_sky_Test.txt:2: expected 0 or 1"),
         (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0"], "Labels_sky_Test.txt: 1 lines, but"),
         (f"{TRUTH_DIR}/Labels_airport_Test.txt", None, "ground truth of concept 'airport' not found"),
@@ -123,71 +129,187 @@ def test_nuswide_bad_input(tmp_path, name, lines, message):
 
 # ---- Open Images v4 ----
 
+OI_HEADER = "ImageID,Source,LabelName,Confidence"
+OI_TRAIN = [  # (ImageID, Source, MID, Confidence); i1's /m/a row is repeated, i2's /m/c rows conflict
+    ("i1", "verification", "/m/a", 1),
+    ("i1", "verification", "/m/d", 0),
+    ("i1", "crowdsource-verification", "/m/u1", 1),
+    ("i2", "verification", "/m/c", 1),
+    ("i2", "crowdsource-verification", "/m/c", 0),
+    ("i3", "verification", "/m/f", 1),
+    ("i4", "verification", "/m/d", 0),
+    ("i1", "verification", "/m/a", 1),
+    ("i5", "verification", "/m/g", 1),
+    ("i5", "verification", "/m/e", 0),
+    ("i6", "verification", "/m/u3", 1),
+    ("i6", "verification", "/m/a", 1),
+    ("i7", "verification", "/m/d", 1),
+]
+OI_TEST = [
+    ("t1", "verification", "/m/u1", 1),
+    ("t1", "verification", "/m/a", 0),
+    ("t2", "verification", "/m/u2", 0),
+    ("t2", "verification", "/m/b", 1),
+    ("t3", "verification", "/m/u3", 1),
+]
+OI_DESCRIPTIONS = [  # no header, CRLF, quoted names, a comma inside a name, display names shared by several MIDs
+    "/m/a,Bat",
+    '/m/b,"Bat"',
+    '/m/c,"Walnut, nut"',
+    "/m/d,Apple ",
+    "/m/f,Unused",
+    "/m/g,Apple",
+    "/m/e,Flower",
+    "/m/u1,Cat",
+    "/m/u2,Ant",
+    "/m/u3,Flower",
+]
+OI_TRAINABLE = ["/m/a", "/m/b", "/m/c", "/m/d", "/m/e"]
+OI_POOL = ["/m/x", "/m/u1", "/m/y", "/m/u2", "/m/u3"]  # unseen_labels.pkl; top_400_unseen.csv picks 3, 1, 4
 
-def openimages_release(root: Path) -> Path:
-    write(
-        root / "class-descriptions.csv",
-        ["/m/a,Bat", '/m/b,"Bat"', '/m/c,"Walnut, nut"', "/m/d,Apple ", "/m/f,Unused", "/m/u1,Cat", "/m/u2,Ant"],
-        crlf=True,
-    )
-    write(root / "classes-trainable.txt", ["/m/a", "/m/b", "/m/c", "/m/d"], crlf=True)
-    (root / "unseen_labels.pkl").write_bytes(pickle.dumps(["/m/x", "/m/u1", "/m/y", "/m/u2"]))
-    write(root / "top_400_unseen.csv", ["3,12", "1,40"])
-    header = "ImageID,Source,LabelName,Confidence"
-    write(
-        root / "train" / "train-annotations-human-imagelabels.csv",
-        [header, "i1,verification,/m/a,1", "i1,verification,/m/d,0", "i1,crowdsource-verification,/m/u1,1",
-         "i2,verification,/m/c,1", "i2,crowdsource-verification,/m/c,0", "i3,verification,/m/f,1",
-         "i4,verification,/m/d,0", "i1,verification,/m/a,1"],
-        crlf=True,
-    )  # fmt: skip
-    write(
-        root / "test" / "test-annotations-human-imagelabels.csv",
-        [
-            header,
-            "t1,verification,/m/u1,1",
-            "t1,verification,/m/a,0",
-            "t2,verification,/m/u2,0",
-            "t2,verification,/m/b,1",
-        ],
-    )
+
+def openimages_release(root: Path, pool: object = None) -> Path:
+    """A release in the real files' formats: the metadata in `root/2018_04` and the image-label CSVs under it."""
+    meta = root / "2018_04"
+    write(meta / "class-descriptions.csv", OI_DESCRIPTIONS, crlf=True)
+    write(meta / "classes-trainable.txt", OI_TRAINABLE, crlf=True)
+    (meta / "unseen_labels.pkl").write_bytes(pickle.dumps(np.array(OI_POOL, dtype=object) if pool is None else pool))
+    write(meta / "top_400_unseen.csv", ["3,12", "1,40", "4,7"])
+    for split, rows in (("train", OI_TRAIN), ("test", OI_TEST)):
+        lines = [OI_HEADER] + [",".join(map(str, row)) for row in rows]
+        write(meta / split / f"{split}-annotations-human-imagelabels.csv", lines, crlf=True)
     return root
 
 
-def test_openimages(tmp_path):
+def openimages_images(root: Path) -> Path:
+    """Training images in the reference downloader's `train/NN/` layout (i7 never downloaded), test images flat."""
+    for rel in [
+        "train/00/i1.jpg",
+        "train/00/i4.jpg",
+        "train/01/i5.jpg",
+        "train/01/i6.jpg",
+        "train/01/i2.jpg",
+        "test/t1.jpg",
+        "test/t2.jpg",
+        "test/t3.jpg",
+    ]:
+        write(root / rel, ["not decoded by the importer"])
+    return root
+
+
+OI_SEEN = ["Apple", "Bat (/m/a)", "Bat (/m/b)", "Flower (/m/e)", "Walnut, nut"]  # shared names get their MID
+OI_UNSEEN = ["Ant", "Cat", "Flower (/m/u3)"]
+
+
+@pytest.mark.parametrize("folder", ["", "2018_04"])  # the release folder or its metadata folder
+def test_openimages(tmp_path, folder):
     root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
-    code, output = run("import", "openimages", "--root", root, "--out", out)
+    images = openimages_images(tmp_path / "images")
+    code, output = run("import", "openimages", "--root", root / folder, "--images", images, "--out", out)
     assert code == 0, output
     seen, unseen, train, test = dataset(out)
-    assert seen == ["Apple", "Bat (/m/a)", "Bat (/m/b)", "Walnut, nut"]  # collision disambiguated, sorted
-    assert unseen == ["Ant", "Cat"]
-    assert train == [Record("train/i1.jpg", ("Bat (/m/a)",), ("Apple",)), Record("train/i4.jpg", (), ("Apple",))]
+    assert (seen, unseen) == (OI_SEEN, OI_UNSEEN)
+    # i2: conflicting Source rows; i3: no label of the split; i4, i5: negatives only; i7: never downloaded.
+    assert train == [Record("train/00/i1.jpg", ("Bat (/m/a)",), ("Apple",)), Record("train/01/i6.jpg", ("Bat (/m/a)",))]
     assert test == [
         Record("test/t1.jpg", ("Cat",), ("Bat (/m/a)",)),
         Record("test/t2.jpg", ("Bat (/m/b)",), ("Ant",)),
+        Record("test/t3.jpg", ("Flower (/m/u3)",)),
     ]
-    assert "dropped 1 (no label of this split), 1 (positive and negative labels intersect)" in output
-    assert "display name 'Bat' shared by /m/a, /m/b" in output
+    assert (
+        "train: 2 images written, dropped 1 (image file not found), 1 (no label of this split), "
+        "2 (no positive label), 1 (positive and negative labels intersect)"
+    ) in output
+    assert "5 images found under" in output and "as train/NN/<ImageID>.jpg" in output
+    assert "3 images found under" in output and "as test/<ImageID>.jpg" in output
+    assert "display name 'Bat' shared by /m/a, /m/b" in output and "'Flower' shared by /m/e, /m/u3" in output
 
 
-ANNOTATIONS = "test/test-annotations-human-imagelabels.csv"
+def test_openimages_without_images_keeps_flat_paths(tmp_path):
+    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    assert code == 0, output
+    assert [r.image for r in dataset(out)[2]] == ["train/i1.jpg", "train/i6.jpg", "train/i7.jpg"]
+
+
+def train_positives(by_name: bool) -> dict[str, set[str]]:
+    """Training positives per image (as display names) when rows are matched by MID, as here, or by display name, as
+    the authors' converter does: an independent re-statement of both, for the counts data_manifests/README.md quotes."""
+    names = {line.split(",", 1)[0]: line.split(",", 1)[1].strip(' "') for line in OI_DESCRIPTIONS}
+    seen_names = {names[m] for m in OI_TRAINABLE}
+    out: dict[str, set[str]] = {}
+    for image, _, mid, confidence in OI_TRAIN:
+        if confidence == 1 and (names[mid] in seen_names if by_name else mid in OI_TRAINABLE):
+            out.setdefault(image, set()).add(names[mid])
+    return out
+
+
+def test_openimages_matching_by_display_name_would_change():
+    theirs, ours = train_positives(by_name=True), train_positives(by_name=False)
+    assert sorted(i for i in theirs if theirs[i] != ours.get(i)) == ["i5", "i6"]  # 2 of the 7 training images
+    assert theirs["i5"] == {"Apple"} and "i5" not in ours  # a non-trainable MID named like a trainable class
+    assert theirs["i6"] == {"Bat", "Flower"} and ours["i6"] == {"Bat"}  # an unseen class trained on as seen
+    assert len({line.split(",")[1].strip(' "') for line in OI_DESCRIPTIONS if line.split(",")[0] in OI_TRAINABLE}) == 4
+    assert len(OI_SEEN) == 5  # the two MIDs named "Bat" are one label there, two here
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        OI_POOL,  # a plain list
+        np.array(OI_POOL),  # a string dtype
+        pickle.loads(pickle.dumps(np.array(OI_POOL, dtype=object), protocol=2)),
+    ],
+)
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_openimages_reads_the_pickled_mids_in_every_form(tmp_path, pool, protocol):
+    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    (root / "2018_04" / "unseen_labels.pkl").write_bytes(pickle.dumps(pool, protocol=protocol))
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    assert code == 0, output
+    assert dataset(out)[1] == OI_UNSEEN
+
+
+class Runs:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+@pytest.mark.parametrize(
+    ("pool", "found"),
+    [
+        (OrderedDict(a="/m/u1"), "found collections.OrderedDict (refused: loading it could run code)"),
+        (Runs(), "found posix.system (refused"),
+        ({"a": "/m/u1"}, "found dict"),
+        (np.arange(5), "found a numpy array of int64 with shape (5,)"),
+        ([b"/m/x", 3], "found a list holding int 3"),
+    ],
+)
+def test_openimages_refuses_any_other_pickle(tmp_path, monkeypatch, pool, found):
+    monkeypatch.chdir(tmp_path)
+    root, out = openimages_release(tmp_path / "oi", pool), tmp_path / "out"
+    code, output = run("import", "openimages", "--root", root, "--out", out)
+    expected = f"{root / '2018_04' / 'unseen_labels.pkl'}: expected a pickled list or numpy array of MID strings; "
+    assert code == 1 and expected + found in output and len(output.strip().splitlines()) == 1, output
+    assert not (tmp_path / "pwned.txt").exists()
+    assert_nothing_written(tmp_path, out)
+
+
+META, ANNOTATIONS = "2018_04", "2018_04/test/test-annotations-human-imagelabels.csv"
 
 
 @pytest.mark.parametrize(
     ("name", "lines", "message"),
     [
-        ("top_400_unseen.csv", ["3", "9"], "top_400_unseen.csv:2: index 9 outside the 4 MIDs"),
-        ("classes-trainable.txt", ["/m/a", "/m/zz"], "MID /m/zz has no display name"),
-        ("classes-trainable.txt", ["/m/a", "/m/u1"], "both trainable and unseen"),
-        ("class-descriptions.csv", ["/m/a,Bat", "/m/a,Bat"], "class-descriptions.csv:2: MID /m/a described twice"),
-        ("class-descriptions.csv", ["/m/a,Bat", "/m/b"], "class-descriptions.csv:2: expected 'MID,Display name'"),
+        (f"{META}/top_400_unseen.csv", ["3", "9"], "top_400_unseen.csv:2: index 9 outside the 5 MIDs"),
+        (f"{META}/classes-trainable.txt", ["/m/a", "/m/zz"], "MID /m/zz has no display name"),
+        (f"{META}/classes-trainable.txt", ["/m/a", "/m/u1"], "both trainable and unseen"),
+        (f"{META}/class-descriptions.csv", ["/m/a,Bat", "/m/a,Bat"], "class-descriptions.csv:2: MID /m/a described"),
+        (f"{META}/class-descriptions.csv", ["/m/a,Bat", "/m/b"], "class-descriptions.csv:2: expected 'MID,Display"),
+        (f"{META}/class-descriptions.csv", None, "class-descriptions.csv not found here or in 2018_04/"),
         (ANNOTATIONS, ["ImageID,LabelName"], f"{ANNOTATIONS}:1: header"),
-        (
-            ANNOTATIONS,
-            ["ImageID,Source,LabelName,Confidence", "t1,v,/m/a,0.5"],
-            f"{ANNOTATIONS}:2: expected an ImageID",
-        ),
-        ("train/train-annotations-human-imagelabels.csv", None, "annotations not found"),
+        (ANNOTATIONS, [OI_HEADER, "t1,v,/m/a,0.5"], f"{ANNOTATIONS}:2: expected an ImageID"),
+        (f"{META}/train/train-annotations-human-imagelabels.csv", None, "annotations not found"),
     ],
 )
 def test_openimages_bad_input(tmp_path, name, lines, message):
@@ -255,22 +377,25 @@ def test_coco_bad_input(tmp_path):
 # ---- the reference implementation's CSV ----
 
 
+REF_TRAIN = [
+    "image_path,posi_labels,nega_labels",
+    'data/oi/train/00/i1.jpg,"Walnut, nut|hot dog",Bat',
+    "data/oi/train/01/i2.jpg,,Bat",
+    r"data/oi\train\01\i3.jpg,Bat,Bat",
+]
+REF_TEST = [
+    "image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels",
+    'data/oi/test/t1.jpg,Cat,Ant,"Walnut, nut",Bat',
+]
+
+
 def reference_files(tmp_path: Path) -> dict[str, Path]:
     return {
         "--seen-file": write(tmp_path / "label_seen.txt", ["Bat", "Walnut, nut", "Bat", "hot dog"]),
         "--unseen-file": write(tmp_path / "label_unseen.txt", ["Ant ", "Cat"], crlf=True),
-        "--train-csv": write(
-            tmp_path / "train.txt",
-            ["image_path,posi_labels,nega_labels", 'data/oi/train/00/i1.jpg,"Walnut, nut|hot dog",Bat',
-             "data/oi/train/01/i2.jpg,,Bat", r"data/oi\train\01\i3.jpg,Bat,Bat"],
-            crlf=True,
-        ),
-        "--test-csv": write(
-            tmp_path / "test.txt",
-            ["image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels",
-             'data/oi/test/t1.jpg,Cat,Ant,"Walnut, nut",Bat'],
-        ),
-    }  # fmt: skip
+        "--train-csv": write(tmp_path / "train.txt", REF_TRAIN, crlf=True),
+        "--test-csv": write(tmp_path / "test.txt", REF_TEST),
+    }
 
 
 def test_reference_csv(tmp_path):
@@ -280,13 +405,31 @@ def test_reference_csv(tmp_path):
     assert code == 0, output
     seen, unseen, train, test = dataset(out)
     assert (seen, unseen) == (["Bat", "Walnut, nut", "hot dog"], ["Ant", "Cat"])
-    assert train == [
-        Record("train/00/i1.jpg", ("Walnut, nut", "hot dog"), ("Bat",)),
-        Record("train/01/i2.jpg", (), ("Bat",)),
-    ]
+    assert train == [Record("train/00/i1.jpg", ("Walnut, nut", "hot dog"), ("Bat",))]  # i2: no positive
     assert test == [Record("test/t1.jpg", ("Walnut, nut", "Cat"), ("Bat", "Ant"))]
-    assert "dropped 1 (positive and negative labels intersect)" in output
+    assert "dropped 1 (no positive label), 1 (positive and negative labels intersect)" in output
     assert "label_seen.txt: 1 repeated label line(s) merged" in output
+    assert "negative columns are empty" not in output
+
+
+def test_reference_csv_without_negatives(tmp_path):
+    """Empty negative columns: said so; `--negatives rest` makes every other scored label of the split negative."""
+    files, out = reference_files(tmp_path), tmp_path / "out"
+    write(files["--train-csv"], ["image_path,posi_labels,nega_labels", "tr/1.jpg,Bat,", "tr/2.jpg,hot dog|Cat,"])
+    write(files["--test-csv"], ["image_path,posi_labels,nega_labels", "te/1.jpg,Cat,", "te/2.jpg,Bat,"])
+    args = [x for pair in files.items() for x in pair]
+    code, output = run("import", "reference-csv", *args, "--out", out)
+    assert code == 0 and output.count("the negative columns are empty on every row") == 2, output
+    assert "--negatives rest" in output and check_dataset(out).splits["test"].labels_without_negative() != []
+    code, output = run("import", "reference-csv", *args, "--negatives", "rest", "--out", tmp_path / "rest")
+    assert code == 0 and "negative columns are empty" not in output, output
+    seen, unseen, train, test = dataset(tmp_path / "rest")
+    assert train == [
+        Record("tr/1.jpg", ("Bat",), ("Walnut, nut", "hot dog")),
+        Record("tr/2.jpg", ("hot dog", "Cat"), ("Bat", "Walnut, nut")),  # Cat is unseen: not scored in train
+    ]
+    assert test[1] == Record("te/2.jpg", ("Bat",), ("Walnut, nut", "hot dog", "Ant", "Cat"))
+    assert check_dataset(tmp_path / "rest").splits["train"].labels_without_negative() == []
 
 
 def test_reference_csv_bad_input(tmp_path):
@@ -322,8 +465,9 @@ def hdf5_files(tmp_path: Path, test_width: int = 3) -> list[object]:
         h5["zoo_0004_14.jpg-labels_81"] = np.array([1, -1], np.int8)
     train_names = write(tmp_path / "train_names.txt", ["actor_0001_11.jpg", "beach_bum_0003_13.jpg"], crlf=True)
     test_names = write(tmp_path / "test_names.txt", ["zoo_0004_14.jpg"])
-    return ["--train-h5", tmp_path / "train.h5", "--train-names", train_names, "--test-h5", tmp_path / "test.h5",
-            "--test-names", test_names, "--seen-file", seen, "--unseen-file", unseen]  # fmt: skip
+    files = {"--train-h5": tmp_path / "train.h5", "--train-names": train_names, "--test-h5": tmp_path / "test.h5"}
+    files |= {"--test-names": test_names, "--seen-file": seen, "--unseen-file": unseen}
+    return [x for pair in files.items() for x in pair]
 
 
 @pytest.mark.parametrize("test_width", [3, 5])  # seen only (BiAM) or seen + unseen (MKT's 1,006)
@@ -345,14 +489,6 @@ def test_hdf5_bad_input(tmp_path):
     write(tmp_path / "test_names.txt", ["zoo_0009_19.jpg"])
     code, output = run("import", "hdf5", *args, "--out", out)
     assert code == 1 and "test_names.txt:1: " in output and "no dataset 'zoo_0009_19.jpg-labels'" in output
-    assert_nothing_written(tmp_path, out)
-
-
-def test_openimages_refuses_pickled_objects(tmp_path):
-    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
-    (root / "unseen_labels.pkl").write_bytes(pickle.dumps(OrderedDict(a="/m/u1")))  # a class: refused, never run
-    code, output = run("import", "openimages", "--root", root, "--out", out)
-    assert code == 1 and "unseen_labels.pkl: cannot read the pickled MID list (refusing to load collections" in output
     assert_nothing_written(tmp_path, out)
 
 

@@ -20,6 +20,7 @@ from qks_pipeline.manifest import (
     read_templates,
     scored_labels,
     write_dataset,
+    write_labels,
     write_manifest,
 )
 
@@ -35,16 +36,22 @@ SEEN, UNSEEN = ["cat", "dog", "old car"], ["zebra", "sea lion"]
 TRAIN = [
     Record("a/1.jpg", ("cat", "old car"), ("dog",)),
     Record("a/2.jpg", ("dog",), ("cat", "zebra")),
-    Record("b/3.jpg", ("zebra",), ()),  # no seen positive: counted, not dropped
+    Record("b/3.jpg", ("zebra",), ()),  # no seen positive: counted by the check, left out by write_dataset
+    Record("b/6.jpg", ("dog",), negative_rest=True),
 ]
 TEST = [
     Record("c/4.jpg", ("sea lion", "cat"), ("dog", "old car", "zebra")),
-    Record("c/5.jpg", (), ("cat",)),
+    Record("c/5.jpg", (), ("cat",)),  # no positive: left out by write_dataset
 ]
 
 
 def make_dataset(path: Path) -> Path:
-    write_dataset(path, SEEN, UNSEEN, {"train": TRAIN, "test": TEST})
+    """The files as a person may write them (write_dataset would leave out the images without a positive)."""
+    path.mkdir()
+    write_labels(path / "seen.txt", SEEN)
+    write_labels(path / "unseen.txt", UNSEEN)
+    write_manifest(path / "train.jsonl", TRAIN)
+    write_manifest(path / "test.jsonl", TEST)
     return path
 
 
@@ -52,15 +59,18 @@ def test_templates_file_is_open_clip_pool_plus_scene_templates():
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     expected = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] + SCENE
-    path = REPO / "data_manifests" / "templates.txt"
+    path = REPO / "qks_pipeline" / "templates.txt"
     assert path.read_text(encoding="utf-8").splitlines() == expected
     assert read_templates(path) == expected and len(expected) == 85
 
 
-def test_write_dataset_round_trips(tmp_path):
-    out = make_dataset(tmp_path / "ds")
+def test_write_dataset_round_trips_and_leaves_out_images_without_a_positive(tmp_path):
+    out = tmp_path / "ds"
+    written = write_dataset(out, SEEN, UNSEEN, {"train": iter(TRAIN), "test": TEST})
     assert sorted(p.name for p in out.iterdir()) == ["seen.txt", "test.jsonl", "train.jsonl", "unseen.txt"]
-    assert read_manifest(out / "train.jsonl") == TRAIN and read_manifest(out / "test.jsonl") == TEST
+    assert read_manifest(out / "train.jsonl") == [TRAIN[0], TRAIN[1], TRAIN[3]]  # b/3.jpg: no seen positive
+    assert read_manifest(out / "test.jsonl") == TEST[:1]
+    assert [(s.images, s.no_positive) for s in written.values()] == [(4, 1), (2, 1)]
     assert (out / "unseen.txt").read_text() == "zebra\nsea lion\n"
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary directory left
 
@@ -75,8 +85,13 @@ def test_check_dataset_counts_match_brute_force(tmp_path):
         assert split.no_positive == sum(1 for r in records if not set(r.positive) & set(scored))
         fewest = min(sum(label in r.positive for r in records) for label in scored)
         assert split.min_positives()[0] == fewest
+        for label in scored:
+            negatives = sum(label in r.negative or (r.negative_rest and label not in r.positive) for r in records)
+            assert split.negatives_of(label) == negatives, label
     assert report.splits["train"].labels_without_positive() == []
+    assert report.splits["train"].labels_without_negative() == []
     assert report.splits["test"].labels_without_positive() == ["dog", "old car", "zebra"]
+    assert report.splits["test"].labels_without_negative() == ["sea lion"]
 
 
 def write_images(root: Path) -> None:
@@ -102,7 +117,10 @@ def test_cli_check_summary_and_exit_codes(tmp_path):
     write_images(root)
     ok = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
     assert ok.exit_code == 0, ok.output
-    assert "train: 3 images, 1 without a positive seen label" in ok.output
+    assert "train: 4 images, 1 without a positive seen label" in ok.output
+    assert "0 seen label(s) without a negative" in ok.output
+    assert "1 seen + unseen label(s) without a negative: ['sea lion']" in ok.output
+    assert "3 seen + unseen label(s) without a positive: ['dog', 'old car', 'zebra']" in ok.output
     assert "0 problem(s)" in ok.output
     (root / "b/3.jpg").unlink()
     bad = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
@@ -159,8 +177,10 @@ def _failing_records():
     [
         ({"train": TRAIN, "test": _failing_records()}, "source.dat:7: broken source"),
         ({"train": TRAIN, "test": [Record("y.jpg", ("wolf",))]}, "test.jsonl:1: image 'y.jpg': label(s) not in"),
-        ({"train": TRAIN, "test": [Record("y.jpg"), Record("y.jpg")]}, "test.jsonl:2: image 'y.jpg' written twice"),
+        ({"train": TRAIN, "test": [Record("y.jpg"), Record("y.jpg")]}, "test.jsonl:2: image 'y.jpg' listed twice"),
+        ({"train": TRAIN, "test": [Record("a/1.jpg", ("cat",))]}, "test.jsonl:1: image 'a/1.jpg' is also in train"),
         ({"train": TRAIN, "test": []}, "test.jsonl: no images left to write"),
+        ({"train": TRAIN, "test": [Record("y.jpg", (), ("cat",))]}, "test.jsonl: no images left to write"),
     ],
 )
 def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
@@ -174,6 +194,15 @@ def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
     with pytest.raises(QKSError):
         write_dataset(tmp_path / "new", SEEN, ["cat"], {"train": TRAIN})  # seen/unseen overlap: nothing created
     assert not (tmp_path / "new").exists()
+
+
+def test_reading_with_the_vocabulary_refuses_unknown_labels(tmp_path):
+    write_manifest(tmp_path / "m.jsonl", [Record("a.jpg", ("cat",), ("wolf",))])
+    assert read_manifest(tmp_path / "m.jsonl") == [Record("a.jpg", ("cat",), ("wolf",))]
+    with pytest.raises(
+        QKSError, match=r"m.jsonl:1: image 'a.jpg': label\(s\) not in seen.txt or unseen.txt: \['wolf'\]"
+    ):
+        read_manifest(tmp_path / "m.jsonl", SEEN + UNSEEN)
 
 
 def test_negative_rest_round_trip_and_label_matrix(tmp_path):

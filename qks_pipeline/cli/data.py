@@ -7,15 +7,15 @@ from pathlib import Path
 import click
 
 from qks_pipeline import importers
-from qks_pipeline.errors import QKSError
+from qks_pipeline.cli.options import EXISTING_DIR, EXISTING_FILE, NEW_DIR
 from qks_pipeline.importers.hdf5 import LAYOUTS
-from qks_pipeline.manifest import SPLITS, check_dataset, read_labels, read_manifest, read_vocabulary, write_dataset
+from qks_pipeline.importers.reference_csv import NEGATIVES
+from qks_pipeline.manifest import DatasetReport, check_dataset, read_labels
 
-DIR = click.Path(file_okay=False, path_type=Path)
-FILE = click.Path(dir_okay=False, path_type=Path)
 OUT = click.option(
-    "--out", type=DIR, required=True, help="Dataset directory to write (train/test.jsonl, seen/unseen.txt)."
+    "--out", type=NEW_DIR, required=True, help="Dataset directory to write (train/test.jsonl, seen/unseen.txt)."
 )
+MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps them all
 
 
 def _echo(report: importers.ImportReport) -> None:
@@ -29,22 +29,19 @@ def import_group() -> None:
 
 
 @import_group.command("manifest")
-@click.option("--root", type=DIR, required=True, help="A ready dataset directory (train/test.jsonl, seen/unseen.txt).")
+@click.option(
+    "--root", type=EXISTING_DIR, required=True, help="A ready dataset directory (train/test.jsonl, seen/unseen.txt)."
+)
 @OUT
 def manifest(root: Path, out: Path) -> None:
     """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
-    check_dataset(root)
-    seen, unseen = read_vocabulary(root)
-    splits = {split: read_manifest(root / f"{split}.jsonl") for split in SPLITS}
-    counts = write_dataset(out, seen, unseen, splits)
-    click.echo(
-        f"wrote {out}: {len(seen)} seen + {len(unseen)} unseen labels; "
-        + ", ".join(f"{split}: {n} images" for split, n in counts.items())
-    )
+    _echo(importers.import_manifest(root, out))
 
 
 @import_group.command("nuswide")
-@click.option("--root", type=DIR, required=True, help="The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...).")
+@click.option(
+    "--root", type=EXISTING_DIR, required=True, help="The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...)."
+)
 @OUT
 def nuswide(root: Path, out: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
@@ -52,20 +49,25 @@ def nuswide(root: Path, out: Path) -> None:
 
 
 @import_group.command("openimages")
-@click.option("--root", type=DIR, required=True, help="The Open Images 2018_04 folder (class-descriptions.csv, ...).")
+@click.option(
+    "--root", type=EXISTING_DIR, required=True, help="The Open Images release folder, or its 2018_04 subfolder."
+)
+@click.option(
+    "--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/<id>.jpg or <split>/NN/<id>.jpg)."
+)
 @click.option("--train-split", default="train", show_default=True, help="Release split written as train.jsonl.")
 @click.option("--test-split", default="test", show_default=True, help="Release split written as test.jsonl.")
 @OUT
-def openimages(root: Path, train_split: str, test_split: str, out: Path) -> None:
-    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, as display names."""
-    _echo(importers.import_openimages(root, out, train_split, test_split))
+def openimages(root: Path, images: Path | None, train_split: str, test_split: str, out: Path) -> None:
+    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as display names."""
+    _echo(importers.import_openimages(root, out, train_split, test_split, images))
 
 
 @import_group.command("coco")
-@click.option("--train-json", type=FILE, required=True, help="Instances JSON of the training images.")
-@click.option("--test-json", type=FILE, required=True, help="Instances JSON of the test images.")
+@click.option("--train-json", type=EXISTING_FILE, required=True, help="Instances JSON of the training images.")
+@click.option("--test-json", type=EXISTING_FILE, required=True, help="Instances JSON of the test images.")
 @click.option("--unseen", help="Unseen category names, comma-separated.")
-@click.option("--unseen-file", type=FILE, help="Unseen category names, one a line.")
+@click.option("--unseen-file", type=EXISTING_FILE, help="Unseen category names, one a line.")
 @click.option("--train-prefix", default="", help="Prepended to train file names (e.g. 'train2017/').")
 @click.option("--test-prefix", default="", help="Prepended to test file names (e.g. 'val2017/').")
 @OUT
@@ -87,28 +89,43 @@ def coco(
 
 
 @import_group.command("reference-csv")
-@click.option("--train-csv", type=FILE, required=True, help="The reference's train CSV (image_path,posi_labels,...).")
-@click.option("--test-csv", type=FILE, required=True, help="The reference's test CSV.")
-@click.option("--seen-file", type=FILE, required=True, help="Seen labels, one a line.")
-@click.option("--unseen-file", type=FILE, required=True, help="Unseen labels, one a line.")
+@click.option(
+    "--train-csv", type=EXISTING_FILE, required=True, help="The reference's train CSV (image_path,posi_labels,...)."
+)
+@click.option("--test-csv", type=EXISTING_FILE, required=True, help="The reference's test CSV.")
+@click.option("--seen-file", type=EXISTING_FILE, required=True, help="Seen labels, one a line.")
+@click.option("--unseen-file", type=EXISTING_FILE, required=True, help="Unseen labels, one a line.")
 @click.option(
     "--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'datasets/OpenImages/')."
 )
+@click.option(
+    "--negatives",
+    type=click.Choice(NEGATIVES),
+    default="listed",
+    show_default=True,
+    help="listed: the CSV's negative columns; rest: every non-positive label of the split's scored set.",
+)
 @OUT
 def reference_csv(
-    train_csv: Path, test_csv: Path, seen_file: Path, unseen_file: Path, strip_prefix: str, out: Path
+    train_csv: Path, test_csv: Path, seen_file: Path, unseen_file: Path, strip_prefix: str, negatives: str, out: Path
 ) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
-    _echo(importers.import_reference_csv(train_csv, test_csv, seen_file, unseen_file, out, strip_prefix))
+    _echo(importers.import_reference_csv(train_csv, test_csv, seen_file, unseen_file, out, strip_prefix, negatives))
 
 
 @import_group.command("hdf5")
-@click.option("--train-h5", type=FILE, required=True, help="HDF5 file with <image>-labels datasets.")
-@click.option("--train-names", type=FILE, required=True, help="Names of the training images, one a line.")
-@click.option("--test-h5", type=FILE, required=True, help="HDF5 file with <image>-labels and <image>-labels_81.")
-@click.option("--test-names", type=FILE, required=True, help="Names of the test images, one a line.")
-@click.option("--seen-file", type=FILE, required=True, help="The seen tags in the order of the -labels vectors.")
-@click.option("--unseen-file", type=FILE, required=True, help="The 81 concepts in the order of the -labels_81 vectors.")
+@click.option("--train-h5", type=EXISTING_FILE, required=True, help="HDF5 file with <image>-labels datasets.")
+@click.option("--train-names", type=EXISTING_FILE, required=True, help="Names of the training images, one a line.")
+@click.option(
+    "--test-h5", type=EXISTING_FILE, required=True, help="HDF5 file with <image>-labels and <image>-labels_81."
+)
+@click.option("--test-names", type=EXISTING_FILE, required=True, help="Names of the test images, one a line.")
+@click.option(
+    "--seen-file", type=EXISTING_FILE, required=True, help="The seen tags in the order of the -labels vectors."
+)
+@click.option(
+    "--unseen-file", type=EXISTING_FILE, required=True, help="The 81 concepts in the order of the -labels_81 vectors."
+)
 @click.option(
     "--layout",
     type=click.Choice(LAYOUTS),
@@ -137,18 +154,35 @@ def manifest_group() -> None:
 
 
 @manifest_group.command("check")
-@click.argument("dataset_dir", type=DIR)
-@click.option("--images", type=DIR, help="Image root: also open and verify every image file.")
+@click.argument("dataset_dir", type=EXISTING_DIR)
+@click.option("--images", type=EXISTING_DIR, help="Image root: also open and verify every image file.")
 @click.pass_context
 def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
     """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing or unreadable."""
-    if images is not None and not images.is_dir():
-        raise QKSError("image root not found", images)
     report = check_dataset(dataset_dir, images)
-    for line in report.summary_lines():
+    for line in report_lines(report):
         click.echo(line)
     if report.problems:
         ctx.exit(1)
+
+
+def report_lines(report: DatasetReport) -> list[str]:
+    """Counts per split, the scored labels without a positive or a negative, then the image problems."""
+    out = [f"{report.dataset_dir}: {len(report.seen)} seen + {len(report.unseen)} unseen labels"]
+    for name, s in report.splits.items():
+        scope = "seen" if name == "train" else "seen + unseen"
+        low, label = s.min_positives()
+        out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scope} label")
+        out.append(f"    fewest positives of a {scope} label: {low} ({label!r})")
+        for what, labels in (("positive", s.labels_without_positive()), ("negative", s.labels_without_negative())):
+            out.append(f"    {len(labels)} {scope} label(s) without a {what}" + (f": {labels[:10]}" if labels else ""))
+    if report.image_root is None:
+        return out + ["image files not checked (no image root given)"]
+    out.append(f"image files under {report.image_root}: {len(report.problems)} problem(s)")
+    out.extend(f"  {p}" for p in report.problems[:MAX_LISTED])
+    if len(report.problems) > MAX_LISTED:
+        out.append(f"  ... and {len(report.problems) - MAX_LISTED} more")
+    return out
 
 
 COMMANDS: list[click.Command] = [import_group, manifest_group]

@@ -2,7 +2,7 @@
 so every other category is a verified negative.
 
 Seen = the categories (in the JSON's order) minus the unseen ones the user names. Train images carry seen labels, test
-images seen and unseen labels; an image without a positive among them is dropped.
+images seen and unseen labels (an image without a positive among them is left out by `write_dataset`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, write_dataset
+from qks_pipeline.manifest import Record
 
 
 def read_instances(path: Path) -> tuple[list[str], list[tuple[str, set[str]]]]:
@@ -36,16 +36,10 @@ def read_instances(path: Path) -> tuple[list[str], list[tuple[str, set[str]]]]:
     return list(categories.values()), list(images.values())
 
 
-def coco_records(
-    images: Sequence[tuple[str, set[str]]], labels: Sequence[str], prefix: str, split: str, report: ImportReport
-) -> Iterator[Record]:
-    """One record per image over `labels`: present categories positive, the rest negative."""
+def coco_records(images: Sequence[tuple[str, set[str]]], labels: Sequence[str], prefix: str) -> Iterator[Record]:
+    """One record per image over `labels`: present categories positive, the rest negative (COCO is exhaustive)."""
     for file_name, present in images:
-        positive = tuple(label for label in labels if label in present)
-        if not positive:
-            report.drop(split, "no positive label")
-            continue
-        yield Record(prefix + file_name, positive, negative_rest=True)  # COCO is exhaustive: the rest are negative
+        yield Record(prefix + file_name, tuple(label for label in labels if label in present), negative_rest=True)
 
 
 def import_coco(
@@ -72,10 +66,8 @@ def import_coco(
     if unknown:
         raise QKSError(f"unseen label(s) {unknown} are not categories of {train_json}", unseen_source)
     seen = [c for c in categories if c not in set(unseen)]
-    report = ImportReport(Path(out), seen=len(seen), unseen=len(unseen))
     splits = {
-        "train": coco_records(train_images, seen, train_prefix, "train", report),
-        "test": coco_records(test_images, seen + list(unseen), test_prefix, "test", report),
+        "train": coco_records(train_images, seen, train_prefix),
+        "test": coco_records(test_images, seen + list(unseen), test_prefix),
     }
-    report.written = write_dataset(out, seen, unseen, splits)
-    return report
+    return ImportReport(Path(out)).write(seen, unseen, splits)

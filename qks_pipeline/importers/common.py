@@ -1,13 +1,15 @@
-"""What every importer shares: the report it returns and readers for line-aligned text files."""
+"""What every importer shares: the report it returns (and writes through), readers for line-aligned text files, and
+the importer of a dataset directory already in this project's format."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.manifest import SPLITS, Record, Validator, iter_manifest, read_vocabulary, write_dataset
 
 
 @dataclass
@@ -21,6 +23,14 @@ class ImportReport:
 
     def drop(self, split: str, reason: str) -> None:
         self.dropped[split, reason] += 1
+
+    def write(self, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]) -> ImportReport:
+        """Write the dataset (`manifest.write_dataset`, all or nothing) and count the images it left out."""
+        for split, summary in write_dataset(self.out_dir, seen, unseen, splits).items():
+            self.written[split] = summary.images - summary.no_positive
+            self.dropped[split, "no positive label"] += summary.no_positive
+        self.seen, self.unseen = len(seen), len(unseen)
+        return self
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.out_dir}: {self.seen} seen + {self.unseen} unseen labels"]
@@ -78,3 +88,11 @@ def read_binary_column(path: Path, count: int, partner: Path) -> list[bool]:
     if len(values) != count:
         raise QKSError(f"{len(values)} lines, but {partner} lists {count} images", path)
     return values
+
+
+def import_manifest(root: str | Path, out: str | Path) -> ImportReport:
+    """A dataset directory already in this format (the bundled sample, your own): checked, then copied."""
+    seen, unseen = read_vocabulary(root)
+    validator = Validator(seen + unseen)  # one for both splits: an image in both is an error naming the source
+    splits = {s: [rec for _, rec in iter_manifest(Path(root) / f"{s}.jsonl", validator)] for s in SPLITS}
+    return ImportReport(Path(out)).write(seen, unseen, splits)

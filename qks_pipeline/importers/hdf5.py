@@ -4,7 +4,7 @@ order) and, in the test file, `<name>-labels_81` (+1/-1 over the 81 concepts). 0
 The image names come from a text file, one a line. BiAM/MKT names flatten the Flickr path:
 `actor_0001_2124494179.jpg` is `Flickr/actor/0001_2124494179.jpg` (layout "flickr"); layout "path" keeps a name as a
 path ('\\' -> '/'). A test `-labels` vector may also cover seen + unseen labels (MKT's 1,006); its seen part is used.
-An image without a positive among its split's labels is dropped.
+An image without a positive among its split's labels is left out by `write_dataset`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, iter_aligned_lines, require_file
-from qks_pipeline.manifest import Record, read_labels, write_dataset
+from qks_pipeline.manifest import Record, read_labels
 
 LAYOUTS = ("flickr", "path")
 
@@ -44,10 +44,9 @@ def _vector(h5: h5py.File, key: str, sizes: Sequence[int], where: tuple[Path, in
 
 
 def h5_records(
-    h5_path: Path, names: Path, seen: Sequence[str], unseen: Sequence[str] | None, layout: str, report: ImportReport
+    h5_path: Path, names: Path, seen: Sequence[str], unseen: Sequence[str] | None, layout: str
 ) -> Iterator[Record]:
     """Records of the images listed in `names`; `unseen` is None for the train file (no `-labels_81`)."""
-    split = "train" if unseen is None else "test"
     labels = np.array(list(seen) + list(unseen or []), dtype=object)
     first: dict[str, int] = {}
     with h5py.File(require_file(h5_path, "HDF5 label file"), "r") as h5:
@@ -59,9 +58,6 @@ def h5_records(
             values = values[: len(seen)]
             if unseen is not None:
                 values = np.concatenate([values, _vector(h5, f"{name}-labels_81", (len(unseen),), (names, line))])
-            if not (values > 0).any():
-                report.drop(split, "no positive label")
-                continue
             yield Record(image_path(name, layout, names, line), tuple(labels[values > 0]), tuple(labels[values < 0]))
 
 
@@ -81,10 +77,8 @@ def import_hdf5(
     both = sorted(set(seen) & set(unseen))
     if both:
         raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
-    report = ImportReport(Path(out), seen=len(seen), unseen=len(unseen))
     splits = {
-        "train": h5_records(Path(train_h5), Path(train_names), seen, None, layout, report),
-        "test": h5_records(Path(test_h5), Path(test_names), seen, unseen, layout, report),
+        "train": h5_records(Path(train_h5), Path(train_names), seen, None, layout),
+        "test": h5_records(Path(test_h5), Path(test_names), seen, unseen, layout),
     }
-    report.written = write_dataset(out, seen, unseen, splits)
-    return report
+    return ImportReport(Path(out)).write(seen, unseen, splits)

@@ -2,7 +2,7 @@
 
 Seen labels = the 1,000 tags minus those that are also concepts (925 with the real files); unseen = the 81 concepts.
 Every label is annotated (a 0 is a verified negative). Train images carry the seen tags; test images the seen tags and
-the 81 concepts' ground truth. An image without a positive among its split's labels is dropped.
+the 81 concepts' ground truth. An image without a positive among its split's labels is left out by `write_dataset`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from qks_pipeline.importers.common import (
     read_binary_column,
     require_file,
 )
-from qks_pipeline.manifest import Record, write_dataset
+from qks_pipeline.manifest import Record
 
 IMAGE_DIR = "Flickr"  # the release's image folder, relative to the image root
 
@@ -47,11 +47,8 @@ def tag_records(
     seen: Sequence[str],
     unseen: Sequence[str],
     truth: np.ndarray | None,
-) -> Iterator[Record | None]:
-    """Yield a record per image from a tag matrix (+ the concepts' ground truth `truth`, (N, 81) bool, for test).
-
-    None stands for an image without a positive label (the caller drops it).
-    """
+) -> Iterator[Record]:
+    """Yield a record per image from a tag matrix (+ the concepts' ground truth `truth`, (N, 81) bool, for test)."""
     require_file(dat, "tag matrix")
     seen_cols = np.array([tags.index(t) for t in seen])  # positions of the seen tags among the 1,000 columns
     seen_names, unseen_names = np.array(seen, dtype=object), np.array(unseen, dtype=object)
@@ -60,14 +57,17 @@ def tag_records(
         values = text.split()
         if rows == len(images):
             raise QKSError(f"more rows than the {len(images)} images of {image_list}", dat, line)
-        if len(values) != len(tags) or not set(values) <= {"0", "1"}:
+        if len(values) != len(tags):
             raise QKSError(f"expected {len(tags)} values of 0/1 (one per tag), found {len(values)}", dat, line)
+        if not set(values) <= {"0", "1"}:
+            bad = next(j for j, v in enumerate(values) if v not in ("0", "1"))
+            raise QKSError(f"expected 0 or 1, found {values[bad]!r} in column {bad + 1} ({tags[bad]!r})", dat, line)
         hit = np.frombuffer("".join(values).encode("ascii"), np.uint8)[seen_cols] == ord("1")  # (925,)
         positive = seen_names[hit].tolist()
         if truth is not None:
             positive += unseen_names[truth[rows]].tolist()
         # Every other scored label is a verified negative: written as "*" (see manifest.Record.negative_rest).
-        yield Record(images[rows], tuple(positive), negative_rest=True) if positive else None
+        yield Record(images[rows], tuple(positive), negative_rest=True)
         rows += 1
     if rows != len(images):
         raise QKSError(f"{rows} rows, but {image_list} lists {len(images)} images", dat)
@@ -83,14 +83,6 @@ def concept_truth(root: Path, concepts: Sequence[str], count: int, image_list: P
     return np.array(columns, dtype=bool).T  # (count, 81)
 
 
-def _kept(records: Iterator[Record | None], split: str, report: ImportReport) -> Iterator[Record]:
-    for record in records:
-        if record is None:
-            report.drop(split, "no positive label")
-        else:
-            yield record
-
-
 def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
     """Write a NUS-WIDE dataset directory from the raw release at `root` (the folder holding ImageList/ etc.)."""
     root = Path(root)
@@ -101,7 +93,7 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
     concepts = read_aligned_lines(find_concepts(root), unique=True)
     concept_set = set(concepts)
     seen = [t for t in tags if t not in concept_set]
-    report = ImportReport(Path(out), seen=len(seen), unseen=len(concepts))
+    report = ImportReport(Path(out))
     report.notes.append(f"{len(tags) - len(seen)} of the {len(concepts)} concepts are also tags (not seen labels)")
     lists, tag_dir = root / "ImageList", root / "NUS_WID_Tags"
     train_list, test_list = lists / "TrainImagelist.txt", lists / "TestImagelist.txt"
@@ -111,5 +103,4 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
         "train": tag_records(train_images, tag_dir / "Train_Tags1k.dat", train_list, tags, seen, concepts, None),
         "test": tag_records(test_images, tag_dir / "Test_Tags1k.dat", test_list, tags, seen, concepts, truth),
     }
-    report.written = write_dataset(out, seen, concepts, {s: _kept(r, s, report) for s, r in splits.items()})
-    return report
+    return report.write(seen, concepts, splits)

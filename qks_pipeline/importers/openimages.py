@@ -1,61 +1,109 @@
 """Open Images v4 (2018_04) image-level labels, as LESA/BiAM/QKS use them.
 
-Seen = the MIDs of classes-trainable.txt; unseen = the 400 MIDs picked by top_400_unseen.csv (indices into the pickled
-list of unseen_labels.pkl). Labels are written as display names (class-descriptions.csv), sorted alphabetically. A
-display name shared by several of these MIDs is made unique by appending the MID: "Bat (/m/01h44)". Train images carry
-seen labels, test images seen and unseen labels; annotations of other MIDs are ignored. An image whose positive and
-negative labels intersect is dropped, as the reference does.
+Seen = the MIDs of classes-trainable.txt; unseen = the 400 MIDs picked by top_400_unseen.csv (indices into the MID
+list pickled in unseen_labels.pkl, a numpy array in the release). Labels are matched by MID and written as display
+names (class-descriptions.csv), sorted alphabetically; a display name shared by several of these MIDs is made unique
+by appending the MID: "Bat (/m/01h44)". Train images carry seen labels, test images seen and unseen labels;
+annotations of other MIDs are ignored. An image whose positive and negative labels intersect is dropped, as the
+reference does. With an image root, each image is located on disk (`<split>/<ImageID>.jpg` or the reference
+downloader's `<split>/NN/<ImageID>.jpg`) and one never downloaded is left out.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 import pickle
+import sys
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
+
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, read_labels, write_dataset
+from qks_pipeline.manifest import Record, read_labels
 
 COLUMNS = ("ImageID", "LabelName", "Confidence")  # the annotation columns used (Source is ignored)
+RELEASE = "2018_04"  # the release's metadata folder, which `--root` may name or hold
+# What a pickled list or numpy array of strings needs, and nothing that can run code.
+PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),  # numpy 1.x arrays
+    ("numpy._core.multiarray", "_reconstruct"),  # numpy 2.x arrays
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays of a fixed-size dtype
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocols 0-2 spell bytes (an array's raw data)
+}
+
+
+def find_release(root: Path) -> Path:
+    """The folder holding class-descriptions.csv: `root` itself or its 2018_04 subfolder."""
+    for folder in (root, root / RELEASE):
+        if (folder / "class-descriptions.csv").is_file():
+            return folder
+    raise QKSError(f"class-descriptions.csv not found here or in {RELEASE}/ (the release's metadata folder)", root)
 
 
 def read_class_descriptions(path: Path) -> dict[str, str]:
-    """MID -> display name. No header; split at the first comma only; strip quotes and spaces."""
-    require_file(path, "class descriptions")
+    """MID -> display name. No header; CSV quoting (`"Nut, walnut"`); an unquoted comma stays in the name."""
     names: dict[str, str] = {}
-    for i, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not text.strip():
-            continue
-        mid, sep, name = text.partition(",")
-        mid, name = mid.strip(' "\t'), name.strip(' "\t')
-        if not sep or not mid or not name:
-            raise QKSError("expected 'MID,Display name'", path, i)
-        if mid in names:
-            raise QKSError(f"MID {mid} described twice", path, i)
-        names[mid] = name
+    with open(require_file(path, "class descriptions"), encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f)
+        for row in rows:
+            if not "".join(row).strip():
+                continue
+            mid, name = row[0].strip(' "'), ",".join(row[1:]).strip(' "')
+            if not mid or not name:
+                raise QKSError("expected 'MID,Display name'", path, rows.line_num)
+            if mid in names:
+                raise QKSError(f"MID {mid} described twice", path, rows.line_num)
+            names[mid] = name
     return names
 
 
-class _ListOnlyUnpickler(pickle.Unpickler):
-    """Loads plain lists of strings; refuses every class, so a pickle cannot run code."""
+class _Refused(pickle.UnpicklingError):
+    """A pickle naming a global outside PICKLE_GLOBALS; `found` names it."""
 
+    def __init__(self, found: str):
+        super().__init__(found)
+        self.found = found
+
+
+class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> type:
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only a list of MID strings is expected)")
+        if (module, name) not in PICKLE_GLOBALS:
+            raise _Refused(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_mid_pool(pkl: Path) -> list[str]:
+    """The pickled MIDs: a list of strings or a 1-D numpy array of object or string dtype, never arbitrary code."""
+    expected = "expected a pickled list or numpy array of MID strings; found"
+    with open(require_file(pkl, "unseen label list"), "rb") as f:
+        try:
+            pool = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: Python 2's str, as numpy advises
+        except _Refused as e:
+            raise QKSError(f"{expected} {e.found} (refused: loading it could run code)", pkl) from None
+        except Exception as e:  # a damaged pickle raises many types
+            raise QKSError(f"cannot read the pickled MID list ({type(e).__name__}: {e})", pkl) from None
+    if isinstance(pool, np.ndarray):
+        if pool.ndim != 1 or pool.dtype.kind not in "OUS":
+            raise QKSError(f"{expected} a numpy array of {pool.dtype} with shape {pool.shape}", pkl)
+        pool = pool.tolist()
+    if not isinstance(pool, (list, tuple)):
+        raise QKSError(f"{expected} {type(pool).__name__}", pkl)
+    other = next((m for m in pool if not isinstance(m, (str, bytes))), None)
+    if other is not None:
+        raise QKSError(f"{expected} a list holding {type(other).__name__} {other!r}", pkl)
+    return [m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in pool]
 
 
 def read_unseen_mids(pkl: Path, top: Path) -> list[str]:
-    """The unseen MIDs: the first column of `top` indexes the list pickled in `pkl`."""
-    with open(require_file(pkl, "unseen label list"), "rb") as f:
-        try:
-            pool = _ListOnlyUnpickler(f).load()
-        except Exception as e:  # a damaged or foreign pickle raises many types
-            raise QKSError(f"cannot read the pickled MID list ({e})", pkl) from None
-    if not isinstance(pool, (list, tuple)) or not all(isinstance(m, str) for m in pool):
-        raise QKSError("expected a pickled list of MID strings", pkl)
-    mids = []
+    """The unseen MIDs: the first column of `top` indexes the MIDs pickled in `pkl`."""
+    pool, mids = read_mid_pool(pkl), []
     with open(require_file(top, "top unseen indices"), encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         for row in rows:
@@ -89,20 +137,31 @@ def display_names(
     return out
 
 
-def read_annotations(
-    path: Path, labels: Mapping[str, str], folder: str, split: str, report: ImportReport
-) -> Iterator[Record]:
-    """Group an image-labels CSV by image; yield a record per image with a label in `labels` (MID -> name).
+def locate_images(images: Path, folder: str, report: ImportReport) -> dict[str, str]:
+    """ImageID -> the folder prefix of `<folder>/<ImageID>.jpg` or `<folder>/NN/<ImageID>.jpg` under `images`; the
+    layouts found are noted in the report."""
+    top, flat, found, layouts = images / folder, f"{folder}/", {}, set()
+    if not top.is_dir():
+        raise QKSError(f"image folder {folder}/ not found", images)
+    with os.scandir(top) as entries:
+        for entry in entries:
+            if entry.is_dir():
+                prefix = sys.intern(f"{folder}/{entry.name}/")
+                with os.scandir(entry.path) as files:
+                    found.update((f.name[:-4], prefix) for f in files if f.name.endswith(".jpg"))
+                layouts.add(f"{folder}/NN/<ImageID>.jpg")
+            elif entry.name.endswith(".jpg"):
+                found[entry.name[:-4]] = flat
+                layouts.add(f"{folder}/<ImageID>.jpg")
+    report.notes.append(f"{len(found)} images found under {top} as {' and '.join(sorted(layouts)) or '(none)'}")
+    return found
 
-    Args:
-        path: the `<folder>-annotations-human-imagelabels.csv` file.
-        labels: MID -> label name, for the MIDs this split uses; other annotations are ignored.
-        folder: the release's split name, which is also the image folder (`<folder>/<ImageID>.jpg`).
-        split: the manifest written ("train" or "test"), for the report.
-        report: collects the images dropped.
-    """
+
+def group_annotations(path: Path, labels: Mapping[str, str]) -> tuple[dict[str, tuple[list, list]], set[str]]:
+    """({ImageID: ([positive names], [negative names])} for annotations of `labels` (MID -> name), the images that
+    have annotations of other MIDs only or too)."""
     groups: dict[str, tuple[list[str], list[str]]] = {}
-    others: set[str] = set()  # images with an annotation outside `labels`
+    others: set[str] = set()
     with open(require_file(path, "annotations"), encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         header = [h.strip() for h in next(rows, [])]
@@ -115,35 +174,54 @@ def read_annotations(
             try:
                 image, mid, confidence = row[image_col].strip(), row[label_col].strip(), float(row[conf_col])
             except (IndexError, ValueError):
-                raise QKSError(
-                    f"expected {len(header)} fields with a numeric Confidence", path, rows.line_num
-                ) from None
+                message = f"expected {len(header)} fields with a numeric Confidence"
+                raise QKSError(message, path, rows.line_num) from None
             if confidence not in (0.0, 1.0) or not image:
                 raise QKSError("expected an ImageID and a Confidence of 0 or 1", path, rows.line_num)
             name = labels.get(mid)
             if name is None:
                 others.add(image)
-                continue
-            groups.setdefault(image, ([], []))[confidence == 0.0].append(name)  # [0]: positive, [1]: negative
+            else:
+                groups.setdefault(image, ([], []))[confidence == 0.0].append(name)  # [0]: positive, [1]: negative
+    return groups, others
+
+
+def read_annotations(
+    path: Path, labels: Mapping[str, str], folder: str, split: str, report: ImportReport, found: dict | None
+) -> Iterator[Record]:
+    """A record per image of a `<folder>-annotations-human-imagelabels.csv` with a label in `labels` (MID -> name).
+
+    Args:
+        folder: the release's split name, which is also the image folder.
+        split: the manifest written ("train" or "test"), for the report.
+        found: `locate_images` of the folder; None: the path is taken to be `<folder>/<ImageID>.jpg`, unchecked.
+    """
+    groups, others = group_annotations(path, labels)
     for image, (positive, negative) in groups.items():
         positive, negative = tuple(dict.fromkeys(positive)), tuple(dict.fromkeys(negative))
+        prefix = f"{folder}/" if found is None else found.get(image)
         if set(positive) & set(negative):
             report.drop(split, "positive and negative labels intersect")
+        elif prefix is None:
+            report.drop(split, "image file not found")
         else:
-            yield Record(f"{folder}/{image}.jpg", positive, negative)
+            yield Record(f"{prefix}{image}.jpg", positive, negative)
     report.dropped[split, "no label of this split"] += len(others - groups.keys())
 
 
 def import_openimages(
-    root: str | Path, out: str | Path, train_split: str = "train", test_split: str = "test"
+    root: str | Path,
+    out: str | Path,
+    train_split: str = "train",
+    test_split: str = "test",
+    images: str | Path | None = None,
 ) -> ImportReport:
-    """Write an Open Images dataset directory from the 2018_04 release folder `root`.
+    """Write an Open Images dataset directory from the release folder `root` (or its 2018_04 subfolder).
 
-    `train_split` and `test_split` name the release folders read for train.jsonl and test.jsonl (e.g. "validation").
+    `train_split` and `test_split` name the release folders read for train.jsonl and test.jsonl (e.g. "validation");
+    `images`, the image root: each image is located there and one not found is left out.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise QKSError("Open Images release folder not found", root)
+    root = find_release(Path(root))
     descriptions = read_class_descriptions(root / "class-descriptions.csv")
     seen_mids = read_labels(require_file(root / "classes-trainable.txt", "trainable classes"))
     unseen_mids = read_unseen_mids(root / "unseen_labels.pkl", root / "top_400_unseen.csv")
@@ -153,12 +231,9 @@ def import_openimages(
     report = ImportReport(Path(out))
     names = display_names(seen_mids + unseen_mids, descriptions, root / "class-descriptions.csv", report)
     seen_names = {m: names[m] for m in seen_mids}
-    seen, unseen = sorted(seen_names.values()), sorted(names[m] for m in unseen_mids)
-    report.seen, report.unseen = len(seen), len(unseen)
-    files = {s: root / s / f"{s}-annotations-human-imagelabels.csv" for s in (train_split, test_split)}
-    splits = {
-        "train": read_annotations(files[train_split], seen_names, train_split, "train", report),
-        "test": read_annotations(files[test_split], names, test_split, "test", report),
-    }
-    report.written = write_dataset(out, seen, unseen, splits)
-    return report
+    splits = {}
+    for split, folder, labels in (("train", train_split, seen_names), ("test", test_split, names)):
+        found = None if images is None else locate_images(Path(images), folder, report)
+        csv_file = root / folder / f"{folder}-annotations-human-imagelabels.csv"
+        splits[split] = read_annotations(csv_file, labels, folder, split, report, found)
+    return report.write(sorted(seen_names.values()), sorted(names[m] for m in unseen_mids), splits)

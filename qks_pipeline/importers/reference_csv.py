@@ -3,7 +3,9 @@
 Two headers are accepted: `image_path,posi_labels,nega_labels` (the reference's train file) and
 `image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels` (its test file). The label
 lists come from the reference's label files, one label a line; a name listed twice there (Open Images display names
-are not unique) is kept once, and the report says so.
+are not unique) is kept once, and the report says so. A split whose negative columns are empty on every row has no
+verified negative (every AP would be trivial): the report says so, and `negatives="rest"` makes every non-positive
+label of the split's scored set negative (`"negative": "*"`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, check_image_path, write_dataset
+from qks_pipeline.manifest import Record, check_image_path
 
+NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
 HEADERS = {
     ("image_path", "posi_labels", "nega_labels"): ((1,), (2,)),  # columns of positives, columns of negatives
     ("image_path", "unseen_posi_labels", "unseen_nega_labels", "seen_posi_labels", "seen_nega_labels"): (
@@ -52,37 +55,41 @@ def image_path(raw: str, strip_prefix: str, path: Path, line: int) -> str:
 
 
 def csv_records(
-    path: Path, vocabulary: set[str], strip_prefix: str, split: str, report: ImportReport
+    path: Path, vocabulary: set[str], strip_prefix: str, split: str, negatives: str, report: ImportReport
 ) -> Iterator[Record]:
     """Yield one record per CSV row; unknown labels and repeated images are errors naming the row's line."""
-    first: dict[str, int] = {}
+    listed, first = 0, {}  # rows with a negative; image -> its first line
     with open(require_file(path, "CSV file"), encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f)
         header = tuple(h.strip() for h in next(rows, []))
         if header not in HEADERS:
             raise QKSError(f"unexpected header {list(header)}; expected one of {[list(h) for h in HEADERS]}", path, 1)
-        columns = HEADERS[header]
         for row in rows:
             if not row:
                 continue
-            line = rows.line_num
             if len(row) != len(header):
-                raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, line)
-            image = image_path(row[0], strip_prefix, path, line)
-            if image in first:
-                raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, line)
-            first[image] = line
+                raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, rows.line_num)
             positive, negative = (
                 tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip()))
-                for cols in columns
+                for cols in HEADERS[header]
             )
             unknown = sorted((set(positive) | set(negative)) - vocabulary)
             if unknown:
-                raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, line)
+                raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, rows.line_num)
+            image = image_path(row[0], strip_prefix, path, rows.line_num)
+            if image in first:
+                raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, rows.line_num)
+            first[image], listed = rows.line_num, listed + bool(negative)
             if set(positive) & set(negative):
                 report.drop(split, "positive and negative labels intersect")
-                continue
-            yield Record(image, positive, negative)
+            else:
+                rest = negatives == "rest"
+                yield Record(image, positive, () if rest else negative, negative_rest=rest)
+    if not listed and negatives == "listed":
+        report.notes.append(
+            f"{path}: the negative columns are empty on every row: no label has a verified negative, so none can be "
+            "scored; --negatives rest makes every non-positive label of the split negative"
+        )
 
 
 def import_reference_csv(
@@ -92,18 +99,18 @@ def import_reference_csv(
     unseen_file: str | Path,
     out: str | Path,
     strip_prefix: str = "",
+    negatives: str = "listed",
 ) -> ImportReport:
     """Write a dataset directory from the reference's train and test CSVs and its seen/unseen label files."""
+    assert negatives in NEGATIVES, negatives
     report = ImportReport(Path(out))
     seen, unseen = read_label_file(Path(seen_file), report), read_label_file(Path(unseen_file), report)
     both = sorted(set(seen) & set(unseen))
     if both:
         raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
-    report.seen, report.unseen = len(seen), len(unseen)
     vocabulary = set(seen) | set(unseen)
     splits = {
-        "train": csv_records(Path(train_csv), vocabulary, strip_prefix, "train", report),
-        "test": csv_records(Path(test_csv), vocabulary, strip_prefix, "test", report),
+        split: csv_records(Path(csv_file), vocabulary, strip_prefix, split, negatives, report)
+        for split, csv_file in (("train", train_csv), ("test", test_csv))
     }
-    report.written = write_dataset(out, seen, unseen, splits)
-    return report
+    return report.write(seen, unseen, splits)
