@@ -1,14 +1,18 @@
-"""Stage two, evaluation: score a test cache with a trained QKS head (or CLIP zero-shot) and apply the protocol.
+"""Stage two, evaluation: score a test store with a trained QKS head (or CLIP zero-shot) and apply the protocol.
 
-Scores cover the seen labels followed by the unseen labels, over the valid rows of the test store. Metrics come from
-`metrics.evaluate_scores` and are fractions in [0, 1]. The query-preference analysis counts, for each label, which query
-token gives the label's logit on its positive images (the paper's "knowledge sharing" inspection).
+Scores cover the seen labels followed by the unseen labels, over the valid rows of the test store, in float32
+(`qks_pipeline.scoring`). Metrics come from `metrics.evaluate_scores` under `evaluate.protocol` (`standard` or the
+authors' `reference`) and are fractions in [0, 1]. The CLIP baseline scores the projected CLS token against one
+template's label embeddings, as the reference's `clip_eval.py` does (`evaluate.clip_labels: template`), or against the
+prompt pool's (`pool`). The query-preference table counts, for each label, which query gives the label's logit on its
+positive images (the paper's "knowledge sharing" inspection).
+
+Memory: one (N, C) float32 score array (reused by the baseline), the int8 labels and, for the head, the int16 query
+index: 7 bytes per (image, label); the metrics work in blocks of a few MB (benchmarks/bench_evaluate.py).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,177 +21,84 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from qks_pipeline.atomic import atomic_write
-from qks_pipeline.cache import Cache, check_fingerprint, open_cache, read_label_embeddings
-from qks_pipeline.config import EvaluateConfig, ModelConfig
-from qks_pipeline.devices import autocast, resolve_device
+from qks_pipeline.atomic import atomic_write, write_csv
+from qks_pipeline.cache import (
+    CLIP_EMBEDDINGS,
+    Inputs,
+    check_fingerprint,
+    check_label_embedding,
+    check_label_names,
+    open_inputs,
+    read_label_embeddings,
+)
+from qks_pipeline.checkpoint import load as load_checkpoint
+from qks_pipeline.config import EvaluateConfig
+from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.loader import CacheLoader, open_loader
-from qks_pipeline.metrics import evaluate_scores
+from qks_pipeline.metrics import SELECTED_ON_TEST, SETTINGS, evaluate_scores, reference_scores
 from qks_pipeline.model import QKS
+from qks_pipeline.scoring import Predictions, clip_scorer, model_scorer, score_rows
 
 UNITS = "fraction"  # every metric written here is a fraction in [0, 1]
 CLIP_BASELINE = "clip_zero_shot"
 
 
-def check_label_names(path: str | Path, found: list[str], expected: list[str], what: str) -> None:
-    """Refuse a label list that is not the expected one, naming the first difference."""
-    if found == expected:
-        return
-    i = next(
-        (i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b), min(len(found), len(expected))
-    )
-    a = found[i] if i < len(found) else "<end>"
-    b = expected[i] if i < len(expected) else "<end>"
-    raise QKSError(f"{what}: label {i} is {a!r}, {b!r} expected ({len(found)} labels vs {len(expected)})", path)
+def check_checkpoint(inputs: Inputs, config: dict[str, Any], test_path: str | Path, labels_path: str | Path) -> None:
+    """Refuse a test store or label store that does not fit the checkpoint: backbone, seen labels, template pool."""
+    check_fingerprint(test_path, {"backbone": inputs.backbone}, {"backbone": config["fingerprint"]}, "vs checkpoint")
+    if config.get("label_names") is not None:  # None: an imported reference checkpoint
+        seen, trained = inputs.label_names[: inputs.num_seen], config["label_names"][: config["num_seen"]]
+        check_label_names(test_path, seen, trained, "seen labels of the test store vs the checkpoint")
+    check_label_embedding(labels_path, inputs.label_embedding, config.get("label_embedding"))
 
 
-@dataclass
-class Predictions:
-    scores: np.ndarray  # (N, C) float32 over the valid rows, in store order
-    labels: np.ndarray  # (N, C) int8
-    rows: np.ndarray  # (N,) store rows
-    query_index: np.ndarray | None = None  # (N, C) int16: the query that gave each logit
-
-
-@torch.no_grad()
-def predict(
-    score_fn: Callable[[torch.Tensor], Any], loader: CacheLoader, device: torch.device, query_index: bool = False
-) -> Predictions:
-    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) [, query index (B, C)] over one in-order pass."""
-    scores, labels, rows, index = [], [], [], []
-    for batch in loader.epoch(0):
-        out = score_fn(batch.tokens.to(device, non_blocking=True))
-        logits, qi = out if query_index else (out, None)
-        scores.append(logits.float().cpu().numpy())
-        labels.append(batch.labels.numpy())
-        rows.append(batch.rows)
-        if qi is not None:
-            index.append(qi.to(torch.int16).cpu().numpy())
-    if not rows:
-        raise QKSError(f"no valid rows to score in rows {loader.row_range[0]}-{loader.row_range[1]}")
-    cat = np.concatenate
-    return Predictions(cat(scores), cat(labels), cat(rows), cat(index) if index else None)
-
-
-def model_scorer(model: QKS, label_emb: torch.Tensor, device: torch.device, amp: bool, query_index: bool = False):
-    """A `score_fn` for `predict`: the model in eval mode under autocast."""
-    model.eval()
-
-    def score(tokens: torch.Tensor):
-        with autocast(device, amp):
-            return model(tokens, label_emb, return_query_index=query_index)
-
-    return score
-
-
-def clip_scorer(visual_proj: torch.Tensor, label_emb: torch.Tensor):
-    """CLIP zero-shot: CLS token @ visual_proj, L2-normalised, cosine with the L2-normalised label embeddings."""
-    text = torch.nn.functional.normalize(label_emb.float(), dim=-1)  # (C, E)
-
-    def score(tokens: torch.Tensor) -> torch.Tensor:
-        image = torch.nn.functional.normalize(tokens[:, 0].float() @ visual_proj, dim=-1)  # (B, D) @ (D, E) -> (B, E)
-        return image @ text.T  # (B, C)
-
-    return score
-
-
-def load_checkpoint(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, Any]]:
-    """The best weights and the run's config.json of a `qks train` (or `qks import-checkpoint`) output directory."""
-    directory = Path(directory)
-    config_path, weights = directory / "config.json", directory / "best.safetensors"
-    for path in (config_path, weights):
-        if not path.exists():
-            raise QKSError("not found; is this a `qks train` output directory?", path)
-    config = json.loads(config_path.read_text())
-    model = QKS(ModelConfig(**config["model"]), config["token_dim"], config["embed_dim"])
-    try:
-        model.load_state_dict(load_file(weights))
-    except RuntimeError as e:
-        raise QKSError(f"weights do not fit config.json: {str(e).splitlines()[0]}", weights) from None
-    return model.to(device).eval(), config
-
-
-@dataclass
-class TestInputs:
-    cache: Cache
-    label_names: list[str]
-    embeddings: torch.Tensor  # (C, E) float32, seen then unseen
-    num_seen: int
-
-
-def open_test_inputs(test_path: str | Path, labels_path: str | Path, checkpoint: dict[str, Any] | None) -> TestInputs:
-    """Open the test cache and label embeddings; refuse mismatched backbones or label lists."""
-    cache = open_cache(test_path)
-    cache.require_complete()
-    names, emb, attrs = read_label_embeddings(labels_path)
-    backbone = {"backbone": cache.fingerprint["backbone"]}
-    check_fingerprint(labels_path, {"backbone": attrs["fingerprint"]["backbone"]}, backbone, "label embeddings")
-    check_label_names(labels_path, names, cache.label_names, "label embeddings vs the test cache")
-    if checkpoint is not None:
-        check_fingerprint(test_path, backbone, {"backbone": checkpoint["fingerprint"]}, "test cache vs the checkpoint")
-    if checkpoint is not None and checkpoint["label_names"] is not None:  # None: an imported reference checkpoint
-        seen = cache.label_names[: cache.num_seen]
-        check_label_names(test_path, seen, checkpoint["label_names"][: checkpoint["num_seen"]],
-                          "seen labels of the test cache vs the checkpoint")  # fmt: skip
-    return TestInputs(cache, names, torch.from_numpy(emb), cache.num_seen)
-
-
-def query_preference(query_index: np.ndarray, labels: np.ndarray, names: list[str], num_seen: int,
-                     num_queries: int) -> list[dict[str, Any]]:  # fmt: skip
+def query_preference(pred: Predictions, names: list[str], num_seen: int, num_queries: int) -> list[dict[str, Any]]:
     """Per label: over its positive images, how often each query gives the label's logit."""
+    counts = np.zeros(len(names) * num_queries, np.int64)
+    for r0 in range(0, len(pred.rows), 1024):
+        rows, cols = np.nonzero(pred.labels[r0 : r0 + 1024] == 1)  # the positives of a block of images
+        counts += np.bincount(cols * num_queries + pred.query_index[r0 + rows, cols], minlength=len(counts))
     table = []
-    for c, name in enumerate(names):
-        pos = labels[:, c] == 1
-        counts = np.bincount(query_index[pos, c], minlength=num_queries)  # (N_queries,)
-        top = int(counts.argmax())
-        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "positives": int(pos.sum())}
-        row |= {"top_query": top if pos.any() else "", "top_share": float(counts[top] / pos.sum()) if pos.any() else ""}
-        row |= {f"q{q}": int(n) for q, n in enumerate(counts)}
-        table.append(row)
+    for c, (name, n) in enumerate(zip(names, counts.reshape(len(names), num_queries), strict=True)):
+        top, total = int(n.argmax()), int(n.sum())
+        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "positives": total}
+        row |= {"top_query": top if total else "", "top_share": n[top] / total if total else ""}
+        table.append(row | {f"q{q}": int(k) for q, k in enumerate(n)})
     return table
 
 
-def per_label_table(results: dict[str, dict[str, Any]], labels: np.ndarray, names: list[str],
-                    num_seen: int) -> list[dict[str, Any]]:  # fmt: skip
-    """label, seen/unseen, AP in its own setting (seen or zsl), AP in gzsl, positives, annotated (test images)."""
+def per_label_table(results: dict[str, dict[str, Any]], names: list[str], num_seen: int) -> list[dict[str, Any]]:
+    """Per label: AP in its own setting (seen or zsl) and in gzsl, what it lacks to be scored in each (nothing,
+    a positive, a negative, an annotation), and its positives and negatives among its own setting's images."""
     rows = []
     for c, name in enumerate(names):
-        own = results["seen" if c < num_seen else "zsl"]["ap"].get(name, float("nan"))
-        rows.append({
-            "label": name, "split": "seen" if c < num_seen else "unseen", "ap": own,
-            "ap_gzsl": results["gzsl"]["ap"].get(name, float("nan")),
-            "positives": int((labels[:, c] == 1).sum()), "annotated": int((labels[:, c] != 0).sum()),
-        })  # fmt: skip
+        own, i = (results["seen"], c) if c < num_seen else (results["zsl"], c - num_seen)
+        gzsl = results["gzsl"]
+        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "ap": own["ap"][i]}
+        row |= {"ap_gzsl": gzsl["ap"][c], "lacks": own["lacks"][i], "lacks_gzsl": gzsl["lacks"][c]}
+        rows.append(row | {"positives": own["positives"][i], "negatives": own["negatives"][i]})
     return rows
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
-    """Rows as CSV with a header (the first row's keys unless `fields`), written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields or list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue())
+PER_LABEL = ("ap", "lacks", "positives", "negatives")  # per-label arrays of a setting: the CSV's, not the JSON's
 
 
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The metrics without the per-label APs (those go to the per-label CSV)."""
-    return {setting: {k: v for k, v in m.items() if k != "ap"} for setting, m in results.items()}
+    """The metrics without the per-label arrays, NaN (undefined) as None (null: strict JSON for DVC)."""
+    return {s: {k: None if v != v else v for k, v in m.items() if k not in PER_LABEL} for s, m in results.items()}
 
 
-SELECTED_ON_TEST = "checkpoint selected on the TEST set (reference protocol): test metrics are optimistic"
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN (an undefined metric) -> null, so the file is strict JSON for DVC."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, float) and obj != obj:
+def label_warning(results: dict[str, dict[str, Any]], protocol: str, per_label: str | Path | None) -> str | None:
+    """One line when labels lack a positive or a negative among the images that annotate them, else None."""
+    counts = {s: (m["labels_without_positive"], m["labels_without_negative"]) for s, m in results.items()}
+    if not any(sum(c) for c in counts.values()):
         return None
-    return obj
+    how = "counted as the reference does (AP 0 / AP 1)" if protocol == "reference" else "left out of every mAP"
+    where = f"named in {per_label}" if per_label else "named in the --per-label CSV"
+    shown = ", ".join(f"{s.upper()} {p}/{n}" for s, (p, n) in counts.items())
+    return f"WARNING: labels without a positive / without a negative: {shown}; {how}; {where}"
 
 
 def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -> str:
@@ -195,7 +106,7 @@ def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -
     cols = ["mAP"] + [f"{m}@{k}" for k in top_k for m in ("p", "r", "f1")]
     width = max(len(name) for name in rows) + 2
     lines = [f"{'setting':<8}{'model':<{width}}" + "".join(f"{c:>8}" for c in cols) + f"{'images':>9}  (percent)"]
-    for setting in ("zsl", "gzsl", "seen"):
+    for setting in SETTINGS:
         for name, results in rows.items():
             m = results[setting]
             vals = "".join(f"{100 * m[c]:>8.2f}" if m[c] == m[c] else f"{'-':>8}" for c in cols)
@@ -208,19 +119,46 @@ def format_query_preference(table: list[dict[str, Any]], num_queries: int) -> st
     lines = [f"query preference ({num_queries} queries): labels whose logit comes most often from each query"]
     for split in ("seen", "unseen"):
         rows = [r for r in table if r["split"] == split and r["positives"] > 0]
-        if not rows:
-            continue
-        counts = np.bincount([r["top_query"] for r in rows], minlength=num_queries)
-        share = np.mean([r["top_share"] for r in rows])
-        lines.append(f"  {split:<7} " + " ".join(f"q{q}:{n}" for q, n in enumerate(counts))
-                     + f"  (top query's mean share of a label's positives {share:.2f})")  # fmt: skip
+        if rows:
+            counts = np.bincount([r["top_query"] for r in rows], minlength=num_queries)
+            share = np.mean([r["top_share"] for r in rows])
+            wins = " ".join(f"q{q}:{n}" for q, n in enumerate(counts))
+            lines.append(f"  {split:<7} {wins}  (top query's mean share of a label's positives {share:.2f})")
     return "\n".join(lines)
 
 
-def _score(score_fn: Callable, loader: CacheLoader, device: torch.device, inputs: TestInputs, top_k: list[int],
-           query_index: bool = False) -> tuple[Predictions, dict[str, dict[str, Any]]]:  # fmt: skip
-    pred = predict(score_fn, loader, device, query_index=query_index)
-    return pred, evaluate_scores(pred.scores, pred.labels, inputs.label_names, inputs.num_seen, top_k)
+@dataclass
+class _Run:
+    inputs: Inputs
+    labels_path: str | Path
+    loader: CacheLoader  # the test store's valid rows, in order
+    device: torch.device
+    params: EvaluateConfig
+
+
+def _head(run: _Run, model: QKS) -> tuple[Predictions, list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The head's predictions (query index dropped once tabulated), the query-preference table and the metrics."""
+    inputs, params = run.inputs, run.params
+    scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(run.device), query_index=True)
+    pred = score_rows(scorer, run.loader, run.device, query_index=True)
+    table = query_preference(pred, inputs.label_names, inputs.num_seen, model.cfg.num_queries)
+    pred.query_index = None
+    if params.protocol == "reference":
+        reference_scores(pred.scores)  # the reference ranks fp32 sigmoids
+    return pred, table, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
+
+
+def _clip(run: _Run, reuse: Predictions | None) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The CLIP baseline's label embeddings in words, and its metrics (its scores written over `reuse`'s arrays)."""
+    inputs, params = run.inputs, run.params
+    if params.clip_labels == "template":
+        _, emb, attrs = read_label_embeddings(run.labels_path, CLIP_EMBEDDINGS)
+        how = f"one template, {attrs['clip_template']!r}, L2-normalised (the reference's clip_eval.py)"
+    else:
+        emb, how = inputs.embeddings, f"the {inputs.label_embedding['num_templates']}-template pool's mean"
+    proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(run.device)  # (D, E)
+    pred = score_rows(clip_scorer(proj, torch.from_numpy(emb).to(run.device)), run.loader, run.device, into=reuse)
+    return how, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
 
 
 def evaluate(
@@ -234,51 +172,48 @@ def evaluate(
     query_table: str | Path | None = None,
     baseline: str | None = None,
     device: str = "auto",
-    amp: bool = True,
+    any_split: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test cache; write the metrics JSON and tables.
+    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store; write the metrics JSON and tables.
+
+    Args:
+        any_split: evaluate even on a store that stage one made from a training split.
 
     Returns:
-        The metrics written to `out`: settings zsl/gzsl/seen (fractions), `selection`, and with both a checkpoint and
-        `baseline="clip"` the baseline's settings under `clip_zero_shot`.
+        The metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`, and with both a
+        checkpoint and `baseline="clip"` the baseline's settings and `clip_labels` under `clip_zero_shot`.
     """
     if checkpoint is None and baseline is None:
         raise QKSError("nothing to evaluate: give --checkpoint, --baseline clip, or both")
     params = params or EvaluateConfig()
     dev = resolve_device(device)
     model, config = load_checkpoint(checkpoint, dev) if checkpoint is not None else (None, None)
-    inputs = open_test_inputs(test_path, labels_path, config)
-    loader = open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False)
-    emb = inputs.embeddings.to(dev)
-    report: dict[str, Any] = {"units": UNITS}
-    shown: dict[str, dict[str, Any]] = {}
+    inputs = open_inputs(test_path, labels_path, role="test", any_split=any_split)
+    if config is not None:
+        check_checkpoint(inputs, config, test_path, labels_path)
+    run = _Run(inputs, labels_path, open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False), dev, params)
+    report: dict[str, Any] = {"units": UNITS, "protocol": params.protocol}
+    shown, pred = {}, None
     if model is not None:
-        scorer = model_scorer(model, emb, dev, amp, query_index=True)
-        pred, results = _score(scorer, loader, dev, inputs, params.top_k, query_index=True)
-        report |= {"model": "qks", "selection": config.get("selection", "val"), **summary(results)}
+        pred, table, shown["qks"] = _head(run, model)
+        write_csv(query_table or Path(out).with_name(Path(out).stem + ".query_preference.csv"), table)
+        report |= {"model": "qks", "selection": config.get("selection", "val"), **summary(shown["qks"])}
         if report["selection"] == "test":
             report["warning"] = SELECTED_ON_TEST
-        shown["qks"] = results
-        table = query_preference(pred.query_index, pred.labels, inputs.label_names, inputs.num_seen,
-                                 model.cfg.num_queries)  # fmt: skip
-        write_csv(query_table or Path(out).with_name("query_preference.csv"), table)
     if baseline is not None:
-        proj = torch.from_numpy(inputs.cache.group["visual_proj"][:]).to(dev)  # (D, E)
-        pred_b, results_b = _score(clip_scorer(proj, emb), loader, dev, inputs, params.top_k)
-        if model is None:
-            pred, results = pred_b, results_b
-            report |= {"model": CLIP_BASELINE, "selection": "none", **summary(results_b)}
-        else:
-            report[CLIP_BASELINE] = summary(results_b)
-        shown["clip zero-shot"] = results_b
+        how, shown["clip zero-shot"] = _clip(run, pred)
+        clip = {"clip_labels": how, **summary(shown["clip zero-shot"])}
+        report |= {"model": CLIP_BASELINE, "selection": "none", **clip} if model is None else {CLIP_BASELINE: clip}
+    primary = next(iter(shown.values()))
     if per_label is not None:
-        write_csv(per_label, per_label_table(results, pred.labels, inputs.label_names, inputs.num_seen))
-    atomic_write(out, json.dumps(_json_safe(report), indent=2) + "\n")
+        write_csv(per_label, per_label_table(primary, inputs.label_names, inputs.num_seen))
+    atomic_write(out, json.dumps(report, indent=2) + "\n")
     echo(format_table(shown, params.top_k))
     if model is not None:
         echo(format_query_preference(table, model.cfg.num_queries))
-    if report.get("warning"):
-        echo(f"WARNING: {SELECTED_ON_TEST}")
+    warnings = [label_warning(primary, params.protocol, per_label), report.get("warning")]
+    for line in filter(None, warnings):
+        echo(line if line.startswith("WARNING") else f"WARNING: {line}")
     echo(f"metrics written to {out}")
     return report

@@ -1,8 +1,21 @@
-"""Evaluation metrics (numpy): per-label average precision, overall P/R/F1 at top-K, and the ZSL/GZSL protocol.
+"""Evaluation metrics (numpy): per-label AP, overall P/R/F1 at top-K, the ZSL/GZSL protocol, and the selection score.
 
-Labels are +1 positive, -1 verified negative, 0 unknown. All metrics are fractions in [0, 1]; NaN where undefined.
-Everything is vectorised over images so that it runs on 100k x 1000 score matrices: one sort per label, no Python
-loop over images.
+Labels are +1 positive, -1 verified negative, 0 unknown. Metrics are fractions in [0, 1], NaN where undefined (null in
+the JSON). In every setting, images without a positive among the setting's labels are left out, then labels without an
+annotation in the kept images (the reference's filters). Two protocols (docs/design.md section 4):
+
+- `standard`: a label is scored only with >= 1 positive and >= 1 negative among the images that annotate it (without
+  a negative its AP is 1.0 whatever the scores; without a positive it is undefined); tied scores form one threshold,
+  as scikit-learn's `average_precision_score`; F1 is 0 when no top-K label is positive.
+- `reference`: the authors' `compute_AP` / `compute_F1`: every annotated label is in the mean, AP 0 without a positive;
+  every position is its own threshold, ties in store row order (a stable sort; the reference's `torch.sort` leaves the
+  order of ties unspecified); F1 is NaN when no top-K label is positive. The reference ranks fp32 sigmoids, which are
+  exactly 1.0 above a logit of about 16.6: `reference_scores` does the same.
+
+Both take an image's top K over the annotated labels, ties at the K-th score going to the lower label index.
+
+Memory: the (N, C) scores and labels are read, never copied whole: AP runs over blocks of labels, top-K and counts over
+blocks of images, each block about `BLOCK` entries (about 40 bytes of temporaries each).
 """
 
 from __future__ import annotations
@@ -12,117 +25,187 @@ from typing import Any
 import numpy as np
 
 SETTINGS = ("zsl", "gzsl", "seen")  # unseen labels only; seen + unseen; seen only
-_CHUNK = 64  # labels made contiguous per step in `average_precision` (column reads of a row-major matrix are slow)
+PROTOCOLS = ("standard", "reference")
+BLOCK = 1 << 21  # entries per block
+SELECTED_ON_TEST = "checkpoint selected on the TEST set (reference protocol): test metrics are optimistic"
+SELECTION_SCORES = {  # what each `train.selection` maximises (and steps the plateau scheduler on)
+    "val": "mAP over the seen labels of the held-out training rows (standard protocol)",
+    "test": "ZSL mAP + F1@3 + F1@5 on the test set (reference protocol), as the authors select",
+}
 
 
-def _label_ap(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Non-interpolated AP of one label over its annotated entries; tied scores form one threshold, as in sklearn."""
-    annotated = labels != 0
-    s, pos = scores[annotated], labels[annotated] == 1
-    num_pos = int(pos.sum())
-    if num_pos == 0:
-        return float("nan")
-    order = np.argsort(-s)  # order within a run of ties does not matter: only run ends are used
-    s, pos = s[order], pos[order]
-    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])  # last index of each run of equal scores (one threshold)
-    tp = np.cumsum(pos)[ends]
-    precision = tp / (ends + 1)
-    recall_step = np.diff(tp, prepend=0) / num_pos
-    return float(np.sum(recall_step * precision))
+def _label_ap(s: np.ndarray, y: np.ndarray, protocol: str) -> np.ndarray:
+    """AP of each row of s (B, N) scores against y (B, N) +1/-1/0; NaN (standard) or 0 (reference) without a
+    positive."""
+    order = np.argsort(-s, axis=1, kind="stable")  # (B, N), ties in row order
+    pos = np.take_along_axis(y, order, 1) == 1
+    tp = np.cumsum(pos, axis=1, dtype=np.int32)  # (B, N): unknown entries add to neither count
+    annotated = np.cumsum(np.take_along_axis(y, order, 1) != 0, axis=1, dtype=np.int32)
+    precision = tp / np.maximum(annotated, 1)  # (B, N) float64
+    if protocol == "standard":  # a run of equal scores is one threshold: use the precision at the end of its run
+        s = np.take_along_axis(s, order, 1)
+        n = s.shape[1]
+        ends = np.where(np.c_[s[:, 1:] != s[:, :-1], np.ones(len(s), bool)], np.arange(n), n)  # (B, N)
+        precision = np.take_along_axis(precision, np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1], 1)
+    num_pos = tp[:, -1] if tp.shape[1] else np.zeros(len(tp), np.int32)
+    ap = (pos * precision).sum(axis=1) / np.maximum(num_pos, 1)
+    return np.where(num_pos > 0, ap, np.nan if protocol == "standard" else 0.0)
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AP per label over the entries labelled +1/-1 (0 ignored).
+def average_precision(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    protocol: str = "standard",
+    rows: np.ndarray | None = None,
+    columns: np.ndarray | None = None,
+) -> np.ndarray:
+    """AP per label over the entries labelled +1/-1 (0 ignored), computed in blocks of labels.
 
     Args:
         scores: (N, C) scores, higher = more likely.
         labels: (N, C) int8 with +1/-1/0.
+        protocol: `standard` (AP = sum over thresholds of (R_n - R_{n-1}) P_n, scikit-learn's definition; NaN without
+            a positive) or `reference` (no tie grouping; 0 without a positive).
+        rows: the images to use, in order (default: all).
+        columns: the labels to score (default: all).
 
     Returns:
-        (C,) float64: AP = sum over thresholds of (R_n - R_{n-1}) P_n, the definition of scikit-learn's
-        `average_precision_score`; NaN for a label without a positive among its annotated entries.
+        (len(columns),) float64.
     """
     assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
-    ap = np.empty(scores.shape[1])
-    for c0 in range(0, scores.shape[1], _CHUNK):
-        s = np.ascontiguousarray(scores[:, c0 : c0 + _CHUNK].T)  # (chunk, N)
-        y = np.ascontiguousarray(labels[:, c0 : c0 + _CHUNK].T)  # (chunk, N)
-        ap[c0 : c0 + len(s)] = [_label_ap(s[i], y[i]) for i in range(len(s))]
+    rows = np.arange(scores.shape[0]) if rows is None else rows
+    columns = np.arange(scores.shape[1]) if columns is None else columns
+    step = max(1, BLOCK // max(len(rows), 1))
+    ap = np.empty(len(columns))
+    for c0 in range(0, len(columns), step):
+        block = np.ix_(rows, columns[c0 : c0 + step])
+        s, y = scores[block].T, labels[block].T  # (B, N_rows): one label per row
+        ap[c0 : c0 + step] = _label_ap(np.ascontiguousarray(s), np.ascontiguousarray(y), protocol)
     return ap
 
 
-def prf_at_k(scores: np.ndarray, labels: np.ndarray, k: int) -> tuple[float, float, float]:
-    """Overall (micro) precision, recall and F1 of each image's top-K labels.
-
-    TP counts (image, label) pairs in the image's top K labelled +1. Precision = TP / (N x K); recall = TP / number of
-    +1 entries; F1 their harmonic mean (0 when both are 0). K larger than the number of labels is capped at it.
-    Ties at the K-th score are broken arbitrarily (as `torch.topk` does in the reference).
-    """
-    assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
-    n, c = scores.shape
-    k = min(k, c)
-    if n == 0 or k == 0:
-        return float("nan"), float("nan"), float("nan")
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (N, K) indices of each image's K best labels
-    tp = int((np.take_along_axis(labels, top, axis=1) == 1).sum())
-    num_pos = int((labels == 1).sum())
-    precision = tp / (n * k)
-    recall = tp / num_pos if num_pos else float("nan")
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return precision, recall, f1
+def _topk_hits(s: np.ndarray, y: np.ndarray, k: int) -> int:
+    """How many of each image's K best labels are positive; s, y (R, C). Ties at the K-th score: lower index first."""
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # (R, 1) each image's K-th largest score
+    above, tied = s > kth, s == kth
+    room = k - above.sum(axis=1, keepdims=True)  # (R, 1) places left for the tied labels
+    return int(((above | (tied & (np.cumsum(tied, axis=1) <= room))) & (y == 1)).sum())
 
 
-def _setting_columns(name: str, num_labels: int, num_seen: int) -> np.ndarray:
-    return {"zsl": np.arange(num_seen, num_labels), "gzsl": np.arange(num_labels), "seen": np.arange(num_seen)}[name]
+def _row_blocks(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: slice, width: int):
+    step = max(1, BLOCK // max(width, 1))
+    for r0 in range(0, len(rows), step):
+        r = rows[r0 : r0 + step]
+        yield scores[r, cols], labels[r, cols]  # (R, C_cols)
+
+
+def _kept_images(labels: np.ndarray, cols: slice) -> np.ndarray:
+    """Indices of the images with a positive among `cols`, in row order."""
+    width = labels[:0, cols].shape[1]
+    step = max(1, BLOCK // max(width, 1))
+    keep = [(labels[r0 : r0 + step, cols] == 1).any(axis=1) for r0 in range(0, len(labels), step)]
+    return np.flatnonzero(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def label_counts(labels: np.ndarray, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Positives and negatives per label of `cols`, over the images with a positive among `cols` (the protocol's)."""
+    rows = _kept_images(labels, cols)
+    width = labels[:0, cols].shape[1]
+    pos, neg = np.zeros(width, np.int64), np.zeros(width, np.int64)
+    for _, y in _row_blocks(labels, labels, rows, cols, width):
+        pos += (y == 1).sum(axis=0)
+        neg += (y == -1).sum(axis=0)
+    return pos, neg
+
+
+def _prf(hits: int, n: int, k: int, num_pos: int, protocol: str) -> tuple[float, float, float]:
+    p = hits / (n * k) if n * k else float("nan")
+    r = hits / num_pos if num_pos else float("nan")
+    if p + r > 0:
+        return p, r, 2 * p * r / (p + r)
+    return p, r, 0.0 if protocol == "standard" and p == p and r == r else float("nan")
 
 
 def evaluate_setting(
-    scores: np.ndarray, labels: np.ndarray, label_names: list[str], columns: np.ndarray, top_k: list[int]
+    scores: np.ndarray, labels: np.ndarray, cols: slice, top_k: list[int], protocol: str = "standard"
 ) -> dict[str, Any]:
-    """The protocol on one label set: keep images with a positive among `columns`, then labels annotated in them.
+    """The protocol on the label columns `cols` (module docstring).
 
     Returns:
-        `mAP` (mean over labels with a defined AP), `p@K`, `r@K`, `f1@K` per K, the counts `num_images`,
-        `num_labels` (annotated labels kept) and `num_labels_with_ap`, and `ap`: {label name: AP} for the kept labels.
+        `mAP`, `p@K`, `r@K`, `f1@K` per K; the counts `num_images`, `num_labels` (annotated labels), `num_labels_scored`
+        (in the mean), `labels_without_positive`, `labels_without_negative` (among the annotated); and per label of
+        `cols`: `ap` (NaN where not in the mean), `lacks` ('', 'positive', 'negative' or 'annotation'), `positives` and
+        `negatives` (among the kept images).
     """
-    y = labels[:, columns]  # (N, C_set)
-    images = np.flatnonzero((y == 1).any(axis=1))
-    y = y[images]  # (N_kept, C_set)
-    kept = (y != 0).any(axis=0)
-    y = y[:, kept]  # (N_kept, C_kept)
-    s = scores[np.ix_(images, columns[kept])]  # (N_kept, C_kept)
-    ap = average_precision(s, y)
-    defined = ~np.isnan(ap)
+    assert scores.shape == labels.shape and protocol in PROTOCOLS, (scores.shape, labels.shape, protocol)
+    rows = _kept_images(labels, cols)
+    pos, neg = label_counts(labels, cols)
+    annotated = pos + neg > 0
+    scored = annotated & (pos > 0) & (neg > 0) if protocol == "standard" else annotated
+    ap = np.full(len(pos), np.nan)
+    ap[scored] = average_precision(scores, labels, protocol, rows, np.arange(scores.shape[1])[cols][scored])
+    lacks = np.where(~annotated, "annotation", np.where(pos == 0, "positive", np.where(neg == 0, "negative", "")))
     out: dict[str, Any] = {
-        "mAP": float(ap[defined].mean()) if defined.any() else float("nan"),
-        "num_images": int(len(images)),
-        "num_labels": int(kept.sum()),
-        "num_labels_with_ap": int(defined.sum()),
+        "mAP": float(ap[scored].mean()) if scored.any() else float("nan"),
+        "num_images": len(rows),
+        "num_labels": int(annotated.sum()),
+        "num_labels_scored": int(scored.sum()),
+        "labels_without_positive": int((annotated & (pos == 0)).sum()),
+        "labels_without_negative": int((annotated & (neg == 0)).sum()),
     }
     for k in top_k:
-        out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = prf_at_k(s, y, k)
-    out["ap"] = {label_names[c]: float(a) for c, a in zip(columns[kept], ap, strict=True)}
-    return out
+        kk = min(k, int(annotated.sum()))
+        blocks = _row_blocks(scores, labels, rows, cols, len(pos))
+        hits = sum(_topk_hits(s[:, annotated], y[:, annotated], kk) for s, y in blocks) if kk else 0
+        out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _prf(hits, len(rows), kk, int(pos.sum()), protocol)
+    return out | {"ap": ap, "lacks": lacks, "positives": pos, "negatives": neg}
+
+
+def setting_columns(name: str, num_labels: int, num_seen: int) -> slice:
+    return {"zsl": slice(num_seen, num_labels), "gzsl": slice(0, num_labels), "seen": slice(0, num_seen)}[name]
 
 
 def evaluate_scores(
-    scores: np.ndarray, labels: np.ndarray, label_names: list[str], num_seen: int, top_k: list[int]
+    scores: np.ndarray, labels: np.ndarray, num_seen: int, top_k: list[int], protocol: str = "standard"
 ) -> dict[str, dict[str, Any]]:
-    """Apply the evaluation protocol (DESIGN.md section 1) in each setting: `zsl`, `gzsl` and `seen`.
+    """The protocol in each setting: {`zsl` (unseen labels), `gzsl` (seen + unseen), `seen`: `evaluate_setting`'s}.
 
     Args:
         scores: (N, C) scores over the seen labels followed by the unseen labels.
         labels: (N, C) int8 with +1/-1/0, same columns.
-        label_names: the C label names.
         num_seen: how many of the first columns are seen labels.
         top_k: the K values for P/R/F1@K.
-
-    Returns:
-        {setting: metrics}, the metrics as documented in `evaluate_setting`.
+        protocol: `standard` or `reference`.
     """
-    assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
-    assert len(label_names) == scores.shape[1] and 0 <= num_seen <= scores.shape[1]
+    assert 0 <= num_seen <= scores.shape[1]
+    c = scores.shape[1]
     return {
-        name: evaluate_setting(scores, labels, label_names, _setting_columns(name, scores.shape[1], num_seen), top_k)
-        for name in SETTINGS
+        name: evaluate_setting(scores, labels, setting_columns(name, c, num_seen), top_k, protocol) for name in SETTINGS
     }
+
+
+def reference_scores(logits: np.ndarray) -> np.ndarray:
+    """float32 sigmoids, in place, as the reference ranks them (exactly 1.0, hence tied, above a logit of ~16.6)."""
+    with np.errstate(over="ignore"):
+        x = np.negative(logits, out=logits)
+        np.exp(x, out=x)
+    x += 1
+    return np.reciprocal(x, out=x)
+
+
+def selection_score(scores: np.ndarray, labels: np.ndarray, num_seen: int, selection: str) -> dict[str, float]:
+    """The number that selects the checkpoint (`score`) and its parts, as `SELECTION_SCORES` says.
+
+    Args:
+        scores: (N, C) logits: for `val` the held-out rows over the seen labels (C = num_seen); for `test` the test
+            rows over the seen then unseen labels. Overwritten for `test` (sigmoids, as the reference ranks them).
+        labels: (N, C) int8.
+        num_seen: the number of seen labels.
+        selection: `val` or `test`.
+    """
+    if selection == "val":
+        m = evaluate_setting(scores, labels, slice(0, num_seen), [])["mAP"]
+        return {"val_mAP": m, "score": m}
+    m = evaluate_setting(reference_scores(scores), labels, slice(num_seen, None), [3, 5], "reference")
+    out = {"test_zsl_mAP": m["mAP"], "test_zsl_f1@3": m["f1@3"], "test_zsl_f1@5": m["f1@5"]}
+    return out | {"score": sum(out.values())}

@@ -1,10 +1,12 @@
-"""Evaluation from the test cache: metrics, per-label and query-preference tables, the CLIP baseline, stale inputs,
-and imported reference checkpoints."""
+"""Evaluation from the test store: metrics, per-label and query-preference tables, the CLIP baseline (one template or
+the pool), the protocols, labels that cannot be scored, refused inputs (split, backbone, template pool), and imported
+reference checkpoints."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,34 +15,29 @@ from click.testing import CliRunner
 from qks_reference_impl import random_reference_state
 from synthetic import make_synthetic
 
-from qks_pipeline.backbone import backbone_fingerprint, load_backbone
-from qks_pipeline.cache import open_cache, read_label_embeddings
+from qks_pipeline.backbone import load_backbone
+from qks_pipeline.cache import CLIP_EMBEDDINGS, open_cache, read_label_embeddings
+from qks_pipeline.checkpoint import load as load_checkpoint
 from qks_pipeline.cli import main
-from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
+from qks_pipeline.config import BackboneConfig, EvaluateConfig, LabelsConfig, ModelConfig, Params, TrainConfig
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import SELECTED_ON_TEST, evaluate, load_checkpoint, predict
+from qks_pipeline.evaluate import evaluate
 from qks_pipeline.loader import open_loader
-from qks_pipeline.metrics import evaluate_scores
+from qks_pipeline.metrics import SELECTED_ON_TEST, evaluate_scores, reference_scores
+from qks_pipeline.scoring import model_scorer, score_rows
 from qks_pipeline.train import train
 
 EVAL = EvaluateConfig(top_k=[2, 3], batch_size=32)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+QUIET = {"device": "cpu", "echo": lambda _: None}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """Synthetic caches and a checkpoint trained on them for two epochs."""
+    """Synthetic stores and a checkpoint trained on them for two epochs."""
     root = tmp_path_factory.mktemp("evaluate")
     data = make_synthetic(root, num_train=96, num_test=48)
-    p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
-               train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.25))  # fmt: skip
+    model = ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32)
+    p = Params(model=model, train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.25))
     torch.set_num_threads(1)
     train(data.train, data.labels, root / "ckpt", params=p, progress_bar=False, echo=lambda _: None)
     return data, root / "ckpt"
@@ -51,36 +48,54 @@ def _in_unit_interval(metrics: dict) -> bool:
     return len(keys) == 7 and all(0.0 <= metrics[k] <= 1.0 for k in keys)
 
 
+def _logits(data, ckpt) -> tuple[np.ndarray, np.ndarray]:
+    """The head's float32 logits and labels over the test store, recomputed here."""
+    model, _ = load_checkpoint(ckpt, torch.device("cpu"))
+    emb = torch.from_numpy(read_label_embeddings(data.labels)[1])
+    pred = score_rows(model_scorer(model, emb), open_loader(open_cache(data.test), batch_size=16, shuffle=False), "cpu")
+    return pred.scores, pred.labels
+
+
 def test_evaluate_writes_metrics_and_tables(run, tmp_path):
     data, ckpt = run
     out, per_label, queries = tmp_path / "metrics.json", tmp_path / "ap.csv", tmp_path / "q.csv"
     lines: list[str] = []
-    report = evaluate(data.test, data.labels, out, checkpoint=ckpt, params=EVAL, per_label=per_label,
-                      query_table=queries, device="cpu", echo=lines.append)  # fmt: skip
+    report = evaluate(
+        data.test,
+        data.labels,
+        out,
+        checkpoint=ckpt,
+        params=EVAL,
+        per_label=per_label,
+        query_table=queries,
+        device="cpu",
+        echo=lines.append,
+    )
     written = json.loads(out.read_text())
     assert written == report and written["units"] == "fraction" and written["selection"] == "val"
+    assert written["protocol"] == "standard"
     for setting in ("zsl", "gzsl", "seen"):
         assert _in_unit_interval(written[setting]), written[setting]
-    assert written["zsl"]["num_labels"] == 4 and written["seen"]["num_labels"] == 8
+        assert written[setting]["labels_without_positive"] == written[setting]["labels_without_negative"] == 0
+    assert written["zsl"]["num_labels_scored"] == 4 and written["seen"]["num_labels_scored"] == 8
+    scores, labels = _logits(data, ckpt)
+    expected = evaluate_scores(scores, labels, data.num_seen, EVAL.top_k)
+    assert written["gzsl"]["mAP"] == pytest.approx(expected["gzsl"]["mAP"], rel=1e-12)
     rows = list(csv.DictReader(open(per_label)))
     assert [r["label"] for r in rows] == data.label_names
     assert [r["split"] for r in rows] == ["seen"] * 8 + ["unseen"] * 4
-    labels = open_cache(data.test).group["labels"][:]
     assert [int(r["positives"]) for r in rows] == list((labels == 1).sum(0))
-    unseen_ap = [float(r["ap"]) for r in rows[8:]]
-    assert np.isclose(np.mean(unseen_ap), written["zsl"]["mAP"])
-    table = list(csv.DictReader(open(queries)))
-    for r in table:  # every positive image is won by exactly one query
+    assert np.isclose(np.mean([float(r["ap"]) for r in rows[8:]]), written["zsl"]["mAP"])
+    for r in csv.DictReader(open(queries)):  # each positive image is won by exactly one query
         assert sum(int(r[f"q{q}"]) for q in range(4)) == int(r["positives"])
     text = "\n".join(lines)
-    assert "\nZSL     qks" in text and "query preference (4 queries)" in text
+    assert "\nZSL     qks" in text and "query preference (4 queries)" in text and "WARNING" not in text
 
 
 def test_query_index_matches_the_model(run):
     data, ckpt = run
     model, _ = load_checkpoint(ckpt, torch.device("cpu"))
-    cache = open_cache(data.test)
-    batch = next(iter(open_loader(cache, batch_size=8, shuffle=False).epoch(0)))
+    batch = next(iter(open_loader(open_cache(data.test), batch_size=8, shuffle=False).epoch(0)))
     emb = torch.randn(5, 16)
     with torch.no_grad():
         feats = model.query_features(batch.tokens) @ model.proj  # (B, N, E)
@@ -89,75 +104,200 @@ def test_query_index_matches_the_model(run):
     torch.testing.assert_close(per_query.gather(1, index.unsqueeze(1)).squeeze(1), logits)
 
 
-def test_clip_baseline_alone_and_beside_the_model(run, tmp_path):
-    data, ckpt = run
-    report = evaluate(data.test, data.labels, tmp_path / "clip.json", baseline="clip", params=EVAL, device="cpu",
-                      echo=lambda _: None)  # fmt: skip
-    assert report["model"] == "clip_zero_shot" and report["selection"] == "none"
-    cache = open_cache(data.test)  # brute force: CLS @ proj, cosine with the label embeddings
-    cls = cache.tokens[:, 0, 0].astype(np.float64) @ cache.group["visual_proj"][:]
-    emb = read_label_embeddings(data.labels)[1]
+def _brute_clip(data, emb: np.ndarray) -> dict:
+    cache = open_cache(data.test)  # CLS @ proj, cosine with the label embeddings, in float64
+    cls = cache.tokens[:, 0, 0].astype(np.float64) @ cache.visual_proj[:]
     cos = (cls / np.linalg.norm(cls, axis=1, keepdims=True)) @ (emb / np.linalg.norm(emb, axis=1, keepdims=True)).T
-    expected = evaluate_scores(cos, cache.group["labels"][:], data.label_names, data.num_seen, EVAL.top_k)
+    return evaluate_scores(cos, cache.labels[:], data.num_seen, EVAL.top_k)
+
+
+def test_clip_baseline_one_template_or_pool(run, tmp_path):
+    data, ckpt = run
+    report = evaluate(data.test, data.labels, tmp_path / "clip.json", baseline="clip", params=EVAL, **QUIET)
+    assert report["model"] == "clip_zero_shot" and report["selection"] == "none"
+    assert report["clip_labels"].startswith("one template") and "clip_eval.py" in report["clip_labels"]
+    expected = _brute_clip(data, read_label_embeddings(data.labels, CLIP_EMBEDDINGS)[1])
     for setting in ("zsl", "gzsl", "seen"):
         assert report[setting]["mAP"] == pytest.approx(expected[setting]["mAP"], abs=1e-6)
-    both = evaluate(data.test, data.labels, tmp_path / "both.json", checkpoint=ckpt, baseline="clip", params=EVAL,
-                    device="cpu", echo=lambda _: None)  # fmt: skip
-    assert both["model"] == "qks" and both["clip_zero_shot"]["zsl"]["mAP"] == report["zsl"]["mAP"]
+    pool = EvaluateConfig(top_k=EVAL.top_k, clip_labels="pool")
+    both = evaluate(
+        data.test, data.labels, tmp_path / "both.json", checkpoint=ckpt, baseline="clip", params=pool, **QUIET
+    )
+    assert both["model"] == "qks" and "pool" in both["clip_zero_shot"]["clip_labels"]
+    expected = _brute_clip(data, read_label_embeddings(data.labels)[1])
+    assert both["clip_zero_shot"]["zsl"]["mAP"] == pytest.approx(expected["zsl"]["mAP"], abs=1e-6)
     with pytest.raises(QKSError, match="nothing to evaluate"):
         evaluate(data.test, data.labels, tmp_path / "x.json", params=EVAL)
 
 
-def test_predict_scores_valid_rows_only(tmp_path):
+def test_reference_protocol_ranks_fp32_sigmoids(run, tmp_path):
+    data, ckpt = run
+    ref = EvaluateConfig(top_k=[3, 5], protocol="reference")
+    report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=ckpt, params=ref, **QUIET)
+    scores, labels = _logits(data, ckpt)
+    expected = evaluate_scores(reference_scores(scores), labels, data.num_seen, [3, 5], "reference")
+    assert report["protocol"] == "reference"
+    for setting in ("zsl", "gzsl", "seen"):
+        assert report[setting]["mAP"] == pytest.approx(expected[setting]["mAP"], rel=1e-12)
+        assert report[setting]["f1@5"] == pytest.approx(expected[setting]["f1@5"], rel=1e-12)
+
+
+def test_score_rows_covers_valid_rows_only(tmp_path):
     data = make_synthetic(tmp_path, num_train=40, num_test=8, invalid_train=(1, 39))
     loader = open_loader(open_cache(data.train), batch_size=16, shuffle=False)
-    pred = predict(lambda t: t[:, 0, :3].float(), loader, torch.device("cpu"))
-    assert pred.scores.shape == (38, 3) and 1 not in pred.rows and 39 not in pred.rows
+    pred = score_rows(lambda t: t[:, 0, :3].float(), loader, torch.device("cpu"))
+    assert pred.scores.shape == (38, 3) and pred.scores.dtype == np.float32
+    assert 1 not in pred.rows and 39 not in pred.rows
 
 
-def test_stale_checkpoint_or_labels_refused(run, tmp_path):
+def test_labels_without_negatives_are_not_scored(run, tmp_path):
+    """A test store whose negatives are all missing: no AP of 1.0 anywhere, one warning line, the counts in the JSON,
+    the names in the per-label CSV."""
+    data, ckpt = run
+    test = tmp_path / "test.zarr"
+    shutil.copytree(data.test, test)
+    cache = open_cache(test, mode="r+")
+    cache.labels[:] = np.where(cache.labels[:] == -1, 0, cache.labels[:])
+    lines: list[str] = []
+    report = evaluate(
+        test,
+        data.labels,
+        tmp_path / "m.json",
+        checkpoint=ckpt,
+        baseline="clip",
+        params=EVAL,
+        per_label=tmp_path / "ap.csv",
+        device="cpu",
+        echo=lines.append,
+    )
+    for m in (report[s] for s in ("zsl", "gzsl", "seen")):
+        assert m["mAP"] is None and m["num_labels_scored"] == 0 and m["labels_without_negative"] == m["num_labels"]
+    assert report["clip_zero_shot"]["zsl"]["mAP"] is None
+    rows = list(csv.DictReader(open(tmp_path / "ap.csv")))
+    assert {r["lacks"] for r in rows} == {"negative"} and not any(r["ap"] == "1.0" for r in rows)
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "GZSL 0/12" in warnings[0] and "left out of every mAP" in warnings[0]
+
+
+def test_validation_without_scorable_labels_is_refused(tmp_path):
+    data = make_synthetic(tmp_path, num_train=32, num_test=8)
+    cache = open_cache(data.train, mode="r+")
+    cache.labels[:] = np.where(cache.labels[:] == -1, 0, cache.labels[:])
+    p = Params(model=ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=8), train=TrainConfig(epochs=1))
+    with pytest.raises(QKSError, match="no seen label of the held-out rows .* has both a positive and a negative"):
+        train(data.train, data.labels, tmp_path / "out", params=p, progress_bar=False, echo=lambda _: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_stores_of_the_other_split_are_refused(run, tmp_path):
+    data, ckpt = run
+    cli = [
+        "evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--test-cache",
+        str(data.train),
+        "--labels",
+        str(data.labels),
+        "--out",
+        str(tmp_path / "m.json"),
+        "--device",
+        "cpu",
+    ]
+    result = CliRunner().invoke(main, cli)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "a train store" in result.output and "--any-split" in result.output
+    assert CliRunner().invoke(main, [*cli, "--any-split"]).exit_code == 0
+    cli = ["train", "--train-cache", str(data.test), "--labels", str(data.labels), "--out", str(tmp_path / "t")]
+    result = CliRunner().invoke(main, cli)
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "leaks the test set" in result.output
+
+
+def test_stale_checkpoint_labels_or_template_pool_refused(run, tmp_path):
     data, ckpt = run
     other = make_synthetic(tmp_path, num_train=16, num_test=16, backbone={"model": "ViT-L-14"})
-    with pytest.raises(QKSError, match=r"test cache vs the checkpoint.*model is 'ViT-L-14'"):
+    with pytest.raises(QKSError, match=r"vs checkpoint.*model is 'ViT-L-14'"):
         evaluate(other.test, other.labels, tmp_path / "m.json", checkpoint=ckpt, params=EVAL)
-    with pytest.raises(QKSError, match="label embeddings"):
+    with pytest.raises(QKSError, match="label store"):
         evaluate(data.test, other.labels, tmp_path / "m.json", checkpoint=ckpt, params=EVAL)
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["label_embedding"] |= {"num_templates": 85, "templates_sha256": "ab" * 32}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QKSError, match="labels embedded otherwise than the checkpoint's .num_templates None vs 85"):
+        evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ckpt", params=EVAL)
 
 
 def test_selection_on_test_reaches_the_metrics(run, tmp_path):
     data, ckpt = run
+    shutil.copytree(ckpt, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "best.safetensors").write_bytes((ckpt / "best.safetensors").read_bytes())
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config | {"selection": "test"}))
-    result = CliRunner().invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "ckpt"), "--test-cache",
-                                       str(data.test), "--labels", str(data.labels), "--out",
-                                       str(tmp_path / "m.json"), "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "ckpt"),
+            "--test-cache",
+            str(data.test),
+            "--labels",
+            str(data.labels),
+            "--out",
+            str(tmp_path / "m.json"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert SELECTED_ON_TEST in result.output
     written = json.loads((tmp_path / "m.json").read_text())
     assert written["selection"] == "test" and written["warning"] == SELECTED_ON_TEST
 
 
+def test_embed_labels_stores_the_clip_baselines_template(sample_dataset, tiny_clip, tmp_path):
+    from qks_pipeline.extract import CLIP_TEMPLATE, embed_labels
+
+    config, weights = tiny_clip
+    backbone = BackboneConfig(model=str(config), pretrained=str(weights))
+    embed_labels(sample_dataset.dataset, sample_dataset.templates, tmp_path / "l.zarr", backbone, LabelsConfig(), "cpu")
+    names, clip, attrs = read_label_embeddings(tmp_path / "l.zarr", CLIP_EMBEDDINGS)
+    bb = load_backbone(str(config), str(weights))
+    with torch.no_grad():
+        text = bb.model.encode_text(bb.tokenizer([CLIP_TEMPLATE.format(n) for n in names])).float()
+    np.testing.assert_allclose(clip, torch.nn.functional.normalize(text, dim=-1).numpy(), rtol=1e-5, atol=1e-6)
+    assert attrs["clip_template"] == CLIP_TEMPLATE == "There is a {} in the scene"
+    assert attrs["num_templates"] == len(sample_dataset.templates.read_text().splitlines())
+
+
 def test_import_reference_checkpoint(tiny_clip, tmp_path):
     config_json, _ = tiny_clip
     d, e = 64, 32  # the tiny CLIP's width and embedding size
-    clip_state = load_backbone(str(config_json), "none")[0].state_dict()
+    clip_state = load_backbone(str(config_json), "none").model.state_dict()
     raw = random_reference_state(2, 3, d, e, 16, seed=1)
     raw |= {f"clip_model.{k}": v for k, v in clip_state.items() if k != "visual.proj"}
     torch.save(raw, tmp_path / "ref.pth")
-    result = CliRunner().invoke(main, ["import-checkpoint", str(tmp_path / "ref.pth"), "--out", str(tmp_path / "ck"),
-                                       "--model", str(config_json), "--num-heads", "2"])  # fmt: skip
+    result = CliRunner().invoke(
+        main,
+        [
+            "import-checkpoint",
+            str(tmp_path / "ref.pth"),
+            "--out",
+            str(tmp_path / "ck"),
+            "--model",
+            str(config_json),
+            "--num-heads",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
-    clip = load_backbone(str(config_json), str(tmp_path / "ck" / "clip_weights.pt"))[0]
-    expected = backbone_fingerprint(clip, str(config_json), str(tmp_path / "ck" / "clip_weights.pt"))
-    assert config["fingerprint"] == json.loads(json.dumps(expected)) and config["selection"] == "test"
+    expected = load_backbone(str(config_json), str(tmp_path / "ck" / "clip_weights.pt")).fingerprint
+    assert config["fingerprint"] == expected and config["selection"] == "test"
     model, _ = load_checkpoint(tmp_path / "ck", torch.device("cpu"))
     assert model.cfg.num_queries == 3 and len(model.layers) == 2
     torch.testing.assert_close(model.proj.detach(), raw["proj"])
-    # a cache extracted with that backbone is accepted by evaluate
+    # a store extracted with that backbone is accepted by evaluate
     data = make_synthetic(tmp_path / "data", num_train=8, num_test=24, dim=d, embed_dim=e, backbone=expected)
-    report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=EVAL,
-                      device="cpu", echo=lambda _: None)  # fmt: skip
+    report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=EVAL, **QUIET)
     assert report["selection"] == "test" and _in_unit_interval(report["zsl"])

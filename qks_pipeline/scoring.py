@@ -1,0 +1,81 @@
+"""Scores of a feature store's valid rows, from a trained head or CLIP zero-shot: shared by validation and evaluation.
+
+Scoring runs in float32 on every device. Under float16 autocast, logits near 75 would be rounded to steps of 0.0625,
+tying labels in the ranking that decides mAP and checkpoint selection. Scores go straight into one preallocated
+(N, C) float32 array (4 bytes per image and label), the labels beside them (1 byte).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.loader import CacheLoader
+from qks_pipeline.model import QKS
+
+
+@dataclass
+class Predictions:
+    scores: np.ndarray  # (N, C) float32 over the valid rows, in store order
+    labels: np.ndarray  # (N, C) int8
+    rows: np.ndarray  # (N,) store rows
+    query_index: np.ndarray | None = None  # (N, C) int16: the query that gave each logit
+
+
+def _allocate(n: int, c: int, c_labels: int, query_index: bool, into: Predictions | None) -> Predictions:
+    index = np.empty((n, c), np.int16) if query_index else None
+    if into is not None and into.scores.shape == (n, c) and into.labels.shape == (n, c_labels):
+        return Predictions(into.scores, into.labels, into.rows, index)
+    return Predictions(np.empty((n, c), np.float32), np.empty((n, c_labels), np.int8), np.empty(n, np.int64), index)
+
+
+@torch.no_grad()
+def score_rows(
+    score_fn: Callable[[torch.Tensor], Any],
+    loader: CacheLoader,
+    device: torch.device,
+    query_index: bool = False,
+    into: Predictions | None = None,
+) -> Predictions:
+    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) [, query index (B, C)] over one in-order pass.
+
+    Args:
+        into: predictions of the same rows whose arrays are overwritten (one (N, C) score array for several scorers).
+    """
+    n, pos, out = loader.num_samples, 0, None
+    if n == 0:
+        raise QKSError(f"no valid rows to score in rows {loader.row_range[0]}-{loader.row_range[1]}")
+    for batch in loader.epoch(0):
+        result = score_fn(batch.tokens.to(device, non_blocking=True))
+        logits, qi = result if query_index else (result, None)
+        if out is None:
+            out = _allocate(n, logits.shape[1], batch.labels.shape[1], query_index, into)
+        b = slice(pos, pos + len(batch.rows))
+        out.scores[b], out.labels[b], out.rows[b] = logits.float().cpu().numpy(), batch.labels.numpy(), batch.rows
+        if qi is not None:
+            out.query_index[b] = qi.cpu().numpy()
+        pos = b.stop
+    return out
+
+
+def model_scorer(model: QKS, label_emb: torch.Tensor, query_index: bool = False) -> Callable:
+    """A `score_fn` for `score_rows`: the head in eval mode, in float32."""
+    model.eval()
+    emb = label_emb.float()
+    return lambda tokens: model(tokens.float(), emb, return_query_index=query_index)
+
+
+def clip_scorer(visual_proj: torch.Tensor, label_emb: torch.Tensor) -> Callable:
+    """CLIP zero-shot: CLS token @ visual_proj, L2-normalised, cosine with the L2-normalised label embeddings."""
+    text = torch.nn.functional.normalize(label_emb.float(), dim=-1)  # (C, E)
+
+    def score(tokens: torch.Tensor) -> torch.Tensor:
+        image = torch.nn.functional.normalize(tokens[:, 0].float() @ visual_proj, dim=-1)  # (B, D) @ (D, E) -> (B, E)
+        return image @ text.T  # (B, C)
+
+    return score
