@@ -8,10 +8,12 @@ metrics, checkpoints, done markers, HDF5 exports, predictions).
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 @contextlib.contextmanager
@@ -48,3 +50,12 @@ def atomic_stream(path: str | Path) -> Iterator[TextIO]:
         yield f
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    """Rows as CSV with a header (the first row's keys unless `fields`), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields or list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
