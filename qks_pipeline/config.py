@@ -83,6 +83,9 @@ class TrainConfig:
 class EvaluateConfig:
     top_k: list[int] = field(default_factory=lambda: [3, 5])  # K for P/R/F1@K (NUS-WIDE 3,5; Open Images 10,20)
     batch_size: int = 256
+    # standard: labels need a positive and a negative, ties grouped | reference: the authors' AP/F1 (see metrics.py)
+    protocol: Literal["standard", "reference"] = "standard"
+    clip_labels: Literal["template", "pool"] = "template"  # CLIP baseline: the reference's one template | the pool mean
 
 
 @dataclass
