@@ -12,9 +12,12 @@ from qks_pipeline.importers.hdf5 import LAYOUTS
 from qks_pipeline.importers.reference_csv import NEGATIVES
 from qks_pipeline.manifest import DatasetReport, check_dataset, read_labels
 
-OUT = click.option(
-    "--out", type=NEW_DIR, required=True, help="Dataset directory to write (train/test.jsonl, seen/unseen.txt)."
-)
+
+def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
+    return click.option(name, type=kind, required=True, help=text)
+
+
+OUT = required("--out", "Dataset directory to write (train/test.jsonl, seen/unseen.txt).", NEW_DIR)
 MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps them all
 
 
@@ -29,9 +32,7 @@ def import_group() -> None:
 
 
 @import_group.command("manifest")
-@click.option(
-    "--root", type=EXISTING_DIR, required=True, help="A ready dataset directory (train/test.jsonl, seen/unseen.txt)."
-)
+@required("--root", "A ready dataset directory (train/test.jsonl, seen/unseen.txt).", EXISTING_DIR)
 @OUT
 def manifest(root: Path, out: Path) -> None:
     """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
@@ -39,9 +40,7 @@ def manifest(root: Path, out: Path) -> None:
 
 
 @import_group.command("nuswide")
-@click.option(
-    "--root", type=EXISTING_DIR, required=True, help="The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...)."
-)
+@required("--root", "The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...).", EXISTING_DIR)
 @OUT
 def nuswide(root: Path, out: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
@@ -49,9 +48,7 @@ def nuswide(root: Path, out: Path) -> None:
 
 
 @import_group.command("openimages")
-@click.option(
-    "--root", type=EXISTING_DIR, required=True, help="The Open Images release folder, or its 2018_04 subfolder."
-)
+@required("--root", "The Open Images release folder, or its 2018_04 subfolder.", EXISTING_DIR)
 @click.option(
     "--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/<id>.jpg or <split>/NN/<id>.jpg)."
 )
@@ -64,8 +61,8 @@ def openimages(root: Path, images: Path | None, train_split: str, test_split: st
 
 
 @import_group.command("coco")
-@click.option("--train-json", type=EXISTING_FILE, required=True, help="Instances JSON of the training images.")
-@click.option("--test-json", type=EXISTING_FILE, required=True, help="Instances JSON of the test images.")
+@required("--train-json", "Instances JSON of the training images.")
+@required("--test-json", "Instances JSON of the test images.")
 @click.option("--unseen", help="Unseen category names, comma-separated.")
 @click.option("--unseen-file", type=EXISTING_FILE, help="Unseen category names, one a line.")
 @click.option("--train-prefix", default="", help="Prepended to train file names (e.g. 'train2017/').")
@@ -89,12 +86,10 @@ def coco(
 
 
 @import_group.command("reference-csv")
-@click.option(
-    "--train-csv", type=EXISTING_FILE, required=True, help="The reference's train CSV (image_path,posi_labels,...)."
-)
-@click.option("--test-csv", type=EXISTING_FILE, required=True, help="The reference's test CSV.")
-@click.option("--seen-file", type=EXISTING_FILE, required=True, help="Seen labels, one a line.")
-@click.option("--unseen-file", type=EXISTING_FILE, required=True, help="Unseen labels, one a line.")
+@required("--train-csv", "The reference's train CSV (image_path,posi_labels,...).")
+@required("--test-csv", "The reference's test CSV.")
+@required("--seen-file", "Seen labels, one a line.")
+@required("--unseen-file", "Unseen labels, one a line.")
 @click.option(
     "--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'datasets/OpenImages/')."
 )
@@ -114,18 +109,12 @@ def reference_csv(
 
 
 @import_group.command("hdf5")
-@click.option("--train-h5", type=EXISTING_FILE, required=True, help="HDF5 file with <image>-labels datasets.")
-@click.option("--train-names", type=EXISTING_FILE, required=True, help="Names of the training images, one a line.")
-@click.option(
-    "--test-h5", type=EXISTING_FILE, required=True, help="HDF5 file with <image>-labels and <image>-labels_81."
-)
-@click.option("--test-names", type=EXISTING_FILE, required=True, help="Names of the test images, one a line.")
-@click.option(
-    "--seen-file", type=EXISTING_FILE, required=True, help="The seen tags in the order of the -labels vectors."
-)
-@click.option(
-    "--unseen-file", type=EXISTING_FILE, required=True, help="The 81 concepts in the order of the -labels_81 vectors."
-)
+@required("--train-h5", "HDF5 file with <image>-labels datasets.")
+@required("--train-names", "Names of the training images, one a line.")
+@required("--test-h5", "HDF5 file with <image>-labels and <image>-labels_81.")
+@required("--test-names", "Names of the test images, one a line.")
+@required("--seen-file", "The seen tags in the order of the -labels vectors.")
+@required("--unseen-file", "The 81 concepts in the order of the -labels_81 vectors.")
 @click.option(
     "--layout",
     type=click.Choice(LAYOUTS),

@@ -27,16 +27,11 @@ from qks_pipeline.manifest import Record, read_labels
 
 COLUMNS = ("ImageID", "LabelName", "Confidence")  # the annotation columns used (Source is ignored)
 RELEASE = "2018_04"  # the release's metadata folder, which `--root` may name or hold
-# What a pickled list or numpy array of strings needs, and nothing that can run code.
-PICKLE_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),  # numpy 1.x arrays
-    ("numpy._core.multiarray", "_reconstruct"),  # numpy 2.x arrays
-    ("numpy.core.numeric", "_frombuffer"),  # protocol 5 arrays of a fixed-size dtype
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),  # how protocols 0-2 spell bytes (an array's raw data)
-}
+# What a pickled list or numpy array of strings needs, and nothing that can run code: numpy 1.x/2.x array
+# reconstruction (protocol 5 pickles fixed-size dtypes through _frombuffer), and bytes as protocols 0-2 spell them.
+PICKLE_GLOBALS = {(f"numpy.{c}.multiarray", "_reconstruct") for c in ("core", "_core")}
+PICKLE_GLOBALS |= {(f"numpy.{c}.numeric", "_frombuffer") for c in ("core", "_core")}
+PICKLE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 def find_release(root: Path) -> Path:
@@ -65,11 +60,7 @@ def read_class_descriptions(path: Path) -> dict[str, str]:
 
 
 class _Refused(pickle.UnpicklingError):
-    """A pickle naming a global outside PICKLE_GLOBALS; `found` names it."""
-
-    def __init__(self, found: str):
-        super().__init__(found)
-        self.found = found
+    """A pickle naming a global outside PICKLE_GLOBALS (the message names it)."""
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -86,7 +77,7 @@ def read_mid_pool(pkl: Path) -> list[str]:
         try:
             pool = _ArrayUnpickler(f, encoding="latin1").load()  # latin1: Python 2's str, as numpy advises
         except _Refused as e:
-            raise QKSError(f"{expected} {e.found} (refused: loading it could run code)", pkl) from None
+            raise QKSError(f"{expected} {e} (refused: loading it could run code)", pkl) from None
         except Exception as e:  # a damaged pickle raises many types
             raise QKSError(f"cannot read the pickled MID list ({type(e).__name__}: {e})", pkl) from None
     if isinstance(pool, np.ndarray):
