@@ -1,15 +1,19 @@
 """The frozen CLIP backbone (open_clip): loading, visual tokens, label embeddings and the backbone's fingerprint.
 
-Stage one only; stage two never imports this module. The visual tokens are the vision transformer's output after its
-final LayerNorm (`ln_post`) over all tokens, CLS first, before the visual projection (DESIGN.md sections 1 and 5).
+Stage one and predict only; stage two never imports this module. The visual tokens are the vision transformer's output
+after its final LayerNorm (`ln_post`) over all tokens, CLS first, before the visual projection (docs/design.md,
+sections 1 and 2).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
+import json
 import logging
+import os
+import urllib.error
+import urllib.request
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +32,22 @@ log = logging.getLogger(__name__)
 
 TOKEN_LAYOUT = "ln_post(all tokens), CLS first, before visual.proj"
 NO_WEIGHTS = ("none", "random")  # `pretrained` values that mean: seeded random weights (tests, benchmarks)
+HUB_TIMEOUT_S = 5  # one reachability check of the download server before open_clip's (retrying) download
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A loaded frozen CLIP model and the facts about it, each resolved once by `load_backbone`."""
+
+    model: torch.nn.Module  # fp32, eval mode, no gradients
+    preprocess: Callable  # PIL RGB image -> (3, H, W): open_clip's inference transform (center crop)
+    tokenizer: Callable
+    fingerprint: dict[str, Any]  # what determines the features: hashes, preprocessing, token layout (JSON-normalised)
+    source: dict[str, str]  # where it came from: model name or config path, weights tag or path ("none": random)
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return token_shape(self.model)
 
 
 @dataclass(frozen=True)
@@ -41,19 +61,12 @@ class Weights:
     preprocess: dict[str, Any] = field(default_factory=dict)  # mean/std/interpolation/resize_mode of the tag
 
 
-@functools.lru_cache(maxsize=16)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, memoised per (path, size, mtime) so a 600 MB weights file is hashed once per process."""
-    st = Path(path).stat()
-    return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def resolve_model_name(model: str) -> tuple[str, str | None]:
@@ -71,6 +84,15 @@ def resolve_model_name(model: str) -> tuple[str, str | None]:
     return model, None
 
 
+def vision_width(model: str) -> int | None:
+    """The vision tower's width from the model's config alone (nothing loaded); None when it cannot be read."""
+    try:
+        cfg = json.loads(Path(model).read_text()) if model.endswith(".json") else open_clip.get_model_config(model)
+        return int(cfg["vision_cfg"]["width"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
     """The open_clip tag whose download URL names this file's hash (OpenAI's and LAION's URLs do), if any."""
     for tag in open_clip.list_pretrained_tags_by_model(name):
@@ -82,8 +104,51 @@ def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
 
 
 def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    keys = ("mean", "std", "interpolation", "resize_mode")
-    return {k: cfg[k] for k in keys if k in cfg}
+    return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+
+
+def _cached_download(cfg: dict[str, Any]) -> str | None:
+    """The tag's weights file when a previous download left it in the hub's or open_clip's cache (no network)."""
+    from huggingface_hub import hf_hub_download
+    from open_clip.pretrained import _get_safe_alternatives
+
+    repo, filename = os.path.split(cfg.get("hf_hub", ""))
+    filename = filename or "open_clip_pytorch_model.bin"
+    for name in [*_get_safe_alternatives(filename), filename] if repo else []:
+        with contextlib.suppress(Exception):
+            return hf_hub_download(repo, name, local_files_only=True)
+    url_file = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
+    return str(url_file) if cfg.get("url") and not repo and url_file.is_file() else None
+
+
+def _unreachable(cfg: dict[str, Any]) -> str | None:
+    """Why the server of the tag's download does not answer (one try, `HUB_TIMEOUT_S`), or None when it does."""
+    from huggingface_hub import constants
+
+    url = constants.ENDPOINT if cfg.get("hf_hub") else cfg.get("url", "")
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (OSError, ValueError) as e:
+        return f"{url} unreachable: {getattr(e, 'reason', None) or e}"
+    return None
+
+
+def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
+    """The weights file of an open_clip tag: cached, else downloaded; offline, one line saying what to do instead."""
+    if path := _cached_download(cfg):
+        return path
+    quick = f" with backbone.model {name}-quickgelu" if cfg.get("quick_gelu") and "quickgelu" not in name else ""
+    hint = f"download them where there is internet and set backbone.pretrained (--pretrained) to the file{quick}"
+    if reason := _unreachable(cfg):
+        raise QKSError(f"cannot download the '{tag}' weights of {name} ({reason}); {hint}")
+    try:
+        return open_clip.download_pretrained(cfg)
+    except Exception as e:  # hub error, checksum: all mean "no weights here"
+        raise QKSError(f"cannot download the '{tag}' weights of {name} ({type(e).__name__}: {e}); {hint}") from None
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
@@ -97,21 +162,13 @@ def resolve_weights(name: str, pretrained: str | None) -> Weights:
         return Weights(None, None, None)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if cfg:
-        try:
-            path = open_clip.download_pretrained(cfg)
-        except Exception as e:  # offline, hub error, checksum: all mean "no weights here"
-            hint = f" with backbone.model {name}-quickgelu" if cfg.get("quick_gelu") and "quickgelu" not in name else ""
-            raise QKSError(
-                f"could not download the '{pretrained}' weights of {name} ({type(e).__name__}: {str(e)[:120]}); "
-                f"download them where there is internet and set backbone.pretrained / --pretrained to the local "
-                f"weights file{hint}"
-            ) from None
+        path = _download(name, pretrained, cfg)
         return Weights(str(path), pretrained, file_sha256(path), bool(cfg.get("quick_gelu")), _preprocess_of(cfg))
     if Path(pretrained).is_file():
         sha = file_sha256(pretrained)
         tag, cfg = _tag_of_file(name, sha)
         quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(pretrained)  # OpenAI's TorchScript files all are
-        return Weights(str(pretrained), tag, sha, quick_gelu, _preprocess_of(cfg))
+        return Weights(str(Path(pretrained).resolve()), tag, sha, quick_gelu, _preprocess_of(cfg))
     tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
     raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
 
@@ -125,7 +182,7 @@ def _is_torchscript(path: str) -> bool:
 
 
 def check_supported(model: torch.nn.Module, name: str) -> None:
-    """Refuse towers whose ln_post tokens are not the reference's (DESIGN.md section 5)."""
+    """Refuse towers whose ln_post tokens are not the reference's (docs/design.md, section 2)."""
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
         kind = type(visual).__name__
@@ -145,53 +202,25 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
         if weights.path is None:
             with torch.random.fork_rng(devices=[]):  # the same random weights on every run (resumable extraction)
                 torch.manual_seed(0)
-                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
-        elif _is_torchscript(weights.path):
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
-            with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's files need it
-                warnings.simplefilter("ignore", FutureWarning)
-                state = torch.jit.load(weights.path, map_location="cpu").state_dict()
-            for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not weights
-                state.pop(key, None)
-            model.load_state_dict(state, strict=True)
-        else:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights.path, **kwargs)
+                return open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)[::2]
+        if not _is_torchscript(weights.path):
+            return open_clip.create_model_and_transforms(name, pretrained=weights.path, **kwargs)[::2]
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)
+        with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's files need it
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(weights.path, map_location="cpu").state_dict()
+        for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not weights
+            state.pop(key, None)
+        model.load_state_dict(state, strict=True)
+        return model, preprocess
     except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise QKSError(f"could not load {name} weights: {' '.join(str(e).split())[:240]}", weights.path) from None
-    return model, preprocess
+        raise QKSError(f"could not load {name} weights: {' '.join(str(e).split())}", weights.path) from None
 
 
-def load_backbone(
-    model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
-) -> tuple[torch.nn.Module, Callable, Callable]:
-    """Load a frozen fp32 open_clip model in eval mode.
-
-    Args:
-        model: an open_clip model name, or a path to an open_clip model-config JSON (registered under its stem).
-        pretrained: an open_clip pretrained tag (downloaded by open_clip), a local weights file, or "none" (random
-            weights, seeded: for tests and benchmarks only).
-        device: where the model lives.
-
-    Returns:
-        (model, preprocess, tokenizer): preprocess is open_clip's inference transform (PIL image -> (3, H, W)).
-    """
-    name, _ = resolve_model_name(model)
-    weights = resolve_weights(name, pretrained)
-    if weights.path is None:
-        log.warning("backbone %s has random weights (pretrained=%r): features are meaningless", name, pretrained)
-    clip, preprocess = _create(name, weights)
-    check_supported(clip, name)
-    clip = clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-    return clip, preprocess, open_clip.get_tokenizer(name)
-
-
-def backbone_fingerprint(clip: torch.nn.Module, model: str, pretrained: str | None) -> dict[str, Any]:
+def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weights: Weights) -> dict[str, Any]:
     """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout."""
-    name, config_sha = resolve_model_name(model)
-    weights = resolve_weights(name, pretrained)
     pp = clip.visual.preprocess_cfg
-    t, d = token_shape(clip)
-    return {
+    fingerprint = {
         "model": name,
         "model_config_sha256": config_sha,
         "pretrained": weights.tag if weights.tag else (None if weights.path is None else "file"),
@@ -205,9 +234,37 @@ def backbone_fingerprint(clip: torch.nn.Module, model: str, pretrained: str | No
             "resize_mode": pp["resize_mode"],
         },
         "tokens": TOKEN_LAYOUT,
-        "token_shape": [t, d],
+        "token_shape": list(token_shape(clip)),
         "visual_proj": list(clip.visual.proj.shape),
     }
+    return json.loads(json.dumps(fingerprint))
+
+
+def load_backbone(
+    model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
+) -> Backbone:
+    """Load a frozen fp32 open_clip model in eval mode, with its fingerprint and source.
+
+    Args:
+        model: an open_clip model name, or a path to an open_clip model-config JSON (registered under its stem).
+        pretrained: an open_clip pretrained tag (downloaded by open_clip), a local weights file, or "none" (random
+            weights, seeded: for tests and benchmarks only).
+        device: where the model lives.
+    """
+    name, config_sha = resolve_model_name(model)
+    weights = resolve_weights(name, pretrained)
+    if weights.path is None:
+        log.warning("backbone %s has random weights (pretrained=%r): features are meaningless", name, pretrained)
+    clip, preprocess = _create(name, weights)
+    check_supported(clip, name)
+    clip = clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    tagged = weights.path is None or open_clip.get_pretrained_cfg(name, str(pretrained))
+    source = {  # absolute paths, so that a checkpoint trained on these features can find them again
+        "model": str(Path(model).resolve()) if config_sha else name,
+        "pretrained": (weights.tag or "none") if tagged else str(weights.path),
+    }
+    fingerprint = _fingerprint(clip, name, config_sha, weights)
+    return Backbone(clip, preprocess, open_clip.get_tokenizer(name), fingerprint, source)
 
 
 def token_shape(clip: torch.nn.Module) -> tuple[int, int]:

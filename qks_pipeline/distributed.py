@@ -1,7 +1,8 @@
 """Stage one on a dask cluster: one task per shard, one writer per shard, resumable exactly like the single-process run.
 
-`qks extract ... --cluster local:N` starts a LocalCluster of N worker processes with one thread each (dask's nanny sets
-OMP_NUM_THREADS=1, so torch also runs one thread per worker); `--cluster tcp://HOST:PORT` joins a running scheduler.
+`qks extract ... --cluster local:N` (`extract.extract(..., runner=OnCluster("local:N"))`) starts a LocalCluster of N
+worker processes with one thread each (dask's nanny sets OMP_NUM_THREADS=1, so torch also runs one thread per
+worker); `--cluster tcp://HOST:PORT` joins a running scheduler.
 The client opens or creates the store, as the single-process path does, and submits `run_shard` for every shard
 without a done marker. Each worker loads the backbone once (memoised per worker process), checks it against the
 store's fingerprint, decodes its shard's images in `--workers` threads (a dask worker is a daemon process and cannot
@@ -31,7 +32,7 @@ import contextlib
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,9 @@ from typing import Any
 import dask
 import torch
 
-from qks_pipeline.backbone import backbone_fingerprint, load_backbone
+from qks_pipeline.backbone import Backbone, load_backbone
 from qks_pipeline.cache import Cache, check_fingerprint, open_cache
-from qks_pipeline.config import BackboneConfig, ExtractConfig
+from qks_pipeline.config import ExtractConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.extract import (
@@ -92,9 +93,9 @@ def connect(cluster: str | Any) -> Iterator[Any]:
 def local_cluster(workers: int) -> Any:
     """N worker processes with one thread each, on 127.0.0.1. Without dask's MALLOC_TRIM_THRESHOLD_: it makes glibc
     return every freed activation buffer to the system and fault it in again, 15% slower forward passes here."""
+    where = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                            dashboard_address="127.0.0.1:0")  # fmt: skip
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **where)
 
 
 def _device_type(device: str) -> str:
@@ -113,29 +114,17 @@ def cluster_device(client: Any, device: str) -> torch.device:
     return torch.device(found.pop())
 
 
-def _absolute(path: str | None, is_path: Callable[[str], bool]) -> str | None:
-    return str(Path(path).resolve()) if path is not None and is_path(path) else path
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """What a worker needs besides the shard number; views, seed and precision it reads from the store."""
 
     store: str  # absolute local path, or URL
     images_root: str  # absolute
-    model: str  # open_clip name, or absolute path of a config JSON
-    pretrained: str | None  # tag, absolute weights path, or none
+    model: str  # open_clip name, or absolute path of a config JSON (`Backbone.source`)
+    pretrained: str  # tag, absolute weights path, or none
     device: str  # as given: each worker resolves it
     cfg: ExtractConfig  # batch_size; workers = decoding threads per dask worker
     strict: bool
-
-    @classmethod
-    def of(cls, cache: Cache, images_root: Path, backbone: BackboneConfig, cfg: ExtractConfig, device: str,
-           strict: bool) -> ShardJob:  # fmt: skip
-        store = cache.path if is_url(cache.path) else str(Path(cache.path).resolve())
-        model = _absolute(backbone.model, lambda p: p.endswith(".json"))
-        pretrained = _absolute(backbone.pretrained, lambda p: Path(p).is_file())
-        return cls(store, str(images_root.resolve()), model, pretrained, device, cfg, strict)
 
 
 @dataclass(frozen=True)
@@ -149,27 +138,26 @@ class ShardDone:
 
 
 @functools.lru_cache(maxsize=1)
-def _backbone(model: str, pretrained: str | None, device: str) -> tuple[torch.nn.Module, Callable, dict[str, Any]]:
-    """(clip, preprocess, backbone fingerprint), loaded once per worker process and kept while it is asked for."""
-    clip, preprocess, _ = load_backbone(model, pretrained, resolve_device(device))
-    return clip, preprocess, backbone_fingerprint(clip, model, pretrained)
+def _backbone(model: str, pretrained: str, device: str) -> Backbone:
+    """The backbone, loaded once per worker process and kept while it is asked for."""
+    return load_backbone(model, pretrained, resolve_device(device))
 
 
 def run_shard(shard: int, job: ShardJob) -> ShardDone:
     """The task: compute and write one shard on this worker (`extract.extract_shard`)."""
     try:
         cache = open_cache(job.store, mode="r+")
-        clip, preprocess, fingerprint = _backbone(job.model, job.pretrained, job.device)
-        check_fingerprint(job.store, cache.fingerprint["backbone"], fingerprint, "feature cache vs a worker's backbone")
-        device = next(clip.parameters()).device
+        backbone = _backbone(job.model, job.pretrained, job.device)
+        check_fingerprint(job.store, cache.fingerprint["backbone"], backbone.fingerprint, "feature cache vs a worker's")
+        device = next(backbone.model.parameters()).device
         precision = cache.fingerprint["data"]["precision"]
         if effective_precision(precision, device) != precision:
             raise QKSError(f"the store records precision {precision}, which a worker on {device} cannot run")
-        forward = Forward(clip, device, precision)
-        dataset = make_dataset(cache, Path(job.images_root), clip, preprocess)
+        forward = Forward(backbone.model, device, precision)
+        dataset = make_dataset(cache, Path(job.images_root), backbone, job.cfg.max_pixels)
         rows = extract_shard(cache, shard, dataset, forward, job.cfg, job.strict)
     except QKSError as e:
-        return ShardDone(shard, 0, 0.0, e.format_message())
+        return ShardDone(shard, 0, 0.0, e.message)
     return ShardDone(shard, rows, forward.seconds)
 
 
@@ -205,8 +193,8 @@ def run_on_cluster(client: Any, cache: Cache, shards: list[int], job: ShardJob, 
             raise
     if failures:
         more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        raise QKSError(f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume): "
-                       + "; ".join(failures[:3]) + more)  # fmt: skip
+        done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume)"
+        raise QKSError(f"{done}: {'; '.join(failures[:3])}{more}")
     return total, seconds / workers
 
 
@@ -216,3 +204,32 @@ def _outcome(future: Any, shard: int, retries: int) -> ShardDone:
         return future.result()
     except Exception as e:
         return ShardDone(shard, 0, 0.0, f"{type(e).__name__}: {e} (after {retries} retries)")
+
+
+class OnCluster:
+    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per shard (see above).
+
+    Args:
+        cluster: "local:N", a scheduler address ("tcp://host:8786"), or a `distributed.Client` (see `connect`).
+        device: what each worker resolves for its forward passes.
+        retries: how often a failing shard is retried (a user error such as --strict's is not).
+    """
+
+    loads_here = False  # the client loads the backbone on the CPU, for its fingerprint and projection only
+
+    def __init__(self, cluster: str | Any, device: str = "auto", retries: int = 2):
+        self.cluster, self.device, self.retries = cluster, device, retries
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[torch.device]:
+        with connect(self.cluster) as client:
+            self.client = client
+            yield cluster_device(client, self.device)
+
+    def run(
+        self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
+    ) -> tuple[int, float]:
+        store = cache.path if is_url(cache.path) else str(Path(cache.path).resolve())
+        source = backbone.source
+        job = ShardJob(store, str(images.resolve()), source["model"], source["pretrained"], self.device, cfg, strict)
+        return run_on_cluster(self.client, cache, shards, job, self.retries)

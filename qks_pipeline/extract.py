@@ -5,10 +5,10 @@ One shard is the unit of work: `shard_tokens` turns the batches of one shard int
 whole (`Cache.write_shard`), then marked done. A rerun resumes: only shards without a done marker are computed, and the
 result equals an uninterrupted run's.
 
-Two ways to run the shards, both through `shard_tokens`:
-- in this process (`run_shards`): DataLoader worker processes decode while the main process runs the forward pass, and a
+Two runners compute the shards, both through `shard_tokens`:
+- `InProcess` (`run_shards`): DataLoader worker processes decode while the main process runs the forward pass, and a
   background thread writes the finished shard while the next one is computed;
-- on a dask cluster (`cluster=`, see `qks_pipeline.distributed`): one task per shard (`extract_shard`), each dask
+- `qks_pipeline.distributed.OnCluster`, given as `runner=`: one dask task per shard (`extract_shard`), each dask
   worker loading the backbone once, decoding its shard's images in threads and writing the shard itself.
 """
 
@@ -30,19 +30,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from qks_pipeline.backbone import (
-    backbone_fingerprint,
-    encode_labels,
-    file_sha256,
-    load_backbone,
-    token_shape,
-    visual_tokens,
-)
+from qks_pipeline.augment import augmented_view
+from qks_pipeline.backbone import Backbone, encode_labels, file_sha256, load_backbone, visual_tokens
 from qks_pipeline.cache import (
     Cache,
     check_fingerprint,
@@ -54,7 +49,7 @@ from qks_pipeline.cache import (
 from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
-from qks_pipeline.images import BadImage, augmented_view, load_rgb
+from qks_pipeline.images import BadImage, load_rgb
 from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary, scored_labels
 from qks_pipeline.storage import Location
 
@@ -93,11 +88,12 @@ def effective_precision(precision: str, device: torch.device) -> str:
 
 
 class ViewMaker:
-    """PIL image -> (V, 3, H, W): view 0 is the model's own preprocess, views 1.. are augmented, each seeded by
-    (seed, manifest line, view) so a rerun, a resumed run or another worker draws the same crops."""
+    """PIL image -> (V, 3, H, W): view 0 is the model's own preprocess, views 1.. are drawn from `augment`
+    (`qks_pipeline.augment`), each seeded by (seed, manifest line, view) so a rerun, a resumed run or another worker
+    draws the same views."""
 
-    def __init__(self, preprocess: Callable, preprocess_cfg: dict[str, Any], views: int, seed: int):
-        self.preprocess, self.views, self.seed = preprocess, views, seed
+    def __init__(self, preprocess: Callable, preprocess_cfg: dict[str, Any], views: int, seed: int, augment: str):
+        self.preprocess, self.views, self.seed, self.augment = preprocess, views, seed, augment
         self.size = tuple(to_2tuple(preprocess_cfg["size"]))
         self.mean, self.std = list(preprocess_cfg["mean"]), list(preprocess_cfg["std"])
         self.interpolation = preprocess_cfg["interpolation"]
@@ -110,22 +106,24 @@ class ViewMaker:
         out = [self.preprocess(img)]
         for v in range(1, 1 + self.views):
             rng = np.random.default_rng([self.seed, key, v])
-            out.append(augmented_view(img, rng, self.size, self.mean, self.std, self.interpolation))
+            view = augmented_view(img, rng, self.augment, self.size, self.interpolation)
+            out.append(TF.normalize(TF.to_tensor(view), self.mean, self.std))
         return torch.stack(out)  # (V, 3, H, W)
 
 
 class ImageViews(Dataset):
     """Store rows -> (row, views (V, 3, H, W), reason); an unreadable image gives zeros and a non-empty reason."""
 
-    def __init__(self, root: Path, paths: list[str], keys: np.ndarray, make_views: ViewMaker):
-        self.root, self.paths, self.keys, self.make_views = root, paths, keys, make_views
+    def __init__(self, root: Path, paths: list[str], keys: np.ndarray, make_views: ViewMaker, max_pixels: int):
+        self.root, self.paths, self.keys, self.make_views, self.max_pixels = root, paths, keys, make_views, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
         try:
-            return row, self.make_views(load_rgb(self.root / self.paths[row]), int(self.keys[row])), ""
+            image = load_rgb(self.root / self.paths[row], self.max_pixels)
+            return row, self.make_views(image, int(self.keys[row])), ""
         except BadImage as e:
             return row, torch.zeros(self.make_views.shape), e.reason
 
@@ -146,6 +144,9 @@ def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list
     return batches
 
 
+CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (the reference's clip_eval.py)
+
+
 def _sha256_lines(lines: list[str]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -159,6 +160,7 @@ def data_fingerprint(
         "vocabulary_sha256": _sha256_lines(seen + ["|"] + unseen),
         "split": split,
         "views": cfg.views,
+        **({"augment": cfg.augment} if cfg.views else {}),  # stores without views do not depend on it
         "seed": cfg.seed,
         "shuffle": cfg.shuffle,
         "precision": precision,
@@ -289,9 +291,8 @@ def extract_shard(
 
 
 def open_or_create_store(
-    out: str | Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool,
-    replace_stale: bool = False,
-) -> Cache:  # fmt: skip
+    out: str | Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool, replace_stale: bool
+) -> Cache:
     """Resume a store built the same way (first removing what interrupted writes left in it); one built differently is
     refused, or rebuilt with `replace_stale`; a new store is built when there is none or with `overwrite`. A path (or
     URL) holding anything else is never replaced. The caller holds the store's `Location.writer_lock`."""
@@ -317,41 +318,70 @@ def _views_for(split: str, views: int) -> int:
     return views
 
 
-def make_dataset(cache: Cache, images_root: Path, clip: torch.nn.Module, preprocess: Callable) -> ImageViews:
+def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels: int) -> ImageViews:
     """The store's rows as images to decode, with the views and seed its fingerprint records."""
-    seed = int(cache.fingerprint["data"]["seed"])
-    make_views = ViewMaker(preprocess, clip.visual.preprocess_cfg, cache.num_views - 1, seed)
-    return ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views)
+    data = cache.fingerprint["data"]
+    views, augment = cache.num_views - 1, data.get("augment", "crop_flip")  # stores before `augment`: crop_flip
+    make_views = ViewMaker(backbone.preprocess, backbone.model.visual.preprocess_cfg, views, int(data["seed"]), augment)
+    return ImageViews(images_root, list(cache.paths[:]), cache.manifest_index[:], make_views, max_pixels)
 
 
 def _open_store(
-    out: str | Path, dataset_dir: Path, split: str, clip: torch.nn.Module, backbone: BackboneConfig,
-    cfg: ExtractConfig, precision: str, overwrite: bool, replace_stale: bool,
-) -> Cache:  # fmt: skip
-    """Resume the store `out` or (re)create it for this split of the dataset (`open_or_create_store`)."""
+    out: str | Path, dataset_dir: Path, split: str, backbone: Backbone, cfg: ExtractConfig, precision: str, **how: bool
+) -> Cache:
+    """Resume the store `out` or (re)create it for this split of the dataset (`open_or_create_store` with `how`)."""
     manifest = dataset_dir / f"{split}.jsonl"
-    records = read_manifest(manifest)
     seen, unseen = read_vocabulary(dataset_dir)
+    records = read_manifest(manifest, seen + unseen)
     fingerprint = make_fingerprint(
-        backbone_fingerprint(clip, backbone.model, backbone.pretrained),
-        data_fingerprint(manifest, split, seen, unseen, cfg, precision),
+        backbone.fingerprint, data_fingerprint(manifest, split, seen, unseen, cfg, precision)
     )
+    order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
+    rest = scored_labels(split, seen, unseen)
+
+    def labels(start: int, stop: int) -> np.ndarray:  # one shard's rows at a time: bounded memory
+        return label_matrix([records[i] for i in order[start:stop]], seen + unseen, rest=rest)
 
     def create() -> Cache:
-        order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
-        rest = scored_labels(split, seen, unseen)
-
-        def labels(start: int, stop: int) -> np.ndarray:  # one shard's rows at a time: bounded memory
-            return label_matrix([records[i] for i in order[start:stop]], seen + unseen, manifest, rest=rest)
-
         return create_cache(
-            out, fingerprint=fingerprint, token_shape=token_shape(clip), num_views=1 + cfg.views,
-            shard_size=cfg.shard_size, label_names=seen + unseen, num_seen=len(seen), labels=labels,
-            paths=[records[i].image for i in order], manifest_index=order.astype(np.int64),
-            visual_proj=clip.visual.proj.detach().float().cpu().numpy(),
-        )  # fmt: skip
+            out,
+            fingerprint=fingerprint,
+            token_shape=backbone.token_shape,
+            num_views=1 + cfg.views,
+            shard_size=cfg.shard_size,
+            label_names=seen + unseen,
+            num_seen=len(seen),
+            labels=labels,
+            paths=[records[i].image for i in order],
+            manifest_index=order.astype(np.int64),
+            visual_proj=backbone.model.visual.proj.detach().float().cpu().numpy(),
+        )
 
-    return open_or_create_store(out, fingerprint, create, overwrite, replace_stale)
+    return open_or_create_store(out, fingerprint, create, **how)
+
+
+class InProcess:
+    """The default runner of `extract`: the shards computed in this process (`run_shards`). A runner connects (and
+    yields the device the forward passes run on), says where the client loads the backbone, and runs the shards;
+    `qks_pipeline.distributed.OnCluster` is the other one."""
+
+    loads_here = True  # the forward passes use the client's backbone
+
+    def __init__(self, device: str = "auto"):
+        self.device = device
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[torch.device]:
+        self.resolved = resolve_device(self.device)
+        yield self.resolved
+
+    def run(
+        self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
+    ) -> tuple[int, float]:
+        """Compute and write `shards` at the store's precision. Returns (images computed, forward-pass seconds)."""
+        forward = Forward(backbone.model, self.resolved, cache.fingerprint["data"]["precision"])
+        dataset = make_dataset(cache, images, backbone, cfg.max_pixels)
+        return (run_shards(cache, shards, dataset, forward, cfg, strict) if shards else 0), forward.seconds
 
 
 def extract(
@@ -365,8 +395,7 @@ def extract(
     strict: bool = False,
     overwrite: bool = False,
     replace_stale: bool = False,
-    cluster: Any = None,
-    retries: int = 2,
+    runner: Any = None,
 ) -> ExtractResult:
     """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
 
@@ -376,11 +405,9 @@ def extract(
 
     Args:
         out: a local directory or an fsspec URL (`s3://bucket/train.zarr`, see `qks_pipeline.storage`).
-        device: in this process, or on each dask worker with `cluster`.
-        cluster: None: `cfg.cluster`, where "" means this process. "local:N": a LocalCluster of N worker processes,
-            1 thread each; a scheduler address ("tcp://host:port"); or a `distributed.Client`. See
-            `qks_pipeline.distributed`.
-        retries: with `cluster`, how often a failing shard is retried (a user error such as --strict's is not).
+        device: where the forward passes run (in this process; a runner resolves its own).
+        runner: how the shards are computed: `InProcess(device)` (the default), or
+            `qks_pipeline.distributed.OnCluster` (a dask cluster).
     """
     start = time.perf_counter()
     dataset_dir, images_root = Path(dataset_dir), Path(images_root)
@@ -389,35 +416,18 @@ def extract(
     if not images_root.is_dir():
         raise QKSError("image root is not a directory", images_root)
     cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
-    cluster = cluster if cluster is not None else (cfg.cluster or None)
-    dist = _distributed() if cluster is not None else None
-    with Location.of(out).writer_lock(), dist.connect(cluster) if dist else contextlib.nullcontext() as client:
-        dev = dist.cluster_device(client, device) if dist else resolve_device(device)
+    runner = runner or InProcess(device)
+    with Location.of(out).writer_lock(), runner.connect() as dev:
         precision = effective_precision(cfg.precision, dev)
-        clip, preprocess, _ = load_backbone(backbone.model, backbone.pretrained, "cpu" if dist else dev)
-        cache = _open_store(out, dataset_dir, split, clip, backbone, cfg, precision, overwrite, replace_stale)
+        bb = load_backbone(backbone.model, backbone.pretrained, dev if runner.loads_here else "cpu")
+        how = {"overwrite": overwrite, "replace_stale": replace_stale}
+        cache = _open_store(out, dataset_dir, split, bb, cfg, precision, **how)
         todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
         loop_start = time.perf_counter()
-        if dist:
-            job = dist.ShardJob.of(cache, images_root, backbone, cfg, device, strict)
-            computed, forward_seconds = dist.run_on_cluster(client, cache, todo, job, retries)
-        else:
-            forward = Forward(clip, dev, precision)
-            dataset = make_dataset(cache, images_root, clip, preprocess)
-            computed = run_shards(cache, todo, dataset, forward, cfg, strict) if todo else 0
-            forward_seconds = forward.seconds
+        computed, forward_seconds = runner.run(cache, todo, bb, images_root, cfg, strict)
     end = time.perf_counter()
-    return ExtractResult(
-        cache.path, cache.num_images, computed, len(todo), end - start, end - loop_start, forward_seconds,
-        cache.skipped(),
-    )  # fmt: skip
-
-
-def _distributed() -> Any:
-    """qks_pipeline.distributed, imported only for a cluster run (the `distributed` package is optional)."""
-    from qks_pipeline import distributed
-
-    return distributed
+    times = (end - start, end - loop_start, forward_seconds)
+    return ExtractResult(cache.path, cache.num_images, computed, len(todo), *times, cache.skipped())
 
 
 def embed_labels(
@@ -428,20 +438,25 @@ def embed_labels(
     labels: LabelsConfig,
     device: str = "auto",
 ) -> Path:
-    """Encode the dataset's seen then unseen labels with the prompt pool and store them (`write_label_embeddings`)."""
+    """Encode the dataset's seen then unseen labels with the prompt pool, and with the CLIP baseline's one template
+    (L2-normalised, as the reference's clip_eval.py), and store both (`write_label_embeddings`)."""
     seen, unseen = read_vocabulary(dataset_dir)
     pool = read_templates(templates)
     dev = resolve_device(device)
-    clip, _, tokenizer = load_backbone(backbone.model, backbone.pretrained, dev)
-    emb = encode_labels(clip, tokenizer, seen + unseen, pool, normalize=labels.normalize, device=dev)  # (C, E)
+    bb = load_backbone(backbone.model, backbone.pretrained, dev)
+    emb = encode_labels(bb.model, bb.tokenizer, seen + unseen, pool, normalize=labels.normalize, device=dev)  # (C, E)
+    clip = encode_labels(bb.model, bb.tokenizer, seen + unseen, [CLIP_TEMPLATE], normalize=True, device=dev)  # (C, E)
     write_label_embeddings(
         out,
         seen + unseen,
         emb.numpy(),
-        make_fingerprint(backbone_fingerprint(clip, backbone.model, backbone.pretrained)),
-        templates_sha256=file_sha256(templates),
+        make_fingerprint(bb.fingerprint),
+        clip.numpy(),
+        clip_template=CLIP_TEMPLATE,
+        templates_sha256=_sha256_lines(pool),  # the pool's lines, as predict hashes its pool
         num_templates=len(pool),
         normalize=labels.normalize,
         num_seen=len(seen),
+        backbone_source=bb.source,
     )
     return Path(out)

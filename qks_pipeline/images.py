@@ -14,17 +14,14 @@ the extraction records them and masks them out.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
 
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-AUG_SCALE = (0.5, 1.0)  # random-resized-crop area range of the augmented views (a multi-label image keeps most labels)
-AUG_RATIO = (3 / 4, 4 / 3)  # aspect-ratio range of the crop
 
 
 class BadImage(Exception):
@@ -62,11 +59,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file fully and return it as RGB.
 
+    Args:
+        max_pixels: Pillow's decompression-bomb limit for this process (`extract.max_pixels`); None: as it is.
+
     Raises:
-        BadImage: the file is missing, empty, truncated, corrupt or a decompression bomb.
+        BadImage: the file is missing, empty, truncated, corrupt or larger than the limit.
     """
     path = Path(path)
     try:
@@ -78,6 +78,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise BadImage(f"unreadable ({getattr(e, 'strerror', None) or e})") from None
     if not path.is_file():
         raise BadImage("not a file")
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # the same value in every thread: set where decoding happens (workers)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -85,37 +87,12 @@ def load_rgb(path: str | Path) -> Image.Image:
                 img.load()  # decode now: truncation and corruption surface here, not later in a worker
                 return to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise BadImage(f"decompression bomb ({str(e).split('(')[0].strip()})") from None
+            size = re.search(r"\((\d+) pixels\)", str(e))  # Pillow names the size (and twice the limit for an error)
+            size = f"{int(size[1]):,} pixels" if size else str(e)
+            limit = f"the limit of {Image.MAX_IMAGE_PIXELS:,}"
+            raise BadImage(f"decompression bomb: {size}, above {limit} (raise it with --max-pixels)") from None
         except Image.UnidentifiedImageError:
             raise BadImage("not a readable image format") from None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError... for broken files
-            text = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-            kind = "truncated" if "truncated" in text else "corrupt"
-            raise BadImage(f"{kind} ({text})") from None
-
-
-def random_resized_crop_box(
-    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = AUG_SCALE
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop, as torchvision's RandomResizedCrop draws it, from a seeded generator."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        ratio = np.exp(rng.uniform(np.log(AUG_RATIO[0]), np.log(AUG_RATIO[1])))
-        w, h = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    side = min(width, height)  # fallback: the central square
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
-def augmented_view(
-    img: Image.Image, rng: np.random.Generator, size: tuple[int, int], mean, std, interpolation: str
-) -> torch.Tensor:
-    """One augmented view: random resized crop + horizontal flip (p 0.5), then CLIP normalisation -> (3, H, W)."""
-    top, left, h, w = random_resized_crop_box(img.width, img.height, rng)
-    mode = TF.InterpolationMode(interpolation)
-    view = TF.resized_crop(img, top, left, h, w, list(size), interpolation=mode, antialias=True)
-    if rng.random() < 0.5:
-        view = TF.hflip(view)
-    return TF.normalize(TF.to_tensor(view), mean, std)
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise BadImage(f"{'truncated' if 'truncated' in text else 'corrupt'} ({text})") from None

@@ -1,6 +1,6 @@
 """The QKS head: learnable queries, a BERT-style post-LayerNorm Q-Former, and knowledge sharing by max over queries.
 
-Faithful to the reference implementation (DESIGN.md section 1): N query tokens pass an embedding LayerNorm and
+Faithful to the reference implementation (docs/design.md, section 1): N query tokens pass an embedding LayerNorm and
 dropout, then L layers of self-attention over the queries, cross-attention from the queries to the frozen CLIP visual
 tokens, and a feed-forward block, each followed by dropout, a residual add and LayerNorm (eps 1e-12, BERT's). The query
 outputs are projected by a trainable copy of CLIP's visual projection and scored against the label embeddings; a label's
@@ -10,6 +10,8 @@ The Q-Former width equals the visual token width (768 for ViT-B/16), as in the r
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,6 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int, kv_dim: int, num_heads: int, dropout: float):
         super().__init__()
-        assert dim % num_heads == 0, f"width {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
         self.dropout = dropout
         self.query = nn.Linear(dim, dim)
@@ -90,7 +91,7 @@ class QKS(nn.Module):
 
     def __init__(self, cfg: ModelConfig, token_dim: int, embed_dim: int):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = dataclasses.replace(cfg, num_heads=cfg.heads(token_dim))  # auto resolved
         self.query_tokens = nn.Parameter(torch.empty(1, cfg.num_queries, token_dim))
         self.embed_norm = nn.LayerNorm(token_dim, eps=LN_EPS)
         self.layers = nn.ModuleList(QFormerLayer(token_dim, token_dim, cfg) for _ in range(cfg.num_layers))

@@ -1,7 +1,7 @@
 """Import the authors' published QKS checkpoints: the Q-Former head for `QKS`, and their CLIP weights for open_clip.
 
-The reference checkpoint holds (DESIGN.md section 1), optionally under a `module.` prefix (DDP) and optionally wrapped
-in a top-level `state_dict` or `model` entry:
+The reference checkpoint holds (docs/design.md, section 1), optionally under a `module.` prefix (DDP) and optionally
+wrapped in a top-level `state_dict` or `model` entry:
 
     net.*           a BERT model: embeddings.LayerNorm, encoder.layer.{i}.{attention, crossattention}.{self, output}.*,
                     intermediate_query.dense, output_query.{dense, LayerNorm}; plus word/position embeddings and a
@@ -16,12 +16,14 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from qks_pipeline.checkpoint import BEST, CLIP_WEIGHTS, CONFIG, make_config, save_weights, write_config
 from qks_pipeline.config import ModelConfig
 from qks_pipeline.errors import QKSError
 from qks_pipeline.model import QKS
@@ -198,3 +200,48 @@ def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> 
         save_file(state, out_path)
     else:
         torch.save(state, out_path)
+
+
+REFERENCE_MODEL = "ViT-B-16-quickgelu"  # OpenAI's CLIP weights need QuickGELU, which a weights file cannot record
+
+
+def import_checkpoint(
+    path: str | Path,
+    out: str | Path,
+    *,
+    model: str = REFERENCE_MODEL,
+    num_heads: int = 12,
+    trust_pickle: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Turn an authors' checkpoint into a checkpoint directory (`qks_pipeline.checkpoint`) with its CLIP weights.
+
+    The CLIP part is exported to `out/clip_weights.pt`; the fingerprint in config.json is what stage one records when
+    extracting with `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
+    """
+    from qks_pipeline.backbone import load_backbone  # CLIP is needed here, to fingerprint the exported weights
+
+    out = Path(out)
+    qks_state, clip_state, fields = load_reference_checkpoint(path, trust_pickle)
+    if not clip_state:
+        raise QKSError("the checkpoint has no clip_model.* weights, so its backbone cannot be identified", path)
+    token_dim, embed_dim = qks_state["proj"].shape
+    try:
+        head = QKS(ModelConfig(num_heads=num_heads, **fields), token_dim, embed_dim)
+    except QKSError as e:
+        raise QKSError(f"{e.message} (--num-heads)", path) from None
+    head.load_state_dict(qks_state, strict=True)
+    out.mkdir(parents=True, exist_ok=True)
+    export_clip_weights(clip_state, out / CLIP_WEIGHTS)
+    backbone = load_backbone(model, str(out / CLIP_WEIGHTS))
+    save_weights(head, out / BEST)
+    note = "reference checkpoint: its authors selected it on the test set"
+    described = (backbone.token_shape[0], backbone.fingerprint, backbone.source)
+    config = make_config(head, *described, selection="test", selection_note=note, source=str(path))
+    write_config(out, config)
+    echo(
+        f"{out}: Q-Former ({fields['num_queries']} queries, {fields['num_layers']} layers, {num_heads} heads, "
+        f"{token_dim}->{embed_dim}) -> {BEST}; CLIP -> {CLIP_WEIGHTS}; {CONFIG}"
+    )
+    echo(f"extract caches with: --model {model} --pretrained {out / CLIP_WEIGHTS}  (other caches are refused as stale)")
+    return config

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 import warnings
 
 import open_clip
 import pytest
 import torch
 
-from qks_pipeline.backbone import (
-    backbone_fingerprint,
-    check_supported,
-    encode_labels,
-    load_backbone,
-    token_shape,
-    visual_tokens,
-)
+from qks_pipeline.backbone import check_supported, encode_labels, load_backbone, token_shape, visual_tokens
 from qks_pipeline.errors import QKSError
 
 
@@ -27,7 +25,7 @@ def tiny(tiny_clip):
 
 
 def test_load_uses_the_weights_file_and_freezes(tiny, tiny_clip):
-    model, preprocess, tokenizer = tiny
+    model = tiny.model
     saved = torch.load(tiny_clip[1], weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name
@@ -47,7 +45,7 @@ def _manual_tokens(visual, images: torch.Tensor) -> torch.Tensor:
 
 
 def test_visual_tokens_match_a_manual_pass(tiny):
-    model = tiny[0]
+    model = tiny.model
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     tokens = visual_tokens(model, images)
     assert tokens.shape == (3, 17, 64)
@@ -59,7 +57,7 @@ def test_visual_tokens_match_a_manual_pass(tiny):
 
 
 def test_encode_labels_is_the_plain_mean_over_templates(tiny):
-    model, _, tokenizer = tiny
+    model, tokenizer = tiny.model, tiny.tokenizer
     labels, templates = ["cat", "red car", "tree"], ["a photo of a {}.", "{} in the scene.", "a {}!"]
     emb = encode_labels(model, tokenizer, labels, templates, batch_labels=2)
     assert emb.shape == (3, 32)
@@ -72,9 +70,10 @@ def test_encode_labels_is_the_plain_mean_over_templates(tiny):
     torch.testing.assert_close(normed, torch.nn.functional.normalize(emb, dim=-1), rtol=1e-5, atol=1e-6)
 
 
-def test_fingerprint_names_weights_preprocessing_and_layout(tiny, tiny_clip, tmp_path):
+def test_fingerprint_and_source_name_weights_preprocessing_and_layout(tiny, tiny_clip, tmp_path):
     config, weights = tiny_clip
-    fp = backbone_fingerprint(tiny[0], str(config), str(weights))
+    fp = tiny.fingerprint
+    assert tiny.source == {"model": str(config.resolve()), "pretrained": str(weights.resolve())}
     assert fp["model"] == "TinyCLIP-test" and len(fp["model_config_sha256"]) == 64
     assert fp["token_shape"] == [17, 64] and fp["visual_proj"] == [64, 32]
     assert fp["preprocess"]["size"] == [64, 64] and fp["preprocess"]["interpolation"] == "bicubic"
@@ -84,23 +83,33 @@ def test_fingerprint_names_weights_preprocessing_and_layout(tiny, tiny_clip, tmp
     state = torch.load(weights, weights_only=True)
     state["visual.proj"] = state["visual.proj"] + 1
     torch.save(state, other)
-    fp2 = backbone_fingerprint(load_backbone(str(config), str(other))[0], str(config), str(other))
+    fp2 = load_backbone(str(config), str(other)).fingerprint
     assert fp2["weights_sha256"] != fp["weights_sha256"]
 
 
 def test_random_weights_are_reproducible(tiny_clip):
-    a = load_backbone(str(tiny_clip[0]), "none")[0]
-    b = load_backbone(str(tiny_clip[0]), "none")[0]
+    a = load_backbone(str(tiny_clip[0]), "none").model
+    b = load_backbone(str(tiny_clip[0]), "none").model
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_offline_download_says_how_to_use_a_local_file(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("Temporary failure in name resolution")
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    monkeypatch.setattr(open_clip, "download_pretrained", offline)
-    with pytest.raises(QKSError, match=r"--pretrained.*local weights file.*ViT-B-16-quickgelu"):
-        load_backbone("ViT-B-16", "openai")
+
+def test_unreachable_hub_fails_fast_in_one_line(tmp_path, sample_dataset):
+    """The default backbone (a download) with the hub at a closed local port: no real network is touched."""
+    env = os.environ | {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [sys.executable, "-m", "qks_pipeline.cli", "embed-labels", "--dataset", str(sample_dataset.dataset)]
+    cmd += ["--templates", str(sample_dataset.templates), "--out", str(tmp_path / "l.zarr"), "--device", "cpu"]
+    start = time.monotonic()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and time.monotonic() - start < 20 and len(lines) == 1, done.stderr
+    assert "cannot download the 'openai' weights of ViT-B-16" in lines[0] and "unreachable" in lines[0]
+    assert "set backbone.pretrained (--pretrained) to the file with backbone.model ViT-B-16-quickgelu" in lines[0]
 
 
 def test_bad_names_are_user_errors(tiny_clip):
@@ -138,12 +147,13 @@ def test_a_non_vit_tower_is_refused():
 
 def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_path):
     """OpenAI's original .pt files are TorchScript archives of QuickGELU models; a traced tiny model stands in."""
-    model, _, tokenizer = tiny
+    model, tokenizer = tiny.model, tiny.tokenizer
     archive = tmp_path / "openai-style.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.trace(model, (torch.zeros(1, 3, 64, 64), tokenizer(["a"])), check_trace=False).save(archive)
-    loaded = load_backbone(str(tiny_clip[0]), str(archive))[0]
+    backbone = load_backbone(str(tiny_clip[0]), str(archive))
+    loaded = backbone.model
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
-    assert backbone_fingerprint(loaded, str(tiny_clip[0]), str(archive))["quick_gelu"] is True
+    assert backbone.fingerprint["quick_gelu"] is True

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from qks_pipeline.backbone import load_backbone
 from qks_pipeline.cache import open_cache
 from qks_pipeline.cli import main
 from qks_pipeline.config import BackboneConfig, ExtractConfig
-from qks_pipeline.distributed import ShardJob, _backbone, run_shard
+from qks_pipeline.distributed import OnCluster, ShardJob, _backbone, run_shard
 from qks_pipeline.errors import QKSError
 from qks_pipeline.extract import extract
 
@@ -41,9 +42,33 @@ def _qks(*args: object, expect: int = 0) -> str:
 
 def _extract_cli(ds, tiny_clip, out: Path, *extra: object, expect: int = 0) -> str:
     config, weights = tiny_clip
-    return _qks("extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--out", out,
-                "--model", config, "--pretrained", weights, "--device", "cpu", "--workers", 0,
-                "--shard-size", SHARD_SIZE, "--views", VIEWS, "--batch-size", 4, *extra, expect=expect)  # fmt: skip
+    return _qks(
+        "extract",
+        "--dataset",
+        ds.dataset,
+        "--split",
+        "train",
+        "--images",
+        ds.images,
+        "--out",
+        out,
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--device",
+        "cpu",
+        "--set",
+        "extract.workers=0",
+        "--set",
+        f"extract.shard_size={SHARD_SIZE}",
+        "--set",
+        f"extract.views={VIEWS}",
+        "--set",
+        "extract.batch_size=4",
+        *extra,
+        expect=expect,
+    )
 
 
 def _files(store: Path) -> dict[str, bytes]:
@@ -60,7 +85,9 @@ def test_two_workers_write_the_single_process_store_byte_for_byte(sample_dataset
     _extract_cli(sample_dataset, tiny_clip, tmp_path / "single.zarr")
     address = client.scheduler.address  # the module's two-worker cluster, joined as a running scheduler
     loads, uses = _backbone_calls(client)
-    out = _extract_cli(sample_dataset, tiny_clip, tmp_path / "dist.zarr", "--cluster", address, "--workers", 2)
+    out = _extract_cli(
+        sample_dataset, tiny_clip, tmp_path / "dist.zarr", "--cluster", address, "--set", "extract.workers=2"
+    )
     assert "16 images in 4 shard(s)" in out
     single, dist = _files(tmp_path / "single.zarr"), _files(tmp_path / "dist.zarr")
     assert sorted(single) == sorted(dist) and len([k for k in single if k.startswith("done/")]) == 4
@@ -87,7 +114,7 @@ def test_a_resumed_distributed_run_recomputes_only_the_missing_shard(sample_data
     backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
     cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, views=VIEWS)
     run = dict(dataset_dir=sample_dataset.dataset, split="train", images_root=sample_dataset.images, out=store,
-               backbone=backbone, cfg=cfg, device="cpu", cluster=client)  # fmt: skip
+               backbone=backbone, cfg=cfg, runner=OnCluster(client, "cpu"))  # fmt: skip
     first = extract(**run)
     assert first.shards_written == 4 and first.computed == 16
     before = _files(store)
@@ -110,14 +137,16 @@ def test_a_user_error_on_a_worker_is_reported_after_the_other_shards(sample_data
     backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
     cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, shuffle=False)
     run = dict(dataset_dir=dataset, split="train", images_root=sample_dataset.images, out=tmp_path / "strict.zarr",
-               backbone=backbone, cfg=cfg, device="cpu", cluster=client)  # fmt: skip
+               backbone=backbone, cfg=cfg)  # fmt: skip
     with pytest.raises(QKSError, match=r"1 of 4 shard\(s\) failed.*shard 3: .*missing\.jpg: unreadable image"):
-        extract(**run, strict=True, retries=3)
+        extract(**run, strict=True, runner=OnCluster(client, "cpu", retries=3))
     cache = open_cache(tmp_path / "strict.zarr")
     assert cache.done_shards() == {0, 1, 2}  # the missing image is row 16, in the last shard; the others finished
-    outcome = run_shard(3, ShardJob.of(cache, sample_dataset.images, backbone, cfg, "cpu", strict=True))
+    source = load_backbone(backbone.model, backbone.pretrained).source
+    job = ShardJob(str(cache.path), str(sample_dataset.images), source["model"], source["pretrained"], "cpu", cfg, True)
+    outcome = run_shard(3, job)
     assert outcome.rows == 0 and "(--strict)" in outcome.error  # returned, not raised: dask has nothing to retry
-    result = extract(**run)  # without --strict: masked out, and only the unfinished shard runs
+    result = extract(**run, runner=OnCluster(client, "cpu"))  # no --strict: masked out, only the unfinished shard runs
     assert result.shards_written == 1 and [s["path"] for s in result.skipped] == ["train/missing.jpg"]
 
 
@@ -140,7 +169,7 @@ def test_workers_with_a_gpu_resource_run_one_shard_at_a_time(sample_dataset, tin
         watcher.start()
         try:
             ds, out = sample_dataset, tmp_path / "gpu.zarr"
-            result = extract(ds.dataset, "train", ds.images, out, backbone, cfg, "cpu", cluster=c)
+            result = extract(ds.dataset, "train", ds.images, out, backbone, cfg, runner=OnCluster(c, "cpu"))
         finally:
             stop.set()
             watcher.join()

@@ -90,7 +90,19 @@ def _qks(*args: object, expect: int = 0) -> str:
 def _extract(ds, tiny_clip, out: Path, *extra: object, split: str = "train", expect: int = 0) -> str:
     config, weights = tiny_clip
     args = ["extract", "--dataset", ds.dataset, "--split", split, "--images", ds.images, "--out", out]
-    args += ["--model", config, "--pretrained", weights, "--device", "cpu", "--workers", 0, "--shard-size", 5, *extra]
+    args += [
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--device",
+        "cpu",
+        "--set",
+        "extract.workers=0",
+        "--set",
+        "extract.shard_size=5",
+        *extra,
+    ]
     return _qks(*args, expect=expect)
 
 
@@ -102,7 +114,7 @@ def _arrays(store: Path) -> dict[str, np.ndarray]:
 
 def test_store_holds_the_tokens_labels_and_order(sample_dataset, tiny_clip, tmp_path):
     ds, out = sample_dataset, tmp_path / "train.zarr"
-    _extract(ds, tiny_clip, out, "--batch-size", 3)
+    _extract(ds, tiny_clip, out, "--set", "extract.batch_size=3")
     cache = open_cache(out)
     records = read_manifest(ds.dataset / "train.jsonl")
     assert cache.tokens.shape == (16, 1, 17, 64) and cache.tokens.dtype == np.float16
@@ -112,7 +124,8 @@ def test_store_holds_the_tokens_labels_and_order(sample_dataset, tiny_clip, tmp_
     assert list(cache.paths[:]) == [records[i].image for i in order]
     np.testing.assert_array_equal(cache.labels[:], label_matrix(records, ds.seen + ds.unseen)[order])
     assert cache.label_names == ds.seen + ds.unseen and cache.num_seen == len(ds.seen)
-    model, preprocess, _ = load_backbone(str(tiny_clip[0]), str(tiny_clip[1]))
+    backbone = load_backbone(str(tiny_clip[0]), str(tiny_clip[1]))
+    model, preprocess = backbone.model, backbone.preprocess
     images = torch.stack([preprocess(load_rgb(ds.images / p)) for p in cache.paths[:]])  # (N, 3, H, W)
     expected = visual_tokens(model, images).numpy()  # (N, T, D)
     np.testing.assert_allclose(cache.tokens[:, 0].astype(np.float32), expected, rtol=2e-3, atol=2e-3)
@@ -122,8 +135,8 @@ def test_store_holds_the_tokens_labels_and_order(sample_dataset, tiny_clip, tmp_
 
 
 def test_workers_give_the_same_store(sample_dataset, tiny_clip, tmp_path):
-    _extract(sample_dataset, tiny_clip, tmp_path / "a.zarr", "--views", 1)
-    _extract(sample_dataset, tiny_clip, tmp_path / "b.zarr", "--views", 1, "--workers", 2)
+    _extract(sample_dataset, tiny_clip, tmp_path / "a.zarr", "--set", "extract.views=1")
+    _extract(sample_dataset, tiny_clip, tmp_path / "b.zarr", "--set", "extract.views=1", "--set", "extract.workers=2")
     a, b = _arrays(tmp_path / "a.zarr"), _arrays(tmp_path / "b.zarr")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
@@ -131,8 +144,10 @@ def test_workers_give_the_same_store(sample_dataset, tiny_clip, tmp_path):
 
 def test_augmented_views_are_seeded_and_view_zero_is_clean(sample_dataset, tiny_clip, tmp_path):
     _extract(sample_dataset, tiny_clip, tmp_path / "clean.zarr")
-    _extract(sample_dataset, tiny_clip, tmp_path / "v1.zarr", "--views", 2)
-    _extract(sample_dataset, tiny_clip, tmp_path / "v2.zarr", "--views", 2, "--batch-size", 6)
+    _extract(sample_dataset, tiny_clip, tmp_path / "v1.zarr", "--set", "extract.views=2")
+    _extract(
+        sample_dataset, tiny_clip, tmp_path / "v2.zarr", "--set", "extract.views=2", "--set", "extract.batch_size=6"
+    )
     clean, v1, v2 = (open_cache(tmp_path / f"{n}.zarr").tokens[:].astype(np.float32) for n in ("clean", "v1", "v2"))
     assert v1.shape == (16, 3, 17, 64)
     np.testing.assert_allclose(v1[:, 0], clean[:, 0], atol=2e-3)
@@ -147,7 +162,7 @@ def test_test_split_stores_the_clean_view_only(sample_dataset, tiny_clip, tmp_pa
     cache = open_cache(tmp_path / "test.zarr")
     assert cache.tokens.shape[:2] == (8, 1) and list(cache.manifest_index[:]) == list(range(8))
     assert cache.fingerprint["data"]["precision"] == "fp32"  # fp16 autocast is GPU-only
-    out = _extract(sample_dataset, tiny_clip, tmp_path / "t2.zarr", "--views", 2, split="test", expect=2)
+    out = _extract(sample_dataset, tiny_clip, tmp_path / "t2.zarr", "--set", "extract.views=2", split="test", expect=2)
     assert "train split only" in out
 
 
@@ -155,15 +170,15 @@ def test_a_store_built_differently_is_refused_then_overwritten(sample_dataset, t
     out = tmp_path / "train.zarr"
     _extract(sample_dataset, tiny_clip, out)
     assert "already complete" in _extract(sample_dataset, tiny_clip, out)
-    message = _extract(sample_dataset, tiny_clip, out, "--views", 1, expect=1)
+    message = _extract(sample_dataset, tiny_clip, out, "--set", "extract.views=1", expect=1)
     assert "data.views is 0 in the store, 1 expected" in message and "--replace-stale" in message
-    _extract(sample_dataset, tiny_clip, out, "--views", 1, "--overwrite")
+    _extract(sample_dataset, tiny_clip, out, "--set", "extract.views=1", "--overwrite")
     assert open_cache(out).num_views == 2
     marker = out / "done" / "00000.json"
     inode = marker.stat().st_ino
-    assert "already complete" in _extract(sample_dataset, tiny_clip, out, "--views", 1, "--replace-stale")
+    assert "already complete" in _extract(sample_dataset, tiny_clip, out, "--set", "extract.views=1", "--replace-stale")
     assert marker.stat().st_ino == inode  # a store built the same way is kept
-    _extract(sample_dataset, tiny_clip, out, "--views", 2, "--replace-stale")
+    _extract(sample_dataset, tiny_clip, out, "--set", "extract.views=2", "--replace-stale")
     assert open_cache(out).num_views == 3  # one built differently is rebuilt
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a store")
@@ -223,8 +238,26 @@ main()
 def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_dataset, tiny_clip, tmp_path):
     config, weights = tiny_clip
     ds, out = sample_dataset, tmp_path / "killed.zarr"
-    options = ["--dataset", ds.dataset, "--split", "train", "--images", ds.images, "--model", config,
-               "--pretrained", weights, "--device", "cpu", "--workers", 0, "--shard-size", 4, "--views", 1]  # fmt: skip
+    options = [
+        "--dataset",
+        ds.dataset,
+        "--split",
+        "train",
+        "--images",
+        ds.images,
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--device",
+        "cpu",
+        "--set",
+        "extract.workers=0",
+        "--set",
+        "extract.shard_size=4",
+        "--set",
+        "extract.views=1",
+    ]
     args = ["extract", *options, "--out", out]
     proc = subprocess.Popen(
         [sys.executable, "-c", RESUME_SCRIPT, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -254,7 +287,9 @@ def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_pat
     names, emb, attrs = read_label_embeddings(out)
     assert names == sample_dataset.seen + sample_dataset.unseen and emb.shape == (7, 32)
     assert attrs["num_seen"] == 5 and attrs["normalize"] is False and len(attrs["templates_sha256"]) == 64
-    model, _, tokenizer = load_backbone(str(config), str(weights))
+    backbone = load_backbone(str(config), str(weights))
+    model, tokenizer = backbone.model, backbone.tokenizer
+    assert attrs["backbone_source"] == backbone.source  # the files a checkpoint trained on these labels can find
     templates = sample_dataset.templates.read_text().splitlines()
     np.testing.assert_allclose(emb, encode_labels(model, tokenizer, names, templates).numpy(), rtol=1e-5, atol=1e-6)
     _extract(sample_dataset, tiny_clip, tmp_path / "train.zarr")

@@ -17,16 +17,16 @@ from PIL import Image
 
 from qks_pipeline import predict as predict_module
 from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
-from qks_pipeline.cache import read_label_embeddings
+from qks_pipeline.cache import open_inputs, read_label_embeddings
+from qks_pipeline.checkpoint import load as load_checkpoint
 from qks_pipeline.cli import main
+from qks_pipeline.cli.predict import find_images
 from qks_pipeline.config import ModelConfig, Params, TrainConfig
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import load_checkpoint, model_scorer, open_test_inputs
-from qks_pipeline.evaluate import predict as evaluate_predict
 from qks_pipeline.images import load_rgb
 from qks_pipeline.loader import open_loader
-from qks_pipeline.manifest import read_templates
-from qks_pipeline.predict import Tagger, clean_labels, find_images, prompt_pool
+from qks_pipeline.predict import TEMPLATES, Tagger, clean_labels, prompt_pool
+from qks_pipeline.scoring import model_scorer, score_rows
 from qks_pipeline.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,8 +52,22 @@ def run(sample_dataset, tiny_clip, tmp_path_factory):
     root, (config, weights), ds = tmp_path_factory.mktemp("predict"), tiny_clip, sample_dataset
     backbone = ["--model", config, "--pretrained", weights, "--device", "cpu"]
     for split in ("train", "test"):
-        _qks("extract", "--dataset", ds.dataset, "--split", split, "--images", ds.images, "--out",
-             root / f"{split}.zarr", "--workers", 0, "--shard-size", 8, *backbone)  # fmt: skip
+        _qks(
+            "extract",
+            "--dataset",
+            ds.dataset,
+            "--split",
+            split,
+            "--images",
+            ds.images,
+            "--out",
+            root / f"{split}.zarr",
+            "--set",
+            "extract.workers=0",
+            "--set",
+            "extract.shard_size=8",
+            *backbone,
+        )
     _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", root / "labels.zarr", *backbone)
     p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
                train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
@@ -86,14 +100,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, sample_dataset):
     model, config = load_checkpoint(run / "ckpt", CPU)
-    inputs = open_test_inputs(run / "test.zarr", run / "labels.zarr", config)
+    inputs = open_inputs(run / "test.zarr", run / "labels.zarr", role="test")
     loader = open_loader(inputs.cache, batch_size=8, shuffle=False)
-    expected = evaluate_predict(model_scorer(model, inputs.embeddings, CPU, amp=False), loader, CPU)  # (N, C)
+    expected = score_rows(model_scorer(model, torch.from_numpy(inputs.embeddings)), loader, CPU)  # (N, C)
     paths = [sample_dataset.images / p for p in inputs.cache.paths[:][expected.rows]]
     got = tagger.predict(paths, inputs.label_names, top_k=3, batch_size=3)
     logits = np.stack([p.logits for p in got])  # (N, C)
     # The label embeddings are stage one's, computed the same way.
-    np.testing.assert_allclose(tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings.numpy(),
+    np.testing.assert_allclose(tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings,
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     # The cache stores tokens in float16: a relative rounding error of at most 2^-11 (4.9e-4) per element. The head
     # (LayerNorms, softmax attention, a max over queries) does not amplify a small relative input error much, so we
@@ -102,8 +116,8 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     np.testing.assert_allclose(logits, expected.scores, rtol=0, atol=2e-3 * spread)
     np.testing.assert_allclose(np.stack([p.scores for p in got]), 1 / (1 + np.exp(-expected.scores)), atol=1e-2)
     # Rounding our own tokens to float16 removes the only difference: then the two paths agree to float32 precision.
-    pixels = torch.stack([tagger.preprocess(load_rgb(p)) for p in paths])  # (N, 3, H, W)
-    tokens = visual_tokens(tagger.clip, pixels).half()  # (N, T, D)
+    pixels = torch.stack([tagger.backbone.preprocess(load_rgb(p)) for p in paths])  # (N, 3, H, W)
+    tokens = visual_tokens(tagger.backbone.model, pixels).half()  # (N, T, D)
     with torch.no_grad():
         rounded = tagger.head(tokens, tagger.label_embeddings(inputs.label_names)).numpy()
     np.testing.assert_allclose(rounded, expected.scores, rtol=1e-4, atol=1e-4)
@@ -114,7 +128,7 @@ def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, t
     config, weights = tiny_clip
     labels = tmp_path / "labels_normalised.zarr"
     _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out", labels,
-         "--normalize", "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
+         "--set", "labels.normalize=true", "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
     p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
                train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
     train(run / "train.zarr", labels, tmp_path / "ckpt", params=p, device="cpu", progress_bar=False,
@@ -150,8 +164,9 @@ def test_in_memory_images_equal_files(tagger, sample_dataset):
     assert tagger.predict([Image.new("RGB", (70, 50), "red")], ["red"])[0].image == "<image 0>"
 
 
-def test_default_prompt_pool_is_the_repository_templates_file():
-    assert prompt_pool() == read_templates(REPO / "data_manifests" / "templates.txt")
+def test_default_prompt_pool_is_the_package_file_that_dvc_reads():
+    assert TEMPLATES == REPO / "qks_pipeline" / "templates.txt" and len(prompt_pool()) == 85
+    assert f"--templates {TEMPLATES.relative_to(REPO)} " in (REPO / "dvc.yaml").read_text()
 
 
 # ---------------------------------------------------------------- the label-embedding cache
@@ -298,22 +313,43 @@ def test_a_different_backbone_is_refused_naming_both(run, tiny_clip, sample_data
     assert "backbone mismatch" in _error(args)
 
 
-def test_the_backbone_files_are_asked_for_when_the_fingerprint_cannot_name_them(run, tiny_clip):
+def test_the_checkpoint_finds_its_locally_saved_backbone_with_no_flag(run, sample_dataset):
+    """`qks predict --checkpoint DIR IMAGE`: the backbone files recorded at training (config file, weights file)."""
+    out, _ = _qks("predict", "--checkpoint", run / "ckpt", "--labels", "red,blue", "--device", "cpu", "--no-progress",
+                  sample_dataset.images / "test" / "img000.jpg")  # fmt: skip
+    assert [json.loads(line)["image"] for line in out.splitlines()] == [str(sample_dataset.images / "test/img000.jpg")]
+
+
+def _moved(run: Path, tmp_path: Path, **source: str) -> Path:
+    """A copy of the checkpoint whose recorded backbone files are elsewhere."""
+    ckpt = tmp_path / "moved"
+    shutil.copytree(run / "ckpt", ckpt, dirs_exist_ok=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["backbone_source"] |= source
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return ckpt
+
+
+def test_backbone_files_not_where_recorded_are_asked_for_in_one_line(run, tiny_clip, tmp_path):
     config, weights = tiny_clip
-    with pytest.raises(QKSError, match="model-config file TinyCLIP-test.json .* give its path with --model"):
-        Tagger.load(run / "ckpt", "cpu", str(weights))
-    with pytest.raises(QKSError, match="weights are a local file .* give its path with --pretrained"):
-        Tagger.load(run / "ckpt", "cpu", model=str(config))
+    ckpt = _moved(run, tmp_path, model=str(tmp_path / "gone.json"), pretrained=str(tmp_path / "gone.pt"))
+    with pytest.raises(QKSError, match=r"model config TinyCLIP-test.json .* is not at .*gone.json'; give .* --model"):
+        Tagger.load(ckpt, "cpu")
+    with pytest.raises(QKSError, match=r"weights file \(sha256 \w+\) is not at .*gone.pt'; give .* --pretrained"):
+        Tagger.load(ckpt, "cpu", model=str(config))
+    changed = tmp_path / "changed.pt"  # the recorded path holds other weights now
+    state = torch.load(weights, weights_only=True)
+    torch.save(state | {"visual.proj": state["visual.proj"] + 1}, changed)
+    with pytest.raises(QKSError, match="backbone mismatch.*give the original with --model / --pretrained"):
+        Tagger.load(_moved(run, tmp_path, pretrained=str(changed)), "cpu")
 
 
 def test_exported_clip_weights_beside_the_checkpoint_are_found(run, tiny_clip, tmp_path):
     config, weights = tiny_clip
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(run / "ckpt", ckpt)
+    ckpt = _moved(run, tmp_path, pretrained=str(tmp_path / "gone.pt"))
     shutil.copy(weights, ckpt / "clip_weights.pt")  # where `qks import-checkpoint` puts them
-    tagger = Tagger.load(ckpt, "cpu", model=str(config))
-    reference, _, _ = load_backbone(str(config), str(weights))
-    loaded, expected = tagger.clip.state_dict(), reference.state_dict()
+    loaded = Tagger.load(ckpt, "cpu").backbone.model.state_dict()
+    expected = load_backbone(str(config), str(weights)).model.state_dict()
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
 
 

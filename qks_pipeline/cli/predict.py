@@ -1,20 +1,74 @@
-"""`qks predict`: tag new images with any label list, using a trained checkpoint and the CLIP backbone it names."""
+"""`qks predict`: tag new images with any label list, using a trained checkpoint and the CLIP backbone it records.
+
+The command line's inputs (label lists, image files and directories) and outputs (JSONL, CSV, HTML) live here; the
+tagging itself is `qks_pipeline.predict.Tagger`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
+from qks_pipeline.cli.options import DEVICE, NEW_FILE
+from qks_pipeline.config import ExtractConfig
 from qks_pipeline.errors import QKSError
 
-NEW_PATH = click.Path(dir_okay=False, path_type=Path)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CSV_FIELDS = ["image", "rank", "label", "score", "in_top_k", "above_threshold", "skipped"]
+
+
+def read_label_file(path: Path) -> list[str]:
+    """One label a line (UTF-8) as raw entries; `predict.clean_labels` tidies them."""
+    if not path.is_file():
+        raise QKSError("label file not found" if not path.exists() else "not a file (one label a line expected)", path)
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise QKSError(f"label file is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+
+
+def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files named by `inputs`: a file is taken as given, a directory is walked for image extensions.
+
+    A directory's files come sorted by their path under it; hidden files and directories (a leading '.') are left
+    out. A path that does not exist is kept, so that it is reported as skipped (missing) with the others.
+    """
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if not item.is_dir():
+            found.append(item)
+            continue
+        files = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        files = sorted(p.relative_to(item).as_posix() for p in files)
+        files = [item / p for p in files if not any(part.startswith(".") for part in Path(p).parts)]
+        if not files:
+            raise QKSError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under this directory", item)
+        found += files
+    if not found:
+        raise QKSError("no images given")
+    return found
+
+
+def csv_rows(p: Any) -> list[dict[str, Any]]:
+    """Long format: one row per label in a prediction's top-K or above the threshold (rank over all labels); a skipped
+    image gets one row with its reason."""
+    if p.skipped is not None:
+        return [{"image": p.image, "skipped": p.skipped}]
+    top, above = {label for label, _ in p.top}, {label for label, _ in p.above}
+    rows = []
+    for r, (label, score) in enumerate(sorted(p.scores_by_label.items(), key=lambda kv: -kv[1]), 1):  # stable: ties
+        if label in top or label in above:  # keep label order, as `predict.rank` does
+            flags = {"in_top_k": int(label in top), "above_threshold": int(label in above), "skipped": ""}
+            rows.append({"image": p.image, "rank": r, "label": label, "score": round(score, 6), **flags})
+    return rows
 
 
 @contextlib.contextmanager
@@ -32,12 +86,11 @@ def _output(path: Path | None) -> Iterator[TextIO | None]:
 
 
 def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
-    from qks_pipeline.predict import clean_labels, parse_labels, read_label_file
+    from qks_pipeline.predict import clean_labels
 
     if (labels is None) == (labels_file is None):
         raise click.UsageError("give exactly one of --labels and --labels-file")
-    raw = parse_labels(labels) if labels is not None else read_label_file(labels_file)
-    names, dropped = clean_labels(raw)
+    names, dropped = clean_labels(labels.split(",") if labels is not None else read_label_file(labels_file))
     if dropped:
         click.echo(f"note: duplicate label(s) removed: {', '.join(dict.fromkeys(dropped))}", err=True)
     return names
@@ -49,62 +102,84 @@ def _skip_note(name: str, reason: str) -> None:
     tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)  # above the progress bar, not through it
 
 
-@click.command("predict")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
-              help="A `qks train` (or `qks import-checkpoint`) output directory.")  # fmt: skip
-@click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset".')
-@click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
-@click.option("--templates", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Prompt templates, one a line with '{}' [default: the built-in 85-template pool].")  # fmt: skip
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Labels listed per image.")
-@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help="List every label whose sigmoid score is above this.")  # fmt: skip
-@click.option("--out", default="-", show_default=True, type=NEW_PATH, help="JSONL predictions ('-': stdout).")
-@click.option("--csv", "csv_path", type=NEW_PATH, help="Also write CSV (one row per listed label).")
-@click.option("--html", type=NEW_PATH, help="Also write a self-contained HTML page with thumbnails.")
-@click.option("--all-scores", is_flag=True, help="Add every label's score to each JSONL record.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Processes decoding images (0: the main process).")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")
-@click.option("--amp/--no-amp", default=False, show_default=True, help="float16 autocast (CUDA only).")
-@click.option("--model", help="open_clip model name or config .json [default: the checkpoint's].")
-@click.option("--pretrained", help="CLIP weights file or open_clip tag [default: the checkpoint's].")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Label-embedding cache [default: $QKS_CACHE_DIR/label_embeddings or ~/.cache/qks/...].")  # fmt: skip
-@click.option("--no-label-cache", is_flag=True, help="Do not read or write cached label embeddings.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
-def predict_cmd(images, checkpoint, labels, labels_file, templates, top_k, threshold, out, csv_path, html, all_scores,
-                batch_size, workers, device, amp, model, pretrained, cache_dir, no_label_cache,
-                progress) -> None:  # fmt: skip
-    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out, CSV and HTML optional.
-
-    Each record lists the top-K labels with sigmoid scores and every label above the threshold; an unreadable image
-    is reported on stderr and recorded as skipped, and the others go on.
-    """
-    from qks_pipeline.predict import CSV_FIELDS, Tagger, csv_rows, find_images
-    from qks_pipeline.report import write_html
-
-    names = _labels(labels, labels_file)
-    files = find_images(images)
-    tagger = Tagger.load(checkpoint, device, pretrained, model=model, templates=templates,
-                         cache_dir=False if no_label_cache else (cache_dir or True), amp=amp)  # fmt: skip
+def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_scores: bool, keep: bool):
+    """Stream the predictions into JSONL (and CSV). Returns (the predictions when `keep`, images, skipped)."""
     kept, done, skipped = [], 0, 0
     with _output(out) as jsonl, _output(csv_path) as table:
         writer = csv.DictWriter(table, CSV_FIELDS, lineterminator="\n") if table else None
         if writer:
             writer.writeheader()
-        for p in tagger.iter_predict(files, names, top_k, threshold, batch_size=batch_size, workers=workers,
-                                     progress=progress, on_skip=_skip_note):  # fmt: skip
+        for p in predictions:
             jsonl.write(json.dumps(p.to_json(all_scores), ensure_ascii=False) + "\n")
             if writer:
                 writer.writerows(csv_rows(p))
-            kept += [p] if html else []
+            kept += [p] if keep else []
             done, skipped = done + 1, skipped + (p.skipped is not None)
-    if html:
-        write_html(html, kept, threshold=threshold, subtitle=f"checkpoint {checkpoint}")
-    where = ", ".join("stdout" if str(p) == "-" else str(p) for p in (out, csv_path, html) if p is not None)
+        jsonl.flush()  # a closed pipe (`| head -1`) is found here, not at exit
+    return kept, done, skipped
+
+
+def _quiet_exit_on_broken_pipe() -> None:
+    """The reader of stdout went away (`| head -1`): stop quietly with SIGPIPE's status, as Unix tools do."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+    raise SystemExit(141)
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
+@click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset".')
+@click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
+@click.option(
+    "--templates",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Prompt templates, one a line with '{}' [default: the package's 85-template pool].",
+)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Labels listed per image.")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Score to list above.")
+@click.option("--out", default="-", show_default=True, type=NEW_FILE, help="JSONL predictions ('-': stdout).")
+@click.option("--csv", "csv_path", type=NEW_FILE, help="Also write CSV (one row per listed label).")
+@click.option("--html", type=NEW_FILE, help="Also write a self-contained HTML page with thumbnails.")
+@click.option("--all-scores", is_flag=True, help="Add every label's score to each JSONL record.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Decoding processes.")
+@DEVICE
+@click.option("--amp/--no-amp", default=False, show_default=True, help="float16 autocast of the backbone (CUDA).")
+@click.option("--model", help="open_clip model name or config .json [default: the checkpoint's].")
+@click.option("--pretrained", help="CLIP weights file or open_clip tag [default: the checkpoint's].")
+@click.option(
+    "--max-pixels",
+    default=ExtractConfig.max_pixels,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Larger images are skipped as decompression bombs (extract.max_pixels in stage one).",
+)
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Label-embedding cache directory.")
+@click.option("--no-label-cache", is_flag=True, help="Do not read or write cached label embeddings.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, **o: Any) -> None:
+    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out, CSV and HTML optional.
+
+    Each record lists the top-K labels with sigmoid scores and every label above the threshold; an unreadable image
+    is reported on stderr and recorded as skipped, and the others go on.
+    """
+    from qks_pipeline.predict import Tagger
+    from qks_pipeline.report import write_html
+
+    names, files = _labels(labels, o["labels_file"]), find_images(images)
+    cache = False if o["no_label_cache"] else (o["cache_dir"] or True)
+    how = {k: o[k] for k in ("model", "templates", "amp", "max_pixels")}
+    tagger = Tagger.load(checkpoint, o["device"], o["pretrained"], cache_dir=cache, **how)
+    run = {k: o[k] for k in ("batch_size", "workers", "progress")}
+    predictions = tagger.iter_predict(files, names, o["top_k"], o["threshold"], on_skip=_skip_note, **run)
+    outputs = (o["out"], o["csv_path"], o["html"])
+    try:
+        kept, done, skipped = _write(predictions, *outputs[:2], o["all_scores"], keep=bool(o["html"]))
+    except BrokenPipeError:
+        _quiet_exit_on_broken_pipe()
+    if o["html"]:
+        write_html(o["html"], kept, threshold=o["threshold"], subtitle=f"checkpoint {checkpoint}")
+    where = ", ".join("stdout" if str(p) == "-" else str(p) for p in outputs if p is not None)
     click.echo(f"{done - skipped} image(s) tagged with {len(names)} labels, {skipped} skipped -> {where}", err=True)
     if done == skipped:
         raise QKSError("no image could be read")

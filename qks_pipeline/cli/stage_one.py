@@ -76,12 +76,15 @@ def extract_cmd(
 
     Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE` (see params.yaml).
     """
-    from qks_pipeline.extract import extract
+    from qks_pipeline.distributed import OnCluster
+    from qks_pipeline.extract import InProcess, extract
 
     if split == "test" and any(s.startswith("extract.views=") for s in click.get_current_context().meta["qks.sets"]):
         raise click.BadParameter("augmented views are for the train split only", param_hint="--set extract.views")
     _log_setup()
-    kwargs = dict(device=device, strict=strict, overwrite=overwrite, replace_stale=replace_stale, cluster=cluster)
+    cluster = params.extract.cluster if cluster is None else cluster
+    runner = OnCluster(cluster, device) if cluster else InProcess(device)
+    kwargs = dict(device=device, strict=strict, overwrite=overwrite, replace_stale=replace_stale, runner=runner)
     result = extract(dataset, split, images, out, _backbone(params, model, pretrained), params.extract, **kwargs)
     if result.computed:
         click.echo(
