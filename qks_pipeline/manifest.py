@@ -64,22 +64,21 @@ def check_image_path(image: str) -> str | None:
     return None
 
 
-def check_vocabulary(seen: Sequence[str], unseen: Sequence[str], dataset_dir: Path) -> None:
-    """Each label list non-empty, one line per label, no label twice; no label both seen and unseen."""
-    for name, labels in (("seen.txt", seen), ("unseen.txt", unseen)):
+def check_vocabulary(seen: Sequence[str], unseen: Sequence[str], seen_file: Path, unseen_file: Path) -> None:
+    """Each label list non-empty, one line per label, no label twice; no label both seen and unseen. Errors name
+    `seen_file` or `unseen_file` (a dataset's seen.txt and unseen.txt, or an importer's sources)."""
+    for path, labels in ((seen_file, seen), (unseen_file, unseen)):
         if not labels:
-            raise QKSError("no labels", dataset_dir / name)
+            raise QKSError("no labels", path)
         bad = [label for label in labels if not label or label != label.strip() or {"\n", "\r"} & set(label)]
         if bad:
-            raise QKSError(
-                f"label {bad[0]!r} must be non-empty, one line, without surrounding spaces", dataset_dir / name
-            )
+            raise QKSError(f"label {bad[0]!r} must be non-empty, one line, without surrounding spaces", path)
         twice = sorted(label for label, n in Counter(labels).items() if n > 1)
         if twice:
-            raise QKSError(f"label(s) listed twice: {twice[:5]}", dataset_dir / name)
+            raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
     both = sorted(set(seen) & set(unseen))
     if both:
-        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", dataset_dir / "unseen.txt")
+        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", unseen_file)
 
 
 class Validator:
@@ -256,8 +255,9 @@ def read_templates(path: str | Path) -> list[str]:
 def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
     """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
     dataset_dir = Path(dataset_dir)
-    seen, unseen = read_labels(dataset_dir / "seen.txt"), read_labels(dataset_dir / "unseen.txt")
-    check_vocabulary(seen, unseen, dataset_dir)
+    files = dataset_dir / "seen.txt", dataset_dir / "unseen.txt"
+    seen, unseen = read_labels(files[0]), read_labels(files[1])
+    check_vocabulary(seen, unseen, *files)
     return seen, unseen
 
 
@@ -294,7 +294,7 @@ def write_dataset(
         Per split, the records received; `images - no_positive` of them were written.
     """
     out_dir = Path(out_dir)
-    check_vocabulary(seen, unseen, out_dir)
+    check_vocabulary(seen, unseen, out_dir / "seen.txt", out_dir / "unseen.txt")
     validator, summaries = Validator(list(seen) + list(unseen)), {}
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, iter_aligned_lines, require_file
-from qks_pipeline.manifest import Record, read_labels
+from qks_pipeline.manifest import Record, check_vocabulary, read_labels
 
 LAYOUTS = ("flickr", "path")
 
@@ -74,9 +74,7 @@ def import_hdf5(
     """Write a dataset directory from BiAM/MKT HDF5 label files; `seen_file` in tag-list order, `unseen_file` the 81."""
     assert layout in LAYOUTS, layout
     seen, unseen = read_labels(seen_file), read_labels(unseen_file)
-    both = sorted(set(seen) & set(unseen))
-    if both:
-        raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
+    check_vocabulary(seen, unseen, Path(seen_file), Path(unseen_file))
     splits = {
         "train": h5_records(Path(train_h5), Path(train_names), seen, None, layout),
         "test": h5_records(Path(test_h5), Path(test_names), seen, unseen, layout),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, check_image_path
+from qks_pipeline.manifest import Record, check_image_path, check_vocabulary
 
 NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
 HEADERS = {
@@ -105,9 +105,7 @@ def import_reference_csv(
     assert negatives in NEGATIVES, negatives
     report = ImportReport(Path(out))
     seen, unseen = read_label_file(Path(seen_file), report), read_label_file(Path(unseen_file), report)
-    both = sorted(set(seen) & set(unseen))
-    if both:
-        raise QKSError(f"label(s) also in {seen_file}: {both[:5]}", unseen_file)
+    check_vocabulary(seen, unseen, Path(seen_file), Path(unseen_file))
     vocabulary = set(seen) | set(unseen)
     splits = {
         split: csv_records(Path(csv_file), vocabulary, strip_prefix, split, negatives, report)
