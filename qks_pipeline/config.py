@@ -32,9 +32,11 @@ class ExtractConfig:
     shard_size: int = 1024  # images per Zarr shard (one writer per shard, whole-shard writes)
     precision: str = "fp32"  # fp32 (the reference) | fp16 | bf16 autocast (GPU only)
     views: int = 0  # extra augmented views stored per training image (0 = the clean view only)
+    augment: Literal["reference", "crop_flip"] = "reference"  # how views are drawn (qks_pipeline.augment)
     shuffle: bool = True  # store images in a seeded random order, so contiguous reads are random batches
     seed: int = 0  # seed of the write-time shuffle and of the augmented views
     cluster: str = ""  # "" = this process; local:N or tcp://HOST:PORT = a dask cluster (qks_pipeline.distributed)
+    max_pixels: int = 89_478_485  # larger images are masked as decompression bombs (Pillow's default limit)
 
 
 @dataclass
