@@ -30,7 +30,7 @@ from bench_extract import make_dataset
 from distributed import Client
 
 from qks_pipeline.config import BackboneConfig, ExtractConfig
-from qks_pipeline.distributed import local_cluster
+from qks_pipeline.distributed import OnCluster, local_cluster
 from qks_pipeline.extract import extract
 
 
@@ -64,7 +64,8 @@ def main() -> None:
             nonlocal runs
             runs += 1
             out = Path(tmp) / f"out{runs}.zarr"
-            result = extract(dataset, "train", images, out, backbone, cfg, "cpu", cluster=cluster)
+            runner = OnCluster(cluster, "cpu") if cluster is not None else None
+            result = extract(dataset, "train", images, out, backbone, cfg, "cpu", runner=runner)
             assert result.computed == args.images
             return result.images_per_second
 

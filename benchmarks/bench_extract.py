@@ -79,7 +79,8 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         dataset, images = make_dataset(Path(tmp), args.images, tuple(args.size))
-        model, preprocess, _ = load_backbone(args.model, "none")
+        loaded = load_backbone(args.model, "none")
+        model, preprocess = loaded.model, loaded.preprocess
         tensors = [preprocess(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.jpg"))]
         batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
         cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)

@@ -83,7 +83,8 @@ def end_to_end(s: Session, tokens: torch.Tensor, labels: torch.Tensor, batches: 
     """
     from qks_pipeline.backbone import load_backbone, visual_tokens
 
-    clip, preprocess, _ = load_backbone("ViT-B-16", "none")
+    loaded = load_backbone("ViT-B-16", "none")
+    clip, preprocess = loaded.model, loaded.preprocess
     jpegs = jpeg_bytes(np.random.default_rng(0), batch)
     visual_tokens(clip, torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[:2]]))
     emb_seen, cost = s.emb[: s.num_seen], {"decode": 0.0, "clip": 0.0, "head": 0.0}
