@@ -99,6 +99,14 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+    def __post_init__(self) -> None:
+        """An explicit `model.num_heads` that does not divide the backbone's width is refused here, before any work."""
+        if self.model.num_heads != "auto":
+            from qks_pipeline.backbone import vision_width  # open_clip's model configs only: no weights are loaded
+
+            if width := vision_width(self.backbone.model):
+                self.model.heads(width)
+
 
 T = TypeVar("T")
 
