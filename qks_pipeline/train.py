@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -30,69 +29,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 from tqdm import tqdm
 
-from qks_pipeline.atomic import atomic_write
-from qks_pipeline.cache import Cache, check_fingerprint, open_cache, read_label_embeddings
-from qks_pipeline.config import ModelConfig, Params, TrainConfig
+from qks_pipeline import ddp
+from qks_pipeline.atomic import atomic_write, write_csv
+from qks_pipeline.cache import Cache, Inputs, open_inputs
+from qks_pipeline.checkpoint import BEST, CONFIG, LAST, LOG, STATE, make_config, read_config, save_weights, write_config
+from qks_pipeline.config import Params, TrainConfig
 from qks_pipeline.devices import autocast, resolve_device
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import (
-    SELECTED_ON_TEST,
-    check_label_names,
-    model_scorer,
-    predict,
-    write_csv,
-)
 from qks_pipeline.loader import CacheLoader, open_loader, split_rows
 from qks_pipeline.losses import make_loss
-from qks_pipeline.metrics import evaluate_setting
+from qks_pipeline.metrics import SELECTED_ON_TEST, SELECTION_SCORES, label_counts, selection_score
 from qks_pipeline.model import QKS
+from qks_pipeline.scoring import model_scorer, score_rows
 
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
-RESUMABLE_CHANGES = {"epochs", "early_stop"}  # training params that may change between a run and its resumption
-LOG_FIELDS = ["epoch", "loss", "lr", "val_mAP", "test_zsl_mAP", "score", "time_s", "samples_per_s"]
+RESUMABLE_CHANGES = {"epochs", "early_stop", "nproc"}  # train params that may change between a run and its resumption
+LOG_FIELDS = "epoch loss lr val_mAP test_zsl_mAP test_zsl_f1@3 test_zsl_f1@5 score time_s samples_per_s".split()
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-@dataclass
-class Inputs:
-    train: Cache
-    test: Cache | None
-    label_names: list[str]  # seen then unseen
-    embeddings: torch.Tensor  # (C, E) float32
-    num_seen: int
-    label_embedding: dict[str, Any]  # how the label store was made (normalize, num_templates): predict repeats it
-
-    @property
-    def backbone(self) -> dict[str, Any]:
-        return self.train.fingerprint["backbone"]
-
-
-def open_inputs(train_path: str | Path, labels_path: str | Path, test_path: str | Path | None) -> Inputs:
-    """Open the caches and label embeddings; refuse incomplete caches, other backbones, other label lists."""
-    train = open_cache(train_path)
-    train.require_complete()
-    names, emb, attrs = read_label_embeddings(labels_path)
-    backbone = {"backbone": train.fingerprint["backbone"]}
-    check_fingerprint(labels_path, {"backbone": attrs["fingerprint"]["backbone"]}, backbone,
-                      "label embeddings vs the training cache")  # fmt: skip
-    check_label_names(labels_path, names, train.label_names, "label embeddings vs the training cache")
-    test = None
-    if test_path is not None:
-        test = open_cache(test_path)
-        test.require_complete()
-        check_fingerprint(test_path, {"backbone": test.fingerprint["backbone"]}, backbone,
-                          "test cache vs the training cache")  # fmt: skip
-        check_label_names(test_path, test.label_names, train.label_names, "test cache vs the training cache")
-        if test.num_seen != train.num_seen:
-            raise QKSError(
-                f"test cache has {test.num_seen} seen labels, the training cache {train.num_seen}", test_path
-            )
-    made = {"normalize": bool(attrs.get("normalize", False)), "num_templates": attrs.get("num_templates")}
-    return Inputs(train, test, names, torch.from_numpy(emb), train.num_seen, made)
+def check_validation_labels(cache: Cache, rows: tuple[int, int], num_seen: int) -> None:
+    """Refuse selection 'val' when no seen label of the held-out rows has a positive and a negative (`metrics`)."""
+    pos = neg = 0
+    for start in range(rows[0], rows[1], cache.shard_size):
+        stop = min(start + cache.shard_size, rows[1])
+        p, n = label_counts(cache.labels[start:stop, :num_seen][cache.valid[start:stop]])
+        pos, neg = pos + p, neg + n
+    if not np.any((pos > 0) & (neg > 0)):
+        why = "has both a positive and a negative, so validation mAP is undefined"
+        raise QKSError(f"no seen label of the held-out rows {rows} {why}; selection 'val' cannot choose", cache.path)
 
 
 def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
@@ -104,9 +72,11 @@ def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
         raise QKSError("train.selection is 'test' (the reference protocol): give --test-cache")
     if not 0.0 <= cfg.val_fraction < 1.0 or cfg.epochs < 1 or cfg.batch_size < 1:
         raise QKSError("train.val_fraction must be in [0, 1), train.epochs and train.batch_size at least 1")
-    val_rows = split_rows(inputs.train.num_images, cfg.val_fraction)[1]
+    val_rows = split_rows(inputs.cache.num_images, cfg.val_fraction)[1]
     if cfg.selection == "val" and val_rows[0] == val_rows[1]:
         raise QKSError(f"train.val_fraction {cfg.val_fraction} leaves no validation rows; selection 'val' needs some")
+    if cfg.selection == "val":
+        check_validation_labels(inputs.cache, val_rows, inputs.num_seen)
     if inputs.num_seen == len(inputs.label_names) and cfg.selection == "test":
         raise QKSError("selection 'test' scores unseen labels, and the caches have none")
 
@@ -129,7 +99,9 @@ class Session:
     num_seen: int
     label_names: list[str]
     device: torch.device
-    amp: bool
+    amp: bool  # autocast (train.precision bf16 or fp16, on CUDA)
+    dtype: torch.dtype  # its dtype
+    net: torch.nn.Module  # what training calls: `model`, wrapped in DistributedDataParallel under several ranks
 
 
 def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> tuple[Any, bool]:
@@ -146,46 +118,51 @@ def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: i
 def make_session(params: Params, inputs: Inputs, device: torch.device) -> Session:
     """Model (seeded init, CLIP's projection), optimizer, scheduler, loss and loaders."""
     cfg = params.train
-    train_rows, val_rows = split_rows(inputs.train.num_images, cfg.val_fraction)
+    train_rows, val_rows = split_rows(inputs.cache.num_images, cfg.val_fraction)
     seen = slice(0, inputs.num_seen)
-    loader = open_loader(inputs.train, batch_size=cfg.batch_size, rows=train_rows, columns=seen, seed=cfg.seed)
+    pinned = {"pin_memory": device.type == "cuda", "columns": seen}  # pinned: batches copied with non_blocking
+    loader = open_loader(inputs.cache, batch_size=cfg.batch_size, rows=train_rows, seed=cfg.seed, **pinned)
     if loader.num_samples == 0:
-        raise QKSError("no valid training rows", inputs.train.path)
+        raise QKSError("no valid training rows", inputs.cache.path)
+    eval_batch = params.evaluate.batch_size
     val = None
     if val_rows[1] > val_rows[0]:
-        val = open_loader(inputs.train, batch_size=params.evaluate.batch_size, rows=val_rows, columns=seen,
-                          shuffle=False)  # fmt: skip
-    test = None
-    if cfg.selection == "test":
-        test = open_loader(inputs.test, batch_size=params.evaluate.batch_size, shuffle=False)
+        val = open_loader(inputs.cache, batch_size=eval_batch, rows=val_rows, shuffle=False, **pinned)
+    pin = pinned["pin_memory"]
+    test = open_loader(inputs.test, batch_size=eval_batch, shuffle=False, pin_memory=pin) if cfg.selection == "test" else None
     torch.manual_seed(cfg.seed)
-    model = QKS(params.model, inputs.train.tokens.shape[3], inputs.embeddings.shape[1])
-    model.init_projection(torch.from_numpy(inputs.train.group["visual_proj"][:]))
+    model = QKS(params.model, inputs.cache.tokens.shape[3], inputs.embeddings.shape[1])
+    model.init_projection(torch.from_numpy(inputs.cache.visual_proj[:]))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler, per_step = _make_scheduler(cfg, optimizer, len(loader))
-    amp = cfg.amp and device.type == "cuda"
-    return Session(
-        model, optimizer, scheduler, per_step, torch.amp.GradScaler("cuda", enabled=amp), make_loss(cfg.loss),
-        loader, val, test, inputs.embeddings.to(device), inputs.num_seen, inputs.label_names, device, amp,
-    )  # fmt: skip
+    amp = cfg.precision != "fp32" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16")
+    emb = torch.from_numpy(inputs.embeddings).to(device)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    data = (make_loss(cfg.loss), loader, val, test, emb, inputs.num_seen, inputs.label_names, device, amp, dtype)
+    return Session(model, optimizer, scheduler, per_step, scaler, *data, model)
 
 
 # ------------------------------------------------------------------------------------------------- epoch and score
 def train_step(s: Session, tokens: torch.Tensor, labels: torch.Tensor, emb_seen: torch.Tensor) -> torch.Tensor:
-    """One optimisation step on tokens (B, T, D) and labels (B, C_seen) int8; returns the loss (detached)."""
-    tokens = tokens.to(s.device, non_blocking=True)
-    targets = labels.to(s.device, non_blocking=True)
-    with autocast(s.device, s.amp):
-        logits = s.model(tokens, emb_seen)  # (B, C_seen)
-    loss = s.loss_fn(logits.float(), targets)
+    """One optimisation step on a global batch: tokens (B, T, D), labels (B, C_seen) int8, of which this rank trains on
+    its share (all of it in one process); returns the share's loss times its size (detached)."""
+    n, part = len(labels), ddp.share(len(labels))
+    tokens = tokens[part].to(s.device, non_blocking=True)
+    targets = labels[part].to(s.device, non_blocking=True)
+    with autocast(s.device, s.amp, s.dtype):
+        logits = s.net(tokens, emb_seen)  # (b, C_seen)
+    loss = s.loss_fn(logits, targets) if len(targets) else logits.sum()  # an empty share: 0, with the graph for DDP
     s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
+    # Every loss is a mean over images: weighting the share by b / B x world makes DDP's mean over ranks the gradient of
+    # the whole batch's loss.
+    s.scaler.scale(loss * (len(targets) * ddp.rank_and_world()[1] / n)).backward()
     s.scaler.step(s.optimizer)
     s.scaler.update()
     if s.per_step:
         s.scheduler.step()
-    return loss.detach()
+    return loss.detach() * len(targets)
 
 
 def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, float]:
@@ -193,35 +170,30 @@ def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, 
     s.model.train()
     emb_seen = s.emb[: s.num_seen]  # (C_seen, E): training scores seen labels only
     total, count, start = torch.zeros((), device=s.device), 0, time.perf_counter()
-    bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar,
-               leave=False, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar)
     for batch in s.train_loader.epoch(epoch):
-        loss = train_step(s, batch.tokens, batch.labels, emb_seen)
-        total += loss * len(batch.rows)
+        total += train_step(s, batch.tokens, batch.labels, emb_seen)
         count += len(batch.rows)
         bar.update(len(batch.rows))
     bar.close()
     seconds = time.perf_counter() - start
-    return {"loss": float(total) / count, "time_s": seconds, "samples_per_s": count / seconds}
+    return {"loss": float(ddp.total(total)) / count, "time_s": seconds, "samples_per_s": count / seconds}
 
 
 def score_epoch(s: Session) -> dict[str, float]:
-    """Validation mAP over the seen labels (held-out rows), and the test ZSL mAP when selecting on the test set."""
+    """`metrics.selection_score` (float32) on the held-out rows and, with selection 'test', on the test set (whose
+    `score` then counts)."""
     out = {}
     if s.val_loader is not None:
-        emb_seen = s.emb[: s.num_seen]
-        pred = predict(model_scorer(s.model, emb_seen, s.device, s.amp), s.val_loader, s.device)
-        names = s.label_names[: s.num_seen]
-        out["val_mAP"] = evaluate_setting(pred.scores, pred.labels, names, np.arange(s.num_seen), [])["mAP"]
+        pred = score_rows(model_scorer(s.model, s.emb[: s.num_seen]), s.val_loader, s.device)
+        out = selection_score(pred.scores, pred.labels, s.num_seen, "val")
     if s.test_loader is not None:
-        pred = predict(model_scorer(s.model, s.emb, s.device, s.amp), s.test_loader, s.device)
-        unseen = np.arange(s.num_seen, len(s.label_names))
-        out["test_zsl_mAP"] = evaluate_setting(pred.scores, pred.labels, s.label_names, unseen, [])["mAP"]
+        pred = score_rows(model_scorer(s.model, s.emb), s.test_loader, s.device)
+        out |= selection_score(pred.scores, pred.labels, s.num_seen, "test")
     return out
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-BEST, LAST, STATE, LOG, CONFIG = "best.safetensors", "last.safetensors", "last_state.pt", "train_log.csv", "config.json"
 
 
 @dataclass
@@ -232,11 +204,6 @@ class Progress:
     since_best: int = 0  # epochs since the best score
     stopped_early: bool = False
     log: list[dict[str, Any]] = field(default_factory=list)  # one row per completed epoch
-
-
-def save_weights(model: QKS, path: Path) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, safetensors.torch.save(tensors))
 
 
 def save_state(s: Session, progress: Progress, path: Path) -> None:
@@ -270,25 +237,14 @@ def load_state(s: Session, path: Path) -> Progress:
     return Progress(**state["progress"])
 
 
-def run_config(params: Params, inputs: Inputs) -> dict[str, Any]:
-    """config.json: what `qks evaluate` needs to rebuild the model and check its inputs, and how it was trained."""
-    t, d = inputs.train.tokens.shape[2:]
+def run_config(params: Params, inputs: Inputs, model: QKS) -> dict[str, Any]:
+    """config.json (`checkpoint.make_config`): what rebuilds the model and checks its inputs, and how it was trained."""
     test = params.train.selection == "test"
-    return {
-        "model": asdict(params.model),
-        "token_dim": d,
-        "num_tokens": t,
-        "embed_dim": int(inputs.embeddings.shape[1]),
-        "fingerprint": inputs.backbone,
-        "label_names": inputs.label_names,
-        "num_seen": inputs.num_seen,
-        "label_embedding": inputs.label_embedding,
-        "train": asdict(params.train),
-        "selection": params.train.selection,
-        "selection_note": SELECTED_ON_TEST if test else "held-out tail of the training store (train.val_fraction)",
-        "train_cache": str(inputs.train.path),
-        "best": None,
-    }
+    note = (f"{SELECTED_ON_TEST}; " if test else "") + f"selection score: {SELECTION_SCORES[params.train.selection]}"
+    labels = {"label_names": inputs.label_names, "num_seen": inputs.num_seen, "label_embedding": inputs.label_embedding}
+    run = {"train": asdict(params.train), "train_cache": str(inputs.cache.path), **labels}
+    fixed = (model, inputs.cache.tokens.shape[2], inputs.backbone, inputs.backbone_source)
+    return make_config(*fixed, selection=params.train.selection, selection_note=note, **run)
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
@@ -305,19 +261,24 @@ def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> Non
 
 
 def _start(s: Session, out: Path, config: dict[str, Any], cfg: TrainConfig, resume: bool, echo: Callable) -> Progress:
-    """Resume from DIR/last_state.pt when asked and present; otherwise start afresh (removing an older run's files)."""
-    if resume and (out / STATE).exists() and (out / CONFIG).exists():
-        old = json.loads((out / CONFIG).read_text())
-        _check_resumable(old, config, out)
-        config["best"] = old.get("best")
-        progress = load_state(s, out / STATE)
-        progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
-        echo(f"resuming {out} after epoch {progress.epoch} (best score {progress.best_score:.4f})")
-    else:
-        for name in (BEST, LAST, STATE, LOG):
-            (out / name).unlink(missing_ok=True)
-        progress = Progress()
-    atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
+    """Resume from DIR/last_state.pt when asked and present, on every rank; otherwise start afresh (rank 0 removes an
+    older run's files first)."""
+    found = ddp.from_rank0(resume and (out / STATE).exists() and (out / CONFIG).exists())
+    if ddp.rank_and_world()[0] == 0:
+        if found:
+            old = read_config(out)
+            _check_resumable(old, config, out)
+            config["best"] = old.get("best")
+        else:
+            for name in (BEST, LAST, STATE, LOG):
+                (out / name).unlink(missing_ok=True)
+        write_config(out, config)
+    ddp.barrier()
+    if not found:
+        return Progress()
+    progress = load_state(s, out / STATE)
+    progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
+    echo(f"resuming {out} after epoch {progress.epoch} (best score {progress.best_score:.4f})")
     return progress
 
 
@@ -329,40 +290,61 @@ def _save_epoch(s: Session, progress: Progress, out: Path, config: dict[str, Any
             "score": progress.best_score,
             "metric": progress.log[-1]["metric"],
         }
-        atomic_write(out / CONFIG, json.dumps(config, indent=2) + "\n")
+        write_config(out, config)
     save_weights(s.model, out / LAST)
     write_csv(out / LOG, [{k: row.get(k, "") for k in LOG_FIELDS} for row in progress.log], LOG_FIELDS)
     save_state(s, progress, out / STATE)  # the resume point, last: a run killed before it replays the whole epoch
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
-def run_epochs(s: Session, cfg: TrainConfig, progress: Progress, out: Path, config: dict[str, Any],
-               echo: Callable[[str], None], progress_bar: bool, on_epoch_end: Callable | None) -> Progress:  # fmt: skip
-    """Train, score, step the plateau scheduler, keep the best, checkpoint, log; until epochs or patience run out."""
-    metric = "test_zsl_mAP" if cfg.selection == "test" else "val_mAP"
+SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}  # what score_epoch's "score" is, per train.selection
+
+
+def next_epoch(s: Session, cfg: TrainConfig, progress: Progress, progress_bar: bool) -> tuple[bool, dict[str, float]]:
+    """Train an epoch, score it (rank 0), step the plateau scheduler on the score, update `progress`; returns whether
+    it is the best so far, and the validation figures."""
+    lr = s.optimizer.param_groups[0]["lr"]
+    stats = train_epoch(s, progress.epoch, progress_bar)
+    scores = ddp.from_rank0(score_epoch(s) if ddp.rank_and_world()[0] == 0 else None)
+    score = scores.pop("score")
+    score = -math.inf if math.isnan(score) else score
+    if s.scheduler is not None and not s.per_step:
+        s.scheduler.step(score)
+    progress.epoch += 1
+    improved = score > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch, progress.since_best = score, progress.epoch, 0
+    else:
+        progress.since_best += 1
+    progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
+    metric = SELECTION[cfg.selection]
+    progress.log.append({"epoch": progress.epoch, "lr": lr, **stats, **scores, "score": score, "metric": metric})
+    return improved, scores
+
+
+def run_epochs(
+    s: Session,
+    cfg: TrainConfig,
+    progress: Progress,
+    out: Path,
+    config: dict[str, Any],
+    echo: Callable[[str], None],
+    progress_bar: bool,
+    on_epoch_end: Callable | None,
+) -> Progress:
+    """Epochs until `train.epochs` or early stopping; rank 0 checkpoints and logs each."""
     while progress.epoch < cfg.epochs and not progress.stopped_early:
-        lr = s.optimizer.param_groups[0]["lr"]
-        stats = train_epoch(s, progress.epoch, progress_bar)
-        scores = score_epoch(s)
-        score = scores[metric] if not math.isnan(scores[metric]) else -math.inf
-        if s.scheduler is not None and not s.per_step:
-            s.scheduler.step(score)
-        progress.epoch += 1
-        improved = score > progress.best_score
-        if improved:
-            progress.best_score, progress.best_epoch, progress.since_best = score, progress.epoch, 0
-        else:
-            progress.since_best += 1
-        progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
-        progress.log.append({"epoch": progress.epoch, "lr": lr, **stats, **scores, "score": score, "metric": metric})
-        _save_epoch(s, progress, out, config, improved)
+        improved, scores = next_epoch(s, cfg, progress, progress_bar)
+        if ddp.rank_and_world()[0] == 0:
+            _save_epoch(s, progress, out, config, improved)
+        row = progress.log[-1]
         shown = " ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
-        echo(f"epoch {progress.epoch}/{cfg.epochs}: loss {stats['loss']:.4f} lr {lr:.2e} {shown} "
-             f"{stats['samples_per_s']:.0f} img/s{' *best*' if improved else ''}")  # fmt: skip
+        speed = f"{row['samples_per_s']:.0f} img/s{' *best*' if improved else ''}"
+        echo(f"epoch {progress.epoch}/{cfg.epochs}: loss {row['loss']:.4f} lr {row['lr']:.2e} {shown} {speed}")
         if on_epoch_end is not None:
             on_epoch_end(progress.epoch)
     if progress.stopped_early:
-        echo(f"early stop: no improvement of {metric} in {cfg.early_stop} epochs")
+        echo(f"early stop: no improvement of {SELECTION[cfg.selection]} in {cfg.early_stop} epochs")
     return progress
 
 
@@ -387,25 +369,37 @@ def train(
     device: str = "auto",
     resume: bool = True,
     progress_bar: bool = True,
+    any_split: bool = False,
     echo: Callable[[str], None] = print,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> Progress:
-    """Train from the caches into `out` (see the module docstring); `on_epoch_end(epoch)` runs after each checkpoint."""
+    """Train from the caches into `out` (see the module docstring); `on_epoch_end(epoch)` runs after each checkpoint.
+
+    With `train.nproc` N > 1, starts N ranks (qks_pipeline/ddp.py) that run this function; returns rank 0's result.
+    """
+    args = dict(locals())
     params = params or Params()
-    inputs = open_inputs(train_path, labels_path, test_path)
+    inputs = open_inputs(train_path, labels_path, test_path, role="train", any_split=any_split)
     check_train_config(params.train, inputs)
     dev = resolve_device(device)
-    out = Path(out)
+    rank, world = ddp.rank_and_world()
+    ranks = world if world > 1 else params.train.nproc
+    if params.train.batch_size % ranks:
+        raise QKSError(f"train.batch_size {params.train.batch_size} is not divisible by the {ranks} processes")
+    if ranks > world:
+        return ddp.launch(ranks, train, args | {"params": params})
+    echo, out = (echo if rank == 0 else lambda _: None), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = run_config(params, inputs)
     with deterministic(dev.type == "cpu"):
-        s = make_session(params, inputs, dev)
+        s = make_session(params, inputs, ddp.setup(dev))
+        config = run_config(params, inputs, s.model)
         progress = _start(s, out, config, params.train, resume, echo)
+        s.net = ddp.wrap(s.model, s.device)
         _announce(s, params, echo)
-        progress = run_epochs(s, params.train, progress, out, config, echo, progress_bar, on_epoch_end)
+        progress = run_epochs(s, params.train, progress, out, config, echo, progress_bar and rank == 0, on_epoch_end)
     if progress.best_epoch:
-        echo(f"best checkpoint: {out / BEST} (epoch {progress.best_epoch}, "
-             f"{progress.log[progress.best_epoch - 1]['metric']} {100 * progress.best_score:.2f}%)")  # fmt: skip
+        best = progress.log[progress.best_epoch - 1]["metric"]
+        echo(f"best checkpoint: {out / BEST} (epoch {progress.best_epoch}, {best} {100 * progress.best_score:.2f}%)")
     if params.train.selection == "test":
         echo(f"WARNING: {SELECTED_ON_TEST}")
     return progress
@@ -413,57 +407,13 @@ def train(
 
 def _announce(s: Session, params: Params, echo: Callable[[str], None]) -> None:
     val = s.val_loader.num_samples if s.val_loader is not None else 0
-    echo(f"training on {s.train_loader.num_samples} images ({val} held out for validation), "
-         f"{len(s.train_loader)} batches/epoch, device {s.device}{', AMP' if s.amp else ''}; "
-         f"loader memory bound {s.train_loader.memory_bound_bytes / 2**20:.0f} MiB")  # fmt: skip
+    world = ddp.rank_and_world()[1]
+    ranks = f"{world} ranks x {params.train.batch_size // world}" if world > 1 else f"batch {params.train.batch_size}"
+    precision = params.train.precision if s.amp else "fp32"
+    echo(
+        f"training on {s.train_loader.num_samples} images ({val} held out for validation), {len(s.train_loader)} "
+        f"batches/epoch ({ranks}), device {s.device}, {precision}; "
+        f"loader memory bound {s.train_loader.memory_bound_bytes / 2**20:.0f} MiB"
+    )
     if params.train.selection == "test":
         echo(f"WARNING: {SELECTED_ON_TEST}")
-
-
-REFERENCE_MODEL = "ViT-B-16-quickgelu"  # OpenAI's CLIP weights need QuickGELU, which a weights file cannot record
-
-
-def import_checkpoint(
-    path: str | Path,
-    out: str | Path,
-    *,
-    model: str = REFERENCE_MODEL,
-    num_heads: int = 12,
-    trust_pickle: bool = False,
-    echo: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    """Turn an authors' checkpoint into a `qks evaluate`-able directory: best.safetensors, config.json, CLIP weights.
-
-    The CLIP part is exported to `out/clip_weights.pt`; the fingerprint in config.json is what stage one records when
-    extracting with `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
-    """
-    from qks_pipeline.backbone import backbone_fingerprint, load_backbone, token_shape  # stage one: CLIP needed here
-    from qks_pipeline.reference import export_clip_weights, load_reference_checkpoint
-
-    out = Path(out)
-    qks_state, clip_state, fields = load_reference_checkpoint(path, trust_pickle)
-    if not clip_state:
-        raise QKSError("the checkpoint has no clip_model.* weights, so its backbone cannot be identified", path)
-    token_dim, embed_dim = qks_state["proj"].shape
-    cfg = ModelConfig(num_heads=num_heads, **fields)
-    if token_dim % num_heads:
-        raise QKSError(f"width {token_dim} is not divisible by {num_heads} heads (--num-heads)", path)
-    head = QKS(cfg, token_dim, embed_dim)
-    head.load_state_dict(qks_state, strict=True)
-    out.mkdir(parents=True, exist_ok=True)
-    clip_path = out / "clip_weights.pt"
-    export_clip_weights(clip_state, clip_path)
-    clip, _, _ = load_backbone(model, str(clip_path))
-    fingerprint = backbone_fingerprint(clip, model, str(clip_path))
-    save_weights(head, out / "best.safetensors")
-    config = {
-        "model": asdict(cfg), "token_dim": token_dim, "num_tokens": token_shape(clip)[0],
-        "embed_dim": embed_dim, "fingerprint": json.loads(json.dumps(fingerprint)), "label_names": None,
-        "num_seen": None, "train": None, "selection": "test",
-        "selection_note": "reference checkpoint: its authors selected it on the test set", "source": str(path),
-    }  # fmt: skip
-    atomic_write(out / "config.json", json.dumps(config, indent=2) + "\n")
-    echo(f"{out}: Q-Former ({fields['num_queries']} queries, {fields['num_layers']} layers, {num_heads} heads, "
-         f"{token_dim}->{embed_dim}) -> best.safetensors; CLIP -> {clip_path.name}; config.json")  # fmt: skip
-    echo(f"extract caches with: --model {model} --pretrained {clip_path}  (other caches are refused as stale)")
-    return config

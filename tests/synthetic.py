@@ -36,14 +36,16 @@ def _label_matrix(rng: np.random.Generator, n: int, c: int, max_pos: int, unknow
     return labels
 
 
-def _tokens(rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, views: int, t: int, noise: float):
-    """(n, V, T, D) tokens: each positive label's pattern in 2 random patch tokens (1.0) and in CLS (0.3)."""
+def _tokens(
+    rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, views: int, t: int, noise: float, cls: float
+) -> np.ndarray:
+    """(n, V, T, D) tokens: each positive label's pattern in 2 random patch tokens (1.0) and in CLS (`cls`)."""
     n, d = labels.shape[0], patterns.shape[1]
     out = rng.standard_normal((n, views, t, d), dtype=np.float32) * noise
     for i in range(n):
         pos = np.flatnonzero(labels[i] == 1)
         for v in range(views):
-            out[i, v, 0] += 0.3 * patterns[pos].sum(0)
+            out[i, v, 0] += cls * patterns[pos].sum(0)
             for c in pos:
                 out[i, v, rng.choice(np.arange(1, t), size=2, replace=False)] += patterns[c]
     return out
@@ -51,14 +53,14 @@ def _tokens(rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, 
 
 def _write_store(path: Path, rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, proj: np.ndarray,
                  names: list[str], num_seen: int, views: int, t: int, shard_size: int, noise: float,
-                 invalid: tuple[int, ...], backbone: dict) -> None:  # fmt: skip
+                 invalid: tuple[int, ...], backbone: dict, cls_weight: float) -> None:  # fmt: skip
     n = labels.shape[0]
     cache = create_cache(
-        path, fingerprint=make_fingerprint(backbone, {"synthetic": path.name}), token_shape=(t, proj.shape[0]),
+        path, fingerprint=make_fingerprint(backbone, {"split": path.stem}), token_shape=(t, proj.shape[0]),
         num_views=views, shard_size=shard_size, label_names=names, num_seen=num_seen, labels=labels,
         paths=[f"img{i:05d}.jpg" for i in range(n)], manifest_index=np.arange(n), visual_proj=proj,
     )  # fmt: skip
-    tokens = _tokens(rng, labels, patterns, views, t, noise)
+    tokens = _tokens(rng, labels, patterns, views, t, noise, cls_weight)
     valid = np.ones(n, dtype=bool)
     valid[list(invalid)] = False
     tokens[~valid] = 0.0  # an unreadable image has no tokens
@@ -81,6 +83,7 @@ def make_synthetic(
     views: int = 1,
     shard_size: int = 64,
     noise: float = 0.5,
+    cls_weight: float = 0.3,
     invalid_train: tuple[int, ...] = (),
     backbone: dict | None = None,
     seed: int = 0,
@@ -100,6 +103,8 @@ def make_synthetic(
     for path, n, invalid in ((data.train, num_train, invalid_train), (data.test, num_test, ())):
         labels = _label_matrix(rng, n, c, max_pos=3, unknown=0.05)
         _write_store(path, rng, labels, patterns, proj, names, num_seen, views, num_tokens, shard_size, noise,
-                     invalid, backbone)  # fmt: skip
-    write_label_embeddings(data.labels, names, emb, make_fingerprint(backbone), num_seen=num_seen)
+                     invalid, backbone, cls_weight)  # fmt: skip
+    clip = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # the CLIP baseline's labels: here the same, normalised
+    fingerprint = make_fingerprint(backbone)
+    write_label_embeddings(data.labels, names, emb, fingerprint, clip, clip_template="{}", num_seen=num_seen)
     return data
