@@ -120,16 +120,15 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     cfg = params.train
     train_rows, val_rows = split_rows(inputs.cache.num_images, cfg.val_fraction)
     seen = slice(0, inputs.num_seen)
-    pinned = {"pin_memory": device.type == "cuda", "columns": seen}  # pinned: batches copied with non_blocking
-    loader = open_loader(inputs.cache, batch_size=cfg.batch_size, rows=train_rows, seed=cfg.seed, **pinned)
+    pin = {"pin_memory": device.type == "cuda"}  # batches assembled in pinned memory, copied with non_blocking
+    loader = open_loader(inputs.cache, batch_size=cfg.batch_size, rows=train_rows, columns=seen, seed=cfg.seed, **pin)
     if loader.num_samples == 0:
         raise QKSError("no valid training rows", inputs.cache.path)
     eval_batch = params.evaluate.batch_size
     val = None
     if val_rows[1] > val_rows[0]:
-        val = open_loader(inputs.cache, batch_size=eval_batch, rows=val_rows, shuffle=False, **pinned)
-    pin = pinned["pin_memory"]
-    test = open_loader(inputs.test, batch_size=eval_batch, shuffle=False, pin_memory=pin) if cfg.selection == "test" else None
+        val = open_loader(inputs.cache, batch_size=eval_batch, rows=val_rows, columns=seen, shuffle=False, **pin)
+    test = open_loader(inputs.test, batch_size=eval_batch, shuffle=False, **pin) if cfg.selection == "test" else None
     torch.manual_seed(cfg.seed)
     model = QKS(params.model, inputs.cache.tokens.shape[3], inputs.embeddings.shape[1])
     model.init_projection(torch.from_numpy(inputs.cache.visual_proj[:]))
