@@ -4,7 +4,8 @@ Layout of `<split>.zarr` (a Zarr v3 group):
 
     tokens        float16 (N, V, T, D)  visual tokens after ln_post, before the projection; V = 1 + augmented views,
                                         view 0 is the clean (center-crop) view. Sharded: shard (S, V, T, D), inner
-                                        chunk (1, 1, T, D), uncompressed (DESIGN.md section 3).
+                                        chunk (1, 1, T, D), uncompressed, each followed by its crc32c from format
+                                        version 2 on (docs/design.md section 2; the byte layout: `qks_pipeline.shards`)
     valid         bool    (N,)          the image decoded and its tokens are real; chunk S (one writer per shard)
     labels        int8    (N, C)        +1 positive, -1 verified negative, 0 unknown, over `attrs.labels`
     paths         str     (N,)          image path relative to the image root, in store order
@@ -34,10 +35,13 @@ import numpy as np
 import zarr
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.shards import Reader, open_reader
 from qks_pipeline.storage import Location
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a crc32c per inner token chunk; 1 (still read): none
+READ_VERSIONS = (1, 2)
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file-size limit: a user error
+VERIFY_ROWS = 64  # rows read at a time by `verify_cache`
 ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
 
 
@@ -164,7 +168,7 @@ class Cache:
         record = {"shard": shard, "rows": [rows.start, rows.stop], "skipped": skipped}
         try:
             self.tokens[rows] = tokens.astype(np.float16, copy=False)
-            self.group["valid"][rows] = valid
+            self.valid[rows] = valid
             self.location.write_text(_marker(shard), json.dumps(record))
         except OSError as e:  # the shard stays not done: a rerun redoes it
             if e.errno not in NO_SPACE:
@@ -220,10 +224,9 @@ def create_cache(
     shard = min(shard_size, max(n, 1))
     try:
         group = tmp.open_group("w")
-        group.create_array(
-            "tokens", shape=(n, num_views, t, d), dtype="float16", chunks=(1, 1, t, d),
-            shards=(shard, num_views, t, d), compressors=None, fill_value=0,
-        )  # fmt: skip
+        shape, shards = (n, num_views, t, d), (shard, num_views, t, d)
+        crc = [zarr.codecs.Crc32cCodec()]  # after `bytes`: each inner chunk is its raw bytes then their crc32c
+        group.create_array("tokens", shape=shape, dtype="float16", chunks=(1, 1, t, d), shards=shards, compressors=crc)
         group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
         label_array = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
         for start in range(0, n, shard):
@@ -235,8 +238,8 @@ def create_cache(
         group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
         proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
         proj[:] = visual_proj
-        group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), "num_seen": int(num_seen),
-                            "shard_size": shard})  # fmt: skip
+        attrs = dict(fingerprint=fingerprint, labels=list(label_names), num_seen=int(num_seen), shard_size=shard)
+        group.attrs.update(attrs)
         tmp.makedirs("done")
         location.replace_with(tmp)
     except BaseException as e:  # a full disk, a bad label, an interrupt: leave nothing half-built taking the space
@@ -258,39 +261,127 @@ def open_cache(path: str | Path, mode: str = "r") -> Cache:
         version = group.attrs["fingerprint"]["format_version"]
     except (KeyError, TypeError, ValueError) as e:
         raise QKSError(f"not a qks feature cache ({e})", path) from None
-    if version != FORMAT_VERSION:
-        raise QKSError(f"cache format version {version}, this qks reads version {FORMAT_VERSION}; rebuild it", path)
+    if version not in READ_VERSIONS:
+        raise QKSError(f"cache format version {version}, this qks reads versions {READ_VERSIONS}; rebuild it", path)
     missing = [name for name in ARRAYS if name not in group]
     if missing:
         raise QKSError(f"damaged feature cache: no {', '.join(missing)} array; rebuild it (--overwrite)", path)
     return Cache(path, group)
 
 
+# ------------------------------------------------------------------------- the label store, and stage two's inputs
+CLIP_EMBEDDINGS = "clip_embeddings"  # (C, E) the CLIP baseline's labels: one template, L2-normalised
+LABEL_EMBEDDING = ("normalize", "num_templates", "templates_sha256")  # how the labels were embedded: must match
+
+
 def write_label_embeddings(
-    path: str | Path, label_names: list[str], embeddings: np.ndarray, fingerprint: dict[str, Any], **attrs: Any
+    path: str | Path,
+    label_names: list[str],
+    embeddings: np.ndarray,
+    fingerprint: dict[str, Any],
+    clip_embeddings: np.ndarray | None = None,
+    **attrs: Any,
 ) -> None:
-    """Store label embeddings (C, E) float32 with their label list and backbone fingerprint; built under a temporary
-    name and put in place (`Location.replace_with`)."""
+    """Store label embeddings (C, E) float32 (and the CLIP baseline's, when given) with their label list and backbone
+    fingerprint; built under a temporary name and put in place (`Location.replace_with`)."""
     assert embeddings.shape[0] == len(label_names)
     location = Location.of(path)
     tmp = location.sibling(".creating")
     tmp.remove()
     group = tmp.open_group("w")
-    group.create_array("embeddings", shape=embeddings.shape, dtype="float32", chunks=embeddings.shape)[:] = embeddings
+    arrays = {"embeddings": embeddings} | ({CLIP_EMBEDDINGS: clip_embeddings} if clip_embeddings is not None else {})
+    for name, a in arrays.items():
+        group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
     group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
     location.replace_with(tmp)
 
 
-def read_label_embeddings(path: str | Path) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Return (label names, embeddings (C, E) float32, attributes incl. `fingerprint`)."""
+def read_label_embeddings(path: str | Path, array: str = "embeddings") -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Return (label names, `array` (C, E) float32, attributes incl. `fingerprint`)."""
     location = Location.of(path)
     if not location.exists("zarr.json"):
         raise QKSError("no label embeddings here (run `qks embed-labels` first)", location.url)
     group = location.open_group("r")
     attrs = dict(group.attrs)
-    if attrs.get("fingerprint", {}).get("format_version") != FORMAT_VERSION:
+    if attrs.get("fingerprint", {}).get("format_version") not in READ_VERSIONS:
         raise QKSError("label embeddings of another format version; rebuild them", location.url)
-    return list(attrs["labels"]), group["embeddings"][:], attrs
+    if array not in group:
+        raise QKSError(f"the label store has no {array} (an older `qks embed-labels` made it); rerun it", location.url)
+    return list(attrs["labels"]), group[array][:], attrs
+
+
+def check_label_names(path: str | Path, found: list[str], expected: list[str], what: str) -> None:
+    """Refuse a label list that is not the expected one, naming the first difference."""
+    if found == expected:
+        return
+    pairs = zip(found, expected, strict=False)
+    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(found), len(expected)))
+    a, b = (names[i] if i < len(names) else "<end>" for names in (found, expected))
+    raise QKSError(f"{what}: label {i} is {a!r}, {b!r} expected ({len(found)} labels vs {len(expected)})", path)
+
+
+def check_label_embedding(path: str | Path, found: dict[str, Any], expected: dict[str, Any] | None) -> None:
+    """Refuse labels embedded otherwise (template pool count and sha256, normalisation) than a checkpoint's labels
+    (`expected`: its config's `label_embedding`; None or a missing key: not recorded, not checked)."""
+    keys = [k for k in LABEL_EMBEDDING if (expected or {}).get(k) is not None and found.get(k) != expected[k]]
+    if keys:
+        diffs = ", ".join(f"{k} {found.get(k)!r} vs {expected[k]!r}" for k in keys)
+        raise QKSError(f"labels embedded otherwise than the checkpoint's ({diffs}); embed them with its pool", path)
+
+
+@dataclass
+class Inputs:
+    """What a stage-two run reads, checked against each other: a feature store and the label store (and, for training
+    with `selection: test`, the test store)."""
+
+    cache: Cache  # the training store (train) or the test store (evaluate)
+    test: Cache | None
+    label_names: list[str]  # seen then unseen
+    embeddings: np.ndarray  # (C, E) float32
+    num_seen: int
+    label_embedding: dict[str, Any]  # how the labels were embedded (`LABEL_EMBEDDING`): predict repeats it
+    backbone_source: dict[str, str] | None  # the backbone's files, as embed-labels recorded them
+
+    @property
+    def backbone(self) -> dict[str, Any]:
+        return self.cache.fingerprint["backbone"]
+
+
+def check_split(cache: Cache, role: str, any_split: bool) -> None:
+    """Refuse to train on a test store or to evaluate on a training store (the split stage one recorded)."""
+    split = cache.fingerprint.get("data", {}).get("split")
+    if any_split or split != {"train": "test", "test": "train"}[role]:
+        return
+    why = "training on it leaks the test set" if role == "train" else "evaluating on it scores training images"
+    raise QKSError(f"a {split} store (its fingerprint says split {split!r}): {why}; --any-split overrides", cache.path)
+
+
+def open_inputs(
+    path: str | Path,
+    labels_path: str | Path,
+    test_path: str | Path | None = None,
+    *,
+    role: str = "train",
+    any_split: bool = False,
+) -> Inputs:
+    """Open the store `path` (role `train` or `test`), the label store and the optional test store; refuse incomplete
+    stores, the wrong split, other backbones, other label lists."""
+    stores = [open_cache(p) for p in (path, test_path) if p is not None]
+    for store, r in zip(stores, (role, "test"), strict=False):
+        store.require_complete()
+        check_split(store, r, any_split)
+    cache, backbone = stores[0], {"backbone": stores[0].fingerprint["backbone"]}
+    names, emb, attrs = read_label_embeddings(labels_path)
+    check_fingerprint(labels_path, {"backbone": attrs["fingerprint"]["backbone"]}, backbone, f"label store vs {path}")
+    check_label_names(labels_path, names, cache.label_names, f"label store vs {path}")
+    for test in stores[1:]:
+        check_fingerprint(test_path, {"backbone": test.fingerprint["backbone"]}, backbone, "test vs training store")
+        check_label_names(test_path, test.label_names, cache.label_names, "test vs training store")
+        if test.num_seen != cache.num_seen:
+            raise QKSError(f"{test.num_seen} seen labels, the training store {cache.num_seen}", test_path)
+    made = {k: attrs.get(k) for k in LABEL_EMBEDDING} | {"normalize": bool(attrs.get("normalize", False))}
+    test = stores[1] if test_path is not None else None
+    return Inputs(cache, test, names, emb, cache.num_seen, made, attrs.get("backbone_source"))
 
 
 def size_on_disk(path: str | Path) -> int:
@@ -317,37 +408,43 @@ def cache_summary(cache: Cache) -> dict[str, Any]:
     }
 
 
-def _verify_shard(cache: Cache, shard: int, paths: np.ndarray) -> list[str]:
+def _verify_shard(cache: Cache, reader: Reader, shard: int, paths: np.ndarray) -> list[str]:
     rows = cache.shard_rows(shard)
     record = cache.done_record(shard)
     if record.get("rows") != [rows.start, rows.stop]:
         return [f"shard {shard}: marker rows {record.get('rows')} != {[rows.start, rows.stop]}"]
-    try:
-        tokens = cache.tokens[rows]  # (S, V, T, D)
-        valid = cache.valid[rows]
-    except Exception as e:  # a damaged shard file surfaces as any of zarr's/numcodecs' errors
-        return [f"shard {shard}: unreadable ({type(e).__name__}: {e})"]
-    problems = []
+    valid, problems = cache.valid[rows], []
     skipped = {s["path"] for s in record["skipped"]}
     invalid = set(paths[rows][~valid].tolist())
     if invalid != skipped:
         problems.append(f"shard {shard}: {len(invalid)} rows not valid but {len(skipped)} images recorded as skipped")
-    nonzero = np.abs(tokens).reshape(len(valid), -1).max(axis=1) > 0  # (S,)
-    for i in np.flatnonzero(valid & ~nonzero):
-        problems.append(f"shard {shard}: row {rows.start + i} ({paths[rows.start + i]}) is valid but all zero")
-    if not np.isfinite(tokens[valid]).all():
-        problems.append(f"shard {shard}: non-finite tokens")
+    v, sample = cache.num_views, cache.tokens.shape[2:]
+    for start in range(rows.start, rows.stop, VERIFY_ROWS):  # a piece at a time: a shard can be GBs
+        n = min(VERIFY_ROWS, rows.stop - start)
+        tokens = np.empty((n * v, *sample), np.float16)  # (n x V, T, D)
+        try:
+            reader.read(np.repeat(np.arange(start, start + n), v), np.tile(np.arange(v), n), tokens)
+        except QKSError as e:
+            return [*problems, f"shard {shard}: {e}"]
+        except Exception as e:  # a damaged shard surfaces as any of zarr's, TensorStore's or numcodecs' errors
+            return [*problems, f"shard {shard}: unreadable ({type(e).__name__}: {e})"]
+        tokens, ok = tokens.reshape(n, -1), valid[start - rows.start : start - rows.start + n]  # (n, V x T x D)
+        for i in start + np.flatnonzero(ok & ~tokens.any(axis=1)):
+            problems.append(f"shard {shard}: row {i} ({paths[i]}) is valid but all zero")
+        if not np.isfinite(tokens[ok]).all():
+            problems.append(f"shard {shard}: non-finite tokens in rows {start}-{start + n - 1}")
     return problems
 
 
 def verify_cache(cache: Cache) -> list[str]:
-    """Every problem found: missing or inconsistent done markers, unreadable shards, valid/skipped mismatches."""
+    """Every problem found: missing or inconsistent done markers, damaged shard files (every chunk's checksum, from
+    format version 2 on), valid/skipped mismatches, valid rows of zeros."""
     done = cache.done_shards()
     problems = [f"shard {s}: no done marker (not extracted)" for s in range(cache.num_shards) if s not in done]
     problems += [
         f"done marker {s:05d}.json names no shard of this store" for s in sorted(done) if s >= cache.num_shards
     ]
-    paths = cache.paths[:]
+    paths, reader = cache.paths[:], open_reader(cache.location, cache.tokens)
     for shard in sorted(s for s in done if s < cache.num_shards):
-        problems += _verify_shard(cache, shard, paths)
+        problems += _verify_shard(cache, reader, shard, paths)
     return problems

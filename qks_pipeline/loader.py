@@ -1,153 +1,162 @@
-"""Random minibatches from a feature cache, read in contiguous blocks, with bounded memory.
+"""Random minibatches from a feature cache, at the speed of the disk, with bounded memory.
 
-Random access into a sharded store is slow (zarr-python `oindex`: under 100 images/s here), contiguous reads are fast
-(thousands of images/s), and stage one writes training stores in a seeded random order, so contiguous rows are already
-a random sample. Each epoch therefore visits blocks of contiguous rows (aligned to `block_size` and to the shards) in a
-random order; a background thread reads the next blocks while the model computes (zarr and TensorStore release the GIL
-during I/O); a shuffle buffer of `buffer_blocks` blocks mixes samples across blocks; batches are drawn from it.
+Sampling, decided by measurement (benchmarks/bench_loader.py; docs/design.md section 3): read directly from the shard
+files (`qks_pipeline.shards`), a batch of rows drawn at random costs about what a batch of contiguous rows costs, so
+each batch is random rows. Page cache warm, 2 shared cores, ViT-B/16-sized store (197 x 768 float16, 1,024 a shard):
+RAW_FIGURES. The blocks of contiguous rows and the shuffle buffer that the zarr and TensorStore reads needed are
+gone.
 
-Memory bound, in token bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
-    (buffer_blocks + prefetch + 4) x block_size x T x D x 2 bytes + 2 batches
-i.e. the shuffle buffer, the blocks waiting in the prefetch queue, the block being consumed, the block the reader thread
-holds while the queue is full, and two blocks for the reader's transient decode buffers (measured by
-benchmarks/bench_train_memory.py: about 0.6 block with TensorStore, 1.7 with zarr-python); plus the batch being made
-and the one the caller still holds. For ViT-B/16 (T=197, D=768) with the defaults (256-row blocks, 4-block buffer,
-prefetch 2) and batch 64: 10 x 77.5 MB + 2 x 19.4 MB = 814 MB.
+Each epoch visits the shards in a random order, `WINDOW` shards at a time, and draws the batches from the permuted
+rows of a window (a batch may span two windows). Stage one writes training stores in a seeded random order, so a
+window is already a random sample of the dataset; the window bounds what is held besides the batches: the labels of
+its shards (read one shard at a time: the label matrix is chunked by shard and compressed) and the open shard files.
+Each sample's view is drawn at random too. Everything random comes from (seed, epoch): a given epoch is the same on
+every run, and different epochs differ. In order (validation, evaluation): the valid rows in store order, view 0.
 
-Everything random (block order, the view drawn per sample, the buffer draws) comes from (seed, epoch): a given epoch is
-the same on every run, and different epochs differ.
+A background thread assembles the next `prefetch` batches while the caller computes on the current one, each
+straight into its tensor (pinned when the target is CUDA, so that `batch.tokens.to(device, non_blocking=True)`
+overlaps the copy with compute). One thread: THREAD_FIGURES.
+
+Memory bound, in bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
+    (prefetch + 2) x batch x T x D x 2 + 2 x WINDOW x S x C'
+i.e. the batches in the queue, the one being assembled and the one the caller holds, plus the labels of two windows
+(S images a shard, C' label columns). For ViT-B/16 (T=197, D=768), batch 64, prefetch 2, NUS-WIDE's 925 seen labels,
+S=1,024: 4 x 19.4 MB + 16 x 0.95 MB = 93 MB (the block loader before it: 814 MB).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
+import functools
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from qks_pipeline.cache import Cache
-from qks_pipeline.errors import QKSError
+from qks_pipeline.shards import Reader, open_reader
 
-BLOCK_SIZE = 256  # rows per contiguous read
-BUFFER_BLOCKS = 4  # shuffle-buffer capacity, in blocks
-PREFETCH = 2  # blocks read ahead by the background thread
-
-try:
-    import tensorstore
-except ImportError:  # optional: zarr-python reads the same store, slower when each sample picks its own view
-    tensorstore = None
+WINDOW = 8  # shards whose rows are drawn from together
+PREFETCH = 2  # batches assembled ahead by the background thread
+OVERHEAD = 32 * 2**20  # the reader thread, zarr's buffers decoding a label chunk, the open shards' indexes
 
 
 @dataclass
 class Batch:
-    tokens: torch.Tensor  # (B, T, D) float16
+    tokens: torch.Tensor  # (B, T, D) float16, pinned when the loader targets CUDA
     labels: torch.Tensor  # (B, C') int8 over the selected label columns
-    rows: np.ndarray  # (B,) int64 store rows
-
-
-@dataclass
-class _Block:
-    tokens: np.ndarray  # (n, T, D) float16, valid rows only
-    labels: np.ndarray  # (n, C') int8
-    rows: np.ndarray  # (n,) int64
-
-
-BlockReader = Callable[[int, int, np.ndarray, np.ndarray], _Block]
-
-
-def _zarr_reader(cache: Cache, columns: slice) -> BlockReader:
-    token_array, label_array = cache.tokens, cache.group["labels"]  # opened once: each lookup reads metadata
-
-    def read(start: int, stop: int, rows: np.ndarray, views: np.ndarray) -> _Block:
-        labels = label_array[start:stop, columns]  # (stop - start, C')
-        if len(rows) == stop - start and not views.any():
-            return _Block(token_array[start:stop, 0], labels, rows)  # (n, T, D)
-        local = rows - start
-        tokens = np.empty((len(rows), *token_array.shape[2:]), dtype=np.float16)  # (n, T, D)
-        for v in np.unique(views):  # one contiguous read per view present in the block
-            pick = views == v
-            tokens[pick] = token_array[start:stop, int(v)][local[pick]]
-        return _Block(tokens, labels[local], rows)
-
-    return read
-
-
-def _tensorstore_reader(cache: Cache, columns: slice) -> BlockReader:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(cache.path / "tokens")}}
-    store = tensorstore.open(spec, read=True).result()
-    label_array = cache.group["labels"]
-
-    def read(start: int, stop: int, rows: np.ndarray, views: np.ndarray) -> _Block:
-        if len(rows) == stop - start and not views.any():
-            tokens = store[start:stop, 0].read().result()  # (n, T, D)
-        else:
-            tokens = store[tensorstore.d[0, 1].vindex[rows, views]].read().result()  # (n, T, D)
-        return _Block(tokens, label_array[start:stop, columns][rows - start], rows)
-
-    return read
+    rows: np.ndarray  # (B,) int64 store rows, ascending
 
 
 @dataclass
 class CacheLoader:
     """Batches of (tokens, labels) over the valid rows of a row range of one store. Build with `open_loader`."""
 
-    reader: BlockReader
-    blocks: list[tuple[int, int, np.ndarray]]  # (start, stop, valid rows) per block, in store order
+    cache: Cache
+    reader: Reader
+    columns: slice
+    rows: np.ndarray  # (n,) int64 the valid rows in the range, ascending
     row_range: tuple[int, int]
-    num_views: int
-    sample_bytes: int  # T x D x 2
     batch_size: int
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
-    block_size: int = BLOCK_SIZE
-    buffer_blocks: int = BUFFER_BLOCKS
     prefetch: int = PREFETCH
+    pin_memory: bool = False
+    _labels: dict[int, np.ndarray] = field(default_factory=dict)  # shard -> its labels (S, C'), oldest first
+    _buffers: list[tuple[np.ndarray, Callable]] = field(default_factory=list)  # (buffer, its last batch's weakref)
 
     @property
     def num_samples(self) -> int:
-        return sum(len(rows) for _, _, rows in self.blocks)
+        return len(self.rows)
 
     def __len__(self) -> int:
         n = self.num_samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @functools.cached_property
+    def num_columns(self) -> int:
+        return len(range(*self.columns.indices(len(self.cache.label_names))))
+
+    @functools.cached_property
+    def token_shape(self) -> tuple[int, int]:
+        return self.cache.tokens.shape[2:]  # (T, D); each look-up of `cache.tokens` reads the array's metadata
+
     @property
     def memory_bound_bytes(self) -> int:
-        """Upper bound on the token bytes the loader holds at once (see the module docstring)."""
-        blocks = self.buffer_blocks + self.prefetch + 4
-        return (blocks * self.block_size + 2 * self.batch_size) * self.sample_bytes
+        """Upper bound on the bytes the loader holds at once (see the module docstring)."""
+        t, d = self.token_shape
+        labels = 2 * WINDOW * self.cache.shard_size * self.num_columns
+        return (self.prefetch + 2) * self.batch_size * t * d * 2 + labels + OVERHEAD
+
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, views) of one epoch, in the order the batches take them."""
+        if not self.shuffle:
+            return self.rows, np.zeros_like(self.rows)
+        rng = np.random.default_rng([self.seed, epoch])
+        shard_rank = rng.permutation(self.cache.num_shards)
+        window = shard_rank[self.rows // self.cache.shard_size] // WINDOW  # (n,) the window each row falls in
+        rows = self.rows[np.lexsort((rng.random(len(self.rows)), window))]  # window by window, permuted within
+        return rows, rng.integers(self.cache.num_views, size=len(rows))
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of one epoch: every valid row exactly once (but the last partial batch with `drop_last`)."""
-        order = np.arange(len(self.blocks))
-        views = np.zeros(self.row_range[1] - self.row_range[0], dtype=np.int64)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.blocks))
-            if self.num_views > 1:
-                views = np.random.default_rng([self.seed, epoch, 1]).integers(self.num_views, size=len(views))
-        stream = _Prefetcher(self.reader, [self.blocks[i] for i in order], views, self.row_range[0], self.prefetch)
-        try:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch, 2])
-                capacity = self.buffer_blocks * self.block_size
-                yield from _shuffled(stream, capacity, self.batch_size, rng, self.drop_last)
-            else:
-                yield from _in_order(stream, self.batch_size, self.drop_last)
-        finally:
-            stream.close()
+        rows, views = self.order(epoch)
+        stop = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
+        with ThreadPoolExecutor(1, thread_name_prefix="qks-loader") as pool:
+            pending: deque = deque()
+            try:
+                for start in range(0, stop, self.batch_size):
+                    part = slice(start, min(start + self.batch_size, stop))
+                    pending.append(pool.submit(self._batch, rows[part], views[part]))
+                    if len(pending) > self.prefetch:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:
+                for future in pending:
+                    future.cancel()
 
+    def _batch(self, rows: np.ndarray, views: np.ndarray) -> Batch:
+        """Read one batch, in the background thread; rows ascending, so reads go forward through each shard file."""
+        ascending = np.argsort(rows)
+        rows, views = rows[ascending], views[ascending]
+        tokens = self._tokens(len(rows))
+        self.reader.read(rows, views, tokens.numpy())
+        return Batch(tokens, torch.from_numpy(self._gather_labels(rows)), rows)
 
-def _block_bounds(start: int, stop: int, block_size: int, shard_size: int) -> list[tuple[int, int]]:
-    """Split [start, stop) at multiples of `block_size` and of `shard_size` (a block never spans two shards)."""
-    cuts = {start, stop}
-    cuts |= set(range(-(-start // block_size) * block_size, stop, block_size))
-    cuts |= set(range(-(-start // shard_size) * shard_size, stop, shard_size))
-    cuts = sorted(cuts)
-    return list(zip(cuts[:-1], cuts[1:], strict=False))
+    def _tokens(self, n: int) -> torch.Tensor:
+        """A (n, T, D) float16 tensor to read a batch into. Pinned: from torch's caching host allocator, which reuses
+        a block once the copies from it are done. Else one of `prefetch + 2` buffers that no batch (nor view of one)
+        refers to any more: fresh memory costs a page fault per 4 KiB, which made reads 3-4x slower here."""
+        shape = (n, *self.token_shape)
+        if self.pin_memory:
+            return torch.empty(shape, dtype=torch.float16, pin_memory=True)
+        free = [i for i, (buffer, batch) in enumerate(self._buffers) if batch() is None and len(buffer) >= n]
+        if not free and len(self._buffers) == self.prefetch + 2:  # the caller holds on to its batches
+            return torch.empty(shape, dtype=torch.float16)
+        if not free:
+            self._buffers.append((np.empty((self.batch_size, *shape[1:]), np.float16), lambda: None))
+        buffer = self._buffers[free[0] if free else -1][0]
+        view = buffer[:n]  # a torch tensor of it holds it: `view` lives as long as any batch, or view of one, does
+        self._buffers[free[0] if free else -1] = (buffer, weakref.ref(view))
+        return torch.from_numpy(view)
+
+    def _gather_labels(self, rows: np.ndarray) -> np.ndarray:
+        """Labels (B, C') of `rows`, from their shards' labels; those of two windows are kept."""
+        size, shards = self.cache.shard_size, rows // self.cache.shard_size
+        out = np.empty((len(rows), self.num_columns), np.int8)
+        for shard in np.unique(shards).tolist():
+            if shard not in self._labels:
+                if len(self._labels) >= 2 * WINDOW:
+                    del self._labels[next(iter(self._labels))]
+                self._labels[shard] = self.cache.labels[shard * size : (shard + 1) * size, self.columns]  # (S, C')
+            pick = shards == shard
+            out[pick] = self._labels[shard][rows[pick] - shard * size]
+        return out
 
 
 def split_rows(num_rows: int, val_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -165,148 +174,20 @@ def open_loader(
     shuffle: bool = True,
     seed: int = 0,
     drop_last: bool = False,
-    block_size: int = BLOCK_SIZE,
-    buffer_blocks: int = BUFFER_BLOCKS,
     prefetch: int = PREFETCH,
+    pin_memory: bool = False,
     backend: str = "auto",
 ) -> CacheLoader:
     """A loader over the valid rows in `rows` (default: all) and the label `columns` (train: the seen labels).
 
     Args:
-        backend: "tensorstore", "zarr", or "auto" (TensorStore when installed and the store is local; zarr-python for a
-            store URL such as s3://..., which it reads through fsspec with the filesystem's own configuration).
+        pin_memory: assemble batches in pinned memory (when the batches go to a CUDA device).
+        backend: how tokens are read (`qks_pipeline.shards.open_reader`): "auto" (the shard files directly where the
+            store allows, else TensorStore for a local store, zarr-python for a URL), "direct", "tensorstore", "zarr".
     """
     start, stop = rows if rows is not None else (0, cache.num_images)
-    valid = np.asarray(cache.group["valid"][start:stop], dtype=bool)
-    blocks = []
-    for a, b in _block_bounds(start, stop, block_size, cache.shard_size):
-        kept = a + np.flatnonzero(valid[a - start : b - start])
-        if len(kept):
-            blocks.append((a, b, kept.astype(np.int64)))
-    if backend == "tensorstore" and not cache.location.local:
-        raise QKSError("the tensorstore backend reads local stores only; use the zarr backend for a URL", cache.path)
-    use_ts = backend == "tensorstore" or (backend == "auto" and tensorstore is not None and cache.location.local)
-    reader = _tensorstore_reader(cache, columns) if use_ts else _zarr_reader(cache, columns)
-    t, d = cache.tokens.shape[2:]
+    valid = (start + np.flatnonzero(np.asarray(cache.valid[start:stop], dtype=bool))).astype(np.int64)
+    reader = open_reader(cache.location, cache.tokens, backend)
     return CacheLoader(
-        reader, blocks, (start, stop), cache.num_views, t * d * 2, batch_size, seed, shuffle, drop_last,
-        block_size, buffer_blocks, prefetch,
-    )  # fmt: skip
-
-
-class _Prefetcher:
-    """Reads blocks in a background thread, at most `depth` ahead; iterate to receive them in order."""
-
-    _END = object()
-
-    def __init__(self, reader: BlockReader, blocks: list, views: np.ndarray, offset: int, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(reader, blocks, views, offset), daemon=True)
-        self._thread.start()
-
-    def _put(self, item: object) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self, reader: BlockReader, blocks: list, views: np.ndarray, offset: int) -> None:
-        try:
-            for start, stop, rows in blocks:
-                if not self._put(reader(start, stop, rows, views[rows - offset])):
-                    return
-            self._put(self._END)
-        except Exception as e:  # handed to the consumer, raised there
-            self._put(e)
-
-    def __iter__(self) -> Iterator[_Block]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class _Samples:
-    """A stream of samples cut from a stream of blocks."""
-
-    def __init__(self, blocks: Iterator[_Block]):
-        self._blocks = iter(blocks)
-        self._current: _Block | None = None
-        self._pos = 0
-
-    def peek(self) -> _Block | None:
-        """The block the next sample comes from (None at the end of the stream)."""
-        if self._current is None or self._pos == len(self._current.rows):
-            self._current, self._pos = next(self._blocks, None), 0
-        return self._current
-
-    def take(self, k: int) -> _Block | None:
-        """Up to k samples as one block (None at the end of the stream)."""
-        parts = []
-        while k > 0 and (block := self.peek()) is not None:
-            cut = slice(self._pos, min(self._pos + k, len(block.rows)))
-            parts.append(_Block(block.tokens[cut], block.labels[cut], block.rows[cut]))
-            self._pos, k = cut.stop, k - (cut.stop - cut.start)
-        if len(parts) <= 1:
-            return parts[0] if parts else None
-        return _Block(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "labels", "rows")))
-
-    def fill(self, pool: list[np.ndarray], slots: np.ndarray) -> int:
-        """Copy the next samples straight into `pool` (tokens, labels, rows) at `slots`; returns how many."""
-        filled = 0
-        while filled < len(slots) and (block := self.peek()) is not None:
-            m = min(len(slots) - filled, len(block.rows) - self._pos)
-            dst, src = slots[filled : filled + m], slice(self._pos, self._pos + m)
-            for p, a in zip(pool, (block.tokens, block.labels, block.rows), strict=True):
-                p[dst] = a[src]
-            self._pos, filled = self._pos + m, filled + m
-        return filled
-
-
-def _to_batch(tokens: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> Batch:
-    return Batch(torch.from_numpy(np.ascontiguousarray(tokens)), torch.from_numpy(np.ascontiguousarray(labels)), rows)
-
-
-def _in_order(stream: Iterator[_Block], batch_size: int, drop_last: bool) -> Iterator[Batch]:
-    samples = _Samples(stream)
-    while (block := samples.take(batch_size)) is not None:
-        if drop_last and len(block.rows) < batch_size:
-            return
-        yield _to_batch(block.tokens, block.labels, block.rows)
-
-
-def _shuffled(stream: Iterator[_Block], capacity: int, batch_size: int, rng: np.random.Generator,
-              drop_last: bool) -> Iterator[Batch]:  # fmt: skip
-    """Shuffle buffer: draw a random batch from the pool, refill the freed slots from the stream, compact at the end."""
-    samples = _Samples(stream)
-    if (first := samples.peek()) is None:
-        return
-    pool = [np.empty((capacity, *a.shape[1:]), a.dtype) for a in (first.tokens, first.labels, first.rows)]
-    del first  # hold no block beyond the one `samples` is consuming
-    n = samples.fill(pool, np.arange(capacity))
-    while n > 0:
-        k = min(batch_size, n)
-        if drop_last and k < batch_size:
-            return
-        slots = rng.choice(n, size=k, replace=False)
-        batch = _to_batch(*(p[slots] for p in pool))  # fancy indexing copies out of the pool
-        holes = slots[samples.fill(pool, slots) :]  # refilled from the stream in order; the rest stay empty
-        if len(holes):  # the stream ran dry: move tail samples into the holes below the new end
-            n_new = n - len(holes)
-            low = holes[holes < n_new]
-            tail = np.setdiff1d(np.arange(n_new, n), holes)
-            for p in pool:
-                p[low] = p[tail]
-            n = n_new
-        yield batch
+        cache, reader, columns, valid, (start, stop), batch_size, seed, shuffle, drop_last, prefetch, pin_memory
+    )

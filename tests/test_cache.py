@@ -27,12 +27,11 @@ N, V, T, D, C = 10, 2, 5, 8, 3
 
 def _store(path, shard_size: int = 4):
     rng = np.random.default_rng(0)
-    cache = create_cache(
-        path, fingerprint=make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"}), token_shape=(T, D),
-        num_views=V, shard_size=shard_size, label_names=["a", "b", "c"], num_seen=2,
-        labels=rng.integers(-1, 2, (N, C)).astype(np.int8), paths=[f"img{i}.jpg" for i in range(N)],
-        manifest_index=np.arange(N)[::-1].copy(), visual_proj=rng.standard_normal((D, 4)).astype(np.float32),
-    )  # fmt: skip
+    kw = {"labels": rng.integers(-1, 2, (N, C)).astype(np.int8), "paths": [f"img{i}.jpg" for i in range(N)]}
+    kw |= {"manifest_index": np.arange(N)[::-1].copy(), "visual_proj": rng.standard_normal((D, 4)).astype(np.float32)}
+    kw |= {"label_names": ["a", "b", "c"], "num_seen": 2}
+    fingerprint = make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"})
+    cache = create_cache(path, fingerprint=fingerprint, token_shape=(T, D), num_views=V, shard_size=shard_size, **kw)
     return cache, rng.standard_normal((N, V, T, D)).astype(np.float16)
 
 
@@ -113,12 +112,34 @@ def test_verify_finds_missing_markers_mismatches_and_damage(tmp_path):
     assert result.exit_code == 1 and "problem(s)" in result.output
 
 
-def test_verify_reports_an_unreadable_shard(tmp_path):
+@pytest.mark.parametrize("kind", ["index", "truncated", "bit"])
+def test_verify_checks_every_chunk_and_names_shard_and_row(tmp_path, kind):
+    """A corrupt index, a truncated shard file, one flipped bit in one chunk: `cache verify` fails naming each."""
     cache, tokens = _store(tmp_path / "s.zarr")
     _fill(cache, tokens)
-    shard_file = cache.path / "tokens" / "c" / "0" / "0" / "0" / "0"
-    shard_file.write_bytes(shard_file.read_bytes()[:100])
-    assert any(p.startswith("shard 0: unreadable") for p in verify_cache(cache))
+    path = cache.path / "tokens" / "c" / "1" / "0" / "0" / "0"
+    raw = bytearray(path.read_bytes())
+    index_bytes = 4 * V * 16 + 4  # shards of 4 rows x V views, (offset, nbytes) each, then the index's crc32c
+    if kind == "index":
+        raw[-index_bytes + 5] ^= 0x04
+    elif kind == "truncated":
+        del raw[-index_bytes // 2 :]
+    else:  # the lowest mantissa bit of one float16 of row 6, view 1
+        offset = np.frombuffer(bytes(raw[-index_bytes:-4]), "<u8").reshape(4, V, 2)[6 - 4, 1, 0]
+        raw[int(offset) + 2 * 7] ^= 0x01
+    path.write_bytes(bytes(raw))
+    problems = verify_cache(open_cache(cache.path))
+    assert len(problems) == 1 and problems[0].startswith(f"shard 1: {path}: row ") and "\n" not in problems[0]
+    if kind == "bit":
+        assert problems[0].endswith("row 6 view 1: chunk checksum mismatch (corrupt shard file)")
+    result = CliRunner().invoke(main, ["cache", "verify", str(cache.path)])
+    assert result.exit_code == 1 and f"shard 1: {path}: row " in result.output
+
+
+def test_a_store_of_format_version_1_still_opens(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    cache.group.attrs["fingerprint"] = {**cache.fingerprint, "format_version": 1}
+    assert open_cache(cache.path).fingerprint["format_version"] == 1
 
 
 def test_info_summarises(tmp_path):

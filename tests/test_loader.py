@@ -1,26 +1,116 @@
-"""The block loader: coverage, validity, determinism, views, row ranges, both read backends."""
+"""The loader and the direct shard reader: equality with zarr-python, damage, coverage, determinism, views, memory."""
 
 from __future__ import annotations
 
-import time
-import weakref
+import shutil
 
 import numpy as np
 import pytest
+import zarr
 from synthetic import make_synthetic
+from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-from qks_pipeline.cache import open_cache
-from qks_pipeline.loader import _block_bounds, open_loader, split_rows
+from qks_pipeline.cache import open_cache, verify_cache
+from qks_pipeline.errors import QKSError
+from qks_pipeline.loader import OVERHEAD, WINDOW, open_loader, split_rows
+from qks_pipeline.shards import ArrayReader, ShardReader, open_reader
 
-BACKENDS = ["zarr", pytest.param("tensorstore", marks=pytest.mark.skipif(
-    __import__("importlib").util.find_spec("tensorstore") is None, reason="tensorstore not installed"))]  # fmt: skip
+BACKENDS = ["direct", "tensorstore", "zarr"]
 INVALID = (3, 64, 65, 150)
+N, V, S = 200, 3, 64  # rows, views, shard size: the last shard holds 8 rows
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    return make_synthetic(root, num_train=200, num_test=16, views=3, shard_size=64, invalid_train=INVALID)
+    return make_synthetic(root, num_train=N, num_test=16, views=V, shard_size=S, invalid_train=INVALID)
+
+
+def _relayout(src, dst, serializer=None, compressors=None):
+    """A copy of the store `src` whose tokens are written again with other codecs (format version 1: no crc32c)."""
+    shutil.copytree(src, dst)
+    group = zarr.open_group(dst, mode="r+")
+    tokens = group["tokens"][:]
+    del group["tokens"]
+    chunks = (S, *tokens.shape[1:]) if serializer else (1, 1, *tokens.shape[2:])
+    shards = None if serializer else (S, *tokens.shape[1:])
+    kw = {"serializer": serializer} if serializer else {}
+    array = group.create_array(
+        "tokens", shape=tokens.shape, dtype="float16", chunks=chunks, shards=shards, compressors=compressors, **kw
+    )
+    array[:] = tokens
+    return dst
+
+
+def _all(reader, cache):
+    rows, views = np.repeat(np.arange(cache.num_images), cache.num_views), np.tile(np.arange(cache.num_views), N)
+    out = np.empty((len(rows), *cache.tokens.shape[2:]), np.float16)
+    reader.read(rows, views, out)
+    return out.reshape(cache.tokens.shape)
+
+
+def test_direct_reader_equals_zarr_on_every_layout(data, tmp_path):
+    index_first = ShardingCodec(
+        chunk_shape=(1, 1, 10, 32), codecs=[BytesCodec(), Crc32cCodec()], index_location="start"
+    )
+    stores = {
+        "v2 (chunk crc32c)": data.train,
+        "v1 (no chunk crc32c)": _relayout(data.train, tmp_path / "v1.zarr"),
+        "index at the start": _relayout(data.train, tmp_path / "start.zarr", serializer=index_first),
+    }
+    for name, store in stores.items():
+        cache = open_cache(store)
+        reader = open_reader(cache.location, cache.tokens)
+        assert isinstance(reader, ShardReader), name
+        assert reader.chunk_crc == (name != "v1 (no chunk crc32c)") and reader.index_at_start == (
+            name == "index at the start"
+        )
+        expected = cache.tokens[:]  # zarr-python; invalid rows are absent chunks: zeros
+        assert not expected[list(INVALID)].any()
+        np.testing.assert_array_equal(_all(reader, cache).view(np.uint16), expected.view(np.uint16), err_msg=name)
+    compressed = open_cache(_relayout(data.train, tmp_path / "zstd.zarr", compressors=[zarr.codecs.ZstdCodec()]))
+    assert isinstance(open_reader(compressed.location, compressed.tokens), ArrayReader)  # not read directly
+
+
+def _shard_file(store, shard):
+    return store / "tokens" / "c" / str(shard) / "0" / "0" / "0"
+
+
+def damage(store, kind: str, row: int = 70, view: int = 0):
+    """Damage the shard file holding `row`: its index, its length, or one bit of the chunk (row, view)."""
+    path = _shard_file(store, row // S)
+    raw = bytearray(path.read_bytes())
+    index = np.frombuffer(bytes(raw[-(S * V * 16 + 4) : -4]), "<u8").reshape(S, V, 2)  # (offset, nbytes)
+    if kind == "index":
+        raw[-(S * V * 16 + 4) + 16 * V * (row % S) + 3] ^= 0x10  # the offset of the row's first chunk
+    elif kind == "truncated":
+        del raw[len(raw) // 2 :]
+    else:
+        raw[int(index[row % S, view, 0]) + 101] ^= 0x01  # the lowest bit of one byte of one float16
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["index", "truncated", "bit"])
+def test_damage_is_one_error_line_naming_shard_and_row(data, tmp_path, kind):
+    store = shutil.copytree(data.train, tmp_path / "t.zarr")
+    path = damage(store, kind)
+    loader = open_loader(open_cache(store), batch_size=16, shuffle=False, backend="direct")
+    with pytest.raises(QKSError) as e:
+        list(loader.epoch(0))
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: row ") and "corrupt" in message
+    if kind == "bit":
+        assert message.endswith(": row 70 view 0: chunk checksum mismatch (corrupt shard file)")
+
+
+def test_a_store_without_checksums_still_reads_and_verifies(data, tmp_path):
+    v1 = open_cache(_relayout(data.train, tmp_path / "v1.zarr"))
+    loader = open_loader(v1, batch_size=16, shuffle=False)
+    assert isinstance(loader.reader, ShardReader) and not loader.reader.chunk_crc
+    batch = next(iter(loader.epoch(0)))
+    np.testing.assert_array_equal(batch.tokens.numpy(), v1.tokens[batch.rows, 0])
+    assert verify_cache(v1) == []
 
 
 def _rows(loader, epoch):
@@ -28,21 +118,14 @@ def _rows(loader, epoch):
 
 
 def _small(cache, **kw):
-    kw = {"batch_size": 16, "block_size": 32, "buffer_blocks": 2, "prefetch": 1, "seed": 7} | kw
-    return open_loader(cache, **kw)
-
-
-def test_block_bounds_never_span_shards():
-    assert _block_bounds(10, 150, 32, 64) == [(10, 32), (32, 64), (64, 96), (96, 128), (128, 150)]
-    assert _block_bounds(0, 100, 48, 64) == [(0, 48), (48, 64), (64, 96), (96, 100)]
+    return open_loader(cache, **({"batch_size": 16, "prefetch": 1, "seed": 7} | kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_epoch_covers_each_valid_row_once(data, backend):
-    cache = open_cache(data.train)
-    loader = _small(cache, backend=backend)
+    loader = _small(open_cache(data.train), backend=backend)
     rows = _rows(loader, 0)
-    expected = np.setdiff1d(np.arange(200), INVALID)
+    expected = np.setdiff1d(np.arange(N), INVALID)
     assert len(rows) == len(expected) == loader.num_samples
     np.testing.assert_array_equal(np.sort(rows), expected)
     assert len(list(loader.epoch(0))) == len(loader)
@@ -52,14 +135,13 @@ def test_epoch_covers_each_valid_row_once(data, backend):
 def test_batches_carry_the_stored_values(data, backend):
     cache = open_cache(data.train)
     loader = _small(cache, backend=backend, columns=slice(0, data.num_seen))
-    tokens, labels = cache.tokens[:], cache.group["labels"][:]
+    tokens, labels = cache.tokens[:], cache.labels[:]
     views = set()
     for batch in loader.epoch(1):
         assert batch.tokens.dtype.is_floating_point and batch.tokens.element_size() == 2
-        assert batch.labels.shape == (len(batch.rows), data.num_seen)
         np.testing.assert_array_equal(batch.labels.numpy(), labels[batch.rows, : data.num_seen])
         for i, row in enumerate(batch.rows):  # each sample is one of the row's stored views
-            match = [v for v in range(3) if np.array_equal(batch.tokens[i].numpy(), tokens[row, v])]
+            match = [v for v in range(V) if np.array_equal(batch.tokens[i].numpy(), tokens[row, v])]
             assert len(match) == 1
             views.add(match[0])
     assert views == {0, 1, 2}
@@ -75,11 +157,12 @@ def test_deterministic_per_seed_and_epoch(data):
     assert np.array_equal(first.numpy(), next(iter(b.epoch(5))).tokens.numpy())
 
 
-def test_shuffle_mixes_blocks(data):
-    """A batch draws from several blocks of the buffer, not from one block at a time."""
-    loader = _small(open_cache(data.train), block_size=32, buffer_blocks=4)
-    first = next(iter(loader.epoch(0))).rows
-    assert len(np.unique(first // 32)) > 1
+def test_batches_are_random_rows_of_a_window_of_shards(data):
+    """A batch draws from all over its window (here the whole store: 4 shards), not from a run of rows."""
+    loader = _small(open_cache(data.train), batch_size=32)
+    assert open_cache(data.train).num_shards <= WINDOW
+    spans = [np.unique(b.rows // S).size for b in loader.epoch(0)]
+    assert min(spans[:-1]) >= 3
 
 
 def test_row_range_and_in_order(data):
@@ -103,21 +186,18 @@ def test_drop_last_and_early_break(data):
         break
 
 
-def test_blocks_held_are_bounded(data):
-    """Besides its fixed shuffle buffer, the loader holds at most prefetch + 2 blocks (queue, reader, consumer)."""
-    loader = _small(open_cache(data.train), prefetch=1, block_size=16, buffer_blocks=2, batch_size=4)
-    alive, peak, read = [0], [0], loader.reader
-
-    def counting_reader(*args):
-        block = read(*args)
-        alive[0] += 1
-        peak[0] = max(peak[0], alive[0])
-        weakref.finalize(block.tokens, lambda: alive.__setitem__(0, alive[0] - 1))
-        return block
-
-    loader.reader = counting_reader
-    for _ in loader.epoch(0):
-        time.sleep(0.002)  # let the reader run ahead until the queue is full
-    assert 1 <= peak[0] <= loader.prefetch + 2
-    t, d = 10, 32
-    assert loader.memory_bound_bytes == ((2 + 1 + 4) * 16 + 2 * 4) * t * d * 2
+def test_buffers_are_reused_and_bounded_but_never_under_a_held_batch(data):
+    cache = open_cache(data.train)
+    loader = _small(cache, batch_size=8, shuffle=False)
+    reused = {batch.tokens.data_ptr() for batch in loader.epoch(0)}  # each batch dropped when the next comes
+    assert len(reused) <= loader.prefetch + 2 < len(loader)
+    kept = list(loader.epoch(0))
+    views = [(b.rows[0], b.tokens[0]) for b in loader.epoch(0)]  # a view of a batch holds its buffer too
+    tokens = cache.tokens[:, 0]
+    for batch in kept:
+        np.testing.assert_array_equal(batch.tokens.numpy(), tokens[batch.rows])
+    for row, sample in views:
+        np.testing.assert_array_equal(sample.numpy(), tokens[row])
+    assert len(loader._buffers) == loader.prefetch + 2
+    t, d, columns = 10, 32, 12
+    assert loader.memory_bound_bytes == (1 + 2) * 8 * t * d * 2 + 2 * WINDOW * S * columns + OVERHEAD
