@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,17 +35,17 @@ def import_group() -> None:
 @import_group.command("manifest")
 @required("--root", "A ready dataset directory (train/test.jsonl, seen/unseen.txt).", EXISTING_DIR)
 @OUT
-def manifest(root: Path, out: Path) -> None:
+def manifest(**options: Path) -> None:
     """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
-    _echo(importers.import_manifest(root, out))
+    _echo(importers.import_manifest(**options))
 
 
 @import_group.command("nuswide")
 @required("--root", "The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...).", EXISTING_DIR)
 @OUT
-def nuswide(root: Path, out: Path) -> None:
+def nuswide(**options: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
-    _echo(importers.import_nuswide(root, out))
+    _echo(importers.import_nuswide(**options))
 
 
 @import_group.command("openimages")
@@ -55,9 +56,9 @@ def nuswide(root: Path, out: Path) -> None:
 @click.option("--train-split", default="train", show_default=True, help="Release split written as train.jsonl.")
 @click.option("--test-split", default="test", show_default=True, help="Release split written as test.jsonl.")
 @OUT
-def openimages(root: Path, images: Path | None, train_split: str, test_split: str, out: Path) -> None:
+def openimages(**options: Any) -> None:
     """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as display names."""
-    _echo(importers.import_openimages(root, out, train_split, test_split, images))
+    _echo(importers.import_openimages(**options))
 
 
 @import_group.command("coco")
@@ -101,11 +102,9 @@ def coco(
     help="listed: the CSV's negative columns; rest: every non-positive label of the split's scored set.",
 )
 @OUT
-def reference_csv(
-    train_csv: Path, test_csv: Path, seen_file: Path, unseen_file: Path, strip_prefix: str, negatives: str, out: Path
-) -> None:
+def reference_csv(**options: Any) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
-    _echo(importers.import_reference_csv(train_csv, test_csv, seen_file, unseen_file, out, strip_prefix, negatives))
+    _echo(importers.import_reference_csv(**options))
 
 
 @import_group.command("hdf5")
@@ -123,18 +122,9 @@ def reference_csv(
     help="flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.",
 )
 @OUT
-def hdf5(
-    train_h5: Path,
-    train_names: Path,
-    test_h5: Path,
-    test_names: Path,
-    seen_file: Path,
-    unseen_file: Path,
-    layout: str,
-    out: Path,
-) -> None:
+def hdf5(**options: Any) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""
-    _echo(importers.import_hdf5(train_h5, train_names, test_h5, test_names, seen_file, unseen_file, out, layout))
+    _echo(importers.import_hdf5(**options))
 
 
 @click.group(name="manifest")
