@@ -23,12 +23,14 @@ from typing import Any
 
 import open_clip
 import torch
+from huggingface_hub.utils import logging as hub_logging
 from open_clip.transformer import VisionTransformer
 from open_clip.utils import to_2tuple
 
 from qks_pipeline.errors import QKSError
 
 log = logging.getLogger(__name__)
+hub_logging.disable_propagation()  # the hub has its own stderr handler: a root handler (the CLI's) printed lines twice
 
 TOKEN_LAYOUT = "ln_post(all tokens), CLS first, before visual.proj"
 NO_WEIGHTS = ("none", "random")  # `pretrained` values that mean: seeded random weights (tests, benchmarks)

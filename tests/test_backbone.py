@@ -157,3 +157,10 @@ def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_p
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     assert backbone.fingerprint["quick_gelu"] is True
+
+
+def test_hub_log_lines_are_printed_once_under_the_cli_logging():
+    code = "import logging, qks_pipeline.backbone; from qks_pipeline.cli.stage_one import _log_setup; _log_setup(); "
+    code += "logging.getLogger('huggingface_hub.file_download').warning('hub note')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stderr.count("hub note") == 1, done.stderr

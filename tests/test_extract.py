@@ -311,3 +311,17 @@ def test_compact_negatives_cover_the_split_labels_only(sample_dataset, tiny_clip
     labels = open_cache(out).labels[:]  # (N, C) over seen + unseen
     seen = len(ds.seen)
     assert set(np.unique(labels[:, :seen])) == {-1, 1} and (labels[:, seen:] == 0).all()
+
+
+def test_max_pixels_masks_larger_images_with_their_numbers(sample_dataset, tiny_clip, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored: the limit is process-wide
+    paths = [r.image for r in read_manifest(sample_dataset.dataset / "train.jsonl")]
+    sizes = {p: Image.open(sample_dataset.images / p).size for p in paths}
+    limit = sorted(w * h for w, h in sizes.values())[len(sizes) // 2]  # about half the images are larger
+    _extract(sample_dataset, tiny_clip, tmp_path / "train.zarr", "--set", f"extract.max_pixels={limit}")
+    reasons = {s["path"]: s["reason"] for s in open_cache(tmp_path / "train.zarr").skipped()}
+    larger = {p: w * h for p, (w, h) in sizes.items() if w * h > limit}
+    assert reasons == {
+        p: f"decompression bomb: {n:,} pixels, above the limit of {limit:,} (raise it with --max-pixels)"
+        for p, n in larger.items()
+    }

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +374,45 @@ def test_every_image_unreadable_is_an_error_after_writing_the_record(run, tiny_c
     args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", "--out", out, tmp_path / "bad.jpg")
     assert "no image could be read" in CliRunner().invoke(main, list(map(str, args))).output
     assert _jsonl(out) == [{"image": str(tmp_path / "bad.jpg"), "skipped": "not a readable image format"}]
+
+
+def test_a_closed_pipe_ends_predict_quietly(run, sample_dataset):
+    """`qks predict ... | head -1`: the reader goes away; no error and no traceback, SIGPIPE's status as Unix tools."""
+    cmd = [sys.executable, "-m", "qks_pipeline.cli", "predict", "--checkpoint", str(run / "ckpt"), "--labels", "red"]
+    cmd += ["--templates", str(sample_dataset.templates), "--device", "cpu", "--no-progress"]
+    cmd += [str(sample_dataset.images / "test")]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the first record: every write finds the pipe closed
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 141 and stderr.decode().strip() == ""
+
+
+def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_them(run, sample_dataset, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored: the limit is process-wide
+    image = sample_dataset.images / "test" / "img000.jpg"
+    pixels = Image.open(image).width * Image.open(image).height
+    base = ["--checkpoint", run / "ckpt", "--labels", "red", "--templates", sample_dataset.templates, "--device", "cpu"]
+    base += ["--no-progress", image]
+    result = CliRunner().invoke(main, ["predict", *map(str, base), "--max-pixels", str(pixels // 2)])
+    reason = f"decompression bomb: {pixels:,} pixels, above the limit of {pixels // 2:,} (raise it with --max-pixels)"
+    assert json.loads(result.stdout) == {"image": str(image), "skipped": reason}
+    out, _ = _qks("predict", *base, "--max-pixels", pixels)
+    assert [t["label"] for t in json.loads(out)["top"]] == ["red"]  # tagged at a limit of exactly its size
+
+
+def test_the_head_and_ranking_run_in_float32_under_autocast(tagger, sample_dataset, monkeypatch):
+    """With --amp only the backbone runs in reduced precision; bfloat16 autocast on the CPU stands in for CUDA's."""
+    files = [sample_dataset.images / "test" / "img000.jpg"]
+    label_emb = tagger.label_embeddings(["red", "blue"])
+    pixels = torch.stack([tagger.backbone.preprocess(load_rgb(f)) for f in files])
+    cpu_autocast = lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)  # noqa: E731
+    monkeypatch.setattr(predict_module, "autocast", cpu_autocast)
+    amp = Tagger(**{**tagger.__dict__, "amp": True})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = visual_tokens(tagger.backbone.model, pixels)  # (1, T, D) in bfloat16
+    with torch.no_grad():
+        expected = tagger.head(tokens.float(), label_emb)  # (1, 2) the head in float32 on those tokens
+    got = amp.logits(pixels, label_emb)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
