@@ -28,6 +28,10 @@ from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
 from qks_pipeline.train import train  # noqa: E402
 
 
+def quiet(_: str) -> None:
+    """The ranks' echo: module level, so that the launcher can pickle it."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nproc", default="1,2", help="comma-separated rank counts")
@@ -63,7 +67,7 @@ def main() -> None:
                 params=p,
                 device=args.device,
                 progress_bar=False,
-                echo=lambda _: None,
+                echo=quiet,
             )
             timed = [row["samples_per_s"] for row in progress.log[1:]] or [progress.log[0]["samples_per_s"]]
             rates[n] = sum(timed) / len(timed)

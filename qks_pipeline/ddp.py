@@ -101,9 +101,9 @@ def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures: the one line below
     run = {"run_id": uuid.uuid4().hex, "rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "max_restarts": 0}
-    config = LaunchConfig(1, 1, nproc, monitor_interval=0.2, start_method="spawn", **run)
+    config = LaunchConfig(1, 1, nproc, monitor_interval=0.2, start_method="spawn", shutdown_timeout=5, **run)
     try:
         return elastic_launch(config, _call)(fn, kwargs)[0]
     except ChildFailedError as e:
@@ -112,4 +112,5 @@ def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         if isinstance(message, dict):
             message = message.get("message", "")
         cause = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
+        cause = cause.removeprefix(f"{QKSError.__name__}: ")  # a user error reads as it would in one process
         raise QKSError(f"training rank {rank} of {nproc} failed: {cause}") from None
