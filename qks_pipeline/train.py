@@ -1,8 +1,9 @@
 """Stage two, training: fit the QKS head (queries, Q-Former, projection) from a feature cache; CLIP is never loaded.
 
 The training store's tail (`val_fraction` of its rows, a random sample because stage one shuffles the store) is held
-out; the checkpoint is selected on its seen-label mAP. `selection: test` instead selects on the test cache's ZSL mAP, as
-the reference code does, and every output says so.
+out; the checkpoint is selected on its seen-label mAP. `selection: test` instead selects on the test cache's ZSL mAP +
+F1@3 + F1@5, as the reference code does, and every output says so. The plateau scheduler steps on the same score.
+The recipe's defaults are the reference's: fp32 (`precision`), no early stopping, ASL with a detached focusing weight.
 
 Output directory:
     config.json         model config, token/embed dims, backbone fingerprint, labels and how they were embedded,
@@ -14,7 +15,8 @@ Output directory:
     train_log.csv       one row per epoch (epoch, loss, lr, val_mAP[, test_zsl_mAP], score, time_s, samples_per_s)
 
 Rerunning the same command after an interruption resumes from the last completed epoch; on the CPU, with the same
-seed, the final weights equal those of an uninterrupted run.
+seed, the final weights equal those of an uninterrupted run. With `nproc` N > 1 (qks_pipeline/ddp.py), N ranks each
+train on their share of every global batch; rank 0 alone scores and writes, and any number of ranks resumes its files.
 """
 
 from __future__ import annotations
@@ -386,6 +388,8 @@ def train(
     if params.train.batch_size % ranks:
         raise QKSError(f"train.batch_size {params.train.batch_size} is not divisible by the {ranks} processes")
     if ranks > world:
+        if dev.type == "cuda" and ranks > torch.cuda.device_count():
+            raise QKSError(f"train.nproc {ranks} asks for more ranks than the {torch.cuda.device_count()} GPUs")
         return ddp.launch(ranks, train, args | {"params": params})
     echo, out = (echo if rank == 0 else lambda _: None), Path(out)
     out.mkdir(parents=True, exist_ok=True)
