@@ -18,7 +18,7 @@ passes absolute paths).
 
 One worker per GPU: give each worker one GPU and one thread, so it runs one shard at a time on its GPU. With dask-cuda,
 `dask-cuda-worker tcp://SCHEDULER:8786` on each machine starts one worker per visible GPU, each pinned to its GPU
-through CUDA_VISIBLE_DEVICES (in Python: `LocalCUDACluster()`, then pass `Client(cluster)` as `cluster=`). Without
+through CUDA_VISIBLE_DEVICES (in Python: `LocalCUDACluster()`, then run with `OnCluster(Client(cluster))`). Without
 dask-cuda, start one worker per GPU yourself: `CUDA_VISIBLE_DEVICES=i dask worker tcp://SCHEDULER:8786 --nthreads 1
 --resources GPU=1`; when the workers declare a GPU resource, every shard task asks for one GPU, so a worker runs one
 shard at a time whatever its thread count, and workers without a GPU get none. Then `qks extract ... --cluster

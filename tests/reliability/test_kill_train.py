@@ -22,7 +22,7 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
 
 
-WRITERS = ("save_weights", "save_state", "write_csv", "atomic_write")  # every file `train` writes goes through these
+WRITERS = ("save_weights", "save_state", "write_csv", "atomic_write", "write_config")  # every file `train` writes
 
 
 def _kill_after_writes(monkeypatch: pytest.MonkeyPatch, die_after: int | None) -> list[str]:
