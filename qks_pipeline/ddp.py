@@ -5,10 +5,11 @@
 `torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --no-python qks train ...`
 (or `python -m qks_pipeline.cli train ...`). A process started by either finds RANK / WORLD_SIZE in its environment.
 
-Every rank iterates the same global batches (the loader's seeded order) and trains on its own contiguous share of each
-(`share`): the ranks' shares are disjoint and together the whole epoch, and a rank's loss is weighted by its share of
-the batch, so that DDP's gradient mean equals the gradient of one process on the whole batch, the last partial batch
-included. NCCL on CUDA, gloo on the CPU.
+Every rank's loader draws the same seeded order of the epoch and cuts the same global batches, of which each rank reads
+only its contiguous share (`CacheLoader.part`; sizes differ by at most one, and a share may be empty): the shares are
+disjoint and together the whole epoch, without duplicates. A rank's loss is weighted by its share of the batch, so that
+DDP's gradient mean equals the gradient of one process on the whole batch, the last partial batch included. NCCL on
+CUDA, gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -42,12 +43,6 @@ def setup(device: torch.device) -> torch.device:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))  # rank 0 validates alone meanwhile
     return device
-
-
-def share(n: int) -> slice:
-    """This rank's contiguous part of a global batch of n samples (sizes differ by at most one; may be empty)."""
-    rank, world = rank_and_world()
-    return slice(n * rank // world, n * (rank + 1) // world)
 
 
 def from_rank0(obj: Any) -> Any:

@@ -66,6 +66,7 @@ class CacheLoader:
     drop_last: bool = False
     prefetch: int = PREFETCH
     pin_memory: bool = False
+    part: tuple[int, int] = (0, 1)  # (rank, ranks): of each batch, this rank reads its share only (qks_pipeline/ddp.py)
     _labels: dict[int, np.ndarray] = field(default_factory=dict)  # shard -> its labels (S, C'), oldest first
     _buffers: list[tuple[np.ndarray, Callable]] = field(default_factory=list)  # (buffer, its last batch's weakref)
 
@@ -110,7 +111,8 @@ class CacheLoader:
             pending: deque = deque()
             try:
                 for start in range(0, stop, self.batch_size):
-                    part = slice(start, min(start + self.batch_size, stop))
+                    n, (rank, ranks) = min(self.batch_size, stop - start), self.part
+                    part = slice(start + n * rank // ranks, start + n * (rank + 1) // ranks)
                     pending.append(pool.submit(self._batch, rows[part], views[part]))
                     if len(pending) > self.prefetch:
                         yield pending.popleft().result()

@@ -124,6 +124,7 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     seen = slice(0, inputs.num_seen)
     pin = {"pin_memory": device.type == "cuda"}  # batches assembled in pinned memory, copied with non_blocking
     loader = open_loader(inputs.cache, batch_size=cfg.batch_size, rows=train_rows, columns=seen, seed=cfg.seed, **pin)
+    loader.part = ddp.rank_and_world()  # each rank reads its share of every batch
     if loader.num_samples == 0:
         raise QKSError("no valid training rows", inputs.cache.path)
     eval_batch = params.evaluate.batch_size
@@ -146,19 +147,20 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
 
 
 # ------------------------------------------------------------------------------------------------- epoch and score
-def train_step(s: Session, tokens: torch.Tensor, labels: torch.Tensor, emb_seen: torch.Tensor) -> torch.Tensor:
-    """One optimisation step on a global batch: tokens (B, T, D), labels (B, C_seen) int8, of which this rank trains on
-    its share (all of it in one process); returns the share's loss times its size (detached)."""
-    n, part = len(labels), ddp.share(len(labels))
-    tokens = tokens[part].to(s.device, non_blocking=True)
-    targets = labels[part].to(s.device, non_blocking=True)
+def train_step(
+    s: Session, tokens: torch.Tensor, labels: torch.Tensor, emb_seen: torch.Tensor, of: int | None = None
+) -> torch.Tensor:
+    """One optimisation step on tokens (b, T, D) and labels (b, C_seen) int8: this rank's share of a global batch of
+    `of` samples (default: b, one process); returns the share's loss times b (detached)."""
+    tokens = tokens.to(s.device, non_blocking=True)
+    targets = labels.to(s.device, non_blocking=True)
     with autocast(s.device, s.amp, s.dtype):
         logits = s.net(tokens, emb_seen)  # (b, C_seen)
     loss = s.loss_fn(logits, targets) if len(targets) else logits.sum()  # an empty share: 0, with the graph for DDP
     s.optimizer.zero_grad(set_to_none=True)
     # Every loss is a mean over images: weighting the share by b / B x world makes DDP's mean over ranks the gradient of
     # the whole batch's loss.
-    s.scaler.scale(loss * (len(targets) * ddp.rank_and_world()[1] / n)).backward()
+    s.scaler.scale(loss * (len(targets) * ddp.rank_and_world()[1] / (of or len(targets)))).backward()
     s.scaler.step(s.optimizer)
     s.scaler.update()
     if s.per_step:
@@ -172,10 +174,12 @@ def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, 
     emb_seen = s.emb[: s.num_seen]  # (C_seen, E): training scores seen labels only
     total, count, start = torch.zeros((), device=s.device), 0, time.perf_counter()
     bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar)
-    for batch in s.train_loader.epoch(epoch):
-        total += train_step(s, batch.tokens, batch.labels, emb_seen)
-        count += len(batch.rows)
-        bar.update(len(batch.rows))
+    size, samples = s.train_loader.batch_size, s.train_loader.num_samples
+    for i, batch in enumerate(s.train_loader.epoch(epoch)):
+        of = min(size, samples - i * size)  # the global batch this rank's share belongs to
+        total += train_step(s, batch.tokens, batch.labels, emb_seen, of)
+        count += of
+        bar.update(of)
     bar.close()
     seconds = time.perf_counter() - start
     return {"loss": float(ddp.total(total)) / count, "time_s": seconds, "samples_per_s": count / seconds}

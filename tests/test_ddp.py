@@ -17,8 +17,10 @@ from safetensors.torch import load_file
 from synthetic import make_synthetic
 from test_train import TINY_MODEL, _write_params
 
+from qks_pipeline.cache import open_cache
 from qks_pipeline.config import EvaluateConfig, Params, TrainConfig
 from qks_pipeline.errors import QKSError
+from qks_pipeline.loader import open_loader
 from qks_pipeline.train import train
 
 MODEL = dataclasses.replace(TINY_MODEL, dropout=0.0)
@@ -41,6 +43,23 @@ def assert_close_weights(a: Path, b: Path, atol: float) -> None:
     for k in wa:
         if not k.endswith("key.bias"):
             assert (wa[k] - wb[k]).abs().max().item() <= atol, k
+
+
+def test_ranks_read_disjoint_shares_of_the_same_batches(tmp_path):
+    """Each of 3 ranks reads its share of every global batch: together the one-process batch, row for row."""
+    cache = open_cache(make_synthetic(tmp_path, num_train=70, num_test=16, invalid_train=(3, 40)).train)
+    whole = list(open_loader(cache, batch_size=9, seed=5).epoch(2))
+    shares = [
+        list(dataclasses.replace(open_loader(cache, batch_size=9, seed=5), part=(r, 3)).epoch(2)) for r in range(3)
+    ]
+    assert all(len(s) == len(whole) == 8 for s in shares)  # 68 valid rows: 7 batches of 9 and one of 5
+    for i, batch in enumerate(whole):
+        parts = [s[i] for s in shares]
+        assert [len(p.rows) for p in parts] == ([3, 3, 3] if i < 7 else [1, 2, 2])
+        assert sorted(sum((p.rows.tolist() for p in parts), [])) == sorted(batch.rows.tolist())
+        for p in parts:  # each share's tokens and labels are those of its rows in the whole batch
+            at = [batch.rows.tolist().index(r) for r in p.rows.tolist()]
+            assert torch.equal(p.tokens, batch.tokens[at]) and torch.equal(p.labels, batch.labels[at])
 
 
 @pytest.mark.parametrize(
