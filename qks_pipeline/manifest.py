@@ -25,6 +25,7 @@ import numpy as np
 
 from qks_pipeline.atomic import atomic_write
 from qks_pipeline.errors import QKSError
+from qks_pipeline.images import BadImage, load_rgb
 
 SPLITS = ("train", "test")
 ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
@@ -46,9 +47,6 @@ class Record:
 def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
     """The labels a split is scored on (and that `"negative": "*"` covers): train seen only, test seen + unseen."""
     return list(seen) if split == "train" else list(seen) + list(unseen)
-
-
-# ---- the rules ----
 
 
 def check_image_path(image: str) -> str | None:
@@ -91,8 +89,7 @@ class Validator:
 
     def check(self, rec: Record, path: Path, line: int) -> None:
         """Raise QKSError naming `path:line` when `rec` breaks a rule."""
-        problem = self._problem(rec, path)
-        if problem:
+        if problem := self._problem(rec, path):
             raise QKSError(problem, path, line)
         self.first[rec.image] = (path, line)
 
@@ -156,7 +153,70 @@ class SplitSummary:
         return [label for label in self.scored if not self.negatives_of(label)]
 
 
-# ---- reading ----
+def require_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise QKSError(f"{what} not found", path)
+    return path
+
+
+def iter_lines(path: str | Path, what: str, aligned: bool = False) -> Iterator[tuple[int, str]]:
+    """Yield (line number, line) of the non-blank lines of a UTF-8 text file (a BOM, CRLF and CR allowed).
+
+    Lines end at '\\n' only, not at '\\x0c', '\\x85' or '\\u2028', which a label may hold. `aligned`: the n-th line
+    belongs to the n-th item of another file, so an empty line followed by more data is an error (it would shift every
+    later line against its partner).
+    """
+    path, blank = require_file(path, what), None
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
+        for i, text in enumerate(f, 1):
+            if bad := UNDECODABLE.search(text):
+                raise QKSError(f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})", path, i)
+            if not text.strip():
+                blank = blank or i
+            elif aligned and blank:
+                raise QKSError("empty line inside the file (lines must match another file one to one)", path, blank)
+            else:
+                yield i, text
+
+
+def read_lines(path: str | Path, what: str, aligned: bool = False, unique: bool = True) -> list[str]:
+    """The stripped lines of `iter_lines`; with `unique`, a line repeated is an error."""
+    out, first = [], {}
+    for i, text in iter_lines(path, what, aligned):
+        value = text.strip()
+        if unique and value in first:
+            raise QKSError(f"{value!r} listed twice (first on line {first[value]})", path, i)
+        first.setdefault(value, i)
+        out.append(value)
+    if not out:
+        raise QKSError(f"{what} is empty", path)
+    return out
+
+
+def read_labels(path: str | Path) -> list[str]:
+    return read_lines(path, "label file")
+
+
+def write_labels(path: str | Path, labels: Sequence[str]) -> None:
+    atomic_write(path, "".join(f"{label}\n" for label in labels))
+
+
+def read_templates(path: str | Path) -> list[str]:
+    templates = read_lines(path, "template file")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise QKSError(f"template {t!r} must contain exactly one '{{}}'", path)
+    return templates
+
+
+def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
+    """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
+    dataset_dir = Path(dataset_dir)
+    files = dataset_dir / "seen.txt", dataset_dir / "unseen.txt"
+    seen, unseen = read_labels(files[0]), read_labels(files[1])
+    check_vocabulary(seen, unseen, *files)
+    return seen, unseen
 
 
 def _parse_record(text: str, path: Path, line: int) -> Record:
@@ -188,16 +248,10 @@ def iter_manifest(path: str | Path, validator: Validator | None = None) -> Itera
     """Yield (line number, record) of a JSONL manifest, each checked by `validator` (default: a fresh one, which does
     not know the vocabulary)."""
     path, validator = Path(path), validator or Validator()
-    if not path.is_file():
-        raise QKSError("manifest not found", path)
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for i, text in enumerate(f, 1):
-            if bad := UNDECODABLE.search(text):
-                raise QKSError(f"not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})", path, i)
-            if text.strip():
-                rec = _parse_record(text, path, i)
-                validator.check(rec, path, i)
-                yield i, rec
+    for i, text in iter_lines(path, "manifest"):
+        rec = _parse_record(text, path, i)
+        validator.check(rec, path, i)
+        yield i, rec
 
 
 def read_manifest(path: str | Path, vocabulary: Collection[str] | None = None) -> list[Record]:
@@ -214,53 +268,6 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
     atomic_write(path, "".join(_record_line(r) for r in records))
 
 
-def read_lines(path: str | Path, what: str) -> list[str]:
-    """One entry a line; surrounding whitespace stripped; empty lines skipped; duplicates are an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise QKSError(f"{what} file not found", path)
-    try:
-        content = path.read_text(encoding="utf-8-sig")  # universal newlines: \r\n and \r arrive as \n
-    except UnicodeDecodeError as e:
-        raise QKSError(f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})", path) from None
-    out, first = [], {}
-    for i, text in enumerate(content.split("\n"), 1):  # not splitlines(): a label may hold \x0c, \x85 or \u2028
-        value = text.strip()
-        if value in first:
-            raise QKSError(f"{what} {value!r} listed twice (first on line {first[value]})", path, i)
-        if value:
-            first[value] = i
-            out.append(value)
-    if not out:
-        raise QKSError(f"{what} file is empty", path)
-    return out
-
-
-def read_labels(path: str | Path) -> list[str]:
-    return read_lines(path, "label")
-
-
-def write_labels(path: str | Path, labels: Sequence[str]) -> None:
-    atomic_write(path, "".join(f"{label}\n" for label in labels))
-
-
-def read_templates(path: str | Path) -> list[str]:
-    templates = read_lines(path, "template")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise QKSError(f"template {t!r} must contain exactly one '{{}}'", path)
-    return templates
-
-
-def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
-    """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
-    dataset_dir = Path(dataset_dir)
-    files = dataset_dir / "seen.txt", dataset_dir / "unseen.txt"
-    seen, unseen = read_labels(files[0]), read_labels(files[1])
-    check_vocabulary(seen, unseen, *files)
-    return seen, unseen
-
-
 def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Sequence[str] | None = None) -> np.ndarray:
     """(N, C) int8: +1 positive, -1 verified negative, 0 unknown, for records validated against `vocabulary`.
 
@@ -275,9 +282,6 @@ def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Seq
         out[i, [index[label] for label in rec.negative]] = -1
         out[i, [index[label] for label in rec.positive]] = 1
     return out
-
-
-# ---- writing ----
 
 
 def write_dataset(
@@ -320,9 +324,6 @@ def write_dataset(
     return summaries
 
 
-# ---- checking ----
-
-
 @dataclass
 class Problem:
     manifest: Path
@@ -344,19 +345,6 @@ class DatasetReport:
     problems: list[Problem] = field(default_factory=list)  # image files that are missing or unreadable
 
 
-def _image_problem(file: Path) -> str | None:
-    """Why an image file cannot be used, or None. Decoded fully, as extraction decodes it (`images.load_rgb`), so
-    the check lists exactly the images extraction masks out: PIL's verify() misses truncated JPEGs and moderate
-    decompression bombs."""
-    from qks_pipeline.images import BadImage, load_rgb
-
-    try:
-        load_rgb(file)
-    except BadImage as e:
-        return e.reason if e.reason == "missing" else f"unreadable ({e.reason})"
-    return None
-
-
 def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
     """Validate a dataset directory and count what it holds.
 
@@ -374,9 +362,13 @@ def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None)
         summary = report.splits[split] = SplitSummary(scored_labels(split, seen, unseen))
         for line, rec in iter_manifest(path, validator):
             summary.add(rec)
-            problem = report.image_root and _image_problem(report.image_root / rec.image)
-            if problem:
-                report.problems.append(Problem(path, line, report.image_root / rec.image, problem))
+            if report.image_root is None:
+                continue
+            try:  # decoded fully, as extraction does: PIL's verify() misses truncated JPEGs and moderate bombs
+                load_rgb(report.image_root / rec.image)
+            except BadImage as e:
+                reason = e.reason if e.reason == "missing" else f"unreadable ({e.reason})"
+                report.problems.append(Problem(path, line, report.image_root / rec.image, reason))
         if not summary.images:
             raise QKSError("manifest has no images", path)
     return report

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record
+from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.manifest import Record, require_file
 
 
 def read_instances(path: Path) -> tuple[list[str], list[tuple[str, set[str]]]]:

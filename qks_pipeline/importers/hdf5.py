@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, iter_aligned_lines, require_file
-from qks_pipeline.manifest import Record, check_vocabulary, read_labels
+from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.manifest import Record, check_vocabulary, read_labels, read_lines, require_file
 
 LAYOUTS = ("flickr", "path")
 
@@ -48,12 +48,8 @@ def h5_records(
 ) -> Iterator[Record]:
     """Records of the images listed in `names`; `unseen` is None for the train file (no `-labels_81`)."""
     labels = np.array(list(seen) + list(unseen or []), dtype=object)
-    first: dict[str, int] = {}
     with h5py.File(require_file(h5_path, "HDF5 label file"), "r") as h5:
-        for line, name in iter_aligned_lines(require_file(names, "image-name list")):
-            if name in first:
-                raise QKSError(f"{name!r} listed twice (first on line {first[name]})", names, line)
-            first[name] = line
+        for line, name in enumerate(read_lines(names, "image-name list", aligned=True), 1):
             values = _vector(h5, f"{name}-labels", (len(seen), len(seen) + len(unseen or [])), (names, line))
             values = values[: len(seen)]
             if unseen is not None:

@@ -13,22 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import (
-    ImportReport,
-    iter_aligned_lines,
-    read_aligned_lines,
-    read_binary_column,
-    require_file,
-)
-from qks_pipeline.manifest import Record
-
-IMAGE_DIR = "Flickr"  # the release's image folder, relative to the image root
-
-
-def read_image_list(path: Path) -> list[str]:
-    """`actor\\0001_2124494179.jpg` lines -> `Flickr/actor/0001_2124494179.jpg` manifest paths."""
-    require_file(path, "image list")
-    return [IMAGE_DIR + "/" + name.replace("\\", "/") for name in read_aligned_lines(path, unique=True)]
+from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.manifest import Record, iter_lines, read_lines
 
 
 def find_concepts(root: Path) -> Path:
@@ -49,11 +35,10 @@ def tag_records(
     truth: np.ndarray | None,
 ) -> Iterator[Record]:
     """Yield a record per image from a tag matrix (+ the concepts' ground truth `truth`, (N, 81) bool, for test)."""
-    require_file(dat, "tag matrix")
     seen_cols = np.array([tags.index(t) for t in seen])  # positions of the seen tags among the 1,000 columns
     seen_names, unseen_names = np.array(seen, dtype=object), np.array(unseen, dtype=object)
     rows = 0
-    for line, text in iter_aligned_lines(dat):
+    for line, text in iter_lines(dat, "tag matrix", aligned=True):
         values = text.split()
         if rows == len(images):
             raise QKSError(f"more rows than the {len(images)} images of {image_list}", dat, line)
@@ -63,9 +48,7 @@ def tag_records(
             bad = next(j for j, v in enumerate(values) if v not in ("0", "1"))
             raise QKSError(f"expected 0 or 1, found {values[bad]!r} in column {bad + 1} ({tags[bad]!r})", dat, line)
         hit = np.frombuffer("".join(values).encode("ascii"), np.uint8)[seen_cols] == ord("1")  # (925,)
-        positive = seen_names[hit].tolist()
-        if truth is not None:
-            positive += unseen_names[truth[rows]].tolist()
+        positive = seen_names[hit].tolist() + ([] if truth is None else unseen_names[truth[rows]].tolist())
         # Every other scored label is a verified negative: written as "*" (see manifest.Record.negative_rest).
         yield Record(images[rows], tuple(positive), negative_rest=True)
         rows += 1
@@ -73,14 +56,16 @@ def tag_records(
         raise QKSError(f"{rows} rows, but {image_list} lists {len(images)} images", dat)
 
 
-def concept_truth(root: Path, concepts: Sequence[str], count: int, image_list: Path) -> np.ndarray:
-    """(count, 81) bool: the test ground truth of every concept, from Labels_<concept>_Test.txt."""
-    folder = root / "Groundtruth" / "TrainTestLabels"
-    columns = []
-    for concept in concepts:
-        path = require_file(folder / f"Labels_{concept}_Test.txt", f"ground truth of concept {concept!r}")
-        columns.append(read_binary_column(path, count, image_list))
-    return np.array(columns, dtype=bool).T  # (count, 81)
+def concept_truth(root: Path, concept: str, count: int, image_list: Path) -> list[bool]:
+    """The test ground truth of one concept: Labels_<concept>_Test.txt, one 0/1 a line per test image."""
+    path = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_Test.txt"
+    values = read_lines(path, f"ground truth of concept {concept!r}", aligned=True, unique=False)
+    for line, value in enumerate(values, 1):  # aligned: no blank line before the last value
+        if value not in ("0", "1"):
+            raise QKSError(f"expected 0 or 1, found {value!r}", path, line)
+    if len(values) != count:
+        raise QKSError(f"{len(values)} lines, but {image_list} lists {count} images", path)
+    return [value == "1" for value in values]
 
 
 def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
@@ -88,19 +73,19 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
     root = Path(root)
     if not root.is_dir():
         raise QKSError("NUS-WIDE release folder not found", root)
-    tag_list = require_file(root / "NUS_WID_Tags" / "TagList1k.txt", "tag list")
-    tags = read_aligned_lines(tag_list, unique=True)
-    concepts = read_aligned_lines(find_concepts(root), unique=True)
-    concept_set = set(concepts)
-    seen = [t for t in tags if t not in concept_set]
+    tag_dir, lists = root / "NUS_WID_Tags", root / "ImageList"
+    tags = read_lines(tag_dir / "TagList1k.txt", "tag list", aligned=True)
+    concepts = read_lines(find_concepts(root), "concept list", aligned=True)
+    seen = [t for t in tags if t not in set(concepts)]
     report = ImportReport(Path(out))
     report.notes.append(f"{len(tags) - len(seen)} of the {len(concepts)} concepts are also tags (not seen labels)")
-    lists, tag_dir = root / "ImageList", root / "NUS_WID_Tags"
-    train_list, test_list = lists / "TrainImagelist.txt", lists / "TestImagelist.txt"
-    train_images, test_images = read_image_list(train_list), read_image_list(test_list)
-    truth = concept_truth(root, concepts, len(test_images), test_list)
-    splits = {
-        "train": tag_records(train_images, tag_dir / "Train_Tags1k.dat", train_list, tags, seen, concepts, None),
-        "test": tag_records(test_images, tag_dir / "Test_Tags1k.dat", test_list, tags, seen, concepts, truth),
-    }
+    splits = {}
+    for split, name in (("train", "Train"), ("test", "Test")):
+        image_list = lists / f"{name}Imagelist.txt"
+        # `actor\0001_2124494179.jpg` lines -> `Flickr/actor/0001_2124494179.jpg` manifest paths
+        images = ["Flickr/" + n.replace("\\", "/") for n in read_lines(image_list, "image list", aligned=True)]
+        truth = None
+        if split == "test":  # (N, 81)
+            truth = np.array([concept_truth(root, c, len(images), image_list) for c in concepts], dtype=bool).T
+        splits[split] = tag_records(images, tag_dir / f"{name}_Tags1k.dat", image_list, tags, seen, concepts, truth)
     return report.write(seen, concepts, splits)

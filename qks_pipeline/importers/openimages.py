@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, read_labels
+from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.manifest import Record, read_lines, require_file
 
 COLUMNS = ("ImageID", "LabelName", "Confidence")  # the annotation columns used (Source is ignored)
 RELEASE = "2018_04"  # the release's metadata folder, which `--root` may name or hold
@@ -214,7 +214,7 @@ def import_openimages(
     """
     root = find_release(Path(root))
     descriptions = read_class_descriptions(root / "class-descriptions.csv")
-    seen_mids = read_labels(require_file(root / "classes-trainable.txt", "trainable classes"))
+    seen_mids = read_lines(root / "classes-trainable.txt", "trainable classes")
     unseen_mids = read_unseen_mids(root / "unseen_labels.pkl", root / "top_400_unseen.csv")
     both = sorted(set(seen_mids) & set(unseen_mids))
     if both:

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, require_file
-from qks_pipeline.manifest import Record, check_image_path, check_vocabulary
+from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.manifest import Record, check_image_path, check_vocabulary, read_lines, require_file
 
 NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
 HEADERS = {
@@ -29,14 +29,11 @@ HEADERS = {
 
 
 def read_label_file(path: Path, report: ImportReport) -> list[str]:
-    """One label a line, stripped; a repeated label is kept once (noted in the report)."""
-    lines = [t.strip() for t in require_file(path, "label file").read_text(encoding="utf-8-sig").splitlines()]
-    labels = list(dict.fromkeys(t for t in lines if t))
-    repeated = sum(1 for t in lines if t) - len(labels)
-    if repeated:
-        report.notes.append(f"{path}: {repeated} repeated label line(s) merged")
-    if not labels:
-        raise QKSError("label file is empty", path)
+    """One label a line; a repeated label is kept once (noted in the report)."""
+    lines = read_lines(path, "label file", unique=False)
+    labels = list(dict.fromkeys(lines))
+    if len(labels) < len(lines):
+        report.notes.append(f"{path}: {len(lines) - len(labels)} repeated label line(s) merged")
     return labels
 
 
