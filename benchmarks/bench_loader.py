@@ -5,8 +5,8 @@ an image) of `--gb` GiB through the project's own cache API (reused when present
 each of: the raw read (`open` + `readinto` of every shard file in 16 MiB pieces, all bytes, index included), the
 loader in store order (validation, evaluation) and the loader shuffled (training), each with the page cache warm and
 cold (the shard files' pages dropped before the pass with `posix_fadvise(DONTNEED)`, which needs no root). Passes are
-interleaved so that all see the same load on a shared machine; the ratios are over the summed times. No model: this is
-what the loader can deliver.
+interleaved so that all see the same load on a shared machine; the ratios are over the summed times. The loader passes
+are repeated without the crc32c check of each chunk, to measure its cost. No model: this is what the loader can deliver.
 
 Usage: .venv/bin/python benchmarks/bench_loader.py [--gb 1] [--rounds 3] [--batch-size 256] [--backend auto]
 """
@@ -17,10 +17,11 @@ import argparse
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from bench_train_memory import write_cache
 
-from qks_pipeline.cache import open_cache
+from qks_pipeline.cache import Cache, open_cache
 from qks_pipeline.loader import open_loader
 
 
@@ -40,7 +41,9 @@ def raw_pass(files: list[Path]) -> None:
                 pass
 
 
-def loader_pass(loader, epoch: int) -> int:
+def loader_pass(cache: Cache, epoch: int, verify: bool = True, **kw: Any) -> int:
+    loader = open_loader(cache, **kw)
+    loader.reader.verify = verify  # the direct reader's crc32c check of each chunk
     return sum(len(batch.rows) for batch in loader.epoch(epoch))
 
 
@@ -60,10 +63,13 @@ def main() -> None:
     cache = open_cache(store)
     files = [f for f in sorted((store / "tokens" / "c").rglob("*"), key=lambda p: p.parts[-4:]) if f.is_file()]
     n, kw = cache.num_images, {"batch_size": args.batch_size, "columns": slice(0, cache.num_seen)}
+    kw["backend"] = args.backend
     passes = {
         "raw sequential read": lambda r: raw_pass(files) or n,
-        "loader, in order": lambda r: loader_pass(open_loader(cache, shuffle=False, backend=args.backend, **kw), r),
-        "loader, shuffled": lambda r: loader_pass(open_loader(cache, backend=args.backend, **kw), r),
+        "loader, in order": lambda r: loader_pass(cache, r, shuffle=False, **kw),
+        "loader, shuffled": lambda r: loader_pass(cache, r, **kw),
+        "in order, no crc32c": lambda r: loader_pass(cache, r, False, shuffle=False, **kw),
+        "shuffled, no crc32c": lambda r: loader_pass(cache, r, False, **kw),
     }
     seconds = dict.fromkeys([(name, cold) for cold in (False, True) for name in passes], 0.0)
     load = os.getloadavg()[0]
@@ -83,7 +89,7 @@ def main() -> None:
         rate, raw = args.rounds * n / seconds[name, cold], seconds["raw sequential read", cold]
         gib = rate * cache.tokens.nbytes / n / 2**30
         ratio = raw / seconds[name, cold]
-        print(f"{'cold' if cold else 'warm'} {name:>19}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), {ratio:.2f} of raw")
+        print(f"{'cold' if cold else 'warm'} {name:>20}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), {ratio:.2f} of raw")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
