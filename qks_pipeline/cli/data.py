@@ -18,6 +18,11 @@ def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
     return click.option(name, type=kind, required=True, help=text)
 
 
+def choice(name: str, values: tuple[str, ...], text: str):
+    """An option taking one of `values`, the first by default."""
+    return click.option(name, type=click.Choice(values), default=values[0], show_default=True, help=text)
+
+
 OUT = required("--out", "Dataset directory to write (train/test.jsonl, seen/unseen.txt).", NEW_DIR)
 MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps them all
 
@@ -94,13 +99,7 @@ def coco(
 @click.option(
     "--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'datasets/OpenImages/')."
 )
-@click.option(
-    "--negatives",
-    type=click.Choice(NEGATIVES),
-    default="listed",
-    show_default=True,
-    help="listed: the CSV's negative columns; rest: every non-positive label of the split's scored set.",
-)
+@choice("--negatives", NEGATIVES, "listed: the CSV's negative columns; rest: every other label the split scores.")
 @OUT
 def reference_csv(**options: Any) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
@@ -114,13 +113,7 @@ def reference_csv(**options: Any) -> None:
 @required("--test-names", "Names of the test images, one a line.")
 @required("--seen-file", "The seen tags in the order of the -labels vectors.")
 @required("--unseen-file", "The 81 concepts in the order of the -labels_81 vectors.")
-@click.option(
-    "--layout",
-    type=click.Choice(LAYOUTS),
-    default="flickr",
-    show_default=True,
-    help="flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.",
-)
+@choice("--layout", LAYOUTS, "flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.")
 @OUT
 def hdf5(**options: Any) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""

@@ -1,14 +1,16 @@
-"""What every importer shares: the report it returns (and writes through), and the importer of a dataset directory
-already in this project's format."""
+"""What every importer shares: the report it returns (and writes through), a CSV reader, and the importer of a
+dataset directory already in this project's format."""
 
 from __future__ import annotations
 
+import csv
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qks_pipeline.manifest import SPLITS, Record, Validator, iter_manifest, read_vocabulary, write_dataset
+from qks_pipeline.errors import QKSError
+from qks_pipeline.manifest import SPLITS, Record, Validator, iter_manifest, read_vocabulary, require_file, write_dataset
 
 
 @dataclass
@@ -37,6 +39,18 @@ class ImportReport:
             drops = [f"{c} ({reason})" for (s, reason), c in sorted(self.dropped.items()) if s == split and c]
             out.append(f"  {split}: {n} images written" + (f", dropped {', '.join(drops)}" if drops else ""))
         return out + [f"  note: {note}" for note in self.notes]
+
+
+def csv_rows(path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
+    """Yield (line number, fields) of each non-blank row of a UTF-8 CSV file (a BOM allowed)."""
+    with open(require_file(path, what), encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f)
+        try:
+            for row in rows:
+                if "".join(row).strip():
+                    yield rows.line_num, row
+        except UnicodeDecodeError:
+            raise QKSError("not UTF-8 text", path, rows.line_num + 1) from None
 
 
 def import_manifest(root: str | Path, out: str | Path) -> ImportReport:

@@ -11,7 +11,6 @@ downloader's `<split>/NN/<ImageID>.jpg`) and one never downloaded is left out.
 
 from __future__ import annotations
 
-import csv
 import os
 import pickle
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.importers.common import ImportReport, csv_rows
 from qks_pipeline.manifest import Record, read_lines, require_file
 
 COLUMNS = ("ImageID", "LabelName", "Confidence")  # the annotation columns used (Source is ignored)
@@ -45,17 +44,13 @@ def find_release(root: Path) -> Path:
 def read_class_descriptions(path: Path) -> dict[str, str]:
     """MID -> display name. No header; CSV quoting (`"Nut, walnut"`); an unquoted comma stays in the name."""
     names: dict[str, str] = {}
-    with open(require_file(path, "class descriptions"), encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f)
-        for row in rows:
-            if not "".join(row).strip():
-                continue
-            mid, name = row[0].strip(' "'), ",".join(row[1:]).strip(' "')
-            if not mid or not name:
-                raise QKSError("expected 'MID,Display name'", path, rows.line_num)
-            if mid in names:
-                raise QKSError(f"MID {mid} described twice", path, rows.line_num)
-            names[mid] = name
+    for line, row in csv_rows(path, "class descriptions"):
+        mid, name = row[0].strip(' "'), ",".join(row[1:]).strip(' "')
+        if not mid or not name:
+            raise QKSError("expected 'MID,Display name'", path, line)
+        if mid in names:
+            raise QKSError(f"MID {mid} described twice", path, line)
+        names[mid] = name
     return names
 
 
@@ -95,18 +90,14 @@ def read_mid_pool(pkl: Path) -> list[str]:
 def read_unseen_mids(pkl: Path, top: Path) -> list[str]:
     """The unseen MIDs: the first column of `top` indexes the MIDs pickled in `pkl`."""
     pool, mids = read_mid_pool(pkl), []
-    with open(require_file(top, "top unseen indices"), encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f)
-        for row in rows:
-            if not row or not row[0].strip():
-                continue
-            try:
-                index = int(row[0])
-            except ValueError:
-                raise QKSError(f"first column must be an index, found {row[0]!r}", top, rows.line_num) from None
-            if not 0 <= index < len(pool):
-                raise QKSError(f"index {index} outside the {len(pool)} MIDs of {pkl.name}", top, rows.line_num)
-            mids.append(pool[index].strip())
+    for line, row in csv_rows(top, "top unseen indices"):
+        try:
+            index = int(row[0])
+        except ValueError:
+            raise QKSError(f"first column must be an index, found {row[0]!r}", top, line) from None
+        if not 0 <= index < len(pool):
+            raise QKSError(f"index {index} outside the {len(pool)} MIDs of {pkl.name}", top, line)
+        mids.append(pool[index].strip())
     return mids
 
 
@@ -148,35 +139,6 @@ def locate_images(images: Path, folder: str, report: ImportReport) -> dict[str, 
     return found
 
 
-def group_annotations(path: Path, labels: Mapping[str, str]) -> tuple[dict[str, tuple[list, list]], set[str]]:
-    """({ImageID: ([positive names], [negative names])} for annotations of `labels` (MID -> name), the images that
-    have annotations of other MIDs only or too)."""
-    groups: dict[str, tuple[list[str], list[str]]] = {}
-    others: set[str] = set()
-    with open(require_file(path, "annotations"), encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f)
-        header = [h.strip() for h in next(rows, [])]
-        if not set(COLUMNS) <= set(header):
-            raise QKSError(f"header must name {', '.join(COLUMNS)}; found {header}", path, 1)
-        image_col, label_col, conf_col = (header.index(c) for c in COLUMNS)
-        for row in rows:
-            if not row:
-                continue
-            try:
-                image, mid, confidence = row[image_col].strip(), row[label_col].strip(), float(row[conf_col])
-            except (IndexError, ValueError):
-                message = f"expected {len(header)} fields with a numeric Confidence"
-                raise QKSError(message, path, rows.line_num) from None
-            if confidence not in (0.0, 1.0) or not image:
-                raise QKSError("expected an ImageID and a Confidence of 0 or 1", path, rows.line_num)
-            name = labels.get(mid)
-            if name is None:
-                others.add(image)
-            else:
-                groups.setdefault(image, ([], []))[confidence == 0.0].append(name)  # [0]: positive, [1]: negative
-    return groups, others
-
-
 def read_annotations(
     path: Path, labels: Mapping[str, str], folder: str, split: str, report: ImportReport, found: dict | None
 ) -> Iterator[Record]:
@@ -187,7 +149,24 @@ def read_annotations(
         split: the manifest written ("train" or "test"), for the report.
         found: `locate_images` of the folder; None: the path is taken to be `<folder>/<ImageID>.jpg`, unchecked.
     """
-    groups, others = group_annotations(path, labels)
+    groups: dict[str, tuple[list[str], list[str]]] = {}  # ImageID -> ([positive names], [negative names])
+    others: set[str] = set()  # images with annotations of other MIDs
+    rows = csv_rows(path, "annotations")
+    header = [h.strip() for h in next(rows, (1, []))[1]]
+    if not set(COLUMNS) <= set(header):
+        raise QKSError(f"header must name {', '.join(COLUMNS)}; found {header}", path, 1)
+    image_col, label_col, conf_col = (header.index(c) for c in COLUMNS)
+    for line, row in rows:
+        try:
+            image, mid, confidence = row[image_col].strip(), row[label_col].strip(), float(row[conf_col])
+        except (IndexError, ValueError):
+            raise QKSError(f"expected {len(header)} fields with a numeric Confidence", path, line) from None
+        if confidence not in (0.0, 1.0) or not image:
+            raise QKSError("expected an ImageID and a Confidence of 0 or 1", path, line)
+        if mid in labels:
+            groups.setdefault(image, ([], []))[confidence == 0.0].append(labels[mid])  # [0]: positive
+        else:
+            others.add(image)
     for image, (positive, negative) in groups.items():
         positive, negative = tuple(dict.fromkeys(positive)), tuple(dict.fromkeys(negative))
         prefix = f"{folder}/" if found is None else found.get(image)

@@ -10,13 +10,12 @@ label of the split's scored set negative (`"negative": "*"`).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport
-from qks_pipeline.manifest import Record, check_image_path, check_vocabulary, read_lines, require_file
+from qks_pipeline.importers.common import ImportReport, csv_rows
+from qks_pipeline.manifest import Record, check_image_path, check_vocabulary, read_lines
 
 NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
 HEADERS = {
@@ -56,32 +55,29 @@ def csv_records(
 ) -> Iterator[Record]:
     """Yield one record per CSV row; unknown labels and repeated images are errors naming the row's line."""
     listed, first = 0, {}  # rows with a negative; image -> its first line
-    with open(require_file(path, "CSV file"), encoding="utf-8-sig", newline="") as f:
-        rows = csv.reader(f)
-        header = tuple(h.strip() for h in next(rows, []))
-        if header not in HEADERS:
-            raise QKSError(f"unexpected header {list(header)}; expected one of {[list(h) for h in HEADERS]}", path, 1)
-        for row in rows:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, rows.line_num)
-            positive, negative = (
-                tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip()))
-                for cols in HEADERS[header]
-            )
-            unknown = sorted((set(positive) | set(negative)) - vocabulary)
-            if unknown:
-                raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, rows.line_num)
-            image = image_path(row[0], strip_prefix, path, rows.line_num)
-            if image in first:
-                raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, rows.line_num)
-            first[image], listed = rows.line_num, listed + bool(negative)
-            if set(positive) & set(negative):
-                report.drop(split, "positive and negative labels intersect")
-            else:
-                rest = negatives == "rest"
-                yield Record(image, positive, () if rest else negative, negative_rest=rest)
+    rows = csv_rows(path, "CSV file")
+    header = tuple(h.strip() for h in next(rows, (1, []))[1])
+    if header not in HEADERS:
+        raise QKSError(f"unexpected header {list(header)}; expected one of {[list(h) for h in HEADERS]}", path, 1)
+    for line, row in rows:
+        if len(row) != len(header):
+            raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, line)
+        positive, negative = (
+            tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip()))
+            for cols in HEADERS[header]
+        )
+        unknown = sorted((set(positive) | set(negative)) - vocabulary)
+        if unknown:
+            raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, line)
+        image = image_path(row[0], strip_prefix, path, line)
+        if image in first:
+            raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, line)
+        first[image], listed = line, listed + bool(negative)
+        if set(positive) & set(negative):
+            report.drop(split, "positive and negative labels intersect")
+        else:
+            rest = negatives == "rest"
+            yield Record(image, positive, () if rest else negative, negative_rest=rest)
     if not listed and negatives == "listed":
         report.notes.append(
             f"{path}: the negative columns are empty on every row: no label has a verified negative, so none can be "
