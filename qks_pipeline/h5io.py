@@ -28,24 +28,8 @@ from qks_pipeline.storage import Location
 
 FORMAT = "qks-feature-cache-hdf5/1"
 STR = h5py.string_dtype("utf-8")
-
-
-def _write_small(f: h5py.File, cache: Cache) -> None:
-    f.create_dataset("valid", data=cache.valid[:])
-    f.create_dataset("paths", data=np.asarray(cache.paths[:], dtype=object), dtype=STR)
-    f.create_dataset("manifest_index", data=cache.manifest_index[:])
-    f.create_dataset("visual_proj", data=cache.visual_proj[:])
-    f.create_dataset("label_names", data=np.asarray(cache.label_names, dtype=object), dtype=STR)
-    done = [cache.done_record(s) for s in range(cache.num_shards)]
-    f.create_dataset("done", data=json.dumps(done), dtype=STR)
-    f.attrs.update(
-        {
-            "format": FORMAT,
-            "fingerprint": json.dumps(cache.fingerprint),
-            "num_seen": cache.num_seen,
-            "shard_size": cache.shard_size,
-        }
-    )
+# create_cache arguments stored as they are: arrays, string lists, integer attributes
+ARRAYS, STRINGS, ATTRS = ("manifest_index", "visual_proj"), ("paths", "label_names"), ("num_seen", "shard_size")
 
 
 def export_hdf5(store: str | Path, out: str | Path) -> Path:
@@ -60,29 +44,14 @@ def export_hdf5(store: str | Path, out: str | Path) -> Path:
             rows = cache.shard_rows(shard)
             feats[rows] = cache.tokens[rows]  # one whole shard at a time: bounded memory
             labels[rows] = cache.labels[rows]
-        _write_small(f, cache)
+        for name in ("valid", *ARRAYS):
+            f.create_dataset(name, data=getattr(cache, name)[:])
+        for name, strings in zip(STRINGS, (cache.paths[:], cache.label_names), strict=True):
+            f.create_dataset(name, data=np.asarray(strings, dtype=object), dtype=STR)
+        f.create_dataset("done", data=json.dumps([cache.done_record(s) for s in range(cache.num_shards)]), dtype=STR)
+        f.attrs.update({name: getattr(cache, name) for name in ATTRS})
+        f.attrs.update(format=FORMAT, fingerprint=json.dumps(cache.fingerprint))
     return out
-
-
-def _read_export(f: h5py.File, path: Path) -> dict:
-    if f.attrs.get("format") != FORMAT:
-        raise QKSError(f"not a qks feature-cache export (format attribute {f.attrs.get('format')!r})", path)
-    missing = [k for k in ("features", "labels", "valid", "paths", "manifest_index", "visual_proj", "label_names")
-               if k not in f]  # fmt: skip
-    if missing:
-        raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", path)
-    names = [s.decode() if isinstance(s, bytes) else s for s in f["label_names"][:]]
-    if f["labels"].shape != (f["features"].shape[0], len(names)):
-        raise QKSError(f"HDF5 export's labels have shape {f['labels'].shape}, expected (images, {len(names)})", path)
-    return {
-        "fingerprint": json.loads(f.attrs["fingerprint"]),
-        "labels": lambda start, stop: f["labels"][start:stop],  # read a shard at a time
-        "label_names": names,
-        "paths": [s.decode() if isinstance(s, bytes) else s for s in f["paths"][:]],
-        "manifest_index": f["manifest_index"][:],
-        "visual_proj": f["visual_proj"][:],
-        "done": json.loads(f["done"][()]),
-    }
 
 
 def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> Cache:
@@ -98,16 +67,24 @@ def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> C
 
 
 def _rebuild(f: h5py.File, h5: Path, store: str | Path) -> Cache:
-    meta = _read_export(f, h5)
-    n, v, t, d = f["features"].shape
+    if f.attrs.get("format") != FORMAT:
+        raise QKSError(f"not a qks feature-cache export (format attribute {f.attrs.get('format')!r})", h5)
+    missing = [k for k in ("features", "labels", "valid", "done", *ARRAYS, *STRINGS) if k not in f]
+    if missing:
+        raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", h5)
+    meta = {name: f[name][:] for name in ARRAYS}
+    meta |= {name: f[name].asstr()[:].tolist() for name in STRINGS}
+    meta |= {name: int(f.attrs[name]) for name in ATTRS}
+    (n, v, t, d), c = f["features"].shape, len(meta["label_names"])
+    if f["labels"].shape != (n, c):
+        raise QKSError(f"HDF5 export's labels have shape {f['labels'].shape}, expected ({n}, {c})", h5)
+    fingerprint = json.loads(f.attrs["fingerprint"])
+    labels = f["labels"]  # read a shard at a time
     cache = create_cache(
-        store, fingerprint=meta["fingerprint"], token_shape=(t, d), num_views=v,
-        shard_size=int(f.attrs["shard_size"]), label_names=meta["label_names"], num_seen=int(f.attrs["num_seen"]),
-        labels=meta["labels"], paths=meta["paths"], manifest_index=meta["manifest_index"],
-        visual_proj=meta["visual_proj"],
-    )  # fmt: skip
+        store, fingerprint=fingerprint, token_shape=(t, d), num_views=v, labels=lambda a, b: labels[a:b], **meta
+    )
     valid = f["valid"][:]
-    for record in meta["done"]:
+    for record in json.loads(f["done"][()]):
         shard = record["shard"]
         rows = cache.shard_rows(shard)
         if record["rows"] != [rows.start, rows.stop]:
