@@ -17,6 +17,10 @@ from qks_pipeline.cli.options import (
     params_options,
 )
 
+ANY_SPLIT = click.option(
+    "--any-split", is_flag=True, help="Accept a store of the other split (train on test, evaluate on train): a leak."
+)
+
 
 @click.command("train")
 @click.option("--train-cache", required=True, type=EXISTING_STORE, help="Training feature store (stage one).")
@@ -27,12 +31,15 @@ from qks_pipeline.cli.options import (
 @DEVICE
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue a run found in --out.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
-def train_cmd(train_cache, labels, out, test_cache, params, device, resume, progress) -> None:
+@click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine [train.nproc].")
+@ANY_SPLIT
+def train_cmd(train_cache, labels, out, test_cache, params, device, resume, progress, nproc, any_split) -> None:
     """Train the QKS head from the feature cache (stage two). Rerun the same command to resume after a kill."""
     from qks_pipeline.train import train
 
+    params.train.nproc = nproc or params.train.nproc
     kwargs = dict(test_path=test_cache, device=device, resume=resume, progress_bar=progress, echo=click.echo)
-    train(train_cache, labels, out, params=params, **kwargs)
+    train(train_cache, labels, out, params=params, any_split=any_split, **kwargs)
 
 
 @click.command("evaluate")
@@ -40,7 +47,7 @@ def train_cmd(train_cache, labels, out, test_cache, params, device, resume, prog
 @click.option("--test-cache", required=True, type=EXISTING_STORE, help="Test feature store (stage one).")
 @click.option("--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one).")
 @click.option("--out", required=True, type=NEW_FILE, help="Metrics JSON (fractions in [0, 1]).")
-@click.option("--per-label", type=NEW_FILE, help="CSV: label, seen/unseen, AP, positives.")
+@click.option("--per-label", type=NEW_FILE, help="CSV per label: AP, what it lacks to be scored, positives, negatives.")
 @click.option(
     "--query-preference",
     type=NEW_FILE,
@@ -49,13 +56,14 @@ def train_cmd(train_cache, labels, out, test_cache, params, device, resume, prog
 @click.option("--baseline", type=click.Choice(["clip"]), help="Also (or, without --checkpoint, only) CLIP zero-shot.")
 @params_options("model, train, evaluate")
 @DEVICE
-def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preference, baseline, params, device) -> None:
+@ANY_SPLIT
+def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preference, baseline, params, device, any_split):
     """Score the test cache on seen + unseen labels; write ZSL / GZSL / seen metrics and the query-preference table."""
     from qks_pipeline.evaluate import evaluate
 
     query_preference = query_preference or out.with_name(out.stem + ".query_preference.csv")
     tables = dict(per_label=per_label, query_table=query_preference)
-    kwargs = dict(checkpoint=checkpoint, baseline=baseline, device=device, echo=click.echo)
+    kwargs = dict(checkpoint=checkpoint, baseline=baseline, device=device, any_split=any_split, echo=click.echo)
     evaluate(test_cache, labels, out, params=params.evaluate, **tables, **kwargs)
 
 
@@ -72,7 +80,7 @@ def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preferenc
 @click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (only for a trusted file).")
 def import_checkpoint_cmd(file, out, model, num_heads, trust_pickle) -> None:
     """Convert an authors' QKS checkpoint for `qks evaluate` (and export its CLIP weights for `qks extract`)."""
-    from qks_pipeline.train import import_checkpoint
+    from qks_pipeline.reference import import_checkpoint
 
     import_checkpoint(file, out, model=model, num_heads=num_heads, trust_pickle=trust_pickle, echo=click.echo)
 
