@@ -20,6 +20,7 @@ from qks_pipeline.predict import ImageInput, Prediction
 
 THUMBNAIL_SIZE = 256  # longest side of an embedded thumbnail, pixels
 JPEG_QUALITY = 85
+TITLE = "QKS predictions"
 
 CSS = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f4f5f7; color: #1d2330; }
@@ -44,22 +45,18 @@ ol.tags { list-style: none; margin: 0; padding: 0; }
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
-def thumbnail_uri(img: Image.Image, size: int = THUMBNAIL_SIZE) -> str:
-    """A JPEG data URI of `img` scaled to fit `size` x `size` (never enlarged)."""
-    thumb = to_rgb(img).copy()
-    thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    thumb.save(buf, "JPEG", quality=JPEG_QUALITY)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _thumbnail(source: ImageInput, size: int) -> str:
-    """The thumbnail's <div>: the image, or the reason it cannot be shown."""
+def _thumbnail(source: ImageInput) -> str:
+    """The thumbnail's <div>: the image as a JPEG data URI fitting THUMBNAIL_SIZE (never enlarged), or the reason it
+    cannot be shown."""
     try:
-        img = source if isinstance(source, Image.Image) else load_rgb(source)
+        thumb = to_rgb(source).copy() if isinstance(source, Image.Image) else load_rgb(source)
     except BadImage as e:
         return f'<div class="thumb none">{escape(e.reason)}</div>'
-    return f'<div class="thumb"><img src="{thumbnail_uri(img, size)}" alt=""></div>'
+    thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    thumb.save(buf, "JPEG", quality=JPEG_QUALITY)
+    uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<div class="thumb"><img src="{uri}" alt=""></div>'
 
 
 def _tags(p: Prediction, threshold: float) -> str:
@@ -75,14 +72,14 @@ def _tags(p: Prediction, threshold: float) -> str:
     return f'<ol class="tags">{"".join(items)}</ol>{more}'
 
 
-def card(p: Prediction, source: ImageInput, threshold: float, size: int = THUMBNAIL_SIZE) -> str:
+def card(p: Prediction, source: ImageInput, threshold: float) -> str:
     """One image's <figure>: thumbnail, name, and its top labels (those above the threshold highlighted)."""
     name = f'<div class="name">{escape(p.image)}</div>'
     if p.skipped is not None:
         body = f'<div class="thumb none">skipped</div><figcaption>{name}<p class="reason">{escape(p.skipped)}</p>'
         return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figcaption></figure>'
     caption = f"<figcaption>{name}{_tags(p, threshold)}</figcaption>"
-    return f'<figure class="card" data-image="{escape(p.image)}">{_thumbnail(source, size)}{caption}</figure>'
+    return f'<figure class="card" data-image="{escape(p.image)}">{_thumbnail(source)}{caption}</figure>'
 
 
 def render_html(
@@ -90,37 +87,32 @@ def render_html(
     *,
     threshold: float,
     sources: Sequence[ImageInput] | None = None,
-    title: str = "QKS predictions",
     subtitle: str = "",
-    size: int = THUMBNAIL_SIZE,
 ) -> str:
-    """The page as a string.
+    """The page of `Tagger.predict`'s predictions.
 
     Args:
-        predictions: what `Tagger.predict` returned.
         threshold: the score above which a label counts as present (highlighted).
         sources: the images, aligned with `predictions` (paths or PIL images); default: each prediction's path.
-        title: the page title.
-        subtitle: one line under the title (e.g. the checkpoint and the label count).
-        size: thumbnail size in pixels.
+        subtitle: one line under the title (e.g. the checkpoint).
     """
     sources = sources if sources is not None else [Path(p.image) for p in predictions]
     assert len(sources) == len(predictions), (len(sources), len(predictions))
     skipped = sum(p.skipped is not None for p in predictions)
     labels = predictions[0].labels if predictions else []
     meta = f"{len(predictions)} images ({skipped} skipped), {len(labels)} labels, threshold {threshold:g}"
-    cards = "\n".join(card(p, s, threshold, size) for p, s in zip(predictions, sources, strict=True))
+    cards = "\n".join(card(p, s, threshold) for p, s in zip(predictions, sources, strict=True))
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title>
+<title>{TITLE}</title>
 <style>{CSS}</style>
 </head>
 <body>
-<h1>{escape(title)}</h1>
+<h1>{TITLE}</h1>
 <p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>
 <details class="meta"><summary>labels</summary>{escape(", ".join(labels))}</details>
 <main class="grid">
