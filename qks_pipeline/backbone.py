@@ -109,48 +109,35 @@ def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
 
 
-def _cached_download(cfg: dict[str, Any]) -> str | None:
-    """The tag's weights file when a previous download left it in the hub's or open_clip's cache (no network)."""
-    from huggingface_hub import hf_hub_download
+def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
+    """The weights file of an open_clip tag: from the download caches, else downloaded after one check (at most
+    `HUB_TIMEOUT_S`) that the server answers; offline, one line saying how to use a local file instead."""
+    from huggingface_hub import constants, try_to_load_from_cache
     from open_clip.pretrained import _get_safe_alternatives
 
-    repo, filename = os.path.split(cfg.get("hf_hub", ""))
-    filename = filename or "open_clip_pytorch_model.bin"
-    for name in [*_get_safe_alternatives(filename), filename] if repo else []:
-        with contextlib.suppress(Exception):
-            return hf_hub_download(repo, name, local_files_only=True)
-    url_file = Path("~/.cache/clip").expanduser() / os.path.basename(cfg.get("url", ""))
-    return str(url_file) if cfg.get("url") and not repo and url_file.is_file() else None
-
-
-def _unreachable(cfg: dict[str, Any]) -> str | None:
-    """Why the server of the tag's download does not answer (one try, `HUB_TIMEOUT_S`), or None when it does."""
-    from huggingface_hub import constants
-
-    url = constants.ENDPOINT if cfg.get("hf_hub") else cfg.get("url", "")
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (OSError, ValueError) as e:
-        return f"{url} unreachable: {getattr(e, 'reason', None) or e}"
-    return None
-
-
-def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
-    """The weights file of an open_clip tag: cached, else downloaded; offline, one line saying what to do instead."""
-    if path := _cached_download(cfg):
+    repo, file = os.path.split(cfg.get("hf_hub", ""))
+    file = file or "open_clip_pytorch_model.bin"
+    cached = [try_to_load_from_cache(repo, f) for f in (*_get_safe_alternatives(file), file)] if repo else []
+    if path := next((p for p in cached if isinstance(p, str)), None):
         return path
+    url = constants.ENDPOINT if repo else cfg.get("url", "")
     quick = f" with backbone.model {name}-quickgelu" if cfg.get("quick_gelu") and "quickgelu" not in name else ""
+    failed = f"cannot download the '{tag}' weights of {name}"
     hint = f"download them where there is internet and set backbone.pretrained (--pretrained) to the file{quick}"
-    if reason := _unreachable(cfg):
-        raise QKSError(f"cannot download the '{tag}' weights of {name} ({reason}); {hint}")
+    in_url_cache = not repo and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()  # open_clip's
+    try:
+        if constants.HF_HUB_OFFLINE:
+            raise OSError("HF_HUB_OFFLINE is set")
+        if not in_url_cache:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered
+    except (OSError, ValueError) as e:
+        raise QKSError(f"{failed} ({url} unreachable: {getattr(e, 'reason', None) or e}); {hint}") from None
     try:
         return open_clip.download_pretrained(cfg)
-    except Exception as e:  # hub error, checksum: all mean "no weights here"
-        raise QKSError(f"cannot download the '{tag}' weights of {name} ({type(e).__name__}: {e}); {hint}") from None
+    except Exception as e:  # a hub error, a checksum: all mean "no weights here"
+        raise QKSError(f"{failed} ({type(e).__name__}: {e}); {hint}") from None
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
@@ -222,24 +209,19 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
 def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weights: Weights) -> dict[str, Any]:
     """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout."""
     pp = clip.visual.preprocess_cfg
+    preprocess = {k: pp[k] for k in ("mean", "std", "interpolation", "resize_mode")} | {"size": to_2tuple(pp["size"])}
     fingerprint = {
         "model": name,
         "model_config_sha256": config_sha,
         "pretrained": weights.tag if weights.tag else (None if weights.path is None else "file"),
         "weights_sha256": weights.sha256 if weights.path else "random-seed-0",
         "quick_gelu": weights.quick_gelu or bool(open_clip.get_model_config(name).get("quick_gelu", False)),
-        "preprocess": {
-            "size": list(to_2tuple(pp["size"])),
-            "mean": [float(x) for x in pp["mean"]],
-            "std": [float(x) for x in pp["std"]],
-            "interpolation": pp["interpolation"],
-            "resize_mode": pp["resize_mode"],
-        },
+        "preprocess": preprocess,
         "tokens": TOKEN_LAYOUT,
         "token_shape": list(token_shape(clip)),
         "visual_proj": list(clip.visual.proj.shape),
     }
-    return json.loads(json.dumps(fingerprint))
+    return json.loads(json.dumps(fingerprint))  # as a store's attributes read back: tuples become lists
 
 
 def load_backbone(
@@ -288,15 +270,8 @@ def _token_mode(visual: VisionTransformer) -> Iterator[None]:
 
 @torch.no_grad()
 def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """ln_post output over all tokens, CLS first, before the projection.
-
-    Args:
-        clip: a model accepted by `check_supported`.
-        images: preprocessed images (B, 3, H, W).
-
-    Returns:
-        (B, T, D) tokens, e.g. (B, 197, 768) for ViT-B/16.
-    """
+    """Preprocessed images (B, 3, H, W) -> ln_post output over all tokens, CLS first, before the projection: (B, T, D),
+    e.g. (B, 197, 768) for ViT-B/16."""
     with _token_mode(clip.visual):
         cls, patches = clip.visual(images)  # (B, D), (B, T-1, D)
     return torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, T, D)
@@ -312,20 +287,9 @@ def encode_labels(
     batch_labels: int = 16,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Prompt-pool label embeddings: every template filled with every label, projected text features averaged.
-
-    Args:
-        clip: the CLIP model.
-        tokenizer: its open_clip tokenizer.
-        labels: C label names.
-        templates: M templates, each with one '{}'.
-        normalize: L2-normalise each label's mean (the reference does not: plain mean of unnormalised features).
-        batch_labels: labels per text-encoder batch (batch_labels * M texts).
-        device: where to run the text encoder.
-
-    Returns:
-        (C, E) float32 on the CPU.
-    """
+    """Prompt-pool label embeddings (C, E) float32 on the CPU: every template (one '{}' each) filled with every label,
+    the projected text features averaged, L2-normalised with `normalize` (the reference does not: plain mean of
+    unnormalised features); `batch_labels` labels per text-encoder batch."""
     out = []
     for start in range(0, len(labels), batch_labels):
         chunk = labels[start : start + batch_labels]

@@ -49,19 +49,9 @@ def make_config(
     train_cache: str | None = None,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """config.json, the one schema: what rebuilds the head and checks its inputs, and how it was made.
-
-    Args:
-        model: the head: its config (the number of heads resolved) and widths are recorded.
-        num_tokens: T of the visual tokens it was trained on.
-        fingerprint: the backbone's fingerprint (hashes), as the feature stores record it.
-        backbone_source: the backbone's model name or config path, and weights tag or path, when known.
-        selection: "val" or "test": what the checkpoint was selected on; `selection_note` says it in words.
-        label_names: the training labels, seen then unseen (`num_seen` of them seen), with `label_embedding`: how
-            they were embedded (predict repeats it).
-        train: the training params; `train_cache` the training store.
-        source: the reference checkpoint file it was imported from.
-    """
+    """config.json, the one schema: the head's config (heads resolved) and widths, what it was trained on (the
+    backbone's fingerprint and source files, the labels, seen first, and how they were embedded, the training params
+    and store) or imported from (`source`), and what it was selected on (`selection`, in words `selection_note`)."""
     token_dim, embed_dim = model.proj.shape
     return {
         "model": asdict(model.cfg),

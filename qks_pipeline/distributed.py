@@ -1,44 +1,37 @@
-"""Stage one on a dask cluster: one task per shard, one writer per shard, resumable exactly like the single-process run.
+"""Stage one on a dask cluster (`extract.extract(..., runner=OnCluster(cluster))`, `qks extract --cluster`): one task
+per shard, one writer per shard; the store is byte for byte the single-process run's, and resumable the same way.
 
-`qks extract ... --cluster local:N` (`extract.extract(..., runner=OnCluster("local:N"))`) starts a LocalCluster of N
-worker processes with one thread each (dask's nanny sets OMP_NUM_THREADS=1, so torch also runs one thread per
-worker); `--cluster tcp://HOST:PORT` joins a running scheduler.
-The client opens or creates the store, as the single-process path does, and submits `run_shard` for every shard
-without a done marker. Each worker loads the backbone once (memoised per worker process), checks it against the
-store's fingerprint, decodes its shard's images in `--workers` threads (a dask worker is a daemon process and cannot
-start DataLoader processes), runs the forward pass (`extract.shard_tokens`, the single-process path's own per-shard
-function), writes the whole shard and then its done marker. The store is the same, byte for byte, as a
-single-process run's. A task that fails (a worker lost, an I/O error) is retried `retries` times; a user error (an
-unreadable image under --strict, another backbone on a worker) is not. A failed shard does not stop the others; the
-failures are reported together at the end. Finished shards stay finished: rerunning the command resumes.
+`local:N` starts a LocalCluster of N worker processes with one thread each; `tcp://HOST:PORT` joins a running scheduler.
+The client opens or creates the store and submits `run_shard` for every shard without a done marker. Each worker loads
+the backbone once (memoised per process), checks it against the store's fingerprint, decodes its shard's images in
+`extract.workers` threads (a dask worker, a daemon process, cannot start DataLoader processes), runs
+`extract.shard_tokens` and writes the shard, then its done marker. A failing task (a lost worker, an I/O error) is
+retried `retries` times, a user error (an unreadable image under --strict, another backbone) is not; the failures are
+reported together once every other shard is done. Workers must see the same images, weights and store: a shared
+filesystem or a store URL (`s3://...`); the client passes absolute paths.
 
-Every worker must see the same images, weights file and store: on several machines, use a shared filesystem or a store
-URL (`s3://...`, see `qks_pipeline.storage`) and the same image root and weights path on each machine (the client
-passes absolute paths).
-
-One worker per GPU: give each worker one GPU and one thread, so it runs one shard at a time on its GPU. With dask-cuda,
-`dask-cuda-worker tcp://SCHEDULER:8786` on each machine starts one worker per visible GPU, each pinned to its GPU
-through CUDA_VISIBLE_DEVICES (in Python: `LocalCUDACluster()`, then run with `OnCluster(Client(cluster))`). Without
-dask-cuda, start one worker per GPU yourself: `CUDA_VISIBLE_DEVICES=i dask worker tcp://SCHEDULER:8786 --nthreads 1
---resources GPU=1`; when the workers declare a GPU resource, every shard task asks for one GPU, so a worker runs one
-shard at a time whatever its thread count, and workers without a GPU get none. Then `qks extract ... --cluster
-tcp://SCHEDULER:8786 --device cuda --workers 8`: on a GPU, decoding is the bottleneck, so give each worker several
-decoding threads.
+One worker per GPU: `dask-cuda-worker tcp://SCHEDULER:8786` (or `OnCluster(Client(LocalCUDACluster()))`), or by hand
+`CUDA_VISIBLE_DEVICES=i dask worker tcp://SCHEDULER:8786 --nthreads 1 --resources GPU=1`: when workers declare a GPU
+resource, each shard task asks for one, so a worker runs one shard at a time. Then `qks extract ... --cluster
+tcp://SCHEDULER:8786 --device cuda --set extract.workers=8`: on a GPU, decoding is the bottleneck.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dask
 import torch
+from torch.utils.data import default_collate
 
 from qks_pipeline.backbone import Backbone, load_backbone
 from qks_pipeline.cache import Cache, check_fingerprint, open_cache
@@ -46,11 +39,14 @@ from qks_pipeline.config import ExtractConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.extract import (
+    Batch,
     Forward,
+    ImageViews,
     effective_precision,
-    extract_shard,
     make_dataset,
     progress_bar,
+    shard_batches,
+    shard_tokens,
 )
 from qks_pipeline.storage import is_url
 
@@ -137,6 +133,33 @@ class ShardDone:
     error: str | None = None
 
 
+def _decoded_batches(dataset: ImageViews, batches: list[list[int]], threads: int) -> Iterator[Batch]:
+    """`batches` of rows decoded by `threads` threads (PIL and torch release the GIL), at most two batches ahead;
+    0 threads: in line. Collated as a DataLoader collates, so the forward pass sees the same tensors."""
+    if threads == 0:
+        yield from (default_collate([dataset[row] for row in rows]) for rows in batches)
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        ahead: collections.deque = collections.deque()
+        for rows in batches:
+            ahead.append([pool.submit(dataset.__getitem__, row) for row in rows])
+            if len(ahead) > 2:
+                yield default_collate([f.result() for f in ahead.popleft()])
+        while ahead:
+            yield default_collate([f.result() for f in ahead.popleft()])
+
+
+def extract_shard(
+    cache: Cache, shard: int, dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
+) -> int:
+    """Compute and write one shard in this process, decoding in `cfg.workers` threads (a dask worker is a daemon
+    process and may not start DataLoader worker processes): the task of a distributed run. Returns its rows."""
+    batches = _decoded_batches(dataset, shard_batches(cache, [shard], cfg.batch_size), cfg.workers)
+    out = shard_tokens(cache, shard, batches, dataset, forward, strict)
+    cache.write_shard(shard, out.tokens, out.valid, out.skipped)
+    return len(out.valid)
+
+
 @functools.lru_cache(maxsize=1)
 def _backbone(model: str, pretrained: str, device: str) -> Backbone:
     """The backbone, loaded once per worker process and kept while it is asked for."""
@@ -144,7 +167,7 @@ def _backbone(model: str, pretrained: str, device: str) -> Backbone:
 
 
 def run_shard(shard: int, job: ShardJob) -> ShardDone:
-    """The task: compute and write one shard on this worker (`extract.extract_shard`)."""
+    """The task: compute and write one shard on this worker (`extract_shard`)."""
     try:
         cache = open_cache(job.store, mode="r+")
         backbone = _backbone(job.model, job.pretrained, job.device)

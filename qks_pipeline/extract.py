@@ -14,7 +14,6 @@ Two runners compute the shards, both through `shard_tokens`:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -33,7 +32,7 @@ import torch
 import torchvision.transforms.functional as TF
 from open_clip.utils import to_2tuple
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qks_pipeline.augment import augmented_view
@@ -261,33 +260,6 @@ def run_shards(
         if pending is not None:
             pending.result()
     return total
-
-
-def _decoded_batches(dataset: ImageViews, batches: list[list[int]], threads: int) -> Iterator[Batch]:
-    """`batches` of rows decoded by `threads` threads (PIL and torch release the GIL), at most two batches ahead;
-    0 threads: in line. Collated as a DataLoader collates, so the forward pass sees the same tensors."""
-    if threads == 0:
-        yield from (default_collate([dataset[row] for row in rows]) for rows in batches)
-        return
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        ahead: collections.deque = collections.deque()
-        for rows in batches:
-            ahead.append([pool.submit(dataset.__getitem__, row) for row in rows])
-            if len(ahead) > 2:
-                yield default_collate([f.result() for f in ahead.popleft()])
-        while ahead:
-            yield default_collate([f.result() for f in ahead.popleft()])
-
-
-def extract_shard(
-    cache: Cache, shard: int, dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
-) -> int:
-    """Compute and write one shard in this process, decoding in `cfg.workers` threads (a dask worker is a daemon
-    process and may not start DataLoader worker processes): the task of a distributed run. Returns its rows."""
-    batches = _decoded_batches(dataset, shard_batches(cache, [shard], cfg.batch_size), cfg.workers)
-    out = shard_tokens(cache, shard, batches, dataset, forward, strict)
-    cache.write_shard(shard, out.tokens, out.valid, out.skipped)
-    return len(out.valid)
 
 
 def open_or_create_store(

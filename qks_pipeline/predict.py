@@ -51,14 +51,8 @@ def prompt_pool() -> list[str]:
 
 
 def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Strip labels and collapse inner whitespace (CLIP's tokenizer does too), drop blanks and repeats.
-
-    Returns:
-        (unique labels in first-seen order, the repeats that were dropped).
-
-    Raises:
-        QKSError: no label is left.
-    """
+    """(unique labels in first-seen order, the repeats dropped): labels stripped, inner whitespace collapsed (CLIP's
+    tokenizer does too), blanks dropped; none left is an error."""
     unique, dropped = {}, []
     for label in (" ".join(str(raw).split()) for raw in labels):
         if label in unique:
@@ -86,15 +80,12 @@ def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str],
 
 
 class LabelEmbeddingCache:
-    """One .npy file (E,) float32 per key under `directory`; unreadable or misshapen files count as missing.
-
-    Writes go through a temporary name and a rename, so concurrent taggers never read half a file. A directory that
-    cannot be written is reported once and then ignored.
-    """
+    """One .npy file (E,) float32 per key under `directory` (None: no disk cache); unreadable or misshapen files count
+    as missing. Written atomically (concurrent taggers never read half a file); an unwritable directory is reported
+    once, then ignored."""
 
     def __init__(self, directory: Path | None):
-        self.directory = directory  # None: no disk cache
-        self._warned = False
+        self.directory, self._warned = directory, False
 
     def get(self, key: str, dim: int) -> np.ndarray | None:
         if self.directory is None:
@@ -309,16 +300,7 @@ class Tagger:
     def predict(
         self, images: Sequence[ImageInput], labels: Sequence[str], top_k: int = 5, threshold: float = 0.5, **kwargs: Any
     ) -> list[Prediction]:
-        """Tag images with a label list.
-
-        Args:
-            images: image paths or PIL images; unreadable files come back with `skipped` set.
-            labels: the label names to score (blank entries and repeats are dropped).
-            top_k: labels listed per image, best first.
-            threshold: sigmoid score above which a label is listed in `above`.
-            **kwargs: batch_size, workers (decoding processes), progress (a tqdm bar), on_skip(name, reason).
-
-        Returns:
-            One prediction per image, in input order.
-        """
+        """One prediction per image (paths or PIL images), in input order: the `top_k` labels, best first, and every
+        label scored above `threshold`; unreadable files come back with `skipped` set. `kwargs`: batch_size, workers
+        (decoding processes), progress (a tqdm bar), on_skip(name, reason)."""
         return list(self.iter_predict(images, labels, top_k, threshold, **kwargs))

@@ -101,20 +101,29 @@ def test_two_workers_write_the_single_process_store_byte_for_byte(sample_dataset
 def test_a_local_cluster_option_starts_and_stops_its_own_cluster(sample_dataset, tiny_clip, tmp_path):
     out = _extract_cli(sample_dataset, tiny_clip, tmp_path / "local.zarr", "--cluster", "local:2")
     assert "16 images in 4 shard(s)" in out and open_cache(tmp_path / "local.zarr").is_complete()
-    assert "must be local:N" in _extract_cli(sample_dataset, tiny_clip, tmp_path / "x.zarr", "--cluster", "two",
-                                             expect=1)  # fmt: skip
+    assert "must be local:N" in _extract_cli(
+        sample_dataset, tiny_clip, tmp_path / "x.zarr", "--cluster", "two", expect=1
+    )
     params = tmp_path / "params.yaml"  # the same through params.yaml (a DVC run: extract.cluster)
     params.write_text("extract:\n  cluster: two\n")
-    assert "must be local:N" in _extract_cli(sample_dataset, tiny_clip, tmp_path / "y.zarr", "--params", params,
-                                             expect=1)  # fmt: skip
+    assert "must be local:N" in _extract_cli(
+        sample_dataset, tiny_clip, tmp_path / "y.zarr", "--params", params, expect=1
+    )
 
 
 def test_a_resumed_distributed_run_recomputes_only_the_missing_shard(sample_dataset, tiny_clip, tmp_path, client):
     store = tmp_path / "train.zarr"
     backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
     cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, views=VIEWS)
-    run = dict(dataset_dir=sample_dataset.dataset, split="train", images_root=sample_dataset.images, out=store,
-               backbone=backbone, cfg=cfg, runner=OnCluster(client, "cpu"))  # fmt: skip
+    run = dict(
+        dataset_dir=sample_dataset.dataset,
+        split="train",
+        images_root=sample_dataset.images,
+        out=store,
+        backbone=backbone,
+        cfg=cfg,
+        runner=OnCluster(client, "cpu"),
+    )
     first = extract(**run)
     assert first.shards_written == 4 and first.computed == 16
     before = _files(store)
@@ -136,8 +145,14 @@ def test_a_user_error_on_a_worker_is_reported_after_the_other_shards(sample_data
         f.write(json.dumps({"image": "train/missing.jpg", "positive": ["red"]}) + "\n")
     backbone = BackboneConfig(model=str(tiny_clip[0]), pretrained=str(tiny_clip[1]))
     cfg = ExtractConfig(batch_size=4, workers=0, shard_size=SHARD_SIZE, shuffle=False)
-    run = dict(dataset_dir=dataset, split="train", images_root=sample_dataset.images, out=tmp_path / "strict.zarr",
-               backbone=backbone, cfg=cfg)  # fmt: skip
+    run = dict(
+        dataset_dir=dataset,
+        split="train",
+        images_root=sample_dataset.images,
+        out=tmp_path / "strict.zarr",
+        backbone=backbone,
+        cfg=cfg,
+    )
     with pytest.raises(QKSError, match=r"1 of 4 shard\(s\) failed.*shard 3: .*missing\.jpg: unreadable image"):
         extract(**run, strict=True, runner=OnCluster(client, "cpu", retries=3))
     cache = open_cache(tmp_path / "strict.zarr")

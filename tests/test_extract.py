@@ -282,8 +282,21 @@ def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_data
 def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_path):
     config, weights = tiny_clip
     out = tmp_path / "labels.zarr"
-    _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out", out,
-         "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
+    _qks(
+        "embed-labels",
+        "--dataset",
+        sample_dataset.dataset,
+        "--templates",
+        sample_dataset.templates,
+        "--out",
+        out,
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--device",
+        "cpu",
+    )
     names, emb, attrs = read_label_embeddings(out)
     assert names == sample_dataset.seen + sample_dataset.unseen and emb.shape == (7, 32)
     assert attrs["num_seen"] == 5 and attrs["normalize"] is False and len(attrs["templates_sha256"]) == 64

@@ -72,12 +72,21 @@ def run(sample_dataset, tiny_clip, tmp_path_factory):
             *backbone,
         )
     _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", root / "labels.zarr", *backbone)
-    p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
-               train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
+    p = Params(
+        model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
+        train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, val_fraction=0.25),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    train(root / "train.zarr", root / "labels.zarr", root / "ckpt", params=p, device="cpu", progress_bar=False,
-          echo=lambda _: None)  # fmt: skip
+    train(
+        root / "train.zarr",
+        root / "labels.zarr",
+        root / "ckpt",
+        params=p,
+        device="cpu",
+        progress_bar=False,
+        echo=lambda _: None,
+    )
     torch.set_num_threads(threads)
     return root
 
@@ -90,8 +99,21 @@ def tagger(run, tiny_clip, sample_dataset) -> Tagger:
 
 def _predict_args(run: Path, tiny_clip, sample_dataset, *extra: object) -> list[object]:
     config, weights = tiny_clip
-    return ["predict", "--checkpoint", run / "ckpt", "--model", config, "--pretrained", weights,
-            "--templates", sample_dataset.templates, "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+    return [
+        "predict",
+        "--checkpoint",
+        run / "ckpt",
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--templates",
+        sample_dataset.templates,
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -110,8 +132,9 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     got = tagger.predict(paths, inputs.label_names, top_k=3, batch_size=3)
     logits = np.stack([p.logits for p in got])  # (N, C)
     # The label embeddings are stage one's, computed the same way.
-    np.testing.assert_allclose(tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings,
-                               rtol=1e-5, atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings, rtol=1e-5, atol=1e-5
+    )
     # The cache stores tokens in float16: a relative rounding error of at most 2^-11 (4.9e-4) per element. The head
     # (LayerNorms, softmax attention, a max over queries) does not amplify a small relative input error much, so we
     # allow 4x that unit of the logits' spread (measured: about 5e-5 of it). Sigmoid scores: atol 1e-2 (issue #6).
@@ -130,12 +153,30 @@ def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, t
     """`labels.normalize: true` at stage one is recorded in the checkpoint, and predict embeds labels the same way."""
     config, weights = tiny_clip
     labels = tmp_path / "labels_normalised.zarr"
-    _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out", labels,
-         "--set", "labels.normalize=true", "--model", config, "--pretrained", weights, "--device", "cpu")  # fmt: skip
-    p = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
-               train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25))  # fmt: skip
-    train(run / "train.zarr", labels, tmp_path / "ckpt", params=p, device="cpu", progress_bar=False,
-          echo=lambda _: None)  # fmt: skip
+    _qks(
+        "embed-labels",
+        "--dataset",
+        sample_dataset.dataset,
+        "--templates",
+        sample_dataset.templates,
+        "--out",
+        labels,
+        "--set",
+        "labels.normalize=true",
+        "--model",
+        config,
+        "--pretrained",
+        weights,
+        "--device",
+        "cpu",
+    )
+    p = Params(
+        model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
+        train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25),
+    )
+    train(
+        run / "train.zarr", labels, tmp_path / "ckpt", params=p, device="cpu", progress_bar=False, echo=lambda _: None
+    )
     tagger = Tagger.load(tmp_path / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates)
     names, stored, _ = read_label_embeddings(labels)
     assert tagger.normalize_labels
@@ -208,9 +249,26 @@ def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(run, tiny_cli
     (images / "notes.txt").write_text("not an image, not walked")
     (images / ".hidden.jpg").write_bytes(b"")
     out, table, page = tmp_path / "p.jsonl", tmp_path / "p.csv", tmp_path / "p.html"
-    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red, green, red, triangle, , blue",
-                         "--top-k", 2, "--threshold", 0.3, "--out", out, "--csv", table, "--html", page,
-                         "--batch-size", 4, images)  # fmt: skip
+    args = _predict_args(
+        run,
+        tiny_clip,
+        sample_dataset,
+        "--labels",
+        "red, green, red, triangle, , blue",
+        "--top-k",
+        2,
+        "--threshold",
+        0.3,
+        "--out",
+        out,
+        "--csv",
+        table,
+        "--html",
+        page,
+        "--batch-size",
+        4,
+        images,
+    )
     _, err = _qks(*args)
     assert "note: duplicate label(s) removed: red" in err
     assert f"skipped {images / 'junk.png'}: not a readable image format" in err
@@ -244,7 +302,9 @@ def test_cli_jsonl_to_stdout_with_all_scores(run, tiny_clip, sample_dataset):
 
 def test_label_lists(tmp_path):
     assert clean_labels([" red ", "big  red car", "red", "", "Red", "big red car"]) == (
-        ["red", "big red car", "Red"], ["red", "big red car"])  # fmt: skip
+        ["red", "big red car", "Red"],
+        ["red", "big red car"],
+    )
     for empty in ([], ["", "  "]):
         with pytest.raises(QKSError, match="label list is empty"):
             clean_labels(empty)
@@ -262,8 +322,10 @@ def test_label_lists(tmp_path):
 )
 def test_bad_label_options(run, tiny_clip, sample_dataset, tmp_path, options, message):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    options = [str(tmp_path / "empty.txt") if o == "EMPTY" else str(tmp_path / "nope.txt") if o == "MISSING" else o
-               for o in options]  # fmt: skip
+    options = [
+        str(tmp_path / "empty.txt") if o == "EMPTY" else str(tmp_path / "nope.txt") if o == "MISSING" else o
+        for o in options
+    ]
     result = CliRunner().invoke(main, list(map(str, _predict_args(run, tiny_clip, sample_dataset, *options, "x.jpg"))))
     assert result.exit_code in (1, 2) and message in result.output
 
@@ -287,8 +349,10 @@ def _error(args: list[object]) -> str:
 def test_missing_or_broken_checkpoint(run, tiny_clip, sample_dataset, tmp_path):
     base = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test")
     at = base.index("--checkpoint") + 1
-    for ckpt, message in [(tmp_path / "nope", "checkpoint directory not found"),
-                          (tmp_path, "config.json: not found; is this a `qks train` output directory?")]:  # fmt: skip
+    for ckpt, message in [
+        (tmp_path / "nope", "checkpoint directory not found"),
+        (tmp_path, "config.json: not found; is this a `qks train` output directory?"),
+    ]:
         assert message in _error(base[:at] + [ckpt] + base[at + 1 :])
     broken = tmp_path / "broken"
     shutil.copytree(run / "ckpt", broken)
@@ -318,8 +382,17 @@ def test_a_different_backbone_is_refused_naming_both(run, tiny_clip, sample_data
 
 def test_the_checkpoint_finds_its_locally_saved_backbone_with_no_flag(run, sample_dataset):
     """`qks predict --checkpoint DIR IMAGE`: the backbone files recorded at training (config file, weights file)."""
-    out, _ = _qks("predict", "--checkpoint", run / "ckpt", "--labels", "red,blue", "--device", "cpu", "--no-progress",
-                  sample_dataset.images / "test" / "img000.jpg")  # fmt: skip
+    out, _ = _qks(
+        "predict",
+        "--checkpoint",
+        run / "ckpt",
+        "--labels",
+        "red,blue",
+        "--device",
+        "cpu",
+        "--no-progress",
+        sample_dataset.images / "test" / "img000.jpg",
+    )
     assert [json.loads(line)["image"] for line in out.splitlines()] == [str(sample_dataset.images / "test/img000.jpg")]
 
 
@@ -361,8 +434,13 @@ def test_find_images_walks_sorted_and_keeps_missing_files(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     found = find_images([tmp_path, tmp_path / "missing.jpg"])
-    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["a.jpg", "b/a.webp", "b/z.PNG", "d.TIFF",
-                                                                   "missing.jpg"]  # fmt: skip
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "a.jpg",
+        "b/a.webp",
+        "b/z.PNG",
+        "d.TIFF",
+        "missing.jpg",
+    ]
     (tmp_path / "empty").mkdir()
     with pytest.raises(QKSError, match="no image files"):
         find_images([tmp_path / "empty"])
