@@ -131,8 +131,8 @@ def test_selection_on_test_is_reported(data, tmp_path):
     with pytest.raises(QKSError, match="--test-cache"):
         train(data.train, data.labels, tmp_path, params=params(selection="test"), **quiet())
     lines: list[str] = []
-    progress = train(data.train, data.labels, tmp_path, params=params(epochs=1, selection="test"),
-                     test_path=data.test, **quiet(echo=lines.append))  # fmt: skip
+    p = params(epochs=1, selection="test")
+    progress = train(data.train, data.labels, tmp_path, params=p, test_path=data.test, **quiet(echo=lines.append))
     assert progress.log[0]["metric"] == "test_zsl_mAP+f1@3+f1@5" and 0 <= progress.log[0]["test_zsl_mAP"] <= 1
     assert sum(SELECTED_ON_TEST in line for line in lines) >= 2  # at the start and at the end
     config = json.loads((tmp_path / "config.json").read_text())
@@ -145,12 +145,11 @@ def test_stale_or_incomplete_inputs_are_refused(data, tmp_path):
         train(data.train, other.labels, tmp_path / "a", params=params(), **quiet())
     with pytest.raises(QKSError, match=r"test vs training store.*backbone.model is 'ViT-L-14'"):
         train(data.train, data.labels, tmp_path / "a", params=params(), test_path=other.test, **quiet())
-    empty = create_cache(
-        tmp_path / "empty.zarr", fingerprint=make_fingerprint({"model": "synthetic"}), token_shape=(10, 32),
-        num_views=1, shard_size=8, label_names=data.label_names, num_seen=data.num_seen,
-        labels=torch.zeros(16, 12, dtype=torch.int8).numpy(), paths=[str(i) for i in range(16)],
-        manifest_index=torch.arange(16).numpy(), visual_proj=torch.zeros(32, 16).numpy(),
-    )  # fmt: skip
+    shape = {"token_shape": (10, 32), "num_views": 1, "shard_size": 8, "visual_proj": torch.zeros(32, 16).numpy()}
+    rows = {"paths": [str(i) for i in range(16)], "manifest_index": torch.arange(16).numpy()}
+    labels = {"label_names": data.label_names, "num_seen": data.num_seen, "labels": torch.zeros(16, 12).char().numpy()}
+    fingerprint = make_fingerprint({"model": "synthetic"})
+    empty = create_cache(tmp_path / "empty.zarr", fingerprint=fingerprint, **shape, **rows, **labels)
     with pytest.raises(QKSError, match="incomplete: 2 of 2 shards"):
         train(empty.path, data.labels, tmp_path / "b", params=params(), **quiet())
 
@@ -162,8 +161,8 @@ def _write_params(path: Path, p: Params) -> Path:
 
 def test_cli_train(data, tmp_path):
     cfg = _write_params(tmp_path / "params.yaml", params(epochs=1))
-    args = ["train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(tmp_path / "run"),
-            "--params", str(cfg), "--device", "cpu", "--no-progress"]  # fmt: skip
+    args = ["train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(tmp_path / "run")]
+    args += ["--params", str(cfg), "--device", "cpu", "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "best checkpoint:" in result.output and (tmp_path / "run" / "best.safetensors").exists()
@@ -179,8 +178,8 @@ def test_sigkill_then_rerun_equals_uninterrupted(data, tmp_path):
 
     def command(out: Path) -> list[str]:
         qks = str(Path(sys.executable).parent / "qks")
-        return [qks, "train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(out),
-                "--params", str(cfg), "--device", "cpu", "--no-progress"]  # fmt: skip
+        args = [qks, "train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(out)]
+        return args + ["--params", str(cfg), "--device", "cpu", "--no-progress"]
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, env=env)
