@@ -32,31 +32,22 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _deep_to_rgb(img: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grayscale -> 8-bit RGB, scaled rather than clipped."""
-    x = np.asarray(img, dtype=np.float64)
-    if img.mode == "F":
-        x = x * 255.0 if np.nanmax(x, initial=0.0) <= 1.0 else x
-    else:
-        x = x / 257.0  # 65535 -> 255
-    return Image.fromarray(np.clip(np.nan_to_num(x), 0, 255).round().astype(np.uint8), "L").convert("RGB")
-
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB (see the module docstring for the rules)."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        return _flatten_alpha(img)
-    if img.mode.startswith("I") or img.mode == "F":
-        return _deep_to_rgb(img)
-    return img.convert("RGB")
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img.convert("RGB")
+    x = np.asarray(img, dtype=np.float64)  # 16/32-bit integer or float grayscale: scaled, not clipped
+    if img.mode != "F":
+        x = x / 257.0  # 65535 -> 255
+    elif np.nanmax(x, initial=0.0) <= 1.0:
+        x = x * 255.0
+    return Image.fromarray(np.clip(np.nan_to_num(x), 0, 255).round().astype(np.uint8), "L").convert("RGB")
 
 
 def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
