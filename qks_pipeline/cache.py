@@ -42,7 +42,7 @@ FORMAT_VERSION = 2  # 2: a crc32c per inner token chunk; 1 (still read): none
 READ_VERSIONS = (1, 2)
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # a full disk, a quota, a file-size limit: a user error
 VERIFY_ROWS = 64  # rows read at a time by `verify_cache`
-ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
+ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")  # the order of `Cache`'s accessors
 
 
 def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -79,6 +79,11 @@ def check_fingerprint(
         raise QKSError(f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""), path)
 
 
+def _array(name: str) -> property:
+    """A `Cache` accessor of the zarr array `name` (each look-up reads the array's metadata)."""
+    return property(lambda cache: cache.group[name], doc=f"The `{name}` zarr array.")
+
+
 @dataclass
 class Cache:
     """An open feature store. Arrays (tokens, labels, valid, paths, manifest_index, visual_proj) are zarr arrays, read
@@ -111,29 +116,7 @@ class Cache:
     def shard_size(self) -> int:
         return int(self.group.attrs["shard_size"])
 
-    @property
-    def tokens(self) -> zarr.Array:
-        return self.group["tokens"]
-
-    @property
-    def labels(self) -> zarr.Array:
-        return self.group["labels"]
-
-    @property
-    def valid(self) -> zarr.Array:
-        return self.group["valid"]
-
-    @property
-    def paths(self) -> zarr.Array:
-        return self.group["paths"]
-
-    @property
-    def manifest_index(self) -> zarr.Array:
-        return self.group["manifest_index"]
-
-    @property
-    def visual_proj(self) -> zarr.Array:
-        return self.group["visual_proj"]
+    tokens, labels, valid, paths, manifest_index, visual_proj = (_array(name) for name in ARRAYS)
 
     @property
     def num_images(self) -> int:

@@ -137,14 +137,14 @@ class CacheLoader:
         shape = (n, *self.token_shape)
         if self.pin_memory:
             return torch.empty(shape, dtype=torch.float16, pin_memory=True)
-        free = [i for i, (buffer, batch) in enumerate(self._buffers) if batch() is None and len(buffer) >= n]
-        if not free and len(self._buffers) == self.prefetch + 2:  # the caller holds on to its batches
+        free = next((i for i, (_, batch) in enumerate(self._buffers) if batch() is None), None)
+        if free is None and len(self._buffers) == self.prefetch + 2:  # the caller keeps its batches
             return torch.empty(shape, dtype=torch.float16)
-        if not free:
+        if free is None:
+            free = len(self._buffers)
             self._buffers.append((np.empty((self.batch_size, *shape[1:]), np.float16), lambda: None))
-        buffer = self._buffers[free[0] if free else -1][0]
-        view = buffer[:n]  # a torch tensor of it holds it: `view` lives as long as any batch, or view of one, does
-        self._buffers[free[0] if free else -1] = (buffer, weakref.ref(view))
+        view = self._buffers[free][0][:n]  # a tensor of it holds it: it lives as long as any batch or view of one
+        self._buffers[free] = (self._buffers[free][0], weakref.ref(view))
         return torch.from_numpy(view)
 
     def _gather_labels(self, rows: np.ndarray) -> np.ndarray:
