@@ -109,11 +109,10 @@ class Location:
 
     def write_text(self, key: str, text: str) -> None:
         """Write one small key atomically: temp file + fsync + rename locally, one PUT on object storage."""
-        path = self._path(key)
-        if not self.local:
-            self.fs.pipe_file(path, text.encode())
-            return
-        atomic_write(path, text)
+        if self.local:
+            atomic_write(self._path(key), text)
+        else:
+            self.fs.pipe_file(self._path(key), text.encode())
 
     def makedirs(self, key: str) -> None:
         """A directory locally; nothing on object storage (prefixes exist through their keys)."""
@@ -151,9 +150,9 @@ class Location:
         at once, with one line naming the holder. The lock file stays (removing it would let two runs lock two
         different files); the operating system releases the lock when its holder exits, however it exits. Local
         stores only: object storage has no lock, so one writer per URL is up to the user."""
-        if fcntl is None and self.local:
-            log.warning("no file locking on this system (Windows): make sure no other run writes %s", self.url)
         if not self.local or fcntl is None:
+            if self.local:
+                log.warning("no file locking on this system (Windows): make sure no other run writes %s", self.url)
             yield
             return
         lock = self.url.with_name(self.url.name + ".lock")
@@ -163,9 +162,8 @@ class Location:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
-                holder = f.read().strip() or "?"
-                raise QKSError(f"another extraction is writing this store (pid {holder}, lock {lock.name})",
-                               self.url) from None  # fmt: skip
+                holder = f"pid {f.read().strip() or '?'}, lock {lock.name}"
+                raise QKSError(f"another extraction is writing this store ({holder})", self.url) from None
             f.truncate(0)
             f.write(f"{os.getpid()}\n")
             f.flush()
@@ -184,6 +182,3 @@ class Location:
     def size(self) -> int:
         """Bytes of all files (objects) under this location."""
         return int(self.fs.du(self.root, total=True))
-
-    def __str__(self) -> str:
-        return str(self.url)
