@@ -108,7 +108,7 @@ def load(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, An
     try:
         model.load_state_dict(safetensors.torch.load_file(weights))
     except RuntimeError as e:
-        raise QKSError(f"weights do not fit {CONFIG}: {str(e).splitlines()[0]}", weights) from None
+        raise QKSError(f"weights do not fit {CONFIG}: {' '.join(str(e).split())}", weights) from None
     return model.to(device).eval(), config
 
 

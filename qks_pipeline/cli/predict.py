@@ -85,12 +85,20 @@ def _output(path: Path | None) -> Iterator[TextIO | None]:
             yield f
 
 
-def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
+def _labels(labels: str | None, labels_file: Path | None, checkpoint: Path) -> list[str]:
+    """The labels given, else the ones the checkpoint was trained on (seen, then unseen)."""
+    from qks_pipeline.checkpoint import read_config
     from qks_pipeline.predict import clean_labels
 
-    if (labels is None) == (labels_file is None):
-        raise click.UsageError("give exactly one of --labels and --labels-file")
-    names, dropped = clean_labels(labels.split(",") if labels is not None else read_label_file(labels_file))
+    if labels is not None and labels_file is not None:
+        raise click.UsageError("give at most one of --labels and --labels-file")
+    if labels is not None:
+        raw = labels.split(",")
+    elif labels_file is not None:
+        raw = read_label_file(labels_file)
+    elif not (raw := read_config(checkpoint).get("label_names")):
+        raise click.UsageError("give --labels or --labels-file (the checkpoint records no label list)")
+    names, dropped = clean_labels(raw)
     if dropped:
         click.echo(f"note: duplicate label(s) removed: {', '.join(dict.fromkeys(dropped))}", err=True)
     return names
@@ -128,7 +136,7 @@ def _quiet_exit_on_broken_pipe() -> None:
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
-@click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset".')
+@click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset" [default: the trained ones].')
 @click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
 @click.option(
     "--templates",
@@ -166,7 +174,7 @@ def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, *
     from qks_pipeline.predict import Tagger
     from qks_pipeline.report import write_html
 
-    names, files = _labels(labels, o["labels_file"]), find_images(images)
+    names, files = _labels(labels, o["labels_file"], checkpoint), find_images(images)
     cache = False if o["no_label_cache"] else (o["cache_dir"] or True)
     how = {k: o[k] for k in ("model", "templates", "amp", "max_pixels")}
     tagger = Tagger.load(checkpoint, o["device"], o["pretrained"], cache_dir=cache, **how)
