@@ -7,8 +7,8 @@ template's label embeddings, as the reference's `clip_eval.py` does (`evaluate.c
 prompt pool's (`pool`). The query-preference table counts, for each label, which query gives the label's logit on its
 positive images (the paper's "knowledge sharing" inspection).
 
-Memory: one (N, C) float32 score array (reused by the baseline), the int8 labels and, for the head, the int16 query
-index: 7 bytes per (image, label); the metrics work in blocks of a few MB (benchmarks/bench_evaluate.py).
+Memory: one (N, C) float32 score array (reused by the baseline) and the int8 labels: 5 bytes per (image, label); the
+metrics work in blocks of tens of MB (benchmarks/bench_evaluate.py).
 """
 
 from __future__ import annotations
@@ -54,14 +54,10 @@ def check_checkpoint(inputs: Inputs, config: dict[str, Any], test_path: str | Pa
     check_label_embedding(labels_path, inputs.label_embedding, config.get("label_embedding"))
 
 
-def query_preference(pred: Predictions, names: list[str], num_seen: int, num_queries: int) -> list[dict[str, Any]]:
-    """Per label: over its positive images, how often each query gives the label's logit."""
-    counts = np.zeros(len(names) * num_queries, np.int64)
-    for r0 in range(0, len(pred.rows), 1024):
-        rows, cols = np.nonzero(pred.labels[r0 : r0 + 1024] == 1)  # the positives of a block of images
-        counts += np.bincount(cols * num_queries + pred.query_index[r0 + rows, cols], minlength=len(counts))
+def query_preference(counts: np.ndarray, names: list[str], num_seen: int) -> list[dict[str, Any]]:
+    """Per label: over its positive images, how often each query gives the label's logit (counts (C, Q))."""
     table = []
-    for c, (name, n) in enumerate(zip(names, counts.reshape(len(names), num_queries), strict=True)):
+    for c, (name, n) in enumerate(zip(names, counts, strict=True)):
         top, total = int(n.argmax()), int(n.sum())
         row = {"label": name, "split": "seen" if c < num_seen else "unseen", "positives": total}
         row |= {"top_query": top if total else "", "top_share": n[top] / total if total else ""}
@@ -137,12 +133,11 @@ class _Run:
 
 
 def _head(run: _Run, model: QKS) -> tuple[Predictions, list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The head's predictions (query index dropped once tabulated), the query-preference table and the metrics."""
+    """The head's predictions, the query-preference table and the metrics."""
     inputs, params = run.inputs, run.params
     scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(run.device), query_index=True)
-    pred = score_rows(scorer, run.loader, run.device, query_index=True)
-    table = query_preference(pred, inputs.label_names, inputs.num_seen, model.cfg.num_queries)
-    pred.query_index = None
+    pred = score_rows(scorer, run.loader, run.device, model.cfg.num_queries)
+    table = query_preference(pred.query_counts, inputs.label_names, inputs.num_seen)
     if params.protocol == "reference":
         reference_scores(pred.scores)  # the reference ranks fp32 sigmoids
     return pred, table, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
@@ -157,7 +152,8 @@ def _clip(run: _Run, reuse: Predictions | None) -> tuple[str, dict[str, dict[str
     else:
         emb, how = inputs.embeddings, f"the {inputs.label_embedding['num_templates']}-template pool's mean"
     proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(run.device)  # (D, E)
-    pred = score_rows(clip_scorer(proj, torch.from_numpy(emb).to(run.device)), run.loader, run.device, into=reuse)
+    scorer = clip_scorer(proj, torch.from_numpy(emb).to(run.device))
+    pred = score_rows(scorer, run.loader, run.device, into=reuse)
     return how, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
 
 
@@ -192,7 +188,8 @@ def evaluate(
     inputs = open_inputs(test_path, labels_path, role="test", any_split=any_split)
     if config is not None:
         check_checkpoint(inputs, config, test_path, labels_path)
-    run = _Run(inputs, labels_path, open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False), dev, params)
+    loader = open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False, pin_memory=dev.type == "cuda")
+    run = _Run(inputs, labels_path, loader, dev, params)
     report: dict[str, Any] = {"units": UNITS, "protocol": params.protocol}
     shown, pred = {}, None
     if model is not None:

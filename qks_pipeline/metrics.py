@@ -35,20 +35,24 @@ SELECTION_SCORES = {  # what each `train.selection` maximises (and steps the pla
 
 
 def _label_ap(s: np.ndarray, y: np.ndarray, protocol: str) -> np.ndarray:
-    """AP of each row of s (B, N) scores against y (B, N) +1/-1/0; NaN (standard) or 0 (reference) without a
-    positive."""
-    order = np.argsort(-s, axis=1, kind="stable")  # (B, N), ties in row order
-    pos = np.take_along_axis(y, order, 1) == 1
-    tp = np.cumsum(pos, axis=1, dtype=np.int32)  # (B, N): unknown entries add to neither count
-    annotated = np.cumsum(np.take_along_axis(y, order, 1) != 0, axis=1, dtype=np.int32)
-    precision = tp / np.maximum(annotated, 1)  # (B, N) float64
-    if protocol == "standard":  # a run of equal scores is one threshold: use the precision at the end of its run
-        s = np.take_along_axis(s, order, 1)
-        n = s.shape[1]
-        ends = np.where(np.c_[s[:, 1:] != s[:, :-1], np.ones(len(s), bool)], np.arange(n), n)  # (B, N)
-        precision = np.take_along_axis(precision, np.minimum.accumulate(ends[:, ::-1], axis=1)[:, ::-1], 1)
-    num_pos = tp[:, -1] if tp.shape[1] else np.zeros(len(tp), np.int32)
-    ap = (pos * precision).sum(axis=1) / np.maximum(num_pos, 1)
+    """AP of each column of s (N, B) scores against y (N, B) +1/-1/0, over its annotated entries only (sparse
+    annotations cost little); NaN (standard) or 0 (reference) without a positive."""
+    img, lab = np.nonzero(y)  # the annotated entries, row by row
+    order = np.lexsort((-s[img, lab], lab))  # by label, then score descending; lexsort is stable: ties in row order
+    img, lab = img[order], lab[order]
+    score, pos = s[img, lab], y[img, lab] == 1
+    del img, order
+    start = np.searchsorted(lab, np.arange(s.shape[1]))  # (B,) each label's first entry
+    tp = np.cumsum(pos)
+    first = start[lab]  # (M,) the first entry of each entry's label
+    tp -= tp[first] - pos[first]  # true positives so far, within the label
+    precision = tp / (np.arange(len(lab)) - first + 1)  # (M,) at each entry's own position
+    if protocol == "standard":  # a run of equal scores is one threshold: the precision at the end of its run
+        last = np.r_[(lab[1:] != lab[:-1]) | (score[1:] != score[:-1]), True]
+        ends = np.where(last, np.arange(len(lab)), len(lab))
+        precision = precision[np.minimum.accumulate(ends[::-1])[::-1]]
+    num_pos = np.bincount(lab, pos, minlength=s.shape[1])
+    ap = np.bincount(lab, pos * precision, minlength=s.shape[1]) / np.maximum(num_pos, 1)
     return np.where(num_pos > 0, ap, np.nan if protocol == "standard" else 0.0)
 
 
@@ -79,17 +83,23 @@ def average_precision(
     ap = np.empty(len(columns))
     for c0 in range(0, len(columns), step):
         block = np.ix_(rows, columns[c0 : c0 + step])
-        s, y = scores[block].T, labels[block].T  # (B, N_rows): one label per row
-        ap[c0 : c0 + step] = _label_ap(np.ascontiguousarray(s), np.ascontiguousarray(y), protocol)
+        ap[c0 : c0 + step] = _label_ap(scores[block], labels[block], protocol)  # (N_rows, B) each
     return ap
 
 
-def _topk_hits(s: np.ndarray, y: np.ndarray, k: int) -> int:
-    """How many of each image's K best labels are positive; s, y (R, C). Ties at the K-th score: lower index first."""
-    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]  # (R, 1) each image's K-th largest score
-    above, tied = s > kth, s == kth
-    room = k - above.sum(axis=1, keepdims=True)  # (R, 1) places left for the tied labels
-    return int(((above | (tied & (np.cumsum(tied, axis=1) <= room))) & (y == 1)).sum())
+def _topk_hits(s: np.ndarray, y: np.ndarray, ks: list[int]) -> np.ndarray:
+    """How many of each image's K best labels are positive, per K; s, y (R, C). Ties at the K-th score: lower label
+    index first."""
+    pos, hits, most = y == 1, [], max(ks)
+    best = np.sort(np.partition(-s, most - 1, axis=1)[:, :most], axis=1)  # (R, K_max) minus the K_max best, in order
+    for k in ks:
+        kth = -best[:, k - 1 : k]  # (R, 1) each image's K-th largest score
+        above, tied = s > kth, s == kth
+        room = k - above.sum(axis=1)  # (R,) places left for the tied labels
+        cut = tied.sum(axis=1) > room  # the rows whose tie does not fit whole
+        tied[cut] &= np.cumsum(tied[cut], axis=1) <= room[cut, None]
+        hits.append(int(((above | tied) & pos).sum()))
+    return np.array(hits)
 
 
 def _row_blocks(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: slice, width: int):
@@ -153,11 +163,13 @@ def evaluate_setting(
         "labels_without_positive": int((annotated & (pos == 0)).sum()),
         "labels_without_negative": int((annotated & (neg == 0)).sum()),
     }
-    for k in top_k:
-        kk = min(k, int(annotated.sum()))
-        blocks = _row_blocks(scores, labels, rows, cols, len(pos))
-        hits = sum(_topk_hits(s[:, annotated], y[:, annotated], kk) for s, y in blocks) if kk else 0
-        out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _prf(hits, len(rows), kk, int(pos.sum()), protocol)
+    ks = [min(k, int(annotated.sum())) for k in top_k]  # K capped at the number of labels
+    hits = np.zeros(len(ks), np.int64)
+    if ks and all(ks):
+        for s, y in _row_blocks(scores, labels, rows, cols, len(pos)):
+            hits += _topk_hits(s[:, annotated], y[:, annotated], ks)
+    for k, kk, h in zip(top_k, ks, hits, strict=True):
+        out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _prf(int(h), len(rows), kk, int(pos.sum()), protocol)
     return out | {"ap": ap, "lacks": lacks, "positives": pos, "negatives": neg}
 
 

@@ -24,14 +24,13 @@ class Predictions:
     scores: np.ndarray  # (N, C) float32 over the valid rows, in store order
     labels: np.ndarray  # (N, C) int8
     rows: np.ndarray  # (N,) store rows
-    query_index: np.ndarray | None = None  # (N, C) int16: the query that gave each logit
+    query_counts: np.ndarray | None = None  # (C, Q) int64: per label, how often each query gave its logit on a positive
 
 
-def _allocate(n: int, c: int, c_labels: int, query_index: bool, into: Predictions | None) -> Predictions:
-    index = np.empty((n, c), np.int16) if query_index else None
+def _allocate(n: int, c: int, c_labels: int, into: Predictions | None) -> Predictions:
     if into is not None and into.scores.shape == (n, c) and into.labels.shape == (n, c_labels):
-        return Predictions(into.scores, into.labels, into.rows, index)
-    return Predictions(np.empty((n, c), np.float32), np.empty((n, c_labels), np.int8), np.empty(n, np.int64), index)
+        return Predictions(into.scores, into.labels, into.rows)
+    return Predictions(np.empty((n, c), np.float32), np.empty((n, c_labels), np.int8), np.empty(n, np.int64))
 
 
 @torch.no_grad()
@@ -39,12 +38,14 @@ def score_rows(
     score_fn: Callable[[torch.Tensor], Any],
     loader: CacheLoader,
     device: torch.device,
-    query_index: bool = False,
+    num_queries: int = 0,
     into: Predictions | None = None,
 ) -> Predictions:
-    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) [, query index (B, C)] over one in-order pass.
+    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) over one in-order pass.
 
     Args:
+        num_queries: when > 0, `score_fn` also returns the query that gave each logit (B, C), counted over the
+            positives into `query_counts` (the index itself is not kept: 2 bytes per image and label).
         into: predictions of the same rows whose arrays are overwritten (one (N, C) score array for several scorers).
     """
     n, pos, out = loader.num_samples, 0, None
@@ -52,13 +53,16 @@ def score_rows(
         raise QKSError(f"no valid rows to score in rows {loader.row_range[0]}-{loader.row_range[1]}")
     for batch in loader.epoch(0):
         result = score_fn(batch.tokens.to(device, non_blocking=True))
-        logits, qi = result if query_index else (result, None)
+        logits, qi = result if num_queries else (result, None)
         if out is None:
-            out = _allocate(n, logits.shape[1], batch.labels.shape[1], query_index, into)
+            out = _allocate(n, logits.shape[1], batch.labels.shape[1], into)
+            out.query_counts = np.zeros((logits.shape[1], num_queries), np.int64) if num_queries else None
         b = slice(pos, pos + len(batch.rows))
         out.scores[b], out.labels[b], out.rows[b] = logits.float().cpu().numpy(), batch.labels.numpy(), batch.rows
         if qi is not None:
-            out.query_index[b] = qi.cpu().numpy()
+            r, c = np.nonzero(out.labels[b] == 1)  # this batch's positives
+            counts = np.bincount(c * num_queries + qi.cpu().numpy()[r, c], minlength=out.query_counts.size)
+            out.query_counts += counts.reshape(out.query_counts.shape)
         pos = b.stop
     return out
 

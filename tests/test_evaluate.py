@@ -86,8 +86,13 @@ def test_evaluate_writes_metrics_and_tables(run, tmp_path):
     assert [r["split"] for r in rows] == ["seen"] * 8 + ["unseen"] * 4
     assert [int(r["positives"]) for r in rows] == list((labels == 1).sum(0))
     assert np.isclose(np.mean([float(r["ap"]) for r in rows[8:]]), written["zsl"]["mAP"])
-    for r in csv.DictReader(open(queries)):  # each positive image is won by exactly one query
-        assert sum(int(r[f"q{q}"]) for q in range(4)) == int(r["positives"])
+    table = list(csv.DictReader(open(queries)))  # each positive image is won by exactly one query
+    assert [sum(int(r[f"q{q}"]) for q in range(4)) for r in table] == list((labels == 1).sum(0))
+    model, _ = load_checkpoint(ckpt, torch.device("cpu"))
+    tokens = torch.from_numpy(open_cache(data.test).tokens[:, 0]).float()
+    with torch.no_grad():
+        index = model(tokens, torch.from_numpy(read_label_embeddings(data.labels)[1]), return_query_index=True)[1]
+    assert [int(r["q1"]) for r in table] == list(((index == 1).numpy() & (open_cache(data.test).labels[:] == 1)).sum(0))
     text = "\n".join(lines)
     assert "\nZSL     qks" in text and "query preference (4 queries)" in text and "WARNING" not in text
 
