@@ -153,7 +153,7 @@ class CacheLoader:
         out = np.empty((len(rows), self.num_columns), np.int8)
         for shard in np.unique(shards).tolist():
             if shard not in self._labels:
-                if len(self._labels) >= 2 * WINDOW:
+                if len(self._labels) >= (2 * WINDOW if self.shuffle else 1):  # in order: one shard at a time
                     del self._labels[next(iter(self._labels))]
                 self._labels[shard] = self.cache.labels[shard * size : (shard + 1) * size, self.columns]  # (S, C')
             pick = shards == shard
