@@ -10,7 +10,7 @@ Output directory:
                         training params, best epoch
     best.safetensors    weights of the selected epoch
     last.safetensors    weights after the last completed epoch
-    last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, RNG, progress); written
+    last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, progress); written
                         last each epoch, so a kill before it replays that epoch. Every file is written atomically.
     train_log.csv       one row per epoch (epoch, loss, lr, val_mAP[, test_zsl_mAP], score, time_s, samples_per_s)
 
@@ -171,6 +171,8 @@ def train_step(
 def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, float]:
     """One pass over the training rows; returns the mean loss, time and throughput."""
     s.model.train()
+    seed = np.random.SeedSequence([s.train_loader.seed, epoch, s.train_loader.part[0]]).generate_state(1)[0]
+    torch.manual_seed(int(seed))  # dropout's draws: a function of (seed, epoch, rank), so a resumed run repeats them
     emb_seen = s.emb[: s.num_seen]  # (C_seen, E): training scores seen labels only
     total, count, start = torch.zeros((), device=s.device), 0, time.perf_counter()
     bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar)
@@ -212,7 +214,7 @@ class Progress:
 
 
 def save_state(s: Session, progress: Progress, path: Path) -> None:
-    """The single source of truth for resuming: weights, optimizer, scheduler, scaler, RNG and progress. Serialised
+    """The single source of truth for resuming: weights, optimizer, scheduler, scaler and progress. Serialised
     in memory first, so that a full disk is a plain OSError naming the file (torch.save on a file would say only
     'unexpected pos')."""
     state = {
@@ -220,8 +222,6 @@ def save_state(s: Session, progress: Progress, path: Path) -> None:
         "optimizer": s.optimizer.state_dict(),
         "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
         "scaler": s.scaler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else None,
         "progress": asdict(progress),
     }
     buf = io.BytesIO()
@@ -236,9 +236,6 @@ def load_state(s: Session, path: Path) -> Progress:
     if s.scheduler is not None:
         s.scheduler.load_state_dict(state["scheduler"])
     s.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and s.device.type == "cuda":
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return Progress(**state["progress"])
 
 
