@@ -27,11 +27,6 @@ OUT = required("--out", "Dataset directory to write (train/test.jsonl, seen/unse
 MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps them all
 
 
-def _echo(report: importers.ImportReport) -> None:
-    for line in report.lines():
-        click.echo(line)
-
-
 @click.group(name="import")
 def import_group() -> None:
     """Write a dataset directory from a dataset's own published files (see data_manifests/README.md)."""
@@ -42,7 +37,7 @@ def import_group() -> None:
 @OUT
 def manifest(**options: Path) -> None:
     """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
-    _echo(importers.import_manifest(**options))
+    click.echo("\n".join(importers.import_manifest(**options).lines()))
 
 
 @import_group.command("nuswide")
@@ -50,7 +45,7 @@ def manifest(**options: Path) -> None:
 @OUT
 def nuswide(**options: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
-    _echo(importers.import_nuswide(**options))
+    click.echo("\n".join(importers.import_nuswide(**options).lines()))
 
 
 @import_group.command("openimages")
@@ -63,7 +58,7 @@ def nuswide(**options: Path) -> None:
 @OUT
 def openimages(**options: Any) -> None:
     """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as display names."""
-    _echo(importers.import_openimages(**options))
+    click.echo("\n".join(importers.import_openimages(**options).lines()))
 
 
 @import_group.command("coco")
@@ -74,21 +69,13 @@ def openimages(**options: Any) -> None:
 @click.option("--train-prefix", default="", help="Prepended to train file names (e.g. 'train2017/').")
 @click.option("--test-prefix", default="", help="Prepended to test file names (e.g. 'val2017/').")
 @OUT
-def coco(
-    train_json: Path,
-    test_json: Path,
-    unseen: str | None,
-    unseen_file: Path | None,
-    train_prefix: str,
-    test_prefix: str,
-    out: Path,
-) -> None:
+def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
     """COCO: categories present are positive, all others verified negatives."""
     if (unseen is None) == (unseen_file is None):
         raise click.UsageError("give exactly one of --unseen and --unseen-file")
     names = read_labels(unseen_file) if unseen_file else [n.strip() for n in unseen.split(",") if n.strip()]
-    source = str(unseen_file) if unseen_file else "--unseen"
-    _echo(importers.import_coco(train_json, test_json, names, out, train_prefix, test_prefix, source))
+    report = importers.import_coco(unseen=names, unseen_source=str(unseen_file or "--unseen"), **options)
+    click.echo("\n".join(report.lines()))
 
 
 @import_group.command("reference-csv")
@@ -96,14 +83,12 @@ def coco(
 @required("--test-csv", "The reference's test CSV.")
 @required("--seen-file", "Seen labels, one a line.")
 @required("--unseen-file", "Unseen labels, one a line.")
-@click.option(
-    "--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'datasets/OpenImages/')."
-)
+@click.option("--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'data/oi/').")
 @choice("--negatives", NEGATIVES, "listed: the CSV's negative columns; rest: every other label the split scores.")
 @OUT
 def reference_csv(**options: Any) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
-    _echo(importers.import_reference_csv(**options))
+    click.echo("\n".join(importers.import_reference_csv(**options).lines()))
 
 
 @import_group.command("hdf5")
@@ -117,7 +102,7 @@ def reference_csv(**options: Any) -> None:
 @OUT
 def hdf5(**options: Any) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""
-    _echo(importers.import_hdf5(**options))
+    click.echo("\n".join(importers.import_hdf5(**options).lines()))
 
 
 @click.group(name="manifest")
@@ -132,8 +117,7 @@ def manifest_group() -> None:
 def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
     """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing or unreadable."""
     report = check_dataset(dataset_dir, images)
-    for line in report_lines(report):
-        click.echo(line)
+    click.echo("\n".join(report_lines(report)))
     if report.problems:
         ctx.exit(1)
 

@@ -26,17 +26,11 @@ def find_concepts(root: Path) -> Path:
 
 
 def tag_records(
-    images: Sequence[str],
-    dat: Path,
-    image_list: Path,
-    tags: Sequence[str],
-    seen: Sequence[str],
-    unseen: Sequence[str],
-    truth: np.ndarray | None,
+    images: Sequence[str], dat: Path, image_list: Path, tags: Sequence[str], seen: Sequence[str], concepts: Sequence
 ) -> Iterator[Record]:
-    """Yield a record per image from a tag matrix (+ the concepts' ground truth `truth`, (N, 81) bool, for test)."""
+    """Yield a record per image from a tag matrix; `concepts`: per image, its positive concepts (test) or nothing."""
     seen_cols = np.array([tags.index(t) for t in seen])  # positions of the seen tags among the 1,000 columns
-    seen_names, unseen_names = np.array(seen, dtype=object), np.array(unseen, dtype=object)
+    seen_names = np.array(seen, dtype=object)
     rows = 0
     for line, text in iter_lines(dat, "tag matrix", aligned=True):
         values = text.split()
@@ -48,7 +42,7 @@ def tag_records(
             bad = next(j for j, v in enumerate(values) if v not in ("0", "1"))
             raise QKSError(f"expected 0 or 1, found {values[bad]!r} in column {bad + 1} ({tags[bad]!r})", dat, line)
         hit = np.frombuffer("".join(values).encode("ascii"), np.uint8)[seen_cols] == ord("1")  # (925,)
-        positive = seen_names[hit].tolist() + ([] if truth is None else unseen_names[truth[rows]].tolist())
+        positive = seen_names[hit].tolist() + list(concepts[rows] if concepts else ())
         # Every other scored label is a verified negative: written as "*" (see manifest.Record.negative_rest).
         yield Record(images[rows], tuple(positive), negative_rest=True)
         rows += 1
@@ -76,7 +70,7 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
     tag_dir, lists = root / "NUS_WID_Tags", root / "ImageList"
     tags = read_lines(tag_dir / "TagList1k.txt", "tag list", aligned=True)
     concepts = read_lines(find_concepts(root), "concept list", aligned=True)
-    seen = [t for t in tags if t not in set(concepts)]
+    seen, concept_names = [t for t in tags if t not in set(concepts)], np.array(concepts, dtype=object)
     report = ImportReport(Path(out))
     report.notes.append(f"{len(tags) - len(seen)} of the {len(concepts)} concepts are also tags (not seen labels)")
     splits = {}
@@ -84,8 +78,9 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
         image_list = lists / f"{name}Imagelist.txt"
         # `actor\0001_2124494179.jpg` lines -> `Flickr/actor/0001_2124494179.jpg` manifest paths
         images = ["Flickr/" + n.replace("\\", "/") for n in read_lines(image_list, "image list", aligned=True)]
-        truth = None
-        if split == "test":  # (N, 81)
-            truth = np.array([concept_truth(root, c, len(images), image_list) for c in concepts], dtype=bool).T
-        splits[split] = tag_records(images, tag_dir / f"{name}_Tags1k.dat", image_list, tags, seen, concepts, truth)
+        positives = []  # per test image, its positive concepts
+        if split == "test":
+            truth = np.array([concept_truth(root, c, len(images), image_list) for c in concepts], bool).T  # (N, 81)
+            positives = [tuple(concept_names[row]) for row in truth]
+        splits[split] = tag_records(images, tag_dir / f"{name}_Tags1k.dat", image_list, tags, seen, positives)
     return report.write(seen, concepts, splits)
