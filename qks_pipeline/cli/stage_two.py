@@ -34,12 +34,18 @@ ANY_SPLIT = click.option(
 @click.option("--nproc", type=click.IntRange(min=1), help="Data-parallel processes on this machine [train.nproc].")
 @ANY_SPLIT
 def train_cmd(train_cache, labels, out, test_cache, params, device, resume, progress, nproc, any_split) -> None:
-    """Train the QKS head from the feature cache (stage two). Rerun the same command to resume after a kill."""
+    """Train the QKS head from the feature cache (stage two). Rerun the same command to resume after a kill.
+
+    Writes best/last checkpoints, config.json, train_log.csv and its plot train_curves.png into OUT.
+    """
+    from qks_pipeline.checkpoint import LOG
+    from qks_pipeline.plots import plot_training
     from qks_pipeline.train import train
 
     params.train.nproc = nproc or params.train.nproc
     kwargs = dict(test_path=test_cache, device=device, resume=resume, progress_bar=progress, echo=click.echo)
     train(train_cache, labels, out, params=params, any_split=any_split, **kwargs)
+    plot_training(out / LOG, out / "train_curves.png")
 
 
 @click.command("evaluate")
@@ -47,7 +53,11 @@ def train_cmd(train_cache, labels, out, test_cache, params, device, resume, prog
 @click.option("--test-cache", required=True, type=EXISTING_STORE, help="Test feature store (stage one).")
 @click.option("--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one).")
 @click.option("--out", required=True, type=NEW_FILE, help="Metrics JSON (fractions in [0, 1]).")
-@click.option("--per-label", type=NEW_FILE, help="CSV per label: AP, what it lacks to be scored, positives, negatives.")
+@click.option(
+    "--per-label",
+    type=NEW_FILE,
+    help="CSV per label: AP, what it lacks to be scored, positives, negatives; and its plot beside it (.png).",
+)
 @click.option(
     "--query-preference",
     type=NEW_FILE,
@@ -65,6 +75,10 @@ def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preferenc
     tables = dict(per_label=per_label, query_table=query_preference)
     kwargs = dict(checkpoint=checkpoint, baseline=baseline, device=device, any_split=any_split, echo=click.echo)
     evaluate(test_cache, labels, out, params=params.evaluate, **tables, **kwargs)
+    if per_label is not None:
+        from qks_pipeline.plots import plot_per_label_ap
+
+        plot_per_label_ap(per_label, per_label.with_suffix(".png"))
 
 
 @click.command("import-checkpoint")
