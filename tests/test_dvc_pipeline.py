@@ -92,3 +92,22 @@ def test_exp_run_sweeps_a_parameter(repo: Path) -> None:
     assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["num_queries"] == 2
     assert math.isfinite(json.loads((repo / "metrics" / "qks.json").read_text())["zsl"]["mAP"])
     assert len(sh(repo, "dvc", "exp", "list", "--name-only").split()) == 1  # the experiment is recorded
+
+
+@pytest.mark.slow
+def test_plots_render_offline_as_images(repo: Path) -> None:
+    sh(repo, "dvc", "plots", "show", "-o", "plots_html")
+    page = (repo / "plots_html" / "index.html").read_text()
+    assert "<img" in page and "http://" not in page and "https://" not in page  # nothing loaded from a CDN
+    for png in ("models/qks/train_curves.png", "metrics/per_label_ap.png"):
+        assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+@pytest.mark.slow
+def test_exp_run_reproduces_the_papers_protocol(repo: Path) -> None:
+    out = sh(repo, "dvc", "exp", "run", "-S", "train.selection=test", "-S", "evaluate.protocol=reference")
+    assert "Running stage 'train'" in out and "selected on the TEST set" in out, out
+    metrics = json.loads((repo / "metrics" / "qks.json").read_text())
+    assert metrics["selection"] == "test" and metrics["protocol"] == "reference" and "warning" in metrics
+    config = json.loads((repo / "models" / "qks" / "config.json").read_text())
+    assert "test" in json.dumps(config)
