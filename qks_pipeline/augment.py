@@ -24,22 +24,13 @@ CUTOUT_FACTOR = 0.5  # the reference's CutoutPIL(cutout_factor=0.5): side of the
 CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)  # crop_flip: area and aspect-ratio ranges (most labels stay)
 FILL = (128, 128, 128)  # RandAugment's fill of uncovered pixels
 # RandAugment's magnitude of each operation at indices 0-9 (index 0 is never drawn), as the package tabulates them.
-RANGES = {
-    "ShearX": np.linspace(0, 0.3, 10),
-    "ShearY": np.linspace(0, 0.3, 10),
-    "TranslateX": np.linspace(0, 150 / 331, 10),
-    "TranslateY": np.linspace(0, 150 / 331, 10),
-    "Rotate": np.linspace(0, 30, 10),
-    "Color": np.linspace(0.0, 0.9, 10),
-    "Posterize": np.round(np.linspace(8, 4, 10)).astype(int),
-    "Solarize": np.linspace(256, 0, 10),
-    "Contrast": np.linspace(0.0, 0.9, 10),
-    "Sharpness": np.linspace(0.0, 0.9, 10),
-    "Brightness": np.linspace(0.0, 0.9, 10),
-    "Cutout": np.round(np.linspace(0, 20, 10)).astype(int),  # side in pixels
-}
-ENHANCE = {"Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast, "Sharpness": ImageEnhance.Sharpness}
-ENHANCE |= {"Brightness": ImageEnhance.Brightness}
+RANGES = {name: np.linspace(0, 0.3, 10) for name in ("ShearX", "ShearY")}
+RANGES |= {name: np.linspace(0, 150 / 331, 10) for name in ("TranslateX", "TranslateY")}
+RANGES |= {name: np.linspace(0.0, 0.9, 10) for name in ("Color", "Contrast", "Sharpness", "Brightness")}
+RANGES |= {"Rotate": np.linspace(0, 30, 10), "Solarize": np.linspace(256, 0, 10)}
+RANGES |= {"Posterize": np.round(np.linspace(8, 4, 10)).astype(int)}
+RANGES |= {"Cutout": np.round(np.linspace(0, 20, 10)).astype(int)}  # side in pixels
+ENHANCE = {name: getattr(ImageEnhance, name) for name in ("Color", "Contrast", "Sharpness", "Brightness")}
 OPERATIONS = ["Invert", "Cutout", "Sharpness", "AutoContrast", "Posterize", "ShearX", "TranslateX", "TranslateY"]
 OPERATIONS += ["ShearY", "Rotate", "Equalize", "Contrast", "Color", "Solarize", "Brightness"]
 
@@ -62,10 +53,6 @@ def cutout(img: Image.Image, rng: np.random.Generator, factor: float = CUTOUT_FA
     return fill_box(img, max(cx - half_w, 0), max(cy - half_h, 0), cx + half_w + 1, cy + half_h + 1, colour)
 
 
-def _affine(img: Image.Image, matrix: tuple[float, ...], resample: Image.Resampling) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, resample, fillcolor=FILL)
-
-
 def rand_operation(img: Image.Image, name: str, magnitude: int, rng: np.random.Generator) -> Image.Image:
     """One RandAugment operation at a magnitude index 1-9; a signed magnitude takes a random sign."""
     v, sign = RANGES.get(name, np.zeros(10))[magnitude], float(rng.choice([-1, 1]))
@@ -73,11 +60,11 @@ def rand_operation(img: Image.Image, name: str, magnitude: int, rng: np.random.G
         return ENHANCE[name](img).enhance(1 + v * sign)
     if name.startswith("Shear"):
         matrix = (1, v * sign, 0, 0, 1, 0) if name == "ShearX" else (1, 0, 0, v * sign, 1, 0)
-        return _affine(img, matrix, Image.Resampling.BICUBIC)
+        return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.BICUBIC, fillcolor=FILL)
     if name.startswith("Translate"):
         shift = v * sign * img.size[name == "TranslateY"]  # a share of the width (height), in pixels
         matrix = (1, 0, shift, 0, 1, 0) if name == "TranslateX" else (1, 0, 0, 0, 1, shift)
-        return _affine(img, matrix, Image.Resampling.NEAREST)
+        return img.transform(img.size, Image.Transform.AFFINE, matrix, Image.Resampling.NEAREST, fillcolor=FILL)
     if name == "Rotate":  # counter-clockwise only, as the package does; the corners get FILL
         rotated = img.convert("RGBA").rotate(v)
         return Image.composite(rotated, Image.new("RGBA", rotated.size, (128,) * 4), rotated).convert(img.mode)
