@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -109,6 +110,26 @@ def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
 
 
+def _unreachable(url: str) -> str | None:
+    """Why the server at `url` does not answer one request within `HUB_TIMEOUT_S`, name lookup included; None if it
+    answers. The request runs in a daemon thread: a resolver that hangs cannot hold the caller longer."""
+    why = [f"no answer within {HUB_TIMEOUT_S} s"]
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+            why[0] = None
+        except urllib.error.HTTPError:
+            why[0] = None  # it answered
+        except (OSError, ValueError) as e:
+            why[0] = str(getattr(e, "reason", None) or e)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT_S)
+    return why[0]
+
+
 def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
     """The weights file of an open_clip tag: from the download caches, else downloaded after one check (at most
     `HUB_TIMEOUT_S`) that the server answers; offline, one line saying how to use a local file instead."""
@@ -125,15 +146,9 @@ def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
     failed = f"cannot download the '{tag}' weights of {name}"
     hint = f"download them where there is internet and set backbone.pretrained (--pretrained) to the file{quick}"
     in_url_cache = not repo and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()  # open_clip's
-    try:
-        if constants.HF_HUB_OFFLINE:
-            raise OSError("HF_HUB_OFFLINE is set")
-        if not in_url_cache:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        pass  # the server answered
-    except (OSError, ValueError) as e:
-        raise QKSError(f"{failed} ({url} unreachable: {getattr(e, 'reason', None) or e}); {hint}") from None
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None if in_url_cache else _unreachable(url)
+    if why:
+        raise QKSError(f"{failed} ({url} unreachable: {why}); {hint}")
     try:
         return open_clip.download_pretrained(cfg)
     except Exception as e:  # a hub error, a checksum: all mean "no weights here"
