@@ -65,8 +65,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_mid_pool(pkl: Path) -> list[str]:
-    """The pickled MIDs: a list of strings or a 1-D numpy array of object or string dtype, never arbitrary code."""
+def read_unseen_mids(pkl: Path, top: Path) -> list[str]:
+    """The unseen MIDs: the first column of `top` indexes the MIDs pickled in `pkl` (a list of strings or a 1-D numpy
+    array of object or string dtype; a pickle that names anything else is refused, as loading it could run code)."""
     expected = "expected a pickled list or numpy array of MID strings; found"
     with open(require_file(pkl, "unseen label list"), "rb") as f:
         try:
@@ -84,12 +85,7 @@ def read_mid_pool(pkl: Path) -> list[str]:
     other = next((m for m in pool if not isinstance(m, (str, bytes))), None)
     if other is not None:
         raise QKSError(f"{expected} a list holding {type(other).__name__} {other!r}", pkl)
-    return [m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in pool]
-
-
-def read_unseen_mids(pkl: Path, top: Path) -> list[str]:
-    """The unseen MIDs: the first column of `top` indexes the MIDs pickled in `pkl`."""
-    pool, mids = read_mid_pool(pkl), []
+    pool, mids = [m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in pool], []
     for line, row in csv_rows(top, "top unseen indices"):
         try:
             index = int(row[0])
@@ -110,13 +106,10 @@ def display_names(
         if mid not in descriptions:
             raise QKSError(f"MID {mid} has no display name in class-descriptions.csv", source)
         by_name[descriptions[mid]].append(mid)
-    out = {}
     for name, shared in by_name.items():
-        for mid in shared:
-            out[mid] = name if len(shared) == 1 else f"{name} ({mid})"
         if len(shared) > 1:
             report.notes.append(f"display name {name!r} shared by {', '.join(shared)}: written with the MID appended")
-    return out
+    return {mid: name if len(shared) == 1 else f"{name} ({mid})" for name, shared in by_name.items() for mid in shared}
 
 
 def locate_images(images: Path, folder: str, report: ImportReport) -> dict[str, str]:

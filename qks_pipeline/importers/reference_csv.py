@@ -18,13 +18,8 @@ from qks_pipeline.importers.common import ImportReport, csv_rows
 from qks_pipeline.manifest import Record, check_image_path, check_vocabulary, read_lines
 
 NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
-HEADERS = {
-    ("image_path", "posi_labels", "nega_labels"): ((1,), (2,)),  # columns of positives, columns of negatives
-    ("image_path", "unseen_posi_labels", "unseen_nega_labels", "seen_posi_labels", "seen_nega_labels"): (
-        (3, 1),
-        (4, 2),
-    ),
-}
+TEST_HEADER = "image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels"
+HEADERS = {"image_path,posi_labels,nega_labels": ((1,), (2,)), TEST_HEADER: ((3, 1), (4, 2))}  # positive, negative
 
 
 def read_label_file(path: Path, report: ImportReport) -> list[str]:
@@ -56,15 +51,14 @@ def csv_records(
     """Yield one record per CSV row; unknown labels and repeated images are errors naming the row's line."""
     listed, first = 0, {}  # rows with a negative; image -> its first line
     rows = csv_rows(path, "CSV file")
-    header = tuple(h.strip() for h in next(rows, (1, []))[1])
-    if header not in HEADERS:
-        raise QKSError(f"unexpected header {list(header)}; expected one of {[list(h) for h in HEADERS]}", path, 1)
+    header = [h.strip() for h in next(rows, (1, []))[1]]
+    if (columns := HEADERS.get(",".join(header))) is None:
+        raise QKSError(f"unexpected header {','.join(header)!r}; expected {' or '.join(map(repr, HEADERS))}", path, 1)
     for line, row in rows:
         if len(row) != len(header):
             raise QKSError(f"expected {len(header)} fields, found {len(row)}", path, line)
         positive, negative = (
-            tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip()))
-            for cols in HEADERS[header]
+            tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip())) for cols in columns
         )
         unknown = sorted((set(positive) | set(negative)) - vocabulary)
         if unknown:
