@@ -1,9 +1,5 @@
-"""COCO instances JSON: an image's positives are the categories it has an instance of; COCO is exhaustively labelled,
-so every other category is a verified negative.
-
-Seen = the categories (in the JSON's order) minus the unseen ones the user names. Train images carry seen labels, test
-images seen and unseen labels (an image without a positive among them is left out by `write_dataset`).
-"""
+"""COCO instances JSON (format: data_manifests/README.md): positives are the categories an image has an instance of;
+COCO is exhaustively labelled, so every other category is a verified negative."""
 
 from __future__ import annotations
 

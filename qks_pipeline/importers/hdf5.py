@@ -1,11 +1,5 @@
-"""BiAM/MKT-style HDF5 label files (NUS-WIDE): per image `<name>-labels` (+1/-1 over the seen tags, in tag-list
-order) and, in the test file, `<name>-labels_81` (+1/-1 over the 81 concepts). 0 means unknown.
-
-The image names come from a text file, one a line. BiAM/MKT names flatten the Flickr path:
-`actor_0001_2124494179.jpg` is `Flickr/actor/0001_2124494179.jpg` (layout "flickr"); layout "path" keeps a name as a
-path ('\\' -> '/'). A test `-labels` vector may also cover seen + unseen labels (MKT's 1,006); its seen part is used.
-An image without a positive among its split's labels is left out by `write_dataset`.
-"""
+"""BiAM/MKT-style HDF5 label files of NUS-WIDE (format: data_manifests/README.md): per image `<name>-labels`
+(+1/-1 over the seen tags, 0 unknown) and, in the test file, `<name>-labels_81` over the 81 concepts."""
 
 from __future__ import annotations
 
@@ -23,6 +17,7 @@ LAYOUTS = ("flickr", "path")
 
 
 def image_path(name: str, layout: str, path: Path, line: int) -> str:
+    """Layout "flickr": BiAM/MKT flatten the path, `actor_0001_21.jpg` is `Flickr/actor/0001_21.jpg`; "path": as is."""
     if layout == "path":
         return name.replace("\\", "/")
     parts = name.split("_")
@@ -51,7 +46,7 @@ def h5_records(
     with h5py.File(require_file(h5_path, "HDF5 label file"), "r") as h5:
         for line, name in enumerate(read_lines(names, "image-name list", aligned=True), 1):
             values = _vector(h5, f"{name}-labels", (len(seen), len(seen) + len(unseen or [])), (names, line))
-            values = values[: len(seen)]
+            values = values[: len(seen)]  # a test vector may cover seen + unseen labels (MKT's 1,006)
             if unseen is not None:
                 values = np.concatenate([values, _vector(h5, f"{name}-labels_81", (len(unseen),), (names, line))])
             yield Record(image_path(name, layout, names, line), tuple(labels[values > 0]), tuple(labels[values < 0]))

@@ -1,9 +1,5 @@
-"""NUS-WIDE from its raw release: image lists, the 1,000-tag matrices, the 81 concepts and their ground truth.
-
-Seen labels = the 1,000 tags minus those that are also concepts (925 with the real files); unseen = the 81 concepts.
-Every label is annotated (a 0 is a verified negative). Train images carry the seen tags; test images the seen tags and
-the 81 concepts' ground truth. An image without a positive among its split's labels is left out by `write_dataset`.
-"""
+"""NUS-WIDE from its raw release (format: data_manifests/README.md): seen = the 1,000 tags minus the concepts (925),
+unseen = the 81 concepts; every label is annotated, so the records are written with `"negative": "*"`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""Open Images v4 (2018_04) image-level labels, as LESA/BiAM/QKS use them.
+"""Open Images v4 (2018_04) image-level labels, as LESA/BiAM/QKS use them (format: data_manifests/README.md).
 
-Seen = the MIDs of classes-trainable.txt; unseen = the 400 MIDs picked by top_400_unseen.csv (indices into the MID
-list pickled in unseen_labels.pkl, a numpy array in the release). Labels are matched by MID and written as display
-names (class-descriptions.csv), sorted alphabetically; a display name shared by several of these MIDs is made unique
-by appending the MID: "Bat (/m/01h44)". Train images carry seen labels, test images seen and unseen labels;
-annotations of other MIDs are ignored. An image whose positive and negative labels intersect is dropped, as the
-reference does. With an image root, each image is located on disk (`<split>/<ImageID>.jpg` or the reference
-downloader's `<split>/NN/<ImageID>.jpg`) and one never downloaded is left out.
+Labels are matched by MID (not display name, as the authors' converter does: that leaks unseen classes into training)
+and written as display names, made unique by appending the MID: "Bat (/m/01h44)". The pickled unseen MID list is read
+by an unpickler that admits nothing that can run code.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
-"""The reference implementation's preprocessed CSVs: one per split, labels joined by '|'.
-
-Two headers are accepted: `image_path,posi_labels,nega_labels` (the reference's train file) and
-`image_path,unseen_posi_labels,unseen_nega_labels,seen_posi_labels,seen_nega_labels` (its test file). The label
-lists come from the reference's label files, one label a line; a name listed twice there (Open Images display names
-are not unique) is kept once, and the report says so. A split whose negative columns are empty on every row has no
-verified negative (every AP would be trivial): the report says so, and `negatives="rest"` makes every non-positive
-label of the split's scored set negative (`"negative": "*"`).
+"""The reference implementation's preprocessed CSVs, one per split, labels joined by '|' (format:
+data_manifests/README.md). Its label files may repeat a name (Open Images display names are not unique): kept once.
+A CSV without negatives gives no label a scorable AP: the report says so, and `negatives="rest"` writes
+`"negative": "*"`.
 """
 
 from __future__ import annotations
