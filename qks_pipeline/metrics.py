@@ -102,30 +102,25 @@ def _topk_hits(s: np.ndarray, y: np.ndarray, ks: list[int]) -> np.ndarray:
     return np.array(hits)
 
 
-def _row_blocks(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: slice, width: int):
-    step = max(1, BLOCK // max(width, 1))
+def _row_blocks(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: slice):
+    step = max(1, BLOCK // max(labels[:0, cols].shape[1], 1))
     for r0 in range(0, len(rows), step):
         r = rows[r0 : r0 + step]
         yield scores[r, cols], labels[r, cols]  # (R, C_cols)
 
 
-def _kept_images(labels: np.ndarray, cols: slice) -> np.ndarray:
-    """Indices of the images with a positive among `cols`, in row order."""
+def label_counts(labels: np.ndarray, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The images with a positive among `cols` (those the protocol keeps), and each label's positives and negatives
+    over them."""
     width = labels[:0, cols].shape[1]
     step = max(1, BLOCK // max(width, 1))
-    keep = [(labels[r0 : r0 + step, cols] == 1).any(axis=1) for r0 in range(0, len(labels), step)]
-    return np.flatnonzero(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
-
-
-def label_counts(labels: np.ndarray, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
-    """Positives and negatives per label of `cols`, over the images with a positive among `cols` (the protocol's)."""
-    rows = _kept_images(labels, cols)
-    width = labels[:0, cols].shape[1]
-    pos, neg = np.zeros(width, np.int64), np.zeros(width, np.int64)
-    for _, y in _row_blocks(labels, labels, rows, cols, width):
-        pos += (y == 1).sum(axis=0)
-        neg += (y == -1).sum(axis=0)
-    return pos, neg
+    rows, pos, neg = [np.zeros(0, np.int64)], np.zeros(width, np.int64), np.zeros(width, np.int64)
+    for r0 in range(0, len(labels), step):
+        y = labels[r0 : r0 + step, cols]  # (R, C_cols)
+        kept = (y == 1).any(axis=1)
+        rows.append(r0 + np.flatnonzero(kept))
+        pos, neg = pos + (y[kept] == 1).sum(axis=0), neg + (y[kept] == -1).sum(axis=0)
+    return np.concatenate(rows), pos, neg
 
 
 def _prf(hits: int, n: int, k: int, num_pos: int, protocol: str) -> tuple[float, float, float]:
@@ -148,8 +143,7 @@ def evaluate_setting(
         `negatives` (among the kept images).
     """
     assert scores.shape == labels.shape and protocol in PROTOCOLS, (scores.shape, labels.shape, protocol)
-    rows = _kept_images(labels, cols)
-    pos, neg = label_counts(labels, cols)
+    rows, pos, neg = label_counts(labels, cols)
     annotated = pos + neg > 0
     scored = annotated & (pos > 0) & (neg > 0) if protocol == "standard" else annotated
     ap = np.full(len(pos), np.nan)
@@ -166,15 +160,11 @@ def evaluate_setting(
     ks = [min(k, int(annotated.sum())) for k in top_k]  # K capped at the number of labels
     hits = np.zeros(len(ks), np.int64)
     if ks and all(ks):
-        for s, y in _row_blocks(scores, labels, rows, cols, len(pos)):
+        for s, y in _row_blocks(scores, labels, rows, cols):
             hits += _topk_hits(s[:, annotated], y[:, annotated], ks)
     for k, kk, h in zip(top_k, ks, hits, strict=True):
         out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _prf(int(h), len(rows), kk, int(pos.sum()), protocol)
     return out | {"ap": ap, "lacks": lacks, "positives": pos, "negatives": neg}
-
-
-def setting_columns(name: str, num_labels: int, num_seen: int) -> slice:
-    return {"zsl": slice(num_seen, num_labels), "gzsl": slice(0, num_labels), "seen": slice(0, num_seen)}[name]
 
 
 def evaluate_scores(
@@ -190,10 +180,8 @@ def evaluate_scores(
         protocol: `standard` or `reference`.
     """
     assert 0 <= num_seen <= scores.shape[1]
-    c = scores.shape[1]
-    return {
-        name: evaluate_setting(scores, labels, setting_columns(name, c, num_seen), top_k, protocol) for name in SETTINGS
-    }
+    cols = {"zsl": slice(num_seen, None), "gzsl": slice(None), "seen": slice(0, num_seen)}
+    return {name: evaluate_setting(scores, labels, cols[name], top_k, protocol) for name in SETTINGS}
 
 
 def reference_scores(logits: np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ def check_validation_labels(cache: Cache, rows: tuple[int, int], num_seen: int) 
     pos = neg = 0
     for start in range(rows[0], rows[1], cache.shard_size):
         stop = min(start + cache.shard_size, rows[1])
-        p, n = label_counts(cache.labels[start:stop, :num_seen][cache.valid[start:stop]])
+        _, p, n = label_counts(cache.labels[start:stop, :num_seen][cache.valid[start:stop]])
         pos, neg = pos + p, neg + n
     if not np.any((pos > 0) & (neg > 0)):
         why = "has both a positive and a negative, so validation mAP is undefined"
