@@ -195,7 +195,8 @@ def evaluate(
     if model is not None:
         pred, table, shown["qks"] = _head(run, model)
         write_csv(query_table or Path(out).with_name(Path(out).stem + ".query_preference.csv"), table)
-        report |= {"model": "qks", "selection": config.get("selection", "val"), **summary(shown["qks"])}
+        selection = {k: config.get(k) for k in ("selection", "selection_note")}  # what chose the checkpoint
+        report |= {"model": "qks", **selection, **summary(shown["qks"])}
         if report["selection"] == "test":
             report["warning"] = SELECTED_ON_TEST
     if baseline is not None:

@@ -23,7 +23,7 @@ from qks_pipeline.config import BackboneConfig, EvaluateConfig, LabelsConfig, Mo
 from qks_pipeline.errors import QKSError
 from qks_pipeline.evaluate import evaluate
 from qks_pipeline.loader import open_loader
-from qks_pipeline.metrics import SELECTED_ON_TEST, evaluate_scores, reference_scores
+from qks_pipeline.metrics import SELECTED_ON_TEST, SELECTION_SCORES, evaluate_scores, reference_scores
 from qks_pipeline.scoring import model_scorer, score_rows
 from qks_pipeline.train import train
 
@@ -73,7 +73,9 @@ def test_evaluate_writes_metrics_and_tables(run, tmp_path):
     )
     written = json.loads(out.read_text())
     assert written == report and written["units"] == "fraction" and written["selection"] == "val"
-    assert written["protocol"] == "standard"
+    assert (
+        written["protocol"] == "standard" and written["selection_note"] == f"selection score: {SELECTION_SCORES['val']}"
+    )
     for setting in ("zsl", "gzsl", "seen"):
         assert _in_unit_interval(written[setting]), written[setting]
         assert written[setting]["labels_without_positive"] == written[setting]["labels_without_negative"] == 0
