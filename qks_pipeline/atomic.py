@@ -30,8 +30,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically and durably. A failure (a full disk) is an OSError naming
-    `path`."""
+    """Write `data` (text as UTF-8) to `path` atomically and durably; a failure (disk full) is an OSError naming it."""
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)

@@ -51,14 +51,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image file fully and return it as RGB.
-
-    Args:
-        max_pixels: Pillow's decompression-bomb limit for this process (`extract.max_pixels`); None: as it is.
-
-    Raises:
-        BadImage: the file is missing, empty, truncated, corrupt or larger than the limit.
-    """
+    """Decode an image file fully and return it as RGB; BadImage when it is missing, empty, truncated, corrupt or
+    larger than `max_pixels`, Pillow's decompression-bomb limit for this process (`extract.max_pixels`; None: as is)."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:

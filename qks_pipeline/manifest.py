@@ -1,9 +1,6 @@
-"""Dataset manifests: the only input format of the pipeline (see data_manifests/README.md).
-
-A dataset directory holds `train.jsonl` and `test.jsonl` (one JSON object a line:
-`{"image": "rel/path.jpg", "positive": [...], "negative": [...]}`; labels not listed are unknown), and `seen.txt`,
-`unseen.txt` (one label a line, fixed order, disjoint). Every label of a manifest is in seen + unseen. The
-prompt-template pool is one template a line with `{}`.
+"""Dataset manifests, the pipeline's only input format (data_manifests/README.md): a dataset directory holds
+`train.jsonl`, `test.jsonl` (one `{"image": ..., "positive": [...], "negative": [...]}` a line; labels not listed are
+unknown) and `seen.txt`, `unseen.txt` (one label a line, disjoint).
 
 The rules live in one place, `check_vocabulary` and `Validator`: reading, writing (`write_dataset`) and
 `qks manifest check` (`check_dataset`) all apply them.
@@ -287,12 +284,9 @@ def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Seq
 def write_dataset(
     out_dir: str | Path, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]
 ) -> dict[str, SplitSummary]:
-    """Write a dataset directory (`seen.txt`, `unseen.txt`, `<split>.jsonl`), all or nothing.
-
-    Records are streamed (an importer may yield them lazily) into a temporary sibling directory; every record passes
-    the validator, and one without a positive among its split's scored labels is left out (and counted): the
-    reference drops such images from training, and evaluation never scores them. Only when all files are complete
-    are they renamed into `out_dir`; on any error nothing is left behind.
+    """Write a dataset directory, all or nothing: records are streamed into a temporary sibling directory, renamed
+    into `out_dir` when every file is complete. A record without a positive among its split's scored labels is left
+    out (and counted): the reference drops such images from training, and evaluation never scores them.
 
     Returns:
         Per split, the records received; `images - no_positive` of them were written.
@@ -346,11 +340,8 @@ class DatasetReport:
 
 
 def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
-    """Validate a dataset directory and count what it holds.
-
-    A broken file (a rule of the validator, a missing or malformed file) raises QKSError. Problems of image files
-    (when `image_root` is given) are collected in the report instead, so one run lists them all.
-    """
+    """Validate a dataset directory and count what it holds. A broken file raises QKSError; problems of image files
+    (with `image_root`) are collected in the report instead, so one run lists them all."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise QKSError("dataset directory not found", dataset_dir)

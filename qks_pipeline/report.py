@@ -59,7 +59,12 @@ def _thumbnail(source: ImageInput) -> str:
     return f'<div class="thumb"><img src="{uri}" alt=""></div>'
 
 
-def _tags(p: Prediction, threshold: float) -> str:
+def card(p: Prediction, source: ImageInput, threshold: float) -> str:
+    """One image's <figure>: thumbnail, name, and its top labels (those above the threshold highlighted)."""
+    name = f'<div class="name">{escape(p.image)}</div>'
+    if p.skipped is not None:
+        body = f'<div class="thumb none">skipped</div><figcaption>{name}<p class="reason">{escape(p.skipped)}</p>'
+        return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figcaption></figure>'
     items = []
     for label, score in p.top:
         cls = "tag above" if score > threshold else "tag"
@@ -69,16 +74,7 @@ def _tags(p: Prediction, threshold: float) -> str:
     shown = {label for label, _ in p.top}
     extra = [label for label, _ in p.above if label not in shown]
     more = f'<p class="more">also above {threshold:g}: {escape(", ".join(extra))}</p>' if extra else ""
-    return f'<ol class="tags">{"".join(items)}</ol>{more}'
-
-
-def card(p: Prediction, source: ImageInput, threshold: float) -> str:
-    """One image's <figure>: thumbnail, name, and its top labels (those above the threshold highlighted)."""
-    name = f'<div class="name">{escape(p.image)}</div>'
-    if p.skipped is not None:
-        body = f'<div class="thumb none">skipped</div><figcaption>{name}<p class="reason">{escape(p.skipped)}</p>'
-        return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figcaption></figure>'
-    caption = f"<figcaption>{name}{_tags(p, threshold)}</figcaption>"
+    caption = f'<figcaption>{name}<ol class="tags">{"".join(items)}</ol>{more}</figcaption>'
     return f'<figure class="card" data-image="{escape(p.image)}">{_thumbnail(source)}{caption}</figure>'
 
 

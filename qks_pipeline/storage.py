@@ -8,10 +8,9 @@ Atomicity: a local key is written to a temporary file, fsynced and renamed; on o
 object. A local store is put in place by one directory rename; object storage has no rename, so its keys are copied
 server-side with the root `zarr.json` last (a store that opens is whole) and the temporary copy is then removed.
 
-Credentials and endpoints come from each filesystem's usual configuration, never from qks. For S3: the AWS environment
-and files (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, ~/.aws/config) and, for an S3-compatible server
-(MinIO, Ceph, moto), `AWS_ENDPOINT_URL` (botocore's own variable, honoured by s3fs). For GCS: application-default
-credentials. fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables (e.g. `FSSPEC_S3_ENDPOINT_URL`) apply as well.
+Credentials and endpoints come from each filesystem's usual configuration, never from qks: the AWS variables and
+files, `AWS_ENDPOINT_URL` for an S3-compatible server (MinIO, Ceph, moto), GCS's application-default credentials, and
+fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables.
 """
 
 from __future__ import annotations
