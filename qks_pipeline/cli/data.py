@@ -7,10 +7,13 @@ from typing import Any
 
 import click
 
-from qks_pipeline import importers
 from qks_pipeline.cli.options import EXISTING_DIR, EXISTING_FILE, NEW_DIR
-from qks_pipeline.importers.hdf5 import LAYOUTS
-from qks_pipeline.importers.reference_csv import NEGATIVES
+from qks_pipeline.importers import import_manifest
+from qks_pipeline.importers.coco import import_coco
+from qks_pipeline.importers.hdf5 import LAYOUTS, import_hdf5
+from qks_pipeline.importers.nuswide import import_nuswide
+from qks_pipeline.importers.openimages import import_openimages
+from qks_pipeline.importers.reference_csv import NEGATIVES, import_reference_csv
 from qks_pipeline.manifest import DatasetReport, check_dataset, read_labels
 
 
@@ -37,7 +40,7 @@ def import_group() -> None:
 @OUT
 def manifest(**options: Path) -> None:
     """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
-    click.echo("\n".join(importers.import_manifest(**options).lines()))
+    click.echo("\n".join(import_manifest(**options).lines()))
 
 
 @import_group.command("nuswide")
@@ -45,7 +48,7 @@ def manifest(**options: Path) -> None:
 @OUT
 def nuswide(**options: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
-    click.echo("\n".join(importers.import_nuswide(**options).lines()))
+    click.echo("\n".join(import_nuswide(**options).lines()))
 
 
 @import_group.command("openimages")
@@ -58,7 +61,7 @@ def nuswide(**options: Path) -> None:
 @OUT
 def openimages(**options: Any) -> None:
     """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as display names."""
-    click.echo("\n".join(importers.import_openimages(**options).lines()))
+    click.echo("\n".join(import_openimages(**options).lines()))
 
 
 @import_group.command("coco")
@@ -74,7 +77,7 @@ def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
     if (unseen is None) == (unseen_file is None):
         raise click.UsageError("give exactly one of --unseen and --unseen-file")
     names = read_labels(unseen_file) if unseen_file else [n.strip() for n in unseen.split(",") if n.strip()]
-    report = importers.import_coco(unseen=names, unseen_source=str(unseen_file or "--unseen"), **options)
+    report = import_coco(unseen=names, unseen_source=str(unseen_file or "--unseen"), **options)
     click.echo("\n".join(report.lines()))
 
 
@@ -88,7 +91,7 @@ def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
 @OUT
 def reference_csv(**options: Any) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
-    click.echo("\n".join(importers.import_reference_csv(**options).lines()))
+    click.echo("\n".join(import_reference_csv(**options).lines()))
 
 
 @import_group.command("hdf5")
@@ -102,7 +105,7 @@ def reference_csv(**options: Any) -> None:
 @OUT
 def hdf5(**options: Any) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""
-    click.echo("\n".join(importers.import_hdf5(**options).lines()))
+    click.echo("\n".join(import_hdf5(**options).lines()))
 
 
 @click.group(name="manifest")

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.importers import ImportReport
 from qks_pipeline.manifest import Record, require_file
 
 

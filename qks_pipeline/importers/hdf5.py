@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.importers import ImportReport
 from qks_pipeline.manifest import Record, check_vocabulary, read_labels, read_lines, require_file
 
 LAYOUTS = ("flickr", "path")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport
+from qks_pipeline.importers import ImportReport
 from qks_pipeline.manifest import Record, iter_lines, read_lines
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, csv_rows
+from qks_pipeline.importers import ImportReport, csv_rows
 from qks_pipeline.manifest import Record, read_lines, require_file
 
 COLUMNS = ("ImageID", "LabelName", "Confidence")  # the annotation columns used (Source is ignored)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.importers.common import ImportReport, csv_rows
+from qks_pipeline.importers import ImportReport, csv_rows
 from qks_pipeline.manifest import Record, check_image_path, check_vocabulary, read_lines
 
 NEGATIVES = ("listed", "rest")  # the negatives written: those the CSV lists, or every other label of the split
