@@ -308,3 +308,17 @@ def test_import_reference_checkpoint(tiny_clip, tmp_path):
     data = make_synthetic(tmp_path / "data", num_train=8, num_test=24, dim=d, embed_dim=e, backbone=expected)
     report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=EVAL, **QUIET)
     assert report["selection"] == "test" and _in_unit_interval(report["zsl"])
+
+
+def test_selection_on_test_equals_the_reference_protocol(tmp_path):
+    """`selection: test` selects on what `evaluate.protocol: reference` reports: ZSL mAP + F1@3 + F1@5."""
+    data = make_synthetic(tmp_path, num_train=64, num_test=32)
+    model = ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=16)
+    p = Params(model=model, train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, selection="test", val_fraction=0))
+    train(
+        data.train, data.labels, tmp_path / "ck", params=p, test_path=data.test, progress_bar=False, echo=QUIET["echo"]
+    )
+    best = json.loads((tmp_path / "ck" / "config.json").read_text())["best"]
+    ref = EvaluateConfig(top_k=[3, 5], protocol="reference")
+    zsl = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=ref, **QUIET)["zsl"]
+    assert best["score"] == pytest.approx(zsl["mAP"] + zsl["f1@3"] + zsl["f1@5"], rel=1e-12)
