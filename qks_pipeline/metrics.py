@@ -14,8 +14,8 @@ annotation in the kept images (the reference's filters). Two protocols (docs/des
 
 Both take an image's top K over the annotated labels, ties at the K-th score going to the lower label index.
 
-Memory: the (N, C) scores and labels are read, never copied whole: AP runs over blocks of labels, top-K and counts over
-blocks of images, each block about `BLOCK` entries (about 40 bytes of temporaries each).
+Memory: the (N, C) scores and labels are read, never copied whole: AP runs over blocks of labels (and only their
+annotated entries), top-K and counts over blocks of images, each block about `BLOCK` entries (tens of MB).
 """
 
 from __future__ import annotations
