@@ -59,35 +59,27 @@ def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> C
     h5, location = Path(h5), Location.of(store)
     if not h5.is_file():
         raise QKSError("HDF5 file not found", h5)
-    with location.writer_lock():
+    with location.writer_lock(), h5py.File(h5, "r") as f:
         if location.holds_store() and not overwrite:
             raise QKSError("store exists (use --overwrite to replace it)", location.url)
-        with h5py.File(h5, "r") as f:
-            return _rebuild(f, h5, store)
-
-
-def _rebuild(f: h5py.File, h5: Path, store: str | Path) -> Cache:
-    if f.attrs.get("format") != FORMAT:
-        raise QKSError(f"not a qks feature-cache export (format attribute {f.attrs.get('format')!r})", h5)
-    missing = [k for k in ("features", "labels", "valid", "done", *ARRAYS, *STRINGS) if k not in f]
-    if missing:
-        raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", h5)
-    meta = {name: f[name][:] for name in ARRAYS}
-    meta |= {name: f[name].asstr()[:].tolist() for name in STRINGS}
-    meta |= {name: int(f.attrs[name]) for name in ATTRS}
-    (n, v, t, d), c = f["features"].shape, len(meta["label_names"])
-    if f["labels"].shape != (n, c):
-        raise QKSError(f"HDF5 export's labels have shape {f['labels'].shape}, expected ({n}, {c})", h5)
-    fingerprint = json.loads(f.attrs["fingerprint"])
-    labels = f["labels"]  # read a shard at a time
-    cache = create_cache(
-        store, fingerprint=fingerprint, token_shape=(t, d), num_views=v, labels=lambda a, b: labels[a:b], **meta
-    )
-    valid = f["valid"][:]
-    for record in json.loads(f["done"][()]):
-        shard = record["shard"]
-        rows = cache.shard_rows(shard)
-        if record["rows"] != [rows.start, rows.stop]:
-            raise QKSError(f"done record of shard {shard} covers rows {record['rows']}, not {rows}", h5)
-        cache.write_shard(shard, f["features"][rows], valid[rows], record["skipped"])
+        if f.attrs.get("format") != FORMAT:
+            raise QKSError(f"not a qks feature-cache export (format attribute {f.attrs.get('format')!r})", h5)
+        if missing := [k for k in ("features", "labels", "valid", "done", *ARRAYS, *STRINGS) if k not in f]:
+            raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", h5)
+        meta = {name: f[name][:] for name in ARRAYS}
+        meta |= {name: f[name].asstr()[:].tolist() for name in STRINGS}
+        meta |= {name: int(f.attrs[name]) for name in ATTRS}
+        (n, v, t, d), labels = f["features"].shape, f["labels"]  # labels: read a shard at a time
+        if labels.shape != (n, len(meta["label_names"])):
+            raise QKSError(f"HDF5 export's labels have shape {labels.shape}, not (images, label names)", h5)
+        fingerprint = json.loads(f.attrs["fingerprint"])
+        cache = create_cache(
+            store, fingerprint=fingerprint, token_shape=(t, d), num_views=v, labels=lambda a, b: labels[a:b], **meta
+        )
+        valid = f["valid"][:]
+        for record in json.loads(f["done"][()]):
+            shard, rows = record["shard"], cache.shard_rows(record["shard"])
+            if record["rows"] != [rows.start, rows.stop]:
+                raise QKSError(f"done record of shard {shard} covers rows {record['rows']}, not {rows}", h5)
+            cache.write_shard(shard, f["features"][rows], valid[rows], record["skipped"])
     return cache
