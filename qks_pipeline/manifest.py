@@ -65,14 +65,11 @@ def check_vocabulary(seen: Sequence[str], unseen: Sequence[str], seen_file: Path
     for path, labels in ((seen_file, seen), (unseen_file, unseen)):
         if not labels:
             raise QKSError("no labels", path)
-        bad = [label for label in labels if not label or label != label.strip() or {"\n", "\r"} & set(label)]
-        if bad:
+        if bad := [label for label in labels if not label or label != label.strip() or {"\n", "\r"} & set(label)]:
             raise QKSError(f"label {bad[0]!r} must be non-empty, one line, without surrounding spaces", path)
-        twice = sorted(label for label, n in Counter(labels).items() if n > 1)
-        if twice:
+        if twice := sorted(label for label, n in Counter(labels).items() if n > 1):
             raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
-    both = sorted(set(seen) & set(unseen))
-    if both:
+    if both := sorted(set(seen) & set(unseen)):
         raise QKSError(f"label(s) both seen and unseen: {both[:5]}", unseen_file)
 
 
@@ -201,9 +198,8 @@ def write_labels(path: str | Path, labels: Sequence[str]) -> None:
 
 def read_templates(path: str | Path) -> list[str]:
     templates = read_lines(path, "template file")
-    for t in templates:
-        if t.count("{}") != 1:
-            raise QKSError(f"template {t!r} must contain exactly one '{{}}'", path)
+    if bad := [t for t in templates if t.count("{}") != 1]:
+        raise QKSError(f"template {bad[0]!r} must contain exactly one '{{}}'", path)
     return templates
 
 
@@ -226,8 +222,7 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
         raise QKSError(f"not valid JSON ({str(e).split(':')[0]})", path, line) from None
     if not isinstance(obj, dict):
         raise QKSError("a record must be a JSON object", path, line)
-    extra = set(obj) - {"image", "positive", "negative"}
-    if extra:
+    if extra := set(obj) - {"image", "positive", "negative"}:
         raise QKSError(f"unknown key(s) {sorted(extra)}; expected image, positive, negative", path, line)
     if not isinstance(obj.get("image"), str):
         raise QKSError("'image' must be a non-empty string", path, line)

@@ -53,9 +53,7 @@ def nuswide(**options: Path) -> None:
 
 @import_group.command("openimages")
 @required("--root", "The Open Images release folder, or its 2018_04 subfolder.", EXISTING_DIR)
-@click.option(
-    "--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/<id>.jpg or <split>/NN/<id>.jpg)."
-)
+@click.option("--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/[NN/]<id>.jpg).")
 @click.option("--train-split", default="train", show_default=True, help="Release split written as train.jsonl.")
 @click.option("--test-split", default="test", show_default=True, help="Release split written as test.jsonl.")
 @OUT

@@ -58,8 +58,7 @@ def import_coco(
         raise QKSError(f"categories differ from those of {train_json}", test_json)
     if not unseen or len(set(unseen)) != len(unseen):
         raise QKSError("unseen labels must be given, each once", unseen_source)
-    unknown = [u for u in unseen if u not in categories]
-    if unknown:
+    if unknown := [u for u in unseen if u not in categories]:
         raise QKSError(f"unseen label(s) {unknown} are not categories of {train_json}", unseen_source)
     seen = [c for c in categories if c not in set(unseen)]
     splits = {

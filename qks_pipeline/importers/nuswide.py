@@ -13,14 +13,6 @@ from qks_pipeline.importers import ImportReport
 from qks_pipeline.manifest import Record, iter_lines, read_lines
 
 
-def find_concepts(root: Path) -> Path:
-    """Concepts81.txt at the release root, or inside ConceptsList/ as the release's zip unpacks it."""
-    for path in (root / "Concepts81.txt", root / "ConceptsList" / "Concepts81.txt"):
-        if path.is_file():
-            return path
-    raise QKSError("Concepts81.txt not found (looked here and in ConceptsList/)", root)
-
-
 def tag_records(
     images: Sequence[str], dat: Path, image_list: Path, tags: Sequence[str], seen: Sequence[str], concepts: Sequence
 ) -> Iterator[Record]:
@@ -65,7 +57,11 @@ def import_nuswide(root: str | Path, out: str | Path) -> ImportReport:
         raise QKSError("NUS-WIDE release folder not found", root)
     tag_dir, lists = root / "NUS_WID_Tags", root / "ImageList"
     tags = read_lines(tag_dir / "TagList1k.txt", "tag list", aligned=True)
-    concepts = read_lines(find_concepts(root), "concept list", aligned=True)
+    # Concepts81.txt at the release root, or inside ConceptsList/ as the release's zip unpacks it
+    concept_files = [p for p in (root / "Concepts81.txt", root / "ConceptsList" / "Concepts81.txt") if p.is_file()]
+    if not concept_files:
+        raise QKSError("Concepts81.txt not found (looked here and in ConceptsList/)", root)
+    concepts = read_lines(concept_files[0], "concept list", aligned=True)
     seen, concept_names = [t for t in tags if t not in set(concepts)], np.array(concepts, dtype=object)
     report = ImportReport(Path(out))
     report.notes.append(f"{len(tags) - len(seen)} of the {len(concepts)} concepts are also tags (not seen labels)")

@@ -29,14 +29,6 @@ PICKLE_GLOBALS |= {(f"numpy.{c}.numeric", "_frombuffer") for c in ("core", "_cor
 PICKLE_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
-def find_release(root: Path) -> Path:
-    """The folder holding class-descriptions.csv: `root` itself or its 2018_04 subfolder."""
-    for folder in (root, root / RELEASE):
-        if (folder / "class-descriptions.csv").is_file():
-            return folder
-    raise QKSError(f"class-descriptions.csv not found here or in {RELEASE}/ (the release's metadata folder)", root)
-
-
 def read_class_descriptions(path: Path) -> dict[str, str]:
     """MID -> display name. No header; CSV quoting (`"Nut, walnut"`); an unquoted comma stays in the name."""
     names: dict[str, str] = {}
@@ -131,13 +123,8 @@ def locate_images(images: Path, folder: str, report: ImportReport) -> dict[str, 
 def read_annotations(
     path: Path, labels: Mapping[str, str], folder: str, split: str, report: ImportReport, found: dict | None
 ) -> Iterator[Record]:
-    """A record per image of a `<folder>-annotations-human-imagelabels.csv` with a label in `labels` (MID -> name).
-
-    Args:
-        folder: the release's split name, which is also the image folder.
-        split: the manifest written ("train" or "test"), for the report.
-        found: `locate_images` of the folder; None: the path is taken to be `<folder>/<ImageID>.jpg`, unchecked.
-    """
+    """A record per image of a release split `folder` with a label in `labels` (MID -> name), for manifest `split`.
+    `found`: `locate_images` of the folder; None: the path is taken to be `<folder>/<ImageID>.jpg`, unchecked."""
     groups: dict[str, tuple[list[str], list[str]]] = {}  # ImageID -> ([positive names], [negative names])
     others: set[str] = set()  # images with annotations of other MIDs
     rows = csv_rows(path, "annotations")
@@ -180,12 +167,14 @@ def import_openimages(
     `train_split` and `test_split` name the release folders read for train.jsonl and test.jsonl (e.g. "validation");
     `images`, the image root: each image is located there and one not found is left out.
     """
-    root = find_release(Path(root))
+    folders = [f for f in (Path(root), Path(root) / RELEASE) if (f / "class-descriptions.csv").is_file()]
+    if not folders:
+        raise QKSError(f"class-descriptions.csv not found here or in {RELEASE}/ (the release's metadata folder)", root)
+    root = folders[0]
     descriptions = read_class_descriptions(root / "class-descriptions.csv")
     seen_mids = read_lines(root / "classes-trainable.txt", "trainable classes")
     unseen_mids = read_unseen_mids(root / "unseen_labels.pkl", root / "top_400_unseen.csv")
-    both = sorted(set(seen_mids) & set(unseen_mids))
-    if both:
+    if both := sorted(set(seen_mids) & set(unseen_mids)):
         raise QKSError(f"MID(s) both trainable and unseen: {both[:5]}", root / "top_400_unseen.csv")
     report = ImportReport(Path(out))
     names = display_names(seen_mids + unseen_mids, descriptions, root / "class-descriptions.csv", report)

@@ -35,8 +35,7 @@ def image_path(raw: str, strip_prefix: str, path: Path, line: int) -> str:
         if not image.startswith(prefix):
             raise QKSError(f"image path {image!r} does not start with {prefix!r}", path, line)
         image = image[len(prefix) :]
-    problem = check_image_path(image)
-    if problem:
+    if problem := check_image_path(image):
         raise QKSError(problem + " (use --strip-prefix to make it relative to the image root)", path, line)
     return image
 
@@ -56,8 +55,7 @@ def csv_records(
         positive, negative = (
             tuple(dict.fromkeys(t.strip() for c in cols for t in row[c].split("|") if t.strip())) for cols in columns
         )
-        unknown = sorted((set(positive) | set(negative)) - vocabulary)
-        if unknown:
+        if unknown := sorted((set(positive) | set(negative)) - vocabulary):
             raise QKSError(f"label(s) not in the seen or unseen file: {unknown[:5]}", path, line)
         image = image_path(row[0], strip_prefix, path, line)
         if image in first:
