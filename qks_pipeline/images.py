@@ -6,10 +6,8 @@ Conversions (what the reference's `Image.open(p).convert("RGB")` gets wrong is f
   convert would expose whatever colour the transparent pixels hold (often black);
 - 16-bit and 32-bit integer grayscale (I;16*, I): scaled by 1/257 to 8 bits; a plain convert clips them (mostly white);
 - float images (F): taken as [0, 1] when their maximum is <= 1, else as [0, 255].
-EXIF orientation is not applied, as in the reference and in CLIP's preprocessing.
-
-Unreadable files (missing, empty, truncated, corrupt, decompression bombs) raise `BadImage` with a one-line reason;
-the extraction records them and masks them out.
+EXIF orientation is not applied, as in the reference and in CLIP's preprocessing. An unreadable file raises
+`BadImage`; extraction records its reason and masks the image out.
 """
 
 from __future__ import annotations

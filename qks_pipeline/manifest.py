@@ -155,12 +155,9 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def iter_lines(path: str | Path, what: str, aligned: bool = False) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line) of the non-blank lines of a UTF-8 text file (a BOM, CRLF and CR allowed).
-
-    Lines end at '\\n' only, not at '\\x0c', '\\x85' or '\\u2028', which a label may hold. `aligned`: the n-th line
-    belongs to the n-th item of another file, so an empty line followed by more data is an error (it would shift every
-    later line against its partner).
-    """
+    """Yield (line number, line) of the non-blank lines of a UTF-8 text file (BOM, CRLF, CR allowed; '\\x0c', '\\x85',
+    '\\u2028' end no line: a label may hold them). `aligned`: the n-th line belongs to the n-th item of another file,
+    so an empty line followed by more data is an error (it would shift every later line against its partner)."""
     path, blank = require_file(path, what), None
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, text in enumerate(f, 1):

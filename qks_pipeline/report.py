@@ -93,7 +93,6 @@ def render_html(
         subtitle: one line under the title (e.g. the checkpoint).
     """
     sources = sources if sources is not None else [Path(p.image) for p in predictions]
-    assert len(sources) == len(predictions), (len(sources), len(predictions))
     skipped = sum(p.skipped is not None for p in predictions)
     labels = predictions[0].labels if predictions else []
     meta = f"{len(predictions)} images ({skipped} skipped), {len(labels)} labels, threshold {threshold:g}"

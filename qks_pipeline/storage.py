@@ -136,9 +136,8 @@ class Location:
         if self.local:
             os.replace(built.root, self.root)
             return
-        keys = sorted(built.fs.find(built.root))
         meta = built._path(ROOT_METADATA)
-        rest = [k for k in keys if k != meta]
+        rest = [k for k in sorted(built.fs.find(built.root)) if k != meta]
         self.fs.copy(rest, [self._path(k[len(built.root) + 1 :]) for k in rest])
         self.fs.copy(meta, self._path(ROOT_METADATA))  # last: a store that opens is whole
         built.remove()

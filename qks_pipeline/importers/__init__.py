@@ -26,9 +26,6 @@ class ImportReport:
     seen: int = 0  # labels in seen.txt
     unseen: int = 0  # labels in unseen.txt
 
-    def drop(self, split: str, reason: str) -> None:
-        self.dropped[split, reason] += 1
-
     def write(self, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]) -> ImportReport:
         """Write the dataset (`manifest.write_dataset`, all or nothing) and count the images it left out."""
         for split, summary in write_dataset(self.out_dir, seen, unseen, splits).items():

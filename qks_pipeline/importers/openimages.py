@@ -70,8 +70,7 @@ def read_unseen_mids(pkl: Path, top: Path) -> list[str]:
         pool = pool.tolist()
     if not isinstance(pool, (list, tuple)):
         raise QKSError(f"{expected} {type(pool).__name__}", pkl)
-    other = next((m for m in pool if not isinstance(m, (str, bytes))), None)
-    if other is not None:
+    if (other := next((m for m in pool if not isinstance(m, (str, bytes))), None)) is not None:
         raise QKSError(f"{expected} a list holding {type(other).__name__} {other!r}", pkl)
     pool, mids = [m.decode("utf-8", "replace") if isinstance(m, bytes) else m for m in pool], []
     for line, row in csv_rows(top, "top unseen indices"):
@@ -147,9 +146,9 @@ def read_annotations(
         positive, negative = tuple(dict.fromkeys(positive)), tuple(dict.fromkeys(negative))
         prefix = f"{folder}/" if found is None else found.get(image)
         if set(positive) & set(negative):
-            report.drop(split, "positive and negative labels intersect")
+            report.dropped[split, "positive and negative labels intersect"] += 1
         elif prefix is None:
-            report.drop(split, "image file not found")
+            report.dropped[split, "image file not found"] += 1
         else:
             yield Record(f"{prefix}{image}.jpg", positive, negative)
     report.dropped[split, "no label of this split"] += len(others - groups.keys())

@@ -62,7 +62,7 @@ def csv_records(
             raise QKSError(f"image {image!r} listed twice (first on line {first[image]})", path, line)
         first[image], listed = line, listed + bool(negative)
         if set(positive) & set(negative):
-            report.drop(split, "positive and negative labels intersect")
+            report.dropped[split, "positive and negative labels intersect"] += 1
         else:
             rest = negatives == "rest"
             yield Record(image, positive, () if rest else negative, negative_rest=rest)
