@@ -30,7 +30,7 @@ class ExtractConfig:
     batch_size: int = 32  # images per forward pass
     workers: int = 2  # DataLoader worker processes that decode and preprocess
     shard_size: int = 1024  # images per Zarr shard (one writer per shard, whole-shard writes)
-    precision: str = "fp32"  # fp32 (the reference) | fp16 | bf16 autocast (GPU only)
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp32: the reference; fp16 | bf16 autocast (GPU only)
     views: int = 0  # extra augmented views stored per training image (0 = the clean view only)
     augment: Literal["reference", "crop_flip"] = "reference"  # how views are drawn (qks_pipeline.augment)
     shuffle: bool = True  # store images in a seeded random order, so contiguous reads are random batches
