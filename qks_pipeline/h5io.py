@@ -72,10 +72,8 @@ def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> C
         (n, v, t, d), labels = f["features"].shape, f["labels"]  # labels: read a shard at a time
         if labels.shape != (n, len(meta["label_names"])):
             raise QKSError(f"HDF5 export's labels have shape {labels.shape}, not (images, label names)", h5)
-        fingerprint = json.loads(f.attrs["fingerprint"])
-        cache = create_cache(
-            store, fingerprint=fingerprint, token_shape=(t, d), num_views=v, labels=lambda a, b: labels[a:b], **meta
-        )
+        meta["fingerprint"] = json.loads(f.attrs["fingerprint"])
+        cache = create_cache(store, token_shape=(t, d), num_views=v, labels=lambda a, b: labels[a:b], **meta)
         valid = f["valid"][:]
         for record in json.loads(f["done"][()]):
             shard, rows = record["shard"], cache.shard_rows(record["shard"])

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -258,10 +259,8 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
 
 
 def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Sequence[str] | None = None) -> np.ndarray:
-    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown, for records validated against `vocabulary`.
-
-    `rest`: the labels that `"negative": "*"` makes negative (`scored_labels` of the split); default: `vocabulary`.
-    """
+    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown, for records validated against `vocabulary`;
+    `rest`: the labels that `"negative": "*"` makes negative (`scored_labels` of the split; default: `vocabulary`)."""
     index = {label: j for j, label in enumerate(vocabulary)}
     rest_columns = [index[label] for label in (vocabulary if rest is None else rest)]
     out = np.zeros((len(records), len(vocabulary)), dtype=np.int8)
@@ -310,15 +309,11 @@ def write_dataset(
     return summaries
 
 
-@dataclass
-class Problem:
+class Problem(NamedTuple):
     manifest: Path
     line: int
     image: Path
     reason: str
-
-    def __str__(self) -> str:
-        return f"{self.image}: {self.reason} ({self.manifest}:{self.line})"
 
 
 @dataclass

@@ -136,7 +136,7 @@ def report_lines(report: DatasetReport) -> list[str]:
     if report.image_root is None:
         return out + ["image files not checked (no image root given)"]
     out.append(f"image files under {report.image_root}: {len(report.problems)} problem(s)")
-    out.extend(f"  {p}" for p in report.problems[:MAX_LISTED])
+    out.extend(f"  {p.image}: {p.reason} ({p.manifest}:{p.line})" for p in report.problems[:MAX_LISTED])
     if len(report.problems) > MAX_LISTED:
         out.append(f"  ... and {len(report.problems) - MAX_LISTED} more")
     return out

@@ -47,10 +47,8 @@ def import_coco(
     test_prefix: str = "",
     unseen_source: str = "--unseen",
 ) -> ImportReport:
-    """Write a COCO dataset directory; `unseen` names categories, `unseen_source` says where they came from.
-
-    `train_prefix`/`test_prefix` are prepended to file names (e.g. "train2017/"), so one image root serves both.
-    """
+    """Write a COCO dataset directory; `unseen` names categories (`unseen_source`: where they came from), and the
+    prefixes are prepended to file names (e.g. "train2017/"), so one image root serves both splits."""
     train_json, test_json = Path(train_json), Path(test_json)
     categories, train_images = read_instances(train_json)
     test_categories, test_images = read_instances(test_json)

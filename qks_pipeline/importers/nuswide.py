@@ -31,7 +31,6 @@ def tag_records(
             raise QKSError(f"expected 0 or 1, found {values[bad]!r} in column {bad + 1} ({tags[bad]!r})", dat, line)
         hit = np.frombuffer("".join(values).encode("ascii"), np.uint8)[seen_cols] == ord("1")  # (925,)
         positive = seen_names[hit].tolist() + list(concepts[rows] if concepts else ())
-        # Every other scored label is a verified negative: written as "*" (see manifest.Record.negative_rest).
         yield Record(images[rows], tuple(positive), negative_rest=True)
         rows += 1
     if rows != len(images):

@@ -161,11 +161,8 @@ def import_openimages(
     test_split: str = "test",
     images: str | Path | None = None,
 ) -> ImportReport:
-    """Write an Open Images dataset directory from the release folder `root` (or its 2018_04 subfolder).
-
-    `train_split` and `test_split` name the release folders read for train.jsonl and test.jsonl (e.g. "validation");
-    `images`, the image root: each image is located there and one not found is left out.
-    """
+    """Write an Open Images dataset directory from the release folder `root` (or its 2018_04 subfolder) and the
+    release splits `train_split`, `test_split`; with `images`, each image is located there (one not found: left out)."""
     folders = [f for f in (Path(root), Path(root) / RELEASE) if (f / "class-descriptions.csv").is_file()]
     if not folders:
         raise QKSError(f"class-descriptions.csv not found here or in {RELEASE}/ (the release's metadata folder)", root)
