@@ -211,10 +211,14 @@ def import_checkpoint(
     *,
     model: str = REFERENCE_MODEL,
     num_heads: int = 12,
+    keep_cls: bool = True,
     trust_pickle: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Turn an authors' checkpoint into a checkpoint directory (`qks_pipeline.checkpoint`) with its CLIP weights.
+
+    `keep_cls` False for runs trained with the authors' `--rmcls` (the queries never saw the CLS token): nothing in the
+    weights tells, so the user says it.
 
     The CLIP part is exported to `out/clip_weights.pt`; the fingerprint in config.json is what stage one records when
     extracting with `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
@@ -227,7 +231,7 @@ def import_checkpoint(
         raise QKSError("the checkpoint has no clip_model.* weights, so its backbone cannot be identified", path)
     token_dim, embed_dim = qks_state["proj"].shape
     try:
-        head = QKS(ModelConfig(num_heads=num_heads, **fields), token_dim, embed_dim)
+        head = QKS(ModelConfig(num_heads=num_heads, keep_cls=keep_cls, **fields), token_dim, embed_dim)
     except QKSError as e:
         raise QKSError(f"{e.message} (--num-heads)", path) from None
     head.load_state_dict(qks_state, strict=True)

@@ -57,3 +57,22 @@ def test_an_unknown_device_is_one_line(tmp_path):
     args = ["--baseline", "clip", "--test-cache", store, "--labels", store, "--out", tmp_path / "m.json"]
     code, out = _run("evaluate", *args, "--device", "gpu")
     assert code == 1 and out.strip() == "Error: --device gpu: not a device (use auto, cpu, cuda or cuda:N)"
+
+
+def test_import_checkpoint_no_cls_marks_an_rmcls_run(tiny_clip, tmp_path):
+    import torch
+    from qks_reference_impl import random_reference_state
+
+    from qks_pipeline.backbone import load_backbone
+    from qks_pipeline.checkpoint import load
+
+    clip_state = load_backbone(str(tiny_clip.config), "none").model.state_dict()
+    raw = random_reference_state(2, 3, 64, 32, 16, seed=1)  # the tiny CLIP's width 64 and embedding size 32
+    raw |= {f"clip_model.{k}": v for k, v in clip_state.items() if k != "visual.proj"}
+    torch.save(raw, tmp_path / "ref.pth")
+    for flag, keep_cls in (["--no-cls"], False), ([], True):
+        out = tmp_path / f"ck{keep_cls}"
+        args = ["--model", tiny_clip.config, "--num-heads", 2, *flag]
+        code, output = _run("import-checkpoint", tmp_path / "ref.pth", "--out", out, *args)
+        assert code == 0, output
+        assert load(out, torch.device("cpu"))[0].cfg.keep_cls is keep_cls

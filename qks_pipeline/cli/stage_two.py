@@ -91,12 +91,14 @@ def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preferenc
     help="open_clip model (name or config .json) the CLIP weights belong to.",
 )
 @click.option("--num-heads", default=12, show_default=True, type=click.IntRange(min=1), help="Q-Former heads.")
+@click.option("--no-cls", is_flag=True, help="The run was trained with the authors' --rmcls (queries never see CLS).")
 @click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (only for a trusted file).")
-def import_checkpoint_cmd(file, out, model, num_heads, trust_pickle) -> None:
+def import_checkpoint_cmd(file, out, model, num_heads, no_cls, trust_pickle) -> None:
     """Convert an authors' QKS checkpoint for `qks evaluate` (and export its CLIP weights for `qks extract`)."""
     from qks_pipeline.reference import import_checkpoint
 
-    import_checkpoint(file, out, model=model, num_heads=num_heads, trust_pickle=trust_pickle, echo=click.echo)
+    kwargs = dict(num_heads=num_heads, keep_cls=not no_cls, trust_pickle=trust_pickle, echo=click.echo)
+    import_checkpoint(file, out, model=model, **kwargs)
 
 
 COMMANDS = [train_cmd, evaluate_cmd, import_checkpoint_cmd]
