@@ -19,8 +19,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
-
 
 class BadImage(Exception):
     """An image that cannot be used; `reason` is one short line."""
@@ -36,7 +34,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent pixels go on white
         return Image.alpha_composite(background, rgba).convert("RGB")
     if not (img.mode.startswith("I") or img.mode == "F"):
         return img.convert("RGB")

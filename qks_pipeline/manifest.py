@@ -203,8 +203,7 @@ def read_templates(path: str | Path) -> list[str]:
 
 def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
     """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
-    dataset_dir = Path(dataset_dir)
-    files = dataset_dir / "seen.txt", dataset_dir / "unseen.txt"
+    files = Path(dataset_dir) / "seen.txt", Path(dataset_dir) / "unseen.txt"
     seen, unseen = read_labels(files[0]), read_labels(files[1])
     check_vocabulary(seen, unseen, *files)
     return seen, unseen
@@ -235,8 +234,7 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
 
 
 def iter_manifest(path: str | Path, validator: Validator | None = None) -> Iterator[tuple[int, Record]]:
-    """Yield (line number, record) of a JSONL manifest, each checked by `validator` (default: a fresh one, which does
-    not know the vocabulary)."""
+    """Yield (line number, record) of a JSONL manifest, each checked by `validator` (default: no vocabulary)."""
     path, validator = Path(path), validator or Validator()
     for i, text in iter_lines(path, "manifest"):
         rec = _parse_record(text, path, i)

@@ -44,7 +44,7 @@ def csv_records(
     path: Path, vocabulary: set[str], strip_prefix: str, split: str, negatives: str, report: ImportReport
 ) -> Iterator[Record]:
     """Yield one record per CSV row; unknown labels and repeated images are errors naming the row's line."""
-    listed, first = 0, {}  # rows with a negative; image -> its first line
+    listed, first, rest = 0, {}, negatives == "rest"  # rows with a negative; image -> its first line
     rows = csv_rows(path, "CSV file")
     header = [h.strip() for h in next(rows, (1, []))[1]]
     if (columns := HEADERS.get(",".join(header))) is None:
@@ -64,9 +64,8 @@ def csv_records(
         if set(positive) & set(negative):
             report.dropped[split, "positive and negative labels intersect"] += 1
         else:
-            rest = negatives == "rest"
             yield Record(image, positive, () if rest else negative, negative_rest=rest)
-    if not listed and negatives == "listed":
+    if not listed and not rest:
         report.notes.append(
             f"{path}: the negative columns are empty on every row: no label has a verified negative, so none can be "
             "scored; --negatives rest makes every non-positive label of the split negative"
