@@ -5,10 +5,13 @@ an image) of `--gb` GiB through the project's own cache API (reused when present
 each of: the raw read (`open` + `readinto` of every shard file in 16 MiB pieces, all bytes, index included), the
 loader in store order (validation, evaluation) and the loader shuffled (training), each with the page cache warm and
 cold (the shard files' pages dropped before the pass with `posix_fadvise(DONTNEED)`, which needs no root). Passes are
-interleaved so that all see the same load on a shared machine; the ratios are over the summed times. The loader passes
-are repeated without the crc32c check of each chunk, to measure its cost. No model: this is what the loader can deliver.
+interleaved so that all see the same load on a shared machine; rates are medians over the rounds, ratios the medians
+of each round's pass against the same round's raw read; the CPU time per image (all threads) is less sensitive to the
+load. As in training, the in-order and shuffled loaders are made once and read an epoch a round: their first epoch
+checks each chunk's crc32c, later ones do not. "shuffled, first epoch" is a new loader every pass: what a first epoch
+costs (checksums, buffers allocated). No model: this is what the loader can deliver.
 
-Usage: .venv/bin/python benchmarks/bench_loader.py [--gb 1] [--rounds 3] [--batch-size 256] [--backend auto]
+Usage: .venv/bin/python benchmarks/bench_loader.py [--gb 1] [--rounds 5] [--batch-size 256] [--backend auto]
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 from bench_train_memory import write_cache
 
-from qks_pipeline.cache import Cache, open_cache
-from qks_pipeline.loader import open_loader
+from qks_pipeline.cache import open_cache
+from qks_pipeline.loader import CacheLoader, open_loader
 
 
 def drop_pages(files: list[Path]) -> None:
@@ -41,9 +44,7 @@ def raw_pass(files: list[Path]) -> None:
                 pass
 
 
-def loader_pass(cache: Cache, epoch: int, verify: bool = True, **kw: Any) -> int:
-    loader = open_loader(cache, **kw)
-    loader.reader.verify = verify  # the direct reader's crc32c check of each chunk
+def images(loader: CacheLoader, epoch: int) -> int:
     return sum(len(batch.rows) for batch in loader.epoch(epoch))
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=1.0, help="store size on disk, GiB")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/qks_bench_loader"))
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--backend", default="auto", choices=["auto", "direct", "tensorstore", "zarr"])
     args = ap.parse_args()
@@ -64,14 +65,15 @@ def main() -> None:
     files = [f for f in sorted((store / "tokens" / "c").rglob("*"), key=lambda p: p.parts[-4:]) if f.is_file()]
     n, kw = cache.num_images, {"batch_size": args.batch_size, "columns": slice(0, cache.num_seen)}
     kw["backend"] = args.backend
+    in_order, shuffled = open_loader(cache, shuffle=False, **kw), open_loader(cache, **kw)  # used for every round
     passes = {
         "raw sequential read": lambda r: raw_pass(files) or n,
-        "loader, in order": lambda r: loader_pass(cache, r, shuffle=False, **kw),
-        "loader, shuffled": lambda r: loader_pass(cache, r, **kw),
-        "in order, no crc32c": lambda r: loader_pass(cache, r, False, shuffle=False, **kw),
-        "shuffled, no crc32c": lambda r: loader_pass(cache, r, False, **kw),
+        "loader, in order": lambda r: images(in_order, r),
+        "loader, shuffled": lambda r: images(shuffled, r),
+        "shuffled, first epoch": lambda r: images(open_loader(cache, **kw), r),  # checks every chunk's crc32c
     }
-    seconds = dict.fromkeys([(name, cold) for cold in (False, True) for name in passes], 0.0)
+    seconds = {(name, cold): [] for cold in (False, True) for name in passes}  # per round
+    cpu = {key: [] for key in seconds}  # CPU seconds of the process (all threads): robust to the machine's load
     load = os.getloadavg()[0]
     print(f"{store}: {n} images, {len(files)} shard files, batch {args.batch_size}, {args.backend}, load {load:.1f}")
     for r in range(args.rounds):
@@ -79,17 +81,21 @@ def main() -> None:
         for name, cold in seconds:
             if cold:
                 drop_pages(files)
-            start = time.perf_counter()
-            assert run(r) == n if (run := passes[name]) else False
-            seconds[name, cold] += time.perf_counter() - start
-            print(
-                f"round {r + 1} {'cold' if cold else 'warm'} {name}: {n / (time.perf_counter() - start):,.0f} images/s"
-            )
-    for name, cold in seconds:
-        rate, raw = args.rounds * n / seconds[name, cold], seconds["raw sequential read", cold]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            count = passes[name](r)
+            seconds[name, cold].append(time.perf_counter() - start)
+            cpu[name, cold].append(time.process_time() - start_cpu)
+            assert count == n, (name, count, n)
+        print(f"round {r + 1}: " + ", ".join(f"{n / t[-1]:,.0f}" for t in seconds.values()) + " images/s", flush=True)
+    for (name, cold), took in seconds.items():
+        rate, raw = n / np.median(took), np.array(seconds["raw sequential read", cold])
+        ratio = np.median(raw / np.array(took))  # each round's pass against the same round's raw read
         gib = rate * cache.tokens.nbytes / n / 2**30
-        ratio = raw / seconds[name, cold]
-        print(f"{'cold' if cold else 'warm'} {name:>20}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), {ratio:.2f} of raw")
+        ms = 1e6 * np.median(cpu[name, cold]) / n  # CPU ms per 1,000 images
+        print(
+            f"{'cold' if cold else 'warm'} {name:>20}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), {ratio:.2f} of raw; "
+            f"CPU {ms:.0f} ms per 1,000 images"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
