@@ -1,13 +1,11 @@
-"""The frozen CLIP backbone (open_clip): loading, visual tokens, label embeddings and the backbone's fingerprint.
+"""The frozen CLIP backbone (open_clip): loading, fingerprint, visual tokens and label embeddings.
 
-Stage one and predict only; stage two never imports this module. The visual tokens are the vision transformer's output
-after its final LayerNorm (`ln_post`) over all tokens, CLS first, before the visual projection (docs/design.md,
-sections 1 and 2).
+Stage one and predict only. The visual tokens are `ln_post`'s output over all tokens, CLS first, before the visual
+projection (docs/design.md, sections 1 and 2).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +15,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ hub_logging.disable_propagation()  # the hub has its own stderr handler: a root 
 TOKEN_LAYOUT = "ln_post(all tokens), CLS first, before visual.proj"
 NO_WEIGHTS = ("none", "random")  # `pretrained` values that mean: seeded random weights (tests, benchmarks)
 HUB_TIMEOUT_S = 5  # one reachability check of the download server before open_clip's (retrying) download
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,6 @@ def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
     return None, {}
 
 
-def _preprocess_of(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-
-
 def _unreachable(url: str) -> str | None:
     """Why the server at `url` does not answer one request within `HUB_TIMEOUT_S`, name lookup included; None if it
     answers. The request runs in a daemon thread: a resolver that hangs cannot hold the caller longer."""
@@ -156,25 +151,25 @@ def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
-    """Turn `pretrained` (an open_clip tag, downloaded by open_clip, or a local file) into a local file and facts.
+    """Turn `pretrained` (an open_clip tag or a local file) into a local file and facts.
 
     A tag brings its own activation (QuickGELU for OpenAI's weights) and preprocessing. So does a local file that is
-    recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript archive); any other local file of
-    QuickGELU weights needs a `-quickgelu` model name (e.g. ViT-B-16-quickgelu), as in open_clip itself.
+    recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript archive); other local QuickGELU
+    weights need a `-quickgelu` model name (e.g. ViT-B-16-quickgelu), as in open_clip itself.
     """
     if pretrained is None or pretrained.lower() in NO_WEIGHTS:
         return Weights(None, None, None)
-    cfg = open_clip.get_pretrained_cfg(name, pretrained)
-    if cfg:
-        path = _download(name, pretrained, cfg)
-        return Weights(str(path), pretrained, file_sha256(path), bool(cfg.get("quick_gelu")), _preprocess_of(cfg))
-    if Path(pretrained).is_file():
-        sha = file_sha256(pretrained)
+    if cfg := open_clip.get_pretrained_cfg(name, pretrained):
+        path, tag = _download(name, pretrained, cfg), pretrained
+        sha, quick_gelu = file_sha256(path), bool(cfg.get("quick_gelu"))
+    elif Path(pretrained).is_file():
+        path, sha = str(Path(pretrained).resolve()), file_sha256(pretrained)
         tag, cfg = _tag_of_file(name, sha)
-        quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(pretrained)  # OpenAI's TorchScript files all are
-        return Weights(str(Path(pretrained).resolve()), tag, sha, quick_gelu, _preprocess_of(cfg))
-    tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-    raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
+        quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(path)  # OpenAI's TorchScript files all are
+    else:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
+    return Weights(str(path), tag, sha, quick_gelu, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg})
 
 
 def _is_torchscript(path: str) -> bool:
@@ -224,7 +219,7 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
 def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weights: Weights) -> dict[str, Any]:
     """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout."""
     pp = clip.visual.preprocess_cfg
-    preprocess = {k: pp[k] for k in ("mean", "std", "interpolation", "resize_mode")} | {"size": to_2tuple(pp["size"])}
+    preprocess = {k: pp[k] for k in PREPROCESS_KEYS} | {"size": to_2tuple(pp["size"])}
     fingerprint = {
         "model": name,
         "model_config_sha256": config_sha,
@@ -246,8 +241,7 @@ def load_backbone(
 
     Args:
         model: an open_clip model name, or a path to an open_clip model-config JSON (registered under its stem).
-        pretrained: an open_clip pretrained tag (downloaded by open_clip), a local weights file, or "none" (random
-            weights, seeded: for tests and benchmarks only).
+        pretrained: an open_clip tag, a local weights file, or "none" (seeded random weights: tests, benchmarks).
         device: where the model lives.
     """
     name, config_sha = resolve_model_name(model)
@@ -272,23 +266,17 @@ def token_shape(clip: torch.nn.Module) -> tuple[int, int]:
     return visual.grid_size[0] * visual.grid_size[1] + 1, visual.transformer.width
 
 
-@contextlib.contextmanager
-def _token_mode(visual: VisionTransformer) -> Iterator[None]:
-    """Make the tower return (pre-projection CLS, patch tokens) for one call; restored afterwards."""
-    saved = visual.output_tokens, visual.proj
-    visual.output_tokens, visual.proj = True, None
-    try:
-        yield
-    finally:
-        visual.output_tokens, visual.proj = saved
-
-
 @torch.no_grad()
 def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Preprocessed images (B, 3, H, W) -> ln_post output over all tokens, CLS first, before the projection: (B, T, D),
     e.g. (B, 197, 768) for ViT-B/16."""
-    with _token_mode(clip.visual):
-        cls, patches = clip.visual(images)  # (B, D), (B, T-1, D)
+    visual = clip.visual
+    saved = visual.output_tokens, visual.proj
+    visual.output_tokens, visual.proj = True, None  # the tower returns (pre-projection CLS, patch tokens)
+    try:
+        cls, patches = visual(images)  # (B, D), (B, T-1, D)
+    finally:
+        visual.output_tokens, visual.proj = saved
     return torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, T, D)
 
 

@@ -1,11 +1,8 @@
 """Open-vocabulary tagging of new images with a trained QKS head: CLIP tokens -> Q-Former -> any label list.
 
-Unlike stage two, this loads CLIP: the backbone the checkpoint records (`checkpoint.backbone_args`), checked to be the
-very one the head was trained on. Images get the backbone's own preprocessing (center crop, the clean view of stage
-one); labels are embedded with the prompt pool exactly like stage one's `encode_labels` (the mean of unnormalised
-text features, L2-normalised when the checkpoint's label store was), so scores equal `qks evaluate`'s on the same
-images up to the cache's float16 rounding. Label embeddings are cached on disk, one small file per (backbone, label,
-templates, normalisation) key.
+The backbone is the one the checkpoint records, checked by its fingerprint. Images get its own preprocessing (the clean
+view of stage one) and labels stage one's `encode_labels`, so scores equal `qks evaluate`'s up to the cache's float16
+rounding. Label embeddings are cached on disk, one file per (backbone, label, templates, normalisation).
 
     tagger = Tagger.load("runs/qks", device="auto")
     for p in tagger.predict(["a.jpg", "b.png"], ["dog", "beach", "sunset"], top_k=2):
@@ -71,7 +68,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qks" / "label_embeddings"
 
 
-def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str], normalize: bool = False) -> str:
+def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str], normalize: bool) -> str:
     """The cache key of one label's embedding: sha256 of (backbone fingerprint, label, templates, normalize)."""
     templates_hash = hashlib.sha256("\n".join(templates).encode()).hexdigest()
     blob = {"backbone": fingerprint, "label": label, "templates": templates_hash}
@@ -79,33 +76,13 @@ def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str],
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-class LabelEmbeddingCache:
-    """One .npy file (E,) float32 per key under `directory` (None: no disk cache); unreadable or misshapen files count
-    as missing. Written atomically (concurrent taggers never read half a file); an unwritable directory is reported
-    once, then ignored."""
-
-    def __init__(self, directory: Path | None):
-        self.directory, self._warned = directory, False
-
-    def get(self, key: str, dim: int) -> np.ndarray | None:
-        if self.directory is None:
-            return None
-        try:
-            emb = np.load(self.directory / f"{key}.npy", allow_pickle=False)
-        except (OSError, ValueError):
-            return None
-        return emb if emb.shape == (dim,) and emb.dtype == np.float32 and np.isfinite(emb).all() else None
-
-    def put(self, key: str, emb: np.ndarray) -> None:
-        if self.directory is None:
-            return
-        try:
-            with atomic_path(self.directory / f"{key}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, emb.astype(np.float32))
-        except OSError as e:
-            if not self._warned:
-                log.warning("label-embedding cache %s not writable (%s); continuing without it", self.directory, e)
-                self._warned = True
+def _read_cached(path: Path, dim: int) -> np.ndarray | None:
+    """A cached (E,) float32 embedding; an unreadable or misshapen file counts as missing."""
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return emb if emb.shape == (dim,) and emb.dtype == np.float32 and np.isfinite(emb).all() else None
 
 
 @dataclass
@@ -171,11 +148,6 @@ def _name(item: ImageInput, i: int) -> str:
     return str(item)
 
 
-def _collate(batch: list[tuple[int, torch.Tensor, str]]) -> tuple[list[int], torch.Tensor, list[str]]:
-    index, pixels, reasons = zip(*batch, strict=True)
-    return list(index), torch.stack(pixels), list(reasons)  # (B, 3, H, W)
-
-
 @dataclass
 class Tagger:
     """CLIP + a trained QKS head, ready to tag images with any label list. Build it with `Tagger.load`."""
@@ -186,7 +158,7 @@ class Tagger:
     templates: list[str]
     device: torch.device
     amp: bool = False  # float16 autocast (CUDA only) for the backbone; the head and the ranking stay float32
-    label_cache: LabelEmbeddingCache | None = None
+    cache_dir: Path | None = None  # of label embeddings (None: no disk cache)
     max_pixels: int = ExtractConfig.max_pixels  # Pillow's decompression-bomb limit
 
     @classmethod
@@ -210,7 +182,7 @@ class Tagger:
             pretrained: the backbone weights (file or open_clip tag), when not where the checkpoint says.
             model: the open_clip model name or config .json, when not where the checkpoint says.
             templates: the prompt templates (a list, or a file one a line); default: the 85-template `prompt_pool`.
-            cache_dir: where label embeddings are cached; True: `default_cache_dir()`; None or False: no disk cache.
+            cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
             amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
             max_pixels: larger images are skipped as decompression bombs.
         """
@@ -224,8 +196,8 @@ class Tagger:
         counts = (config.get("label_embedding") or {}).get("num_templates"), len(pool)
         if counts[0] is not None and counts[0] != counts[1]:
             log.warning("the head was trained on labels embedded with %d templates; predicting with %d", *counts)
-        directory = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-        return cls(backbone, head, config, pool, dev, amp, LabelEmbeddingCache(directory), max_pixels)
+        cache_dir = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
+        return cls(backbone, head, config, pool, dev, amp, cache_dir, max_pixels)
 
     @property
     def normalize_labels(self) -> bool:
@@ -234,19 +206,22 @@ class Tagger:
 
     def label_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
         """(C, E) float32 on the device: the mean of the templates' text features (L2-normalised when the head was
-        trained so), from the disk cache when there, else encoded with stage one's `encode_labels` (and cached)."""
-        dim, normalize = int(self.head.proj.shape[1]), self.normalize_labels
-        cache = self.label_cache or LabelEmbeddingCache(None)
-        keys = [label_key(self.backbone.fingerprint, label, self.templates, normalize) for label in labels]
-        found = {i: e for i, k in enumerate(keys) if (e := cache.get(k, dim)) is not None}
-        missing = [i for i in range(len(labels)) if i not in found]
-        if missing:
-            bb = self.backbone
+        trained so), from the disk cache when there, else encoded with stage one's `encode_labels` and cached (written
+        atomically: concurrent taggers never read half a file; an unwritable cache is reported and skipped)."""
+        dim, normalize, bb = int(self.head.proj.shape[1]), self.normalize_labels, self.backbone
+        keys = [label_key(bb.fingerprint, label, self.templates, normalize) for label in labels]
+        files = [self.cache_dir / f"{key}.npy" for key in keys] if self.cache_dir else []
+        found = {i: e for i, f in enumerate(files) if (e := _read_cached(f, dim)) is not None}
+        if missing := [i for i in range(len(labels)) if i not in found]:
             texts = [labels[i] for i in missing]
             emb = encode_labels(bb.model, bb.tokenizer, texts, self.templates, normalize, device=self.device)  # (M, E)
-            for i, row in zip(missing, emb.numpy(), strict=True):
-                cache.put(keys[i], row)
-                found[i] = row
+            found |= dict(zip(missing, emb.numpy(), strict=True))
+            try:
+                for i in missing if files else []:
+                    with atomic_path(files[i]) as tmp, open(tmp, "wb") as f:
+                        np.save(f, found[i])
+            except OSError as e:
+                log.warning("label-embedding cache %s not writable (%s); continuing without it", self.cache_dir, e)
         return torch.from_numpy(np.stack([found[i] for i in range(len(labels))])).to(self.device)  # (C, E)
 
     @torch.no_grad()
@@ -280,13 +255,13 @@ class Tagger:
         size = self.backbone.fingerprint["preprocess"]["size"]
         data = _Images(images, self.backbone.preprocess, (3, *size), self.max_pixels)
         cuda = self.device.type == "cuda"
-        loader = DataLoader(data, batch_size, num_workers=workers, collate_fn=_collate, pin_memory=cuda)
+        loader = DataLoader(data, batch_size, num_workers=workers, pin_memory=cuda)
         with tqdm(total=len(data), unit="img", desc="predict", disable=not progress) as bar:
-            for index, pixels, reasons in loader:
+            for index, pixels, reasons in loader:  # (B,), (B, 3, H, W), B reasons
                 ok = [j for j, r in enumerate(reasons) if not r]
                 logits = self.logits(pixels[ok], label_emb).numpy() if ok else np.zeros((0, len(names)))
                 row = dict(zip(ok, logits, strict=True))
-                for j, i in enumerate(index):
+                for j, i in enumerate(index.tolist()):
                     name = _name(images[i], i)
                     if reasons[j]:
                         if on_skip is not None:

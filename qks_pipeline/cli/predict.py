@@ -1,8 +1,5 @@
-"""`qks predict`: tag new images with any label list, using a trained checkpoint and the CLIP backbone it records.
-
-The command line's inputs (label lists, image files and directories) and outputs (JSONL, CSV, HTML) live here; the
-tagging itself is `qks_pipeline.predict.Tagger`.
-"""
+"""`qks predict`: its inputs (label lists, image files and directories) and outputs (JSONL, CSV, HTML); the tagging
+itself is `qks_pipeline.predict.Tagger`."""
 
 from __future__ import annotations
 
@@ -127,12 +124,6 @@ def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_sco
     return kept, done, skipped
 
 
-def _quiet_exit_on_broken_pipe() -> None:
-    """The reader of stdout went away (`| head -1`): stop quietly with SIGPIPE's status, as Unix tools do."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
-    raise SystemExit(141)
-
-
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
@@ -183,8 +174,9 @@ def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, *
     outputs = (o["out"], o["csv_path"], o["html"])
     try:
         kept, done, skipped = _write(predictions, *outputs[:2], o["all_scores"], keep=bool(o["html"]))
-    except BrokenPipeError:
-        _quiet_exit_on_broken_pipe()
+    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): SIGPIPE's status, quietly, as Unix tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        raise SystemExit(141) from None
     if o["html"]:
         write_html(o["html"], kept, threshold=o["threshold"], subtitle=f"checkpoint {checkpoint}")
     where = ", ".join("stdout" if str(p) == "-" else str(p) for p in outputs if p is not None)
