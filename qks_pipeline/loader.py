@@ -25,7 +25,7 @@ Memory bound, in bytes (`CacheLoader.memory_bound_bytes`), whatever the size of 
 i.e. the batches in the queue, the one being assembled and the one the caller holds; the labels of two windows (S
 images a shard, C' label columns); the reader thread, zarr's buffers and the open shards' indexes. For ViT-B/16, batch
 64, prefetch 2, NUS-WIDE's 925 seen labels: 4 x 19.4 MB + 16 x 0.95 MB + 32 MiB = 120 MiB (the block loader: 776 MiB);
-benchmarks/bench_train_memory.py measures 72-73 MiB of growth for 1 and 2 GiB stores."""
+benchmarks/bench_train_memory.py measures 72, 73 and 101 MiB of growth for 1, 2 and 4 GiB stores."""
 
 from __future__ import annotations
 
