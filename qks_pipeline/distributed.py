@@ -1,14 +1,12 @@
 """Stage one on a dask cluster (`extract.extract(..., runner=OnCluster(cluster))`, `qks extract --cluster`): one task
-per shard, one writer per shard; the store is byte for byte the single-process run's, and resumable the same way.
+and one writer per shard; the store is byte for byte the single-process run's, and resumable the same way.
 
-`local:N` starts a LocalCluster of N worker processes with one thread each; `tcp://HOST:PORT` joins a running scheduler.
-The client opens or creates the store and submits `run_shard` for every shard without a done marker. Each worker loads
-the backbone once (memoised per process), checks it against the store's fingerprint, decodes its shard's images in
-`extract.workers` threads (a dask worker, a daemon process, cannot start DataLoader processes), runs
-`extract.shard_tokens` and writes the shard, then its done marker. A failing task (a lost worker, an I/O error) is
-retried `retries` times, a user error (an unreadable image under --strict, another backbone) is not; the failures are
-reported together once every other shard is done. Workers must see the same images, weights and store: a shared
-filesystem or a store URL (`s3://...`); the client passes absolute paths.
+The client opens or creates the store and submits `run_shard` for every shard not done. Each worker loads the backbone
+once per process, checks it against the store's fingerprint, decodes its shard's images in `extract.workers` threads
+(a dask worker, a daemon process, cannot start DataLoader processes), runs `extract.shard_tokens` and writes the
+shard. A failing task (a lost worker, an I/O error) is retried `retries` times, a user error (--strict, another
+backbone) is not; the failures are reported together once every other shard is done. Workers must see the same images,
+weights and store (a shared filesystem or a store URL); the client passes absolute paths.
 
 One worker per GPU: `dask-cuda-worker tcp://SCHEDULER:8786` (or `OnCluster(Client(LocalCUDACluster()))`), or by hand
 `CUDA_VISIBLE_DEVICES=i dask worker tcp://SCHEDULER:8786 --nthreads 1 --resources GPU=1`: when workers declare a GPU
@@ -127,7 +125,6 @@ class ShardJob:
 class ShardDone:
     """A task's outcome. A user error is returned, not raised, so that dask does not retry it."""
 
-    shard: int
     rows: int
     forward_seconds: float
     error: str | None = None
@@ -149,17 +146,6 @@ def _decoded_batches(dataset: ImageViews, batches: list[list[int]], threads: int
             yield default_collate([f.result() for f in ahead.popleft()])
 
 
-def extract_shard(
-    cache: Cache, shard: int, dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
-) -> int:
-    """Compute and write one shard in this process, decoding in `cfg.workers` threads (a dask worker is a daemon
-    process and may not start DataLoader worker processes): the task of a distributed run. Returns its rows."""
-    batches = _decoded_batches(dataset, shard_batches(cache, [shard], cfg.batch_size), cfg.workers)
-    out = shard_tokens(cache, shard, batches, dataset, forward, strict)
-    cache.write_shard(shard, out.tokens, out.valid, out.skipped)
-    return len(out.valid)
-
-
 @functools.lru_cache(maxsize=1)
 def _backbone(model: str, pretrained: str, device: str) -> Backbone:
     """The backbone, loaded once per worker process and kept while it is asked for."""
@@ -167,7 +153,7 @@ def _backbone(model: str, pretrained: str, device: str) -> Backbone:
 
 
 def run_shard(shard: int, job: ShardJob) -> ShardDone:
-    """The task: compute and write one shard on this worker (`extract_shard`)."""
+    """The task: compute and write one shard on this worker, decoding in `job.cfg.workers` threads."""
     try:
         cache = open_cache(job.store, mode="r+")
         backbone = _backbone(job.model, job.pretrained, job.device)
@@ -178,55 +164,12 @@ def run_shard(shard: int, job: ShardJob) -> ShardDone:
             raise QKSError(f"the store records precision {precision}, which a worker on {device} cannot run")
         forward = Forward(backbone.model, device, precision)
         dataset = make_dataset(cache, Path(job.images_root), backbone, job.cfg.max_pixels)
-        rows = extract_shard(cache, shard, dataset, forward, job.cfg, job.strict)
+        batches = _decoded_batches(dataset, shard_batches(cache, [shard], job.cfg.batch_size), job.cfg.workers)
+        out = shard_tokens(cache, shard, batches, dataset, forward, job.strict)
+        cache.write_shard(shard, *out)
     except QKSError as e:
-        return ShardDone(shard, 0, 0.0, e.message)
-    return ShardDone(shard, rows, forward.seconds)
-
-
-def run_on_cluster(client: Any, cache: Cache, shards: list[int], job: ShardJob, retries: int) -> tuple[int, float]:
-    """Run `run_shard` for `shards`, one task each; progress (images/s, ETA) as shards finish.
-
-    A failed shard does not stop the others: every shard that can finish does, then the failures are raised together
-    (a rerun retries them). So no task of this run is still writing when this returns; after an interrupt, tasks
-    already running on a shared cluster finish their shard (whole, then marked done) while the rest are cancelled.
-
-    Returns:
-        (images computed, forward-pass seconds per worker).
-    """
-    if not shards:
-        return 0, 0.0
-    info = client.scheduler_info()["workers"].values()
-    workers = max(1, len(info))
-    gpu = {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in info) else None  # started --resources GPU=1
-    log.info("extracting %d shard(s) on %d dask worker(s)", len(shards), workers)
-    futures = client.map(run_shard, shards, job=job, retries=retries, pure=False, resources=gpu)
-    shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
-    total, seconds, failures = 0, 0.0, []
-    with progress_bar(sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)) as bar:
-        try:
-            for future in as_completed(futures):
-                done = _outcome(future, shard_of[future.key], retries)
-                if done.error:
-                    failures.append(f"shard {done.shard}: {done.error}")
-                bar.update(done.rows)
-                total, seconds = total + done.rows, seconds + done.forward_seconds
-        except BaseException:  # an interrupt
-            client.cancel(futures)
-            raise
-    if failures:
-        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume)"
-        raise QKSError(f"{done}: {'; '.join(failures[:3])}{more}")
-    return total, seconds / workers
-
-
-def _outcome(future: Any, shard: int, retries: int) -> ShardDone:
-    """The task's result; an exception it raised (after its retries; a lost worker is a KilledWorker) as an error."""
-    try:
-        return future.result()
-    except Exception as e:
-        return ShardDone(shard, 0, 0.0, f"{type(e).__name__}: {e} (after {retries} retries)")
+        return ShardDone(0, 0.0, e.message)
+    return ShardDone(len(out[1]), forward.seconds)
 
 
 class OnCluster:
@@ -252,7 +195,43 @@ class OnCluster:
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
     ) -> tuple[int, float]:
+        """Run `run_shard` for `shards`, one task each; progress (images/s, ETA) as shards finish.
+
+        A failed shard does not stop the others: every shard that can finish does, then the failures are raised
+        together (a rerun retries them). So no task of this run is still writing when this returns; after an
+        interrupt, tasks already running on a shared cluster finish their shard while the rest are cancelled.
+
+        Returns:
+            (images computed, forward-pass seconds per worker).
+        """
+        if not shards:
+            return 0, 0.0
         store = cache.path if is_url(cache.path) else str(Path(cache.path).resolve())
-        source = backbone.source
-        job = ShardJob(store, str(images.resolve()), source["model"], source["pretrained"], self.device, cfg, strict)
-        return run_on_cluster(self.client, cache, shards, job, self.retries)
+        model, pretrained = backbone.source["model"], backbone.source["pretrained"]
+        job = ShardJob(store, str(images.resolve()), model, pretrained, self.device, cfg, strict)
+        info = self.client.scheduler_info()["workers"].values()
+        workers = max(1, len(info))
+        gpu = {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in info) else None  # started --resources GPU=1
+        log.info("extracting %d shard(s) on %d dask worker(s)", len(shards), workers)
+        futures = self.client.map(run_shard, shards, job=job, retries=self.retries, pure=False, resources=gpu)
+        shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
+        total, seconds, failures = 0, 0.0, []
+        with progress_bar(sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)) as bar:
+            try:
+                for future in as_completed(futures):
+                    try:
+                        done = future.result()
+                    except Exception as e:  # raised by the task after its retries; a lost worker is a KilledWorker
+                        done = ShardDone(0, 0.0, f"{type(e).__name__}: {e} (after {self.retries} retries)")
+                    if done.error:
+                        failures.append(f"shard {shard_of[future.key]}: {done.error}")
+                    bar.update(done.rows)
+                    total, seconds = total + done.rows, seconds + done.forward_seconds
+            except BaseException:  # an interrupt
+                self.client.cancel(futures)
+                raise
+        if failures:
+            more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+            done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume)"
+            raise QKSError(f"{done}: {'; '.join(failures[:3])}{more}")
+        return total, seconds / workers

@@ -1,15 +1,10 @@
-"""Stage one: run the frozen CLIP vision tower over a manifest's images once and store the tokens in a Zarr store;
-encode the label vocabulary with the prompt pool once (`embed_labels`).
+"""Stage one: the frozen CLIP vision tower's tokens of a manifest's images, stored once in a Zarr store; the label
+vocabulary encoded with the prompt pool once (`embed_labels`).
 
-One shard is the unit of work: `shard_tokens` turns the batches of one shard into its tokens, and the shard is written
-whole (`Cache.write_shard`), then marked done. A rerun resumes: only shards without a done marker are computed, and the
-result equals an uninterrupted run's.
-
-Two runners compute the shards, both through `shard_tokens`:
-- `InProcess` (`run_shards`): DataLoader worker processes decode while the main process runs the forward pass, and a
-  background thread writes the finished shard while the next one is computed;
-- `qks_pipeline.distributed.OnCluster`, given as `runner=`: one dask task per shard (`extract_shard`), each dask
-  worker loading the backbone once, decoding its shard's images in threads and writing the shard itself.
+A shard is the unit of work: `shard_tokens` turns the batches of one shard into its tokens, written whole, then marked
+done; a rerun computes only the shards not done, and equals an uninterrupted run. Two runners call `shard_tokens`:
+`InProcess` (DataLoader processes decode, a thread writes the last shard while the next is computed) and
+`qks_pipeline.distributed.OnCluster` (one dask task per shard).
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +64,7 @@ class ExtractResult:
     seconds: float  # the whole call, model loading included
     loop_seconds: float  # decoding, forward passes and shard writes only
     forward_seconds: float  # inside the forward pass (incl. copies to and from the device); the rest is input wait
-    skipped: list[dict[str, str]] = field(default_factory=list)  # every unreadable image of the store
+    skipped: list[dict[str, str]]  # every unreadable image of the store
 
     @property
     def images_per_second(self) -> float:
@@ -166,15 +161,6 @@ def data_fingerprint(
     }
 
 
-@dataclass
-class ShardTokens:
-    """One shard's content, as `Cache.write_shard` takes it."""
-
-    tokens: np.ndarray  # (S, V, T, D) float16
-    valid: np.ndarray  # (S,) bool
-    skipped: list[dict[str, str]]
-
-
 class Forward:
     """Batches of views -> float16 tokens on the CPU, under autocast when asked (GPU only)."""
 
@@ -183,18 +169,13 @@ class Forward:
         self.seconds = 0.0  # time spent here: loop time minus this is what the input path failed to hide
 
     def __call__(self, views: torch.Tensor) -> np.ndarray:
-        start = time.perf_counter()
-        try:
-            return self._run(views)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def _run(self, views: torch.Tensor) -> np.ndarray:
-        b, v = views.shape[:2]
+        start, (b, v) = time.perf_counter(), views.shape[:2]
         x = views.flatten(0, 1).to(self.device, non_blocking=True)  # (B * V, 3, H, W)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             tokens = visual_tokens(self.clip, x)  # (B * V, T, D)
-        return tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)  # (B, V, T, D)
+        out = tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)  # (B, V, T, D)
+        self.seconds += time.perf_counter() - start
+        return out
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # rows (B,), views (B, V, 3, H, W), reasons (B,)
@@ -208,29 +189,27 @@ def shard_tokens(
     forward: Forward,
     strict: bool,
     progress: Callable[[int], object] = lambda n: None,
-) -> ShardTokens:
-    """The tokens of one shard from the batches covering its rows: the one per-shard computation of both paths.
-
-    Unreadable images are recorded as skipped (masked out: valid False, tokens zero), or fatal with `strict`.
-    """
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """One shard's (tokens (S, V, T, D) float16, valid (S,), skipped) from the batches covering its rows, as
+    `Cache.write_shard` takes them. Unreadable images are skipped (valid False, tokens zero), or fatal with `strict`."""
     rows_of_shard = cache.shard_rows(shard)
     n = rows_of_shard.stop - rows_of_shard.start
-    t, d = cache.tokens.shape[2:]
-    out, covered = ShardTokens(np.zeros((n, cache.num_views, t, d), np.float16), np.zeros(n, bool), []), 0
+    tokens, valid, skipped = np.zeros((n, *cache.tokens.shape[1:]), np.float16), np.zeros(n, bool), []
+    covered = 0
     for rows, views, reasons in batches:
         rows = rows.numpy()
         local, ok = rows - rows_of_shard.start, np.array([not r for r in reasons])
         for row, reason in zip(rows[~ok], np.asarray(reasons, dtype=object)[~ok], strict=True):
             if strict:
                 raise QKSError(f"unreadable image: {reason} (--strict)", dataset.root / dataset.paths[row])
-            out.skipped.append({"path": dataset.paths[row], "reason": reason})
+            skipped.append({"path": dataset.paths[row], "reason": reason})
         if ok.any():
-            out.tokens[local[ok]] = forward(views[torch.from_numpy(ok)])  # (b, V, T, D)
-            out.valid[local[ok]] = True
+            tokens[local[ok]] = forward(views[torch.from_numpy(ok)])  # (b, V, T, D)
+            valid[local[ok]] = True
         covered += len(rows)
         progress(len(rows))
     assert covered == n, f"shard {shard}: batches covered {covered} of {n} rows"
-    return out
+    return tokens, valid, skipped
 
 
 def progress_bar(total: int) -> tqdm:
@@ -256,38 +235,10 @@ def run_shards(
             out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
             if pending is not None:
                 pending.result()  # at most one shard in flight: bounded memory, errors surface here
-            pending = writer.submit(cache.write_shard, shard, out.tokens, out.valid, out.skipped)
+            pending = writer.submit(cache.write_shard, shard, *out)
         if pending is not None:
             pending.result()
     return total
-
-
-def open_or_create_store(
-    out: str | Path, fingerprint: dict[str, Any], create: Callable[[], Cache], overwrite: bool, replace_stale: bool
-) -> Cache:
-    """Resume a store built the same way (first removing what interrupted writes left in it); one built differently is
-    refused, or rebuilt with `replace_stale`; a new store is built when there is none or with `overwrite`. A path (or
-    URL) holding anything else is never replaced. The caller holds the store's `Location.writer_lock`."""
-    location = Location.of(out)
-    if location.holds_store() and not overwrite:
-        cache = open_cache(out, mode="r+")
-        if cache.fingerprint == fingerprint:
-            removed = location.remove_interrupted_writes()
-            if removed:
-                log.info("removed %d file(s) left by interrupted writes, e.g. %s", len(removed), removed[0])
-            return cache
-        if not replace_stale:
-            hint = "--overwrite or --replace-stale rebuilds it"
-            check_fingerprint(location.url, cache.fingerprint, fingerprint, "feature cache", hint=hint)
-        log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
-    return create()
-
-
-def _views_for(split: str, views: int) -> int:
-    if split != "train" and views > 0:
-        log.warning("augmented views are for the train split; the %s split stores the clean view only", split)
-        return 0
-    return views
 
 
 def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels: int) -> ImageViews:
@@ -299,43 +250,50 @@ def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels
 
 
 def _open_store(
-    out: str | Path, dataset_dir: Path, split: str, backbone: Backbone, cfg: ExtractConfig, precision: str, **how: bool
+    out: str | Path, dataset: Path, split: str, backbone: Backbone, cfg: ExtractConfig, precision: str, **how: bool
 ) -> Cache:
-    """Resume the store `out` or (re)create it for this split of the dataset (`open_or_create_store` with `how`)."""
-    manifest = dataset_dir / f"{split}.jsonl"
-    seen, unseen = read_vocabulary(dataset_dir)
+    """Resume the store `out` if built the same way (first removing what interrupted writes left in it); one built
+    differently is refused, or rebuilt with `replace_stale`; a new store is built when there is none or with
+    `overwrite`. A path (or URL) holding anything else is never replaced. The caller holds `Location.writer_lock`."""
+    manifest, location = dataset / f"{split}.jsonl", Location.of(out)
+    seen, unseen = read_vocabulary(dataset)
     records = read_manifest(manifest, seen + unseen)
-    fingerprint = make_fingerprint(
-        backbone.fingerprint, data_fingerprint(manifest, split, seen, unseen, cfg, precision)
-    )
+    data = data_fingerprint(manifest, split, seen, unseen, cfg, precision)
+    fingerprint = make_fingerprint(backbone.fingerprint, data)
+    if location.holds_store() and not how["overwrite"]:
+        cache = open_cache(out, mode="r+")
+        if cache.fingerprint == fingerprint:
+            if removed := location.remove_interrupted_writes():
+                log.info("removed %d file(s) left by interrupted writes, e.g. %s", len(removed), removed[0])
+            return cache
+        if not how["replace_stale"]:
+            hint = "--overwrite or --replace-stale rebuilds it"
+            check_fingerprint(location.url, cache.fingerprint, fingerprint, "feature cache", hint=hint)
+        log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
     order = np.random.default_rng(cfg.seed).permutation(len(records)) if cfg.shuffle else np.arange(len(records))
     rest = scored_labels(split, seen, unseen)
 
     def labels(start: int, stop: int) -> np.ndarray:  # one shard's rows at a time: bounded memory
         return label_matrix([records[i] for i in order[start:stop]], seen + unseen, rest=rest)
 
-    def create() -> Cache:
-        return create_cache(
-            out,
-            fingerprint=fingerprint,
-            token_shape=backbone.token_shape,
-            num_views=1 + cfg.views,
-            shard_size=cfg.shard_size,
-            label_names=seen + unseen,
-            num_seen=len(seen),
-            labels=labels,
-            paths=[records[i].image for i in order],
-            manifest_index=order.astype(np.int64),
-            visual_proj=backbone.model.visual.proj.detach().float().cpu().numpy(),
-        )
-
-    return open_or_create_store(out, fingerprint, create, **how)
+    return create_cache(
+        out,
+        fingerprint=fingerprint,
+        token_shape=backbone.token_shape,
+        num_views=1 + cfg.views,
+        shard_size=cfg.shard_size,
+        label_names=seen + unseen,
+        num_seen=len(seen),
+        labels=labels,
+        paths=[records[i].image for i in order],
+        manifest_index=order.astype(np.int64),
+        visual_proj=backbone.model.visual.proj.detach().float().cpu().numpy(),
+    )
 
 
 class InProcess:
-    """The default runner of `extract`: the shards computed in this process (`run_shards`). A runner connects (and
-    yields the device the forward passes run on), says where the client loads the backbone, and runs the shards;
-    `qks_pipeline.distributed.OnCluster` is the other one."""
+    """The default runner of `extract`: the shards computed in this process (`run_shards`). A runner connects (yielding
+    the forward passes' device), says where the client loads the backbone, and runs the shards."""
 
     loads_here = True  # the forward passes use the client's backbone
 
@@ -387,7 +345,9 @@ def extract(
         raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if not images_root.is_dir():
         raise QKSError("image root is not a directory", images_root)
-    cfg = dataclasses.replace(cfg, views=_views_for(split, cfg.views))
+    if split != "train" and cfg.views > 0:
+        log.warning("augmented views are for the train split; the %s split stores the clean view only", split)
+        cfg = dataclasses.replace(cfg, views=0)
     runner = runner or InProcess(device)
     with Location.of(out).writer_lock(), runner.connect() as dev:
         precision = effective_precision(cfg.precision, dev)
