@@ -124,7 +124,8 @@ def _split(state: dict[str, Tensor], path: str | Path) -> tuple[dict[str, Tensor
 
 
 def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
-    """num_queries, num_layers and ff_dim from the tensor shapes (the number of heads is not in the shapes)."""
+    """num_queries, num_layers and ff_dim from the tensor shapes (not the number of heads: the shapes do not tell),
+    checked: every parameter of that `QKS` present with its shape."""
     for key in ("query_tokens", "proj", "layers.0.ffn.fc1.weight"):
         if key not in qks:
             raise QKSError(f"not a QKS checkpoint: no {key} (reference names: query_tokens, proj, net.encoder.*)", path)
@@ -132,47 +133,34 @@ def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
     if qks["proj"].shape[0] != dim:
         raise QKSError(f"proj is {tuple(qks['proj'].shape)} but the queries are {dim} wide", path)
     num_layers = 1 + max(int(k.split(".")[1]) for k in qks if k.startswith("layers."))
-    return {"num_queries": num_queries, "num_layers": num_layers, "ff_dim": qks["layers.0.ffn.fc1.weight"].shape[0]}
-
-
-def _check_complete(qks: dict[str, Tensor], fields: dict[str, int], path: str | Path) -> None:
-    """Every parameter of the inferred `QKS` present with its shape, and nothing else."""
-    dim, embed_dim = qks["proj"].shape
+    fields = {"num_queries": num_queries, "num_layers": num_layers, "ff_dim": qks["layers.0.ffn.fc1.weight"].shape[0]}
     with torch.device("meta"):  # shapes only, no memory and no initialisation cost
-        expected = QKS(ModelConfig(num_heads=1, **fields), token_dim=dim, embed_dim=embed_dim).state_dict()
+        expected = QKS(ModelConfig(num_heads=1, **fields), *qks["proj"].shape).state_dict()
     missing = sorted(set(expected) - set(qks))
-    wrong = [
-        f"{k} {tuple(qks[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in qks and qks[k].shape != v.shape
-    ]
+    shapes = {k: (tuple(qks[k].shape), tuple(v.shape)) for k, v in expected.items() if k in qks}
+    wrong = [f"{k} {got} != {want}" for k, (got, want) in shapes.items() if got != want]
     if missing or wrong:
         raise QKSError(f"incomplete or inconsistent Q-Former: missing {missing[:6]}, wrong shapes {wrong[:6]}", path)
+    return fields
 
 
 def load_reference_checkpoint(
     path: str | Path, trust_pickle: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
-    """Read an authors' checkpoint.
-
-    Args:
-        path: the checkpoint file.
-        trust_pickle: see `read_checkpoint`.
+    """Read an authors' checkpoint (`trust_pickle`: see `read_checkpoint`).
 
     Returns:
-        The state dict for `QKS` (load with `strict=True`; `token_dim, embed_dim = state["proj"].shape`), the CLIP state
-        dict in OpenAI/open_clip layout (empty if the checkpoint has no `clip_model.*`), and the inferred `ModelConfig`
-        fields `num_queries`, `num_layers`, `ff_dim` (the reference uses 12 heads; the shapes do not tell).
+        The state dict for `QKS` (strict; `token_dim, embed_dim = state["proj"].shape`), the CLIP state dict in
+        OpenAI/open_clip layout (empty without `clip_model.*`), and the inferred `ModelConfig` fields `num_queries`,
+        `num_layers`, `ff_dim` (the reference uses 12 heads; the shapes do not tell).
 
-        The checkpoint has no `visual.proj` for CLIP: the reference trains a copy of it (`proj`) and never uses the
-        original. The CLIP state dict gets the trained `proj` as its `visual.proj`, the natural value for using the
-        exported CLIP's pooled CLS embedding zero-shot against the label embeddings. Visual tokens (before the
-        projection) do not depend on it; a stage-two model initialised from such a cache starts from the trained
-        projection, not CLIP's original one.
+        The checkpoint has no CLIP `visual.proj`: the reference trains a copy (`proj`) and never uses the original. The
+        CLIP state dict gets the trained `proj` as `visual.proj`, the natural value for zero-shot use of the exported
+        CLIP; visual tokens (before the projection) do not depend on it, but a stage-two model initialised from such a
+        cache starts from the trained projection.
     """
     qks, clip, foreign = _split(read_checkpoint(path, trust_pickle), path)
     fields = _infer_fields(qks, path)
-    _check_complete(qks, fields, path)
     if foreign:
         listed = ", ".join(foreign[:8])
         warnings.warn(f"{path}: ignoring {len(foreign)} key(s) outside the QKS layout: {listed}", stacklevel=2)
@@ -183,12 +171,9 @@ def load_reference_checkpoint(
 
 
 def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:
-    """Write CLIP weights that `open_clip.create_model_and_transforms(name, pretrained=out_path)` loads strictly.
-
-    open_clip's `CLIP` class uses OpenAI's parameter names, so the state dict is written as is (`.safetensors` when the
-    file name says so, `torch.save` otherwise). OpenAI's weights were trained with QuickGELU, which a file cannot
-    record: load them as `ViT-B-16-quickgelu` (or with `force_quick_gelu=True`), not plain `ViT-B-16`.
-    """
+    """Write CLIP weights that `open_clip.create_model_and_transforms(name, pretrained=out_path)` loads strictly: as
+    they are (open_clip uses OpenAI's names), as `.safetensors` when the file name says so, else with `torch.save`.
+    Load them as `ViT-B-16-quickgelu`: OpenAI's weights were trained with QuickGELU, which a file cannot record."""
     if "visual.proj" not in clip_state:
         raise QKSError("CLIP weights without visual.proj cannot be loaded by open_clip", out_path)
     out_path = Path(out_path)
@@ -217,11 +202,9 @@ def import_checkpoint(
 ) -> dict[str, Any]:
     """Turn an authors' checkpoint into a checkpoint directory (`qks_pipeline.checkpoint`) with its CLIP weights.
 
-    `keep_cls` False for runs trained with the authors' `--rmcls` (the queries never saw the CLS token): nothing in the
-    weights tells, so the user says it.
-
-    The CLIP part is exported to `out/clip_weights.pt`; the fingerprint in config.json is what stage one records when
-    extracting with `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
+    `keep_cls` is False for runs trained with the authors' `--rmcls`: nothing in the weights tells. The CLIP part is
+    exported to `out/clip_weights.pt`; config.json's fingerprint is what stage one records when extracting with
+    `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
     """
     from qks_pipeline.backbone import load_backbone  # CLIP is needed here, to fingerprint the exported weights
 
