@@ -87,9 +87,7 @@ class ShardReader:
 
     def _shard(self, shard: int, row: int) -> tuple[Any, Path, np.ndarray]:
         entry = self._open.pop(shard, None) or self._load(shard, row)
-        self._open[shard] = entry  # most recently used last
-        if len(self._open) > OPEN_SHARDS and (file := self._open.pop(next(iter(self._open)))[0]) is not None:
-            file.close()
+        self._open[shard] = entry  # most recently used last; `read` closes the oldest beyond OPEN_SHARDS once done
         return entry
 
     def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
@@ -117,6 +115,10 @@ class ShardReader:
             if check and google_crc32c.value(sample) != int.from_bytes(crc, "little"):
                 raise QKSError(f"row {row} view {view}: chunk checksum mismatch (corrupt shard file)", path)
             checked[row % s, view] |= check
+        while len(self._open) > OPEN_SHARDS:
+            file = self._open.pop(next(iter(self._open)))[0]
+            if file is not None:
+                file.close()
 
 
 def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
