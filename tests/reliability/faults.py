@@ -674,7 +674,7 @@ def _embed(data: ImageData, clip: TinyClip, out: Path, templates: Path) -> Path:
 
 def wide_config(work: Path) -> Path:
     """The tiny config with one more vision layer, saved under the same file name (so the same model name)."""
-    from harness import TINY_CONFIG
+    from tiny import TINY_CONFIG
 
     config = json.loads(TINY_CONFIG.read_text())
     config["vision_cfg"]["layers"] = 3
@@ -721,6 +721,9 @@ class StaleCase:
     guarded: tuple[Path, ...]  # stores or directories that the refusal must leave unchanged
 
 
+FUTURE_VERSION = 99  # a store format this code does not know
+
+
 def _copy_with_version(store: Path, out: Path, version: int) -> Path:
     shutil.copytree(store, out, dirs_exist_ok=True)
     meta = json.loads((out / "zarr.json").read_text())
@@ -748,9 +751,9 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
         return ["evaluate", "--checkpoint", str(ckpt), "--test-cache", str(test), "--labels", str(labels), "--out",
                 str(s.work / "metrics.json"), "--device", "cpu"]  # fmt: skip
 
-    v2_train = _copy_with_version(s.train_a, s.work / "v2_train.zarr", 2)
-    v2_test = _copy_with_version(s.test_a, s.work / "v2_test.zarr", 2)
-    v2_labels = _copy_with_version(s.labels_a, s.work / "v2_labels.zarr", 2)
+    future_train = _copy_with_version(s.train_a, s.work / "future_train.zarr", FUTURE_VERSION)
+    future_test = _copy_with_version(s.test_a, s.work / "future_test.zarr", FUTURE_VERSION)
+    future_labels = _copy_with_version(s.labels_a, s.work / "future_labels.zarr", FUTURE_VERSION)
     resumed = s.work / "run_a_resumed"
     shutil.copytree(s.run_a, resumed, dirs_exist_ok=True)
     w = "weights_sha256"
@@ -765,9 +768,17 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
         StaleCase(
             "train: resume a run of other weights", train(s.train_b, s.labels_b, resumed), "fingerprint", (resumed,)
         ),  # fmt: skip
-        StaleCase("train: cache of format version 2", train(v2_train, s.labels_a, s.work / "t3"), "format version", ()),
         StaleCase(
-            "train: labels of format version 2", train(s.train_a, v2_labels, s.work / "t4"), "format version", ()
+            "train: cache of a future format version",
+            train(future_train, s.labels_a, s.work / "t3"),
+            "format version",
+            (),
+        ),
+        StaleCase(
+            "train: labels of a future format version",
+            train(s.train_a, future_labels, s.work / "t4"),
+            "format version",
+            (),
         ),  # fmt: skip
         StaleCase("evaluate: checkpoint vs test cache of other weights", evaluate(s.test_b, s.labels_b), w, ()),
         StaleCase("evaluate: label embeddings of other weights", evaluate(s.test_a, s.labels_b), w, ()),
@@ -777,7 +788,9 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             "label 7 is 'hexagon'",
             (),
         ),  # fmt: skip
-        StaleCase("evaluate: test cache of format version 2", evaluate(v2_test, s.labels_a), "format version", ()),
+        StaleCase(
+            "evaluate: test cache of a future format version", evaluate(future_test, s.labels_a), "format version", ()
+        ),
         StaleCase("extract: store of other weights", extract_argv(s.data, s.other, s.train_a, 4), w, (s.train_a,)),
         StaleCase(
             "extract: store of another manifest",
@@ -792,10 +805,10 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             (s.train_a,),
         ),  # fmt: skip
         StaleCase(
-            "extract: store of format version 2",
-            extract_argv(s.data, s.clip, v2_train, 4),
+            "extract: store of a future format version",
+            extract_argv(s.data, s.clip, future_train, 4),
             "format version",
-            (v2_train,),
+            (future_train,),
         ),  # fmt: skip
     ]
 
