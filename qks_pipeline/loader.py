@@ -2,11 +2,11 @@
 
 Sampling, decided by measurement (benchmarks/bench_loader.py, docs/design.md section 3): read directly from the shard
 files (`qks_pipeline.shards`), random rows cost about what contiguous rows cost, so each batch is rows drawn at random
-and the contiguous blocks and shuffle buffer that zarr and TensorStore reads needed are gone. Measured on 2 shared cores
-(load 4-5), page cache warm, a ViT-B/16-sized store (197 x 768 float16, 1,024 a shard), batch 256, images/s: raw
-sequential read of the shard files 18,600; loader in order 12,800 (0.79 of raw), shuffled 13,700 (0.78); a first epoch,
-which checks every chunk's crc32c, 6,400 (0.41 with a 1 GB store: buffers allocated, labels decoded); page cache cold:
-raw 2,500, loader 3,800-7,700 (1.5-1.9: each batch's reads go to the disk at once). Before: 1,100-1,200 (0.08).
+and the contiguous blocks and shuffle buffer that zarr and TensorStore reads needed are gone. Measured on 2 shared
+cores (load 3), a ViT-B/16-sized store (197 x 768 float16, 1,024 a shard), batch 256, images/s, page cache warm: raw
+sequential read of the shard files 22,100; loader in order 17,300 (0.80 of raw), shuffled 17,100 (0.77), a first epoch
+(checking every chunk's crc32c, allocating buffers) 12,400 (0.56); the same loader through TensorStore 1,500-1,900
+(0.10-0.12). Cold: raw 3,000; loader 4,200-7,000, first epoch 3,800 (1.0-2.3: a batch's reads reach the disk at once).
 
 Each epoch visits the shards in a random order, `WINDOW` at a time, and draws batches from the permuted rows of a
 window (a batch may span two). Stage one writes training stores in a seeded random order, so a window is already a
