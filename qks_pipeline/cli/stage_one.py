@@ -134,7 +134,8 @@ def info_cmd(store: Path) -> None:
 @cache_group.command("verify")
 @click.argument("store", type=EXISTING_STORE)
 def verify_cmd(store: Path) -> None:
-    """Check every shard: done marker, readable tokens, valid rows consistent with the skipped list. Exit 1 if not."""
+    """Check every shard: done marker, every chunk's crc32c (format version 2), valid rows consistent with the skipped
+    list. Exit 1 if not."""
     from qks_pipeline.cache import open_cache, verify_cache
 
     cache = open_cache(store)
