@@ -47,10 +47,6 @@ class Backbone:
     fingerprint: dict[str, Any]  # what determines the features: hashes, preprocessing, token layout (JSON-normalised)
     source: dict[str, str]  # where it came from: model name or config path, weights tag or path ("none": random)
 
-    @property
-    def token_shape(self) -> tuple[int, int]:
-        return token_shape(self.model)
-
 
 @dataclass(frozen=True)
 class Weights:
@@ -217,7 +213,8 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
 
 
 def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weights: Weights) -> dict[str, Any]:
-    """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout."""
+    """What determines the features: model (and config hash), weights (tag, sha256), preprocessing, token layout;
+    JSON-normalised, as a store's attributes read back (tuples become lists)."""
     pp = clip.visual.preprocess_cfg
     preprocess = {k: pp[k] for k in PREPROCESS_KEYS} | {"size": to_2tuple(pp["size"])}
     fingerprint = {
@@ -231,7 +228,7 @@ def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weigh
         "token_shape": list(token_shape(clip)),
         "visual_proj": list(clip.visual.proj.shape),
     }
-    return json.loads(json.dumps(fingerprint))  # as a store's attributes read back: tuples become lists
+    return json.loads(json.dumps(fingerprint))
 
 
 def load_backbone(

@@ -96,18 +96,6 @@ def _device_type(device: str) -> str:
     return resolve_device(device).type
 
 
-def cluster_device(client: Any, device: str) -> torch.device:
-    """The device the workers resolve `device` to; they must agree, as it decides the precision the store records."""
-    try:
-        client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
-    except TimeoutError:
-        raise QKSError(f"the dask cluster has no workers (waited {CONNECT_TIMEOUT_S} s)") from None
-    found = set(client.run(_device_type, device).values())
-    if len(found) != 1:
-        raise QKSError(f"the dask workers resolve --device {device} differently: {', '.join(sorted(found))}")
-    return torch.device(found.pop())
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """What a worker needs besides the shard number; views, seed and precision it reads from the store."""
@@ -188,9 +176,18 @@ class OnCluster:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[torch.device]:
-        with connect(self.cluster) as client:
-            self.client = client
-            yield cluster_device(client, self.device)
+        """Yields the device the workers resolve `device` to: they must agree, as it decides the store's precision."""
+        with connect(self.cluster) as self.client:
+            try:
+                self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
+            except TimeoutError:
+                raise QKSError(f"the dask cluster has no workers (waited {CONNECT_TIMEOUT_S} s)") from None
+            found = set(self.client.run(_device_type, self.device).values())
+            if len(found) != 1:
+                raise QKSError(
+                    f"the dask workers resolve --device {self.device} differently: {', '.join(sorted(found))}"
+                )
+            yield torch.device(found.pop())
 
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from qks_pipeline.augment import augmented_view
-from qks_pipeline.backbone import Backbone, encode_labels, file_sha256, load_backbone, visual_tokens
+from qks_pipeline.backbone import Backbone, encode_labels, file_sha256, load_backbone, token_shape, visual_tokens
 from qks_pipeline.cache import (
     Cache,
     check_fingerprint,
@@ -217,30 +217,6 @@ def progress_bar(total: int) -> tqdm:
     return tqdm(total=total, unit="img", desc="extract", mininterval=1 if sys.stderr.isatty() else 30)
 
 
-def run_shards(
-    cache: Cache, shards: list[int], dataset: ImageViews, forward: Forward, cfg: ExtractConfig, strict: bool
-) -> int:
-    """Compute and write `shards`; writes overlap the next shard's forward passes. Returns images computed."""
-    loader = DataLoader(
-        dataset,
-        batch_sampler=shard_batches(cache, shards, cfg.batch_size),
-        num_workers=cfg.workers,
-        worker_init_fn=_worker_init if cfg.workers > 0 else None,
-        pin_memory=forward.device.type == "cuda",
-    )
-    total = sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(total) as bar:
-        for shard, batches in itertools.groupby(loader, key=lambda batch: int(batch[0][0]) // cache.shard_size):
-            out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
-            if pending is not None:
-                pending.result()  # at most one shard in flight: bounded memory, errors surface here
-            pending = writer.submit(cache.write_shard, shard, *out)
-        if pending is not None:
-            pending.result()
-    return total
-
-
 def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels: int) -> ImageViews:
     """The store's rows as images to decode, with the views and seed its fingerprint records."""
     data = cache.fingerprint["data"]
@@ -279,7 +255,7 @@ def _open_store(
     return create_cache(
         out,
         fingerprint=fingerprint,
-        token_shape=backbone.token_shape,
+        token_shape=token_shape(backbone.model),
         num_views=1 + cfg.views,
         shard_size=cfg.shard_size,
         label_names=seen + unseen,
@@ -292,8 +268,8 @@ def _open_store(
 
 
 class InProcess:
-    """The default runner of `extract`: the shards computed in this process (`run_shards`). A runner connects (yielding
-    the forward passes' device), says where the client loads the backbone, and runs the shards."""
+    """The default runner of `extract`: the shards computed in this process. A runner connects (yielding the forward
+    passes' device), says where the client loads the backbone, and runs the shards."""
 
     loads_here = True  # the forward passes use the client's backbone
 
@@ -308,10 +284,30 @@ class InProcess:
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
     ) -> tuple[int, float]:
-        """Compute and write `shards` at the store's precision. Returns (images computed, forward-pass seconds)."""
+        """Compute and write `shards` at the store's precision, each written while the next one is computed.
+        Returns (images computed, forward-pass seconds)."""
+        if not shards:
+            return 0, 0.0
         forward = Forward(backbone.model, self.resolved, cache.fingerprint["data"]["precision"])
         dataset = make_dataset(cache, images, backbone, cfg.max_pixels)
-        return (run_shards(cache, shards, dataset, forward, cfg, strict) if shards else 0), forward.seconds
+        loader = DataLoader(
+            dataset,
+            batch_sampler=shard_batches(cache, shards, cfg.batch_size),
+            num_workers=cfg.workers,
+            worker_init_fn=_worker_init if cfg.workers > 0 else None,
+            pin_memory=forward.device.type == "cuda",
+        )
+        total = sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(total) as bar:
+            for shard, batches in itertools.groupby(loader, key=lambda batch: int(batch[0][0]) // cache.shard_size):
+                out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
+                if pending is not None:
+                    pending.result()  # at most one shard in flight: bounded memory, errors surface here
+                pending = writer.submit(cache.write_shard, shard, *out)
+            if pending is not None:
+                pending.result()
+        return total, forward.seconds
 
 
 def extract(
@@ -330,14 +326,13 @@ def extract(
     """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
 
     A store built the same way (same fingerprint) is resumed; one built differently is refused unless `overwrite`
-    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants) is set. A second
-    extraction into a local store that one is writing is refused (`Location.writer_lock`).
+    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants). A second extraction
+    into a local store being written is refused (`Location.writer_lock`).
 
     Args:
         out: a local directory or an fsspec URL (`s3://bucket/train.zarr`, see `qks_pipeline.storage`).
-        device: where the forward passes run (in this process; a runner resolves its own).
-        runner: how the shards are computed: `InProcess(device)` (the default), or
-            `qks_pipeline.distributed.OnCluster` (a dask cluster).
+        device: where the forward passes run in this process (a runner resolves its own).
+        runner: `InProcess(device)` (the default), or `qks_pipeline.distributed.OnCluster` (a dask cluster).
     """
     start = time.perf_counter()
     dataset_dir, images_root = Path(dataset_dir), Path(images_root)

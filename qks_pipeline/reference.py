@@ -206,7 +206,7 @@ def import_checkpoint(
     exported to `out/clip_weights.pt`; config.json's fingerprint is what stage one records when extracting with
     `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
     """
-    from qks_pipeline.backbone import load_backbone  # CLIP is needed here, to fingerprint the exported weights
+    from qks_pipeline.backbone import load_backbone, token_shape  # CLIP, to fingerprint the exported weights
 
     out = Path(out)
     qks_state, clip_state, fields = load_reference_checkpoint(path, trust_pickle)
@@ -223,7 +223,7 @@ def import_checkpoint(
     backbone = load_backbone(model, str(out / CLIP_WEIGHTS))
     save_weights(head, out / BEST)
     note = "reference checkpoint: its authors selected it on the test set"
-    described = (backbone.token_shape[0], backbone.fingerprint, backbone.source)
+    described = (token_shape(backbone.model)[0], backbone.fingerprint, backbone.source)
     config = make_config(head, *described, selection="test", selection_note=note, source=str(path))
     write_config(out, config)
     echo(

@@ -14,12 +14,14 @@ from typing import Any, TextIO
 
 import click
 
-from qks_pipeline.cli.options import DEVICE, NEW_FILE
+from qks_pipeline.cli.options import DEVICE, EXISTING_FILE, NEW_DIR, NEW_FILE
 from qks_pipeline.config import ExtractConfig
 from qks_pipeline.errors import QKSError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CSV_FIELDS = ["image", "rank", "label", "score", "in_top_k", "above_threshold", "skipped"]
+MAX_PIXELS = "Larger images are skipped as decompression bombs (extract.max_pixels in stage one)."
+POSITIVE = click.IntRange(min=1)
 
 
 def read_label_file(path: Path) -> list[str]:
@@ -129,31 +131,21 @@ def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_sco
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
 @click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset" [default: the trained ones].')
 @click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
-@click.option(
-    "--templates",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Prompt templates, one a line with '{}' [default: the package's 85-template pool].",
-)
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Labels listed per image.")
+@click.option("--templates", type=EXISTING_FILE, help="Templates, one a line with '{}' [default: the package's 85].")
+@click.option("--top-k", default=5, show_default=True, type=POSITIVE, help="Labels listed per image.")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Score to list above.")
 @click.option("--out", default="-", show_default=True, type=NEW_FILE, help="JSONL predictions ('-': stdout).")
 @click.option("--csv", "csv_path", type=NEW_FILE, help="Also write CSV (one row per listed label).")
 @click.option("--html", type=NEW_FILE, help="Also write a self-contained HTML page with thumbnails.")
 @click.option("--all-scores", is_flag=True, help="Add every label's score to each JSONL record.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1), help="Images per batch.")
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE, help="Images per batch.")
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Decoding processes.")
 @DEVICE
 @click.option("--amp/--no-amp", default=False, show_default=True, help="float16 autocast of the backbone (CUDA).")
 @click.option("--model", help="open_clip model name or config .json [default: the checkpoint's].")
 @click.option("--pretrained", help="CLIP weights file or open_clip tag [default: the checkpoint's].")
-@click.option(
-    "--max-pixels",
-    default=ExtractConfig.max_pixels,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Larger images are skipped as decompression bombs (extract.max_pixels in stage one).",
-)
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), help="Label-embedding cache directory.")
+@click.option("--max-pixels", default=ExtractConfig.max_pixels, show_default=True, type=POSITIVE, help=MAX_PIXELS)
+@click.option("--cache-dir", type=NEW_DIR, help="Label-embedding cache directory.")
 @click.option("--no-label-cache", is_flag=True, help="Do not read or write cached label embeddings.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
 def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, **o: Any) -> None:
