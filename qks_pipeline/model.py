@@ -25,13 +25,13 @@ LN_EPS = 1e-12  # BERT's LayerNorm epsilon, used everywhere in the Q-Former
 class AttentionBlock(nn.Module):
     """Multi-head attention -> dense -> dropout -> add & LayerNorm (BERT's attention + self-output)."""
 
-    def __init__(self, dim: int, kv_dim: int, num_heads: int, dropout: float):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
         self.num_heads = num_heads
         self.dropout = dropout
         self.query = nn.Linear(dim, dim)
-        self.key = nn.Linear(kv_dim, dim)
-        self.value = nn.Linear(kv_dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
         self.dense = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
@@ -40,7 +40,7 @@ class AttentionBlock(nn.Module):
         return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, D/H)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        """Attend from `x` (B, N, D) to `context` (B, T, kv_dim); returns (B, N, D)."""
+        """Attend from `x` (B, N, D) to `context` (B, T, D); returns (B, N, D)."""
         B, N, D = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         p = self.dropout if self.training else 0.0  # dropout on the attention probabilities
@@ -67,14 +67,14 @@ class FeedForward(nn.Module):
 class QFormerLayer(nn.Module):
     """One post-LayerNorm layer: self-attention over the queries, cross-attention to the visual tokens, feed-forward."""
 
-    def __init__(self, dim: int, kv_dim: int, cfg: ModelConfig):
+    def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = AttentionBlock(dim, dim, cfg.num_heads, cfg.dropout)
-        self.cross_attn = AttentionBlock(dim, kv_dim, cfg.num_heads, cfg.dropout)
+        self.self_attn = AttentionBlock(dim, cfg.num_heads, cfg.dropout)
+        self.cross_attn = AttentionBlock(dim, cfg.num_heads, cfg.dropout)
         self.ffn = FeedForward(dim, cfg.ff_dim, cfg.dropout)
 
     def forward(self, queries: Tensor, tokens: Tensor) -> Tensor:
-        """queries (B, N, D), tokens (B, T, kv_dim) -> (B, N, D)."""
+        """queries (B, N, D), tokens (B, T, D) -> (B, N, D)."""
         queries = self.self_attn(queries, queries)
         queries = self.cross_attn(queries, tokens)
         return self.ffn(queries)
@@ -94,7 +94,7 @@ class QKS(nn.Module):
         self.cfg = cfg = dataclasses.replace(cfg, num_heads=cfg.heads(token_dim))  # auto resolved
         self.query_tokens = nn.Parameter(torch.empty(1, cfg.num_queries, token_dim))
         self.embed_norm = nn.LayerNorm(token_dim, eps=LN_EPS)
-        self.layers = nn.ModuleList(QFormerLayer(token_dim, token_dim, cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(QFormerLayer(token_dim, cfg) for _ in range(cfg.num_layers))
         self.proj = nn.Parameter(torch.empty(token_dim, embed_dim))  # applied as x @ proj, like CLIP's visual.proj
         self.init_weights()
 
