@@ -21,8 +21,6 @@ def resolve_device(device: str) -> torch.device:
         raise QKSError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
 
 
-def autocast(
-    device: torch.device, enabled: bool, dtype: torch.dtype = torch.float16
-) -> contextlib.AbstractContextManager:
-    """`dtype` autocast on CUDA when `enabled`; a no-op on the CPU."""
-    return torch.autocast("cuda", dtype=dtype, enabled=enabled and device.type == "cuda")
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """float16 autocast on CUDA when `enabled`; a no-op on the CPU."""
+    return torch.autocast("cuda", dtype=torch.float16, enabled=enabled and device.type == "cuda")

@@ -24,40 +24,29 @@ def _wide(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def asymmetric_loss(
-    logits: Tensor,
-    targets: Tensor,
-    gamma_neg: float = 4.0,
-    gamma_pos: float = 0.0,
-    clip: float = 0.0,
-    eps: float = 1e-5,
-    masked: bool = False,
-    focus_grad: bool = False,
-) -> Tensor:
-    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it (ASL's `AsymmetricLossOptimized`).
+def asymmetric_loss(logits: Tensor, targets: Tensor, masked: bool = False, focus_grad: bool = False) -> Tensor:
+    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it: ASL's `AsymmetricLossOptimized(gamma_neg=4,
+    gamma_pos=0, clip=0, eps=1e-5, disable_torch_grad_focal_loss=True)`.
 
-    Per entry: `y log(max(p, eps)) w + (1 - y) log(max(p_neg, eps)) w` with `p = sigmoid(logit)`, `y` 1 for entries
-    labelled +1 and 0 otherwise, `p_neg = min(1 - p + clip, 1)` (no clipping when `clip` is 0), and the focusing weight
-    `w = (1 - p_t)^(gamma_pos y + gamma_neg (1 - y))`, `p_t = p y + p_neg (1 - y)`. The reference computes `w` without
-    gradient (`disable_torch_grad_focal_loss=True`); `focus_grad` lets gradients flow through it (this project's
-    earlier form, kept as the loss `asl_focus_grad`). The negated sum is scaled by 1000 / (B x C), see
-    docs/design.md section 1.
+    Per entry: `y log(max(p, eps)) w + (1 - y) log(max(1 - p, eps)) w` with `p = sigmoid(logit)`, `y` 1 for entries
+    labelled +1 and 0 otherwise, and the focusing weight `w = (1 - p_t)^(gamma_pos y + gamma_neg (1 - y))`,
+    `p_t = p y + (1 - p) (1 - y)`. The reference computes `w` without gradient; `focus_grad` lets gradients flow
+    through it (this project's earlier form, kept as the loss `asl_focus_grad`). The negated sum is scaled by
+    1000 / (B x C), see docs/design.md section 1.
 
     Args:
         masked: leave unknown (0) entries out of the sum (`masl`); otherwise they count as negatives (`asl`).
     """
+    gamma_neg, gamma_pos, eps = 4.0, 0.0, 1e-5
     logits = _wide(logits)
     y = (targets == 1).to(logits.dtype)
     p_pos = torch.sigmoid(logits)
     p_neg = 1.0 - p_pos
-    if clip > 0:
-        p_neg = (p_neg + clip).clamp(max=1.0)
     loss = y * torch.log(p_pos.clamp(min=eps)) + (1.0 - y) * torch.log(p_neg.clamp(min=eps))
-    if gamma_neg > 0 or gamma_pos > 0:
-        with torch.set_grad_enabled(focus_grad and torch.is_grad_enabled()):
-            pt = p_pos * y + p_neg * (1.0 - y)  # probability of the correct side
-            focus = torch.pow(1.0 - pt, gamma_pos * y + gamma_neg * (1.0 - y))
-        loss = loss * focus
+    with torch.set_grad_enabled(focus_grad and torch.is_grad_enabled()):
+        pt = p_pos * y + p_neg * (1.0 - y)  # probability of the correct side
+        focus = torch.pow(1.0 - pt, gamma_pos * y + gamma_neg * (1.0 - y))
+    loss = loss * focus
     if masked:
         loss = loss * (targets != 0)
     return -loss.sum() * 1000.0 / logits.numel()
@@ -112,7 +101,7 @@ LOSSES: dict[str, LossFn] = {
 
 
 def make_loss(name: str) -> LossFn:
-    """The loss called `name` (see LOSSES), as a function of (logits, targets) -> scalar."""
+    """The loss called `name` (see LOSSES): (logits, targets) -> scalar."""
     if name not in LOSSES:
         raise QKSError(f"unknown loss '{name}' (choices: {', '.join(LOSSES)})")
     return LOSSES[name]

@@ -5,15 +5,9 @@ out; the checkpoint is selected on its seen-label mAP. `selection: test` instead
 F1@3 + F1@5, as the reference code does, and every output says so. The plateau scheduler steps on the same score.
 The recipe's defaults are the reference's: fp32 (`precision`), no early stopping, ASL with a detached focusing weight.
 
-Output directory:
-    config.json         model config, token/embed dims, backbone fingerprint, labels and how they were embedded,
-                        training params, best epoch
-    best.safetensors    weights of the selected epoch
-    last.safetensors    weights after the last completed epoch
-    last_state.pt       everything needed to resume (weights, optimizer, scheduler, scaler, progress); written
-                        last each epoch, so a kill before it replays that epoch. Every file is written atomically.
-    train_log.csv       one row per epoch (epoch, loss, lr, val_mAP[, test_zsl_mAP], score, time_s, samples_per_s)
-
+Each epoch writes into the output directory (`qks_pipeline.checkpoint`) best.safetensors when the score improved,
+last.safetensors, train_log.csv (epoch, loss, lr, val_mAP[, test_zsl_mAP ...], score, time_s, samples_per_s) and,
+last, the resume point last_state.pt, so that a kill before it replays that epoch.
 Rerunning the same command after an interruption resumes from the last completed epoch; on the CPU, with the same
 seed, the final weights equal those of an uninterrupted run. With `nproc` N > 1 (qks_pipeline/ddp.py), N ranks each
 train on their share of every global batch; rank 0 alone scores and writes, and any number of ranks resumes its files.
@@ -39,7 +33,7 @@ from qks_pipeline.atomic import atomic_write, write_csv
 from qks_pipeline.cache import Cache, Inputs, open_inputs
 from qks_pipeline.checkpoint import BEST, CONFIG, LAST, LOG, STATE, make_config, read_config, save_weights, write_config
 from qks_pipeline.config import Params, TrainConfig
-from qks_pipeline.devices import autocast, resolve_device
+from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.loader import CacheLoader, open_loader, split_rows
 from qks_pipeline.losses import make_loss
@@ -47,9 +41,9 @@ from qks_pipeline.metrics import SELECTED_ON_TEST, SELECTION_SCORES, label_count
 from qks_pipeline.model import QKS
 from qks_pipeline.scoring import model_scorer, score_rows
 
-SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 RESUMABLE_CHANGES = {"epochs", "early_stop", "nproc"}  # train params that may change between a run and its resumption
 LOG_FIELDS = "epoch loss lr val_mAP test_zsl_mAP test_zsl_f1@3 test_zsl_f1@5 score time_s samples_per_s".split()
+SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}  # what score_epoch's "score" is, per train.selection
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
@@ -66,21 +60,19 @@ def check_validation_labels(cache: Cache, rows: tuple[int, int], num_seen: int) 
 
 
 def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
-    if cfg.scheduler not in SCHEDULERS:
-        raise QKSError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {cfg.scheduler!r}")
-    if cfg.selection not in ("val", "test"):
-        raise QKSError(f"train.selection must be val or test, got {cfg.selection!r}")
-    if cfg.selection == "test" and inputs.test is None:
-        raise QKSError("train.selection is 'test' (the reference protocol): give --test-cache")
+    """What the config loader cannot check alone (it checks the choices): ranges, and what the caches allow."""
     if not 0.0 <= cfg.val_fraction < 1.0 or cfg.epochs < 1 or cfg.batch_size < 1:
         raise QKSError("train.val_fraction must be in [0, 1), train.epochs and train.batch_size at least 1")
+    if cfg.selection == "test":
+        if inputs.test is None:
+            raise QKSError("train.selection is 'test' (the reference protocol): give --test-cache")
+        if inputs.num_seen == len(inputs.label_names):
+            raise QKSError("selection 'test' scores unseen labels, and the caches have none")
+        return
     val_rows = split_rows(inputs.cache.num_images, cfg.val_fraction)[1]
-    if cfg.selection == "val" and val_rows[0] == val_rows[1]:
+    if val_rows[0] == val_rows[1]:
         raise QKSError(f"train.val_fraction {cfg.val_fraction} leaves no validation rows; selection 'val' needs some")
-    if cfg.selection == "val":
-        check_validation_labels(inputs.cache, val_rows, inputs.num_seen)
-    if inputs.num_seen == len(inputs.label_names) and cfg.selection == "test":
-        raise QKSError("selection 'test' scores unseen labels, and the caches have none")
+    check_validation_labels(inputs.cache, val_rows, inputs.num_seen)
 
 
 # --------------------------------------------------------------------------------------------------------- session
@@ -99,22 +91,9 @@ class Session:
     test_loader: CacheLoader | None  # only with selection 'test'
     emb: torch.Tensor  # (C, E) on the device
     num_seen: int
-    label_names: list[str]
     device: torch.device
-    amp: bool  # autocast (train.precision bf16 or fp16, on CUDA)
-    dtype: torch.dtype  # its dtype
+    amp_dtype: torch.dtype | None  # autocast's dtype (train.precision bf16 or fp16, on CUDA); None: float32
     net: torch.nn.Module  # what training calls: `model`, wrapped in DistributedDataParallel under several ranks
-
-
-def _make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps: int) -> tuple[Any, bool]:
-    sched = torch.optim.lr_scheduler
-    if cfg.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience), False
-    if cfg.scheduler == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps), True
-    if cfg.scheduler == "onecycle":
-        return sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps), True
-    return None, False
 
 
 def make_session(params: Params, inputs: Inputs, device: torch.device) -> Session:
@@ -137,13 +116,30 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     model.init_projection(torch.from_numpy(inputs.cache.visual_proj[:]))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler, per_step = _make_scheduler(cfg, optimizer, len(loader))
+    sched, steps = torch.optim.lr_scheduler, cfg.epochs * len(loader)
+    scheduler = {
+        "plateau": lambda: sched.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience),
+        "cosine": lambda: sched.CosineAnnealingLR(optimizer, T_max=steps),
+        "onecycle": lambda: sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps),
+        "none": lambda: None,
+    }[cfg.scheduler]()
     amp = cfg.precision != "fp32" and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16")
-    emb = torch.from_numpy(inputs.embeddings).to(device)
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    data = (make_loss(cfg.loss), loader, val, test, emb, inputs.num_seen, inputs.label_names, device, amp, dtype)
-    return Session(model, optimizer, scheduler, per_step, scaler, *data, model)
+    return Session(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_step=cfg.scheduler in ("cosine", "onecycle"),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16"),
+        loss_fn=make_loss(cfg.loss),
+        train_loader=loader,
+        val_loader=val,
+        test_loader=test,
+        emb=torch.from_numpy(inputs.embeddings).to(device),
+        num_seen=inputs.num_seen,
+        device=device,
+        amp_dtype=(torch.bfloat16 if cfg.precision == "bf16" else torch.float16) if amp else None,
+        net=model,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- epoch and score
@@ -154,7 +150,7 @@ def train_step(
     `of` samples (default: b, one process); returns the share's loss times b (detached)."""
     tokens = tokens.to(s.device, non_blocking=True)
     targets = labels.to(s.device, non_blocking=True)
-    with autocast(s.device, s.amp, s.dtype):
+    with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
         logits = s.net(tokens, emb_seen)  # (b, C_seen)
     loss = s.loss_fn(logits, targets) if len(targets) else logits.sum()  # an empty share: 0, with the graph for DDP
     s.optimizer.zero_grad(set_to_none=True)
@@ -201,8 +197,6 @@ def score_epoch(s: Session) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-
-
 @dataclass
 class Progress:
     epoch: int = 0  # completed epochs
@@ -250,12 +244,9 @@ def run_config(params: Params, inputs: Inputs, model: QKS) -> dict[str, Any]:
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
-    diffs = [
-        k for k in ("model", "token_dim", "embed_dim", "fingerprint", "label_names", "num_seen") if old[k] != new[k]
-    ]
-    diffs += [
-        f"train.{k}" for k in new["train"] if k not in RESUMABLE_CHANGES and old["train"].get(k) != new["train"][k]
-    ]
+    same = ("model", "token_dim", "embed_dim", "fingerprint", "label_names", "num_seen")
+    diffs = [k for k in same if old[k] != new[k]]
+    diffs += [f"train.{k}" for k, v in new["train"].items() if k not in RESUMABLE_CHANGES and old["train"].get(k) != v]
     if old["train"]["epochs"] != new["train"]["epochs"] and new["train"]["scheduler"] in ("cosine", "onecycle"):
         diffs.append("train.epochs (the cosine/onecycle schedule depends on it)")
     if diffs:
@@ -287,11 +278,8 @@ def _start(s: Session, out: Path, config: dict[str, Any], cfg: TrainConfig, resu
 def _save_epoch(s: Session, progress: Progress, out: Path, config: dict[str, Any], improved: bool) -> None:
     if improved:
         save_weights(s.model, out / BEST)
-        config["best"] = {
-            "epoch": progress.best_epoch,
-            "score": progress.best_score,
-            "metric": progress.log[-1]["metric"],
-        }
+        metric = progress.log[-1]["metric"]
+        config["best"] = {"epoch": progress.best_epoch, "score": progress.best_score, "metric": metric}
         write_config(out, config)
     save_weights(s.model, out / LAST)
     write_csv(out / LOG, [{k: row.get(k, "") for k in LOG_FIELDS} for row in progress.log], LOG_FIELDS)
@@ -299,31 +287,6 @@ def _save_epoch(s: Session, progress: Progress, out: Path, config: dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------------------- the loop
-SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}  # what score_epoch's "score" is, per train.selection
-
-
-def next_epoch(s: Session, cfg: TrainConfig, progress: Progress, progress_bar: bool) -> tuple[bool, dict[str, float]]:
-    """Train an epoch, score it (rank 0), step the plateau scheduler on the score, update `progress`; returns whether
-    it is the best so far, and the validation figures."""
-    lr = s.optimizer.param_groups[0]["lr"]
-    stats = train_epoch(s, progress.epoch, progress_bar)
-    scores = ddp.from_rank0(score_epoch(s) if ddp.rank_and_world()[0] == 0 else None)
-    score = scores.pop("score")
-    score = -math.inf if math.isnan(score) else score
-    if s.scheduler is not None and not s.per_step:
-        s.scheduler.step(score)
-    progress.epoch += 1
-    improved = score > progress.best_score
-    if improved:
-        progress.best_score, progress.best_epoch, progress.since_best = score, progress.epoch, 0
-    else:
-        progress.since_best += 1
-    progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
-    metric = SELECTION[cfg.selection]
-    progress.log.append({"epoch": progress.epoch, "lr": lr, **stats, **scores, "score": score, "metric": metric})
-    return improved, scores
-
-
 def run_epochs(
     s: Session,
     cfg: TrainConfig,
@@ -332,17 +295,32 @@ def run_epochs(
     config: dict[str, Any],
     echo: Callable[[str], None],
     progress_bar: bool,
-    on_epoch_end: Callable | None,
+    on_epoch_end: Callable[[int], None] | None,
 ) -> Progress:
-    """Epochs until `train.epochs` or early stopping; rank 0 checkpoints and logs each."""
+    """Epochs until `train.epochs` or early stopping. Each: train, score (rank 0), step the plateau scheduler on the
+    score, on rank 0 checkpoint and log, then `on_epoch_end(epoch)`."""
     while progress.epoch < cfg.epochs and not progress.stopped_early:
-        improved, scores = next_epoch(s, cfg, progress, progress_bar)
+        lr = s.optimizer.param_groups[0]["lr"]
+        stats = train_epoch(s, progress.epoch, progress_bar)
+        scores = ddp.from_rank0(score_epoch(s) if ddp.rank_and_world()[0] == 0 else None)
+        score = scores.pop("score")
+        score = -math.inf if math.isnan(score) else score
+        if s.scheduler is not None and not s.per_step:
+            s.scheduler.step(score)
+        progress.epoch += 1
+        improved = score > progress.best_score
+        if improved:
+            progress.best_score, progress.best_epoch, progress.since_best = score, progress.epoch, 0
+        else:
+            progress.since_best += 1
+        progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
+        row = {"epoch": progress.epoch, "lr": lr, **stats, **scores, "score": score, "metric": SELECTION[cfg.selection]}
+        progress.log.append(row)
         if ddp.rank_and_world()[0] == 0:
             _save_epoch(s, progress, out, config, improved)
-        row = progress.log[-1]
         shown = " ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items())
         speed = f"{row['samples_per_s']:.0f} img/s{' *best*' if improved else ''}"
-        echo(f"epoch {progress.epoch}/{cfg.epochs}: loss {row['loss']:.4f} lr {row['lr']:.2e} {shown} {speed}")
+        echo(f"epoch {progress.epoch}/{cfg.epochs}: loss {row['loss']:.4f} lr {lr:.2e} {shown} {speed}")
         if on_epoch_end is not None:
             on_epoch_end(progress.epoch)
     if progress.stopped_early:
@@ -413,7 +391,7 @@ def _announce(s: Session, params: Params, echo: Callable[[str], None]) -> None:
     val = s.val_loader.num_samples if s.val_loader is not None else 0
     world = ddp.rank_and_world()[1]
     ranks = f"{world} ranks x {params.train.batch_size // world}" if world > 1 else f"batch {params.train.batch_size}"
-    precision = params.train.precision if s.amp else "fp32"
+    precision = params.train.precision if s.amp_dtype else "fp32"
     echo(
         f"training on {s.train_loader.num_samples} images ({val} held out for validation), {len(s.train_loader)} "
         f"batches/epoch ({ranks}), device {s.device}, {precision}; "
