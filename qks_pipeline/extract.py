@@ -57,11 +57,9 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 class ExtractResult:
     """What one `extract` call did."""
 
-    store: Path | str
     images: int  # rows in the store
     computed: int  # images computed by this call (0 when the store was already complete)
     shards_written: int
-    seconds: float  # the whole call, model loading included
     loop_seconds: float  # decoding, forward passes and shard writes only
     forward_seconds: float  # inside the forward pass (incl. copies to and from the device); the rest is input wait
     skipped: list[dict[str, str]]  # every unreadable image of the store
@@ -129,13 +127,12 @@ def _worker_init(_: int) -> None:
 def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list[int]]:
     """Row batches in store order that never cross a shard boundary (a shard completes before the next starts);
     `batch_size` counts views, so a batch holds batch_size // views images."""
-    images_per_batch = max(1, batch_size // cache.num_views)
-    batches = []
-    for shard in shards:
-        rows = cache.shard_rows(shard)
-        for begin in range(rows.start, rows.stop, images_per_batch):
-            batches.append(list(range(begin, min(begin + images_per_batch, rows.stop))))
-    return batches
+    images = max(1, batch_size // cache.num_views)  # per batch
+    return [
+        list(range(begin, min(begin + images, rows.stop)))
+        for rows in map(cache.shard_rows, shards)
+        for begin in range(rows.start, rows.stop, images)
+    ]
 
 
 CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (the reference's clip_eval.py)
@@ -334,7 +331,6 @@ def extract(
         device: where the forward passes run in this process (a runner resolves its own).
         runner: `InProcess(device)` (the default), or `qks_pipeline.distributed.OnCluster` (a dask cluster).
     """
-    start = time.perf_counter()
     dataset_dir, images_root = Path(dataset_dir), Path(images_root)
     if split not in SPLITS:
         raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -350,11 +346,10 @@ def extract(
         how = {"overwrite": overwrite, "replace_stale": replace_stale}
         cache = _open_store(out, dataset_dir, split, bb, cfg, precision, **how)
         todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
-        loop_start = time.perf_counter()
+        start = time.perf_counter()
         computed, forward_seconds = runner.run(cache, todo, bb, images_root, cfg, strict)
-    end = time.perf_counter()
-    times = (end - start, end - loop_start, forward_seconds)
-    return ExtractResult(cache.path, cache.num_images, computed, len(todo), *times, cache.skipped())
+    seconds = time.perf_counter() - start
+    return ExtractResult(cache.num_images, computed, len(todo), seconds, forward_seconds, cache.skipped())
 
 
 def embed_labels(

@@ -142,12 +142,6 @@ class _Images(Dataset):
             return i, torch.zeros(self.shape), e.reason
 
 
-def _name(item: ImageInput, i: int) -> str:
-    if isinstance(item, Image.Image):
-        return getattr(item, "filename", "") or f"<image {i}>"
-    return str(item)
-
-
 @dataclass
 class Tagger:
     """CLIP + a trained QKS head, ready to tag images with any label list. Build it with `Tagger.load`."""
@@ -262,7 +256,9 @@ class Tagger:
                 logits = self.logits(pixels[ok], label_emb).numpy() if ok else np.zeros((0, len(names)))
                 row = dict(zip(ok, logits, strict=True))
                 for j, i in enumerate(index.tolist()):
-                    name = _name(images[i], i)
+                    item = images[i]
+                    in_memory = isinstance(item, Image.Image)
+                    name = (getattr(item, "filename", "") or f"<image {i}>") if in_memory else str(item)
                     if reasons[j]:
                         if on_skip is not None:
                             on_skip(name, reasons[j])
