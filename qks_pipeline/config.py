@@ -188,15 +188,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def load_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
     """The defaults, updated by `params.yaml` (when given), then by `--set SECTION.KEY=VALUE` overrides."""
     raw = _read_yaml(Path(path)) if path is not None else {}
-    try:
-        _build(Params, raw, "params")
-    except QKSError as e:
-        raise QKSError(e.message, path) from None
     sets = _parse_overrides(overrides)
-    try:
-        _build(Params, sets, "params")
-    except QKSError as e:
-        raise QKSError(e.message, "--set") from None
+    for values, source in ((raw, path), (sets, "--set")):  # each checked alone, so that an error names its source
+        try:
+            _build(Params, values, "params")
+        except QKSError as e:
+            raise QKSError(e.message, source) from None
     for section, values in sets.items():
         raw[section] = {**raw.get(section, {}), **values}
     return _build(Params, raw, "params")

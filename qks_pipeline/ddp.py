@@ -103,9 +103,8 @@ def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         return elastic_launch(config, _call)(fn, kwargs)[0]
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        message = failure.message
-        if isinstance(message, dict):
-            message = message.get("message", "")
-        cause = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
-        cause = cause.removeprefix(f"{QKSError.__name__}: ")  # a user error reads as it would in one process
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+        lines = str(message).strip().splitlines()
+        # a user error reads as it would in one process
+        cause = lines[-1].removeprefix(f"{QKSError.__name__}: ") if lines else f"exit code {failure.exitcode}"
         raise QKSError(f"training rank {rank} of {nproc} failed: {cause}") from None

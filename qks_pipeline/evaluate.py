@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ from qks_pipeline.metrics import SELECTED_ON_TEST, SETTINGS, evaluate_scores, re
 from qks_pipeline.model import QKS
 from qks_pipeline.scoring import Predictions, clip_scorer, model_scorer, score_rows
 
-UNITS = "fraction"  # every metric written here is a fraction in [0, 1]
 CLIP_BASELINE = "clip_zero_shot"
 
 
@@ -94,7 +93,7 @@ def label_warning(results: dict[str, dict[str, Any]], protocol: str, per_label: 
     how = "counted as the reference does (AP 0 / AP 1)" if protocol == "reference" else "left out of every mAP"
     where = f"named in {per_label}" if per_label else "named in the --per-label CSV"
     shown = ", ".join(f"{s.upper()} {p}/{n}" for s, (p, n) in counts.items())
-    return f"WARNING: labels without a positive / without a negative: {shown}; {how}; {where}"
+    return f"labels without a positive / without a negative: {shown}; {how}; {where}"
 
 
 def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -> str:
@@ -123,38 +122,27 @@ def format_query_preference(table: list[dict[str, Any]], num_queries: int) -> st
     return "\n".join(lines)
 
 
-@dataclass
-class _Run:
-    inputs: Inputs
-    labels_path: str | Path
-    loader: CacheLoader  # the test store's valid rows, in order
-    device: torch.device
-    params: EvaluateConfig
-
-
-def _head(run: _Run, model: QKS) -> tuple[Predictions, list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The head's predictions, the query-preference table and the metrics."""
-    inputs, params = run.inputs, run.params
-    scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(run.device), query_index=True)
-    pred = score_rows(scorer, run.loader, run.device, model.cfg.num_queries)
+def _head(
+    model: QKS, inputs: Inputs, loader: CacheLoader, device: torch.device, protocol: str
+) -> tuple[Predictions, list[dict[str, Any]]]:
+    """The head's predictions (sigmoids under the reference protocol, which ranks them) and query-preference table."""
+    scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(device), query_index=True)
+    pred = score_rows(scorer, loader, device, model.cfg.num_queries)
     table = query_preference(pred.query_counts, inputs.label_names, inputs.num_seen)
-    if params.protocol == "reference":
-        reference_scores(pred.scores)  # the reference ranks fp32 sigmoids
-    return pred, table, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
+    if protocol == "reference":
+        reference_scores(pred.scores)  # in place: fp32 sigmoids
+    return pred, table
 
 
-def _clip(run: _Run, reuse: Predictions | None) -> tuple[str, dict[str, dict[str, Any]]]:
-    """The CLIP baseline's label embeddings in words, and its metrics (its scores written over `reuse`'s arrays)."""
-    inputs, params = run.inputs, run.params
-    if params.clip_labels == "template":
-        _, emb, attrs = read_label_embeddings(run.labels_path, CLIP_EMBEDDINGS)
+def _clip(inputs: Inputs, labels_path: str | Path, clip_labels: str, device: torch.device) -> tuple[str, Callable]:
+    """The CLIP baseline's label embeddings in words, and its scorer."""
+    if clip_labels == "template":
+        _, emb, attrs = read_label_embeddings(labels_path, CLIP_EMBEDDINGS)
         how = f"one template, {attrs['clip_template']!r}, L2-normalised (the reference's clip_eval.py)"
     else:
         emb, how = inputs.embeddings, f"the {inputs.label_embedding['num_templates']}-template pool's mean"
-    proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(run.device)  # (D, E)
-    scorer = clip_scorer(proj, torch.from_numpy(emb).to(run.device))
-    pred = score_rows(scorer, run.loader, run.device, into=reuse)
-    return how, evaluate_scores(pred.scores, pred.labels, inputs.num_seen, params.top_k, params.protocol)
+    proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(device)  # (D, E)
+    return how, clip_scorer(proj, torch.from_numpy(emb).to(device))
 
 
 def evaluate(
@@ -189,18 +177,21 @@ def evaluate(
     if config is not None:
         check_checkpoint(inputs, config, test_path, labels_path)
     loader = open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False, pin_memory=dev.type == "cuda")
-    run = _Run(inputs, labels_path, loader, dev, params)
-    report: dict[str, Any] = {"units": UNITS, "protocol": params.protocol}
+    metrics = partial(evaluate_scores, num_seen=inputs.num_seen, top_k=params.top_k, protocol=params.protocol)
+    report: dict[str, Any] = {"units": "fraction", "protocol": params.protocol}  # every metric is in [0, 1]
     shown, pred = {}, None
     if model is not None:
-        pred, table, shown["qks"] = _head(run, model)
+        pred, table = _head(model, inputs, loader, dev, params.protocol)
         write_csv(query_table or Path(out).with_name(Path(out).stem + ".query_preference.csv"), table)
+        shown["qks"] = metrics(pred.scores, pred.labels)
         selection = {k: config.get(k) for k in ("selection", "selection_note")}  # what chose the checkpoint
         report |= {"model": "qks", **selection, **summary(shown["qks"])}
         if report["selection"] == "test":
             report["warning"] = SELECTED_ON_TEST
     if baseline is not None:
-        how, shown["clip zero-shot"] = _clip(run, pred)
+        how, scorer = _clip(inputs, labels_path, params.clip_labels, dev)
+        clip_pred = score_rows(scorer, loader, dev, into=pred)  # the head's arrays, overwritten
+        shown["clip zero-shot"] = metrics(clip_pred.scores, clip_pred.labels)
         clip = {"clip_labels": how, **summary(shown["clip zero-shot"])}
         report |= {"model": CLIP_BASELINE, "selection": "none", **clip} if model is None else {CLIP_BASELINE: clip}
     primary = next(iter(shown.values()))
@@ -210,8 +201,7 @@ def evaluate(
     echo(format_table(shown, params.top_k))
     if model is not None:
         echo(format_query_preference(table, model.cfg.num_queries))
-    warnings = [label_warning(primary, params.protocol, per_label), report.get("warning")]
-    for line in filter(None, warnings):
-        echo(line if line.startswith("WARNING") else f"WARNING: {line}")
+    for line in filter(None, [label_warning(primary, params.protocol, per_label), report.get("warning")]):
+        echo(f"WARNING: {line}")
     echo(f"metrics written to {out}")
     return report

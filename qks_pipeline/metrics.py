@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 SETTINGS = ("zsl", "gzsl", "seen")  # unseen labels only; seen + unseen; seen only
-PROTOCOLS = ("standard", "reference")
 BLOCK = 1 << 21  # entries per block
 SELECTED_ON_TEST = "checkpoint selected on the TEST set (reference protocol): test metrics are optimistic"
 SELECTION_SCORES = {  # what each `train.selection` maximises (and steps the plateau scheduler on)
@@ -63,18 +62,11 @@ def average_precision(
     rows: np.ndarray | None = None,
     columns: np.ndarray | None = None,
 ) -> np.ndarray:
-    """AP per label over the entries labelled +1/-1 (0 ignored), computed in blocks of labels.
+    """AP (float64) of each label of `columns` (default: all) over the images `rows` (default: all), from scores
+    (N, C), higher = more likely, and labels (N, C) +1/-1/0 (0 ignored); computed in blocks of labels.
 
-    Args:
-        scores: (N, C) scores, higher = more likely.
-        labels: (N, C) int8 with +1/-1/0.
-        protocol: `standard` (AP = sum over thresholds of (R_n - R_{n-1}) P_n, scikit-learn's definition; NaN without
-            a positive) or `reference` (no tie grouping; 0 without a positive).
-        rows: the images to use, in order (default: all).
-        columns: the labels to score (default: all).
-
-    Returns:
-        (len(columns),) float64.
+    `standard`: AP = sum over thresholds of (R_n - R_{n-1}) P_n, scikit-learn's definition, NaN without a positive;
+    `reference`: no tie grouping, 0 without a positive.
     """
     assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
     rows = np.arange(scores.shape[0]) if rows is None else rows
@@ -100,13 +92,6 @@ def _topk_hits(s: np.ndarray, y: np.ndarray, ks: list[int]) -> np.ndarray:
         tied[cut] &= np.cumsum(tied[cut], axis=1) <= room[cut, None]
         hits.append(int(((above | tied) & pos).sum()))
     return np.array(hits)
-
-
-def _row_blocks(scores: np.ndarray, labels: np.ndarray, rows: np.ndarray, cols: slice):
-    step = max(1, BLOCK // max(labels[:0, cols].shape[1], 1))
-    for r0 in range(0, len(rows), step):
-        r = rows[r0 : r0 + step]
-        yield scores[r, cols], labels[r, cols]  # (R, C_cols)
 
 
 def label_counts(labels: np.ndarray, cols: slice = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,7 +127,7 @@ def evaluate_setting(
         `cols`: `ap` (NaN where not in the mean), `lacks` ('', 'positive', 'negative' or 'annotation'), `positives` and
         `negatives` (among the kept images).
     """
-    assert scores.shape == labels.shape and protocol in PROTOCOLS, (scores.shape, labels.shape, protocol)
+    assert scores.shape == labels.shape and protocol in ("standard", "reference"), (scores.shape, protocol)
     rows, pos, neg = label_counts(labels, cols)
     annotated = pos + neg > 0
     scored = annotated & (pos > 0) & (neg > 0) if protocol == "standard" else annotated
@@ -158,10 +143,10 @@ def evaluate_setting(
         "labels_without_negative": int((annotated & (neg == 0)).sum()),
     }
     ks = [min(k, int(annotated.sum())) for k in top_k]  # K capped at the number of labels
-    hits = np.zeros(len(ks), np.int64)
-    if ks and all(ks):
-        for s, y in _row_blocks(scores, labels, rows, cols):
-            hits += _topk_hits(s[:, annotated], y[:, annotated], ks)
+    hits, step = np.zeros(len(ks), np.int64), max(1, BLOCK // max(len(pos), 1))
+    for r0 in range(0, len(rows) if ks and all(ks) else 0, step):  # blocks of images
+        r = rows[r0 : r0 + step]
+        hits += _topk_hits(scores[r, cols][:, annotated], labels[r, cols][:, annotated], ks)  # (R, C_cols) each
     for k, kk, h in zip(top_k, ks, hits, strict=True):
         out[f"p@{k}"], out[f"r@{k}"], out[f"f1@{k}"] = _prf(int(h), len(rows), kk, int(pos.sum()), protocol)
     return out | {"ap": ap, "lacks": lacks, "positives": pos, "negatives": neg}
@@ -170,15 +155,8 @@ def evaluate_setting(
 def evaluate_scores(
     scores: np.ndarray, labels: np.ndarray, num_seen: int, top_k: list[int], protocol: str = "standard"
 ) -> dict[str, dict[str, Any]]:
-    """The protocol in each setting: {`zsl` (unseen labels), `gzsl` (seen + unseen), `seen`: `evaluate_setting`'s}.
-
-    Args:
-        scores: (N, C) scores over the seen labels followed by the unseen labels.
-        labels: (N, C) int8 with +1/-1/0, same columns.
-        num_seen: how many of the first columns are seen labels.
-        top_k: the K values for P/R/F1@K.
-        protocol: `standard` or `reference`.
-    """
+    """`evaluate_setting` in each setting: `zsl` (unseen labels), `gzsl` (seen + unseen), `seen`, for scores and
+    labels (N, C) over the seen labels (the first `num_seen` columns) followed by the unseen labels."""
     assert 0 <= num_seen <= scores.shape[1]
     cols = {"zsl": slice(num_seen, None), "gzsl": slice(None), "seen": slice(0, num_seen)}
     return {name: evaluate_setting(scores, labels, cols[name], top_k, protocol) for name in SETTINGS}
@@ -194,15 +172,9 @@ def reference_scores(logits: np.ndarray) -> np.ndarray:
 
 
 def selection_score(scores: np.ndarray, labels: np.ndarray, num_seen: int, selection: str) -> dict[str, float]:
-    """The number that selects the checkpoint (`score`) and its parts, as `SELECTION_SCORES` says.
-
-    Args:
-        scores: (N, C) logits: for `val` the held-out rows over the seen labels (C = num_seen); for `test` the test
-            rows over the seen then unseen labels. Overwritten for `test` (sigmoids, as the reference ranks them).
-        labels: (N, C) int8.
-        num_seen: the number of seen labels.
-        selection: `val` or `test`.
-    """
+    """The number that selects the checkpoint (`score`) and its parts, as `SELECTION_SCORES` says, from logits and
+    labels (N, C): for `val` the held-out rows over the seen labels (C = num_seen), for `test` the test rows over the
+    seen then unseen labels (the logits overwritten by sigmoids, as the reference ranks them)."""
     if selection == "val":
         m = evaluate_setting(scores, labels, slice(0, num_seen), [])["mAP"]
         return {"val_mAP": m, "score": m}

@@ -15,11 +15,10 @@ train on their share of every global batch; rank 0 alone scores and writes, and 
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,17 +327,6 @@ def run_epochs(
     return progress
 
 
-@contextlib.contextmanager
-def deterministic(enabled: bool) -> Iterator[None]:
-    """torch.use_deterministic_algorithms for the run (the CPU, where it costs nothing), restored afterwards."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(enabled or previous)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 def train(
     train_path: str | Path,
     labels_path: str | Path,
@@ -372,13 +360,17 @@ def train(
         return ddp.launch(ranks, train, args | {"params": params})
     echo, out = (echo if rank == 0 else lambda _: None), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with deterministic(dev.type == "cpu"):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic or dev.type == "cpu")  # free on the CPU, restored afterwards
+    try:
         s = make_session(params, inputs, ddp.setup(dev))
         config = run_config(params, inputs, s.model)
         progress = _start(s, out, config, params.train, resume, echo)
         s.net = ddp.wrap(s.model, s.device)
         _announce(s, params, echo)
         progress = run_epochs(s, params.train, progress, out, config, echo, progress_bar and rank == 0, on_epoch_end)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     if progress.best_epoch:
         best = progress.log[progress.best_epoch - 1]["metric"]
         echo(f"best checkpoint: {out / BEST} (epoch {progress.best_epoch}, {best} {100 * progress.best_score:.2f}%)")

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from qks_pipeline.config import Params, load_params
-from qks_pipeline.storage import local_path, is_url
+from qks_pipeline.storage import is_url, local_path
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -44,25 +44,14 @@ DEVICE = click.option("--device", default="auto", show_default=True, help="auto 
 def params_options(sections: str):
     """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`; the command receives them as one `params: Params`."""
 
-    def decorate(f):
-        def to_params(ctx: click.Context, _: click.Parameter, sets: tuple[str, ...]) -> Params:
-            ctx.meta["qks.sets"] = sets  # what the user set by hand, for checks that only apply then
-            return load_params(ctx.params.pop("params_file", None), sets)
+    def to_params(ctx: click.Context, _: click.Parameter, sets: tuple[str, ...]) -> Params:
+        ctx.meta["qks.sets"] = sets  # what the user set by hand, for checks that only apply then
+        return load_params(ctx.params.pop("params_file", None), sets)
 
-        f = click.option(
-            "--set",
-            "params",
-            multiple=True,
-            metavar="SECTION.KEY=VALUE",
-            callback=to_params,
-            help="Override one hyperparameter (repeatable), e.g. --set train.lr=3e-5.",
-        )(f)
-        return click.option(
-            "--params",
-            "params_file",
-            type=EXISTING_FILE,
-            is_eager=True,
-            help=f"params.yaml (sections {sections}) [default: the built-in defaults].",
-        )(f)
-
-    return decorate
+    help_set = "Override one hyperparameter (repeatable), e.g. --set train.lr=3e-5."
+    sets = click.option(
+        "--set", "params", multiple=True, metavar="SECTION.KEY=VALUE", callback=to_params, help=help_set
+    )
+    help_file = f"params.yaml (sections {sections}) [default: the built-in defaults]."
+    file = click.option("--params", "params_file", type=EXISTING_FILE, is_eager=True, help=help_file)
+    return lambda f: file(sets(f))

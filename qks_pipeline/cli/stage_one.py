@@ -44,15 +44,12 @@ def _log_setup() -> None:
 
 
 def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
-    if not skipped:
-        return
-    click.echo(f"{len(skipped)} unreadable image(s) masked out (valid=False):", err=True)
-    for item in skipped[:limit]:
-        click.echo(f"  {item['path']}: {item['reason']}", err=True)
-    if len(skipped) > limit:
-        click.echo(
-            f"  ... and {len(skipped) - limit} more (`qks cache info` / the done markers list them all)", err=True
-        )
+    if skipped:
+        lines = [f"{len(skipped)} unreadable image(s) masked out (valid=False):"]
+        lines += [f"  {item['path']}: {item['reason']}" for item in skipped[:limit]]
+        if len(skipped) > limit:
+            lines.append(f"  ... and {len(skipped) - limit} more (`qks cache info` / the done markers list them all)")
+        click.echo("\n".join(lines), err=True)
 
 
 @click.command("extract")
@@ -93,9 +90,7 @@ def extract_cmd(
         )
         busy = result.forward_seconds / result.loop_seconds if result.loop_seconds else 1.0
         if busy < 0.8 and result.loop_seconds > 30:  # a long run that waited on its input
-            click.echo(
-                f"the forward pass was busy {busy:.0%} of the time: more --workers would decode faster", err=True
-            )
+            click.echo(f"the forward pass was busy {busy:.0%} of the time: more extract.workers would help", err=True)
     else:
         click.echo(f"{out}: already complete ({result.images} images), nothing to do")
     _summarise_skipped(result.skipped)

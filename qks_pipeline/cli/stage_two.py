@@ -71,7 +71,6 @@ def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preferenc
     """Score the test cache on seen + unseen labels; write ZSL / GZSL / seen metrics and the query-preference table."""
     from qks_pipeline.evaluate import evaluate
 
-    query_preference = query_preference or out.with_name(out.stem + ".query_preference.csv")
     tables = dict(per_label=per_label, query_table=query_preference)
     kwargs = dict(checkpoint=checkpoint, baseline=baseline, device=device, any_split=any_split, echo=click.echo)
     evaluate(test_cache, labels, out, params=params.evaluate, **tables, **kwargs)
