@@ -138,11 +138,9 @@ def backbone_args(
                 where,
             )
     if pretrained is None:
-        recorded = source.get("pretrained")
-        if fp.get("pretrained") not in (None, "file"):
-            pretrained = str(fp["pretrained"])  # an open_clip tag: open_clip finds or downloads the file
-        elif fp.get("pretrained") is None:
-            pretrained = "none"  # seeded random weights (tests, benchmarks)
+        recorded, tag = source.get("pretrained"), fp.get("pretrained")
+        if tag != "file":  # an open_clip tag (open_clip finds or downloads the file), or None: seeded random weights
+            pretrained = str(tag or "none")
         elif recorded and Path(recorded).is_file():
             pretrained = recorded
         elif (directory / CLIP_WEIGHTS).is_file():
@@ -158,8 +156,7 @@ def backbone_args(
 
 def check_backbone(directory: Path, expected: dict[str, Any], loaded: dict[str, Any]) -> None:
     """Refuse a backbone other than the one the checkpoint was trained on, naming both and the flags to fix it."""
-    diffs = [key for key, _, _ in differing_keys(expected, loaded)]
-    if diffs:
+    if diffs := [key for key, _, _ in differing_keys(expected, loaded)]:
         raise QKSError(
             f"backbone mismatch: the checkpoint was trained on {describe_backbone(expected)}, but the loaded "
             f"backbone is {describe_backbone(loaded)} (differs in {', '.join(diffs)}); give the "

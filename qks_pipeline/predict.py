@@ -63,9 +63,8 @@ def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def default_cache_dir() -> Path:
     """$QKS_CACHE_DIR/label_embeddings, else $XDG_CACHE_HOME/qks/..., else ~/.cache/qks/label_embeddings."""
-    if os.environ.get("QKS_CACHE_DIR"):
-        return Path(os.environ["QKS_CACHE_DIR"]) / "label_embeddings"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qks" / "label_embeddings"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("QKS_CACHE_DIR") or Path(cache) / "qks") / "label_embeddings"
 
 
 def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str], normalize: bool) -> str:
