@@ -66,22 +66,21 @@ def connect(cluster: str | Any) -> Iterator[Any]:
         raise QKSError("a cluster run needs dask.distributed: pip install distributed")
     if not isinstance(cluster, str):
         yield cluster
-        return
-    if match := re.fullmatch(r"local:(\d+)", cluster):
+    elif match := re.fullmatch(r"local:(\d+)", cluster):
         if int(match[1]) < 1:
             raise QKSError(f"--cluster {cluster}: a local cluster needs at least one worker")
         with local_cluster(int(match[1])) as local, Client(local) as client:
             log.info("local dask cluster of %s worker(s), dashboard %s", match[1], client.dashboard_link)
             yield client
-        return
-    if "://" not in cluster:
+    elif "://" not in cluster:
         raise QKSError(f"--cluster must be local:N or a scheduler address such as tcp://HOST:8786, got {cluster!r}")
-    try:
-        client = Client(cluster, timeout=CONNECT_TIMEOUT_S)
-    except (OSError, TimeoutError) as e:
-        raise QKSError(f"cannot reach the dask scheduler ({e})", cluster) from None
-    with client:
-        yield client
+    else:
+        try:
+            client = Client(cluster, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as e:
+            raise QKSError(f"cannot reach the dask scheduler ({e})", cluster) from None
+        with client:
+            yield client
 
 
 def local_cluster(workers: int) -> Any:

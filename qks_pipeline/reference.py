@@ -46,7 +46,6 @@ _LAYER_NAMES = {
 }
 _UNUSED_LAYER = ("intermediate.dense", "output.dense", "output.LayerNorm")  # the text feed-forward
 _UNUSED_EMBEDDINGS = ("word_embeddings", "position_embeddings", "position_ids")
-_UNUSED_TOP = ("pooler.",)  # BERT's pooler, if saved, reads a text CLS token the queries never produce
 _LAYER_KEY = re.compile(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # found in OpenAI's JIT archives only
 
@@ -86,7 +85,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, T
 def _qformer_key(key: str) -> str | None:
     """Our name for a reference `net.*` key (prefix removed); None for the weights the queries never use."""
     key = key.removeprefix("bert.")
-    if key.startswith(_UNUSED_TOP):
+    if key.startswith("pooler."):  # BERT's pooler, if saved, reads a text CLS token the queries never produce
         return None
     if key.startswith("embeddings."):
         name = key.removeprefix("embeddings.")
