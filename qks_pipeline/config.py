@@ -173,21 +173,19 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
     return raw
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise QKSError("params file not found", path) from None
-    except yaml.YAMLError as e:
-        raise QKSError(f"not valid YAML: {e}".splitlines()[0], path) from None
-    if not isinstance(raw, dict):
-        raise QKSError("params file must be a mapping of sections", path)
-    return {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS}
-
-
 def load_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
     """The defaults, updated by `params.yaml` (when given), then by `--set SECTION.KEY=VALUE` overrides."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise QKSError("params file not found", path) from None
+        except yaml.YAMLError as e:
+            raise QKSError(f"not valid YAML: {e}".splitlines()[0], path) from None
+        if not isinstance(raw, dict):
+            raise QKSError("params file must be a mapping of sections", path)
+        raw = {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS}
     sets = _parse_overrides(overrides)
     for values, source in ((raw, path), (sets, "--set")):  # each checked alone, so that an error names its source
         try:

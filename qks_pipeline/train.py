@@ -42,6 +42,7 @@ from qks_pipeline.scoring import model_scorer, score_rows
 
 RESUMABLE_CHANGES = {"epochs", "early_stop", "nproc"}  # train params that may change between a run and its resumption
 LOG_FIELDS = "epoch loss lr val_mAP test_zsl_mAP test_zsl_f1@3 test_zsl_f1@5 score time_s samples_per_s".split()
+STATEFUL = ("model", "optimizer", "scheduler", "scaler")  # the Session's parts whose state last_state.pt holds
 SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}  # what score_epoch's "score" is, per train.selection
 
 
@@ -207,29 +208,13 @@ class Progress:
 
 
 def save_state(s: Session, progress: Progress, path: Path) -> None:
-    """The single source of truth for resuming: weights, optimizer, scheduler, scaler and progress. Serialised
-    in memory first, so that a full disk is a plain OSError naming the file (torch.save on a file would say only
-    'unexpected pos')."""
-    state = {
-        "model": s.model.state_dict(),
-        "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict() if s.scheduler is not None else None,
-        "scaler": s.scaler.state_dict(),
-        "progress": asdict(progress),
-    }
+    """The single source of truth for resuming: the `STATEFUL` parts' states and the progress. Serialised in memory
+    first, so that a full disk is a plain OSError naming the file (torch.save on a file would say only 'unexpected
+    pos')."""
+    state = {k: None if getattr(s, k) is None else getattr(s, k).state_dict() for k in STATEFUL}
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(state | {"progress": asdict(progress)}, buf)
     atomic_write(path, buf.getvalue())
-
-
-def load_state(s: Session, path: Path) -> Progress:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    s.model.load_state_dict(state["model"])
-    s.optimizer.load_state_dict(state["optimizer"])
-    if s.scheduler is not None:
-        s.scheduler.load_state_dict(state["scheduler"])
-    s.scaler.load_state_dict(state["scaler"])
-    return Progress(**state["progress"])
 
 
 def run_config(params: Params, inputs: Inputs, model: QKS) -> dict[str, Any]:
@@ -268,7 +253,11 @@ def _start(s: Session, out: Path, config: dict[str, Any], cfg: TrainConfig, resu
     ddp.barrier()
     if not found:
         return Progress()
-    progress = load_state(s, out / STATE)
+    state = torch.load(out / STATE, map_location="cpu", weights_only=True)
+    for k in STATEFUL:
+        if getattr(s, k) is not None:
+            getattr(s, k).load_state_dict(state[k])
+    progress = Progress(**state["progress"])
     progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
     echo(f"resuming {out} after epoch {progress.epoch} (best score {progress.best_score:.4f})")
     return progress
