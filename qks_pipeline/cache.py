@@ -362,7 +362,7 @@ def open_inputs(
         check_label_names(test_path, test.label_names, cache.label_names, "test vs training store")
         if test.num_seen != cache.num_seen:
             raise QKSError(f"{test.num_seen} seen labels, the training store {cache.num_seen}", test_path)
-    made = {k: attrs.get(k) for k in LABEL_EMBEDDING} | {"normalize": bool(attrs.get("normalize", False))}
+    made = {k: attrs.get(k) for k in (*LABEL_EMBEDDING, "templates")} | {"normalize": bool(attrs.get("normalize"))}
     test = stores[1] if test_path is not None else None
     return Inputs(cache, test, names, emb, cache.num_seen, made, attrs.get("backbone_source"))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import logging
 import sys
@@ -44,7 +43,14 @@ from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, load_rgb
-from qks_pipeline.manifest import label_matrix, read_manifest, read_templates, read_vocabulary, scored_labels
+from qks_pipeline.manifest import (
+    label_matrix,
+    lines_sha256,
+    read_manifest,
+    read_templates,
+    read_vocabulary,
+    scored_labels,
+)
 from qks_pipeline.storage import Location
 
 log = logging.getLogger(__name__)
@@ -138,17 +144,13 @@ def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list
 CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (the reference's clip_eval.py)
 
 
-def _sha256_lines(lines: list[str]) -> str:
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
 def data_fingerprint(
     manifest: Path, split: str, seen: list[str], unseen: list[str], cfg: ExtractConfig, precision: str
 ) -> dict[str, Any]:
     """What besides the backbone determines a store's content."""
     return {
         "manifest_sha256": file_sha256(manifest),
-        "vocabulary_sha256": _sha256_lines(seen + ["|"] + unseen),
+        "vocabulary_sha256": lines_sha256(seen + ["|"] + unseen),
         "split": split,
         "views": cfg.views,
         **({"augment": cfg.augment} if cfg.views else {}),  # stores without views do not depend on it
@@ -375,7 +377,8 @@ def embed_labels(
         make_fingerprint(bb.fingerprint),
         clip.numpy(),
         clip_template=CLIP_TEMPLATE,
-        templates_sha256=_sha256_lines(pool),  # the pool's lines, as predict hashes its pool
+        templates=pool,  # a checkpoint trained on these labels records them: predict embeds new labels the same way
+        templates_sha256=lines_sha256(pool),  # the pool's lines, as predict hashes its pool
         num_templates=len(pool),
         normalize=labels.normalize,
         num_seen=len(seen),

@@ -8,6 +8,7 @@ The rules live in one place, `check_vocabulary` and `Validator`: reading, writin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -192,6 +193,11 @@ def read_labels(path: str | Path) -> list[str]:
 
 def write_labels(path: str | Path, labels: Sequence[str]) -> None:
     atomic_write(path, "".join(f"{label}\n" for label in labels))
+
+
+def lines_sha256(lines: Sequence[str]) -> str:
+    """sha256 of the lines joined by newlines: how a template pool or a vocabulary is fingerprinted."""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def read_templates(path: str | Path) -> list[str]:

@@ -29,11 +29,12 @@ from tqdm import tqdm
 from qks_pipeline import checkpoint
 from qks_pipeline.atomic import atomic_path
 from qks_pipeline.backbone import Backbone, encode_labels, load_backbone, visual_tokens
+from qks_pipeline.cache import check_label_embedding
 from qks_pipeline.config import ExtractConfig
 from qks_pipeline.devices import autocast, resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, load_rgb, to_rgb
-from qks_pipeline.manifest import read_templates
+from qks_pipeline.manifest import lines_sha256, read_templates
 from qks_pipeline.model import QKS
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,7 @@ def default_cache_dir() -> Path:
 
 def label_key(fingerprint: dict[str, Any], label: str, templates: Sequence[str], normalize: bool) -> str:
     """The cache key of one label's embedding: sha256 of (backbone fingerprint, label, templates, normalize)."""
-    templates_hash = hashlib.sha256("\n".join(templates).encode()).hexdigest()
-    blob = {"backbone": fingerprint, "label": label, "templates": templates_hash}
+    blob = {"backbone": fingerprint, "label": label, "templates": lines_sha256(templates)}
     blob = json.dumps(blob | ({"normalize": True} if normalize else {}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -174,7 +174,8 @@ class Tagger:
             device: auto (CUDA when present) | cpu | cuda[:N].
             pretrained: the backbone weights (file or open_clip tag), when not where the checkpoint says.
             model: the open_clip model name or config .json, when not where the checkpoint says.
-            templates: the prompt templates (a list, or a file one a line); default: the 85-template `prompt_pool`.
+            templates: the prompt templates (a list, or a file one a line); default: those the checkpoint's labels were
+                embedded with (else the 85-template `prompt_pool`). Another pool is refused.
             cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
             amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
             max_pixels: larger images are skipped as decompression bombs.
@@ -185,10 +186,15 @@ class Tagger:
         checkpoint.check_backbone(directory, config["fingerprint"], backbone.fingerprint)
         if isinstance(templates, (str, Path)):
             templates = read_templates(templates)
-        pool = list(templates) if templates is not None else prompt_pool()
-        counts = (config.get("label_embedding") or {}).get("num_templates"), len(pool)
-        if counts[0] is not None and counts[0] != counts[1]:
-            log.warning("the head was trained on labels embedded with %d templates; predicting with %d", *counts)
+        trained = config.get("label_embedding") or {}
+        pool = list(templates) if templates is not None else trained.get("templates") or prompt_pool()
+        found = {"num_templates": len(pool), "templates_sha256": lines_sha256(pool)} | {
+            "normalize": trained.get("normalize")
+        }
+        try:
+            check_label_embedding(directory, found, trained)
+        except QKSError as e:
+            raise QKSError(f"{e.message} (--templates FILE: the pool it was trained with)") from None
         cache_dir = default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
         return cls(backbone, head, config, pool, dev, amp, cache_dir, max_pixels)
 

@@ -316,13 +316,14 @@ def test_label_lists(tmp_path):
         (["--labels", " , ,"], "the label list is empty"),
         (["--labels-file", "EMPTY"], "the label list is empty"),
         (["--labels-file", "MISSING"], "label file not found"),
+        (["--labels-file", "DIR"], "not a file (one label a line expected)"),
         (["--labels", "red", "--labels-file", "EMPTY"], "give at most one of --labels and --labels-file"),
     ],
 )
 def test_bad_label_options(run, tiny_clip, sample_dataset, tmp_path, options, message):
     (tmp_path / "empty.txt").write_text("\n  \n")
     options = [
-        str(tmp_path / "empty.txt") if o == "EMPTY" else str(tmp_path / "nope.txt") if o == "MISSING" else o
+        {"EMPTY": str(tmp_path / "empty.txt"), "MISSING": str(tmp_path / "nope.txt"), "DIR": str(tmp_path)}.get(o, o)
         for o in options
     ]
     result = CliRunner().invoke(main, list(map(str, _predict_args(run, tiny_clip, sample_dataset, *options, "x.jpg"))))
@@ -487,3 +488,15 @@ def test_the_head_and_ranking_run_in_float32_under_autocast(tagger, sample_datas
     got = amp.logits(pixels, label_emb)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_another_template_pool_than_the_checkpoints_is_refused_in_one_line(run, tiny_clip, sample_dataset, tmp_path):
+    (tmp_path / "pool.txt").write_text("a sketch of a {}.\n")
+    args = [
+        a for a in _predict_args(run, tiny_clip, sample_dataset, "--labels", "red") if a != sample_dataset.templates
+    ]
+    args.remove("--templates")
+    line = _error([*args, "--templates", tmp_path / "pool.txt", "x.jpg"])
+    assert (
+        "labels embedded otherwise than the checkpoint's (num_templates 1 vs 3" in line and "--templates FILE" in line
+    )

@@ -131,7 +131,7 @@ def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_sco
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
 @click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset" [default: the trained ones].')
 @click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
-@click.option("--templates", type=EXISTING_FILE, help="Templates, one a line with '{}' [default: the package's 85].")
+@click.option("--templates", type=EXISTING_FILE, help="Templates, one a line with '{}' [default: the checkpoint's].")
 @click.option("--top-k", default=5, show_default=True, type=POSITIVE, help="Labels listed per image.")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Score to list above.")
 @click.option("--out", default="-", show_default=True, type=NEW_FILE, help="JSONL predictions ('-': stdout).")
