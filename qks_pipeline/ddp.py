@@ -34,8 +34,7 @@ def rank_and_world() -> tuple[int, int]:
 
 def setup(device: torch.device) -> torch.device:
     """Join the process group when launched as one of several ranks; returns this rank's device."""
-    rank, world = rank_and_world()
-    if world == 1 or dist.is_initialized():
+    if rank_and_world()[1] == 1 or dist.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

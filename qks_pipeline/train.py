@@ -7,10 +7,10 @@ The recipe's defaults are the reference's: fp32 (`precision`), no early stopping
 
 Each epoch writes into the output directory (`qks_pipeline.checkpoint`) best.safetensors when the score improved,
 last.safetensors, train_log.csv (epoch, loss, lr, val_mAP[, test_zsl_mAP ...], score, time_s, samples_per_s) and,
-last, the resume point last_state.pt, so that a kill before it replays that epoch.
-Rerunning the same command after an interruption resumes from the last completed epoch; on the CPU, with the same
-seed, the final weights equal those of an uninterrupted run. With `nproc` N > 1 (qks_pipeline/ddp.py), N ranks each
-train on their share of every global batch; rank 0 alone scores and writes, and any number of ranks resumes its files.
+last, the resume point last_state.pt, so that a kill before it replays that epoch. Rerunning the same command after an
+interruption resumes from the last completed epoch; on the CPU, with the same seed, the final weights equal those of
+an uninterrupted run. With `nproc` N > 1 (qks_pipeline/ddp.py), N ranks each train on their share of every global
+batch; rank 0 alone scores and writes, and any number of ranks resumes its files.
 """
 
 from __future__ import annotations

@@ -43,15 +43,6 @@ def _log_setup() -> None:
     dask.config.set({"logging.distributed": "warning"})  # read when --cluster imports dask.distributed
 
 
-def _summarise_skipped(skipped: list[dict[str, str]], limit: int = 10) -> None:
-    if skipped:
-        lines = [f"{len(skipped)} unreadable image(s) masked out (valid=False):"]
-        lines += [f"  {item['path']}: {item['reason']}" for item in skipped[:limit]]
-        if len(skipped) > limit:
-            lines.append(f"  ... and {len(skipped) - limit} more (`qks cache info` / the done markers list them all)")
-        click.echo("\n".join(lines), err=True)
-
-
 @click.command("extract")
 @click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory.")
 @click.option("--split", required=True, type=click.Choice(["train", "test"]))
@@ -93,7 +84,12 @@ def extract_cmd(
             click.echo(f"the forward pass was busy {busy:.0%} of the time: more extract.workers would help", err=True)
     else:
         click.echo(f"{out}: already complete ({result.images} images), nothing to do")
-    _summarise_skipped(result.skipped)
+    if skipped := result.skipped:
+        lines = [f"{len(skipped)} unreadable image(s) masked out (valid=False):"]
+        lines += [f"  {item['path']}: {item['reason']}" for item in skipped[:10]]
+        if len(skipped) > 10:
+            lines.append(f"  ... and {len(skipped) - 10} more (`qks cache info` / the done markers list them all)")
+        click.echo("\n".join(lines), err=True)
 
 
 @click.command("embed-labels")
