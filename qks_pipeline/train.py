@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR, ReduceLROnPlateau
 from tqdm import tqdm
 
 from qks_pipeline import ddp
@@ -83,7 +84,6 @@ class Session:
     model: QKS
     optimizer: torch.optim.Optimizer
     scheduler: Any  # an LR scheduler or None
-    per_step: bool  # the scheduler steps every batch (cosine, onecycle) rather than every epoch (plateau)
     scaler: torch.amp.GradScaler
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     train_loader: CacheLoader
@@ -116,11 +116,11 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     model.init_projection(torch.from_numpy(inputs.cache.visual_proj[:]))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched, steps = torch.optim.lr_scheduler, cfg.epochs * len(loader)
+    steps = cfg.epochs * len(loader)
     scheduler = {
-        "plateau": lambda: sched.ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience),
-        "cosine": lambda: sched.CosineAnnealingLR(optimizer, T_max=steps),
-        "onecycle": lambda: sched.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps),
+        "plateau": lambda: ReduceLROnPlateau(optimizer, mode="max", patience=cfg.plateau_patience),
+        "cosine": lambda: CosineAnnealingLR(optimizer, T_max=steps),
+        "onecycle": lambda: OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps),
         "none": lambda: None,
     }[cfg.scheduler]()
     amp = cfg.precision != "fp32" and device.type == "cuda"
@@ -128,7 +128,6 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        per_step=cfg.scheduler in ("cosine", "onecycle"),
         scaler=torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16"),
         loss_fn=make_loss(cfg.loss),
         train_loader=loader,
@@ -159,8 +158,8 @@ def train_step(
     s.scaler.scale(loss * (len(targets) * ddp.rank_and_world()[1] / (of or len(targets)))).backward()
     s.scaler.step(s.optimizer)
     s.scaler.update()
-    if s.per_step:
-        s.scheduler.step()
+    if s.scheduler is not None and not isinstance(s.scheduler, ReduceLROnPlateau):
+        s.scheduler.step()  # cosine and onecycle step every batch
     return loss.detach() * len(targets)
 
 
@@ -293,7 +292,7 @@ def run_epochs(
         scores = ddp.from_rank0(score_epoch(s) if ddp.rank_and_world()[0] == 0 else None)
         score = scores.pop("score")
         score = -math.inf if math.isnan(score) else score
-        if s.scheduler is not None and not s.per_step:
+        if isinstance(s.scheduler, ReduceLROnPlateau):
             s.scheduler.step(score)
         progress.epoch += 1
         improved = score > progress.best_score
