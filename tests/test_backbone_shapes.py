@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny import make_tiny_clip
+from tiny import extract_args, make_tiny_clip
 
 from qks_pipeline.cli import main
 
@@ -42,20 +42,7 @@ def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_m
     clip = make_tiny_clip(tmp_path / "clip", config=_config(tmp_path, name))
     backbone = ["--model", clip.config, "--pretrained", clip.weights, "--device", "cpu"]
     for split in ("train", "test"):
-        _qks(
-            "extract",
-            "--dataset",
-            ds.dataset,
-            "--split",
-            split,
-            "--images",
-            ds.images,
-            "--out",
-            tmp_path / f"{split}.zarr",
-            "--set",
-            "extract.workers=0",
-            *backbone,
-        )
+        _qks(*extract_args(ds, clip, tmp_path / f"{split}.zarr", split))
     _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", tmp_path / "l.zarr", *backbone)
     stores = ["--labels", tmp_path / "l.zarr", "--device", "cpu"]
     _qks(

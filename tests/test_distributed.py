@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import extract_args
 
 from qks_pipeline.backbone import load_backbone
 from qks_pipeline.cache import open_cache
@@ -41,34 +42,8 @@ def _qks(*args: object, expect: int = 0) -> str:
 
 
 def _extract_cli(ds, tiny_clip, out: Path, *extra: object, expect: int = 0) -> str:
-    config, weights = tiny_clip
-    return _qks(
-        "extract",
-        "--dataset",
-        ds.dataset,
-        "--split",
-        "train",
-        "--images",
-        ds.images,
-        "--out",
-        out,
-        "--model",
-        config,
-        "--pretrained",
-        weights,
-        "--device",
-        "cpu",
-        "--set",
-        "extract.workers=0",
-        "--set",
-        f"extract.shard_size={SHARD_SIZE}",
-        "--set",
-        f"extract.views={VIEWS}",
-        "--set",
-        "extract.batch_size=4",
-        *extra,
-        expect=expect,
-    )
+    settings = dict(shard_size=SHARD_SIZE, views=VIEWS, batch_size=4)
+    return _qks(*extract_args(ds, tiny_clip, out, **settings), *extra, expect=expect)
 
 
 def _files(store: Path) -> dict[str, bytes]:

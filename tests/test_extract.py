@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny import extract_args
 
 from qks_pipeline.backbone import encode_labels, load_backbone, visual_tokens
 from qks_pipeline.cache import open_cache, read_label_embeddings
@@ -88,22 +89,7 @@ def _qks(*args: object, expect: int = 0) -> str:
 
 
 def _extract(ds, tiny_clip, out: Path, *extra: object, split: str = "train", expect: int = 0) -> str:
-    config, weights = tiny_clip
-    args = ["extract", "--dataset", ds.dataset, "--split", split, "--images", ds.images, "--out", out]
-    args += [
-        "--model",
-        config,
-        "--pretrained",
-        weights,
-        "--device",
-        "cpu",
-        "--set",
-        "extract.workers=0",
-        "--set",
-        "extract.shard_size=5",
-        *extra,
-    ]
-    return _qks(*args, expect=expect)
+    return _qks(*extract_args(ds, tiny_clip, out, split, shard_size=5), *extra, expect=expect)
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
@@ -236,29 +222,8 @@ main()
 
 
 def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_dataset, tiny_clip, tmp_path):
-    config, weights = tiny_clip
-    ds, out = sample_dataset, tmp_path / "killed.zarr"
-    options = [
-        "--dataset",
-        ds.dataset,
-        "--split",
-        "train",
-        "--images",
-        ds.images,
-        "--model",
-        config,
-        "--pretrained",
-        weights,
-        "--device",
-        "cpu",
-        "--set",
-        "extract.workers=0",
-        "--set",
-        "extract.shard_size=4",
-        "--set",
-        "extract.views=1",
-    ]
-    args = ["extract", *options, "--out", out]
+    out = tmp_path / "killed.zarr"
+    args = extract_args(sample_dataset, tiny_clip, out, shard_size=4, views=1)
     proc = subprocess.Popen(
         [sys.executable, "-c", RESUME_SCRIPT, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -273,7 +238,7 @@ def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_data
     _qks(*args)  # resume
     assert {p.name: p.stat().st_ino for p in (out / "done").glob("*.json") if p.name in inodes} == inodes
     assert len(open_cache(out).done_shards()) == 4
-    _qks("extract", *options, "--out", tmp_path / "whole.zarr")  # the same command, uninterrupted
+    _qks(*extract_args(sample_dataset, tiny_clip, tmp_path / "whole.zarr", shard_size=4, views=1))  # uninterrupted
     a, b = _arrays(out), _arrays(tmp_path / "whole.zarr")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

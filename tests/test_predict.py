@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny import extract_args
 
 from qks_pipeline import predict as predict_module
 from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
@@ -55,22 +56,7 @@ def run(sample_dataset, tiny_clip, tmp_path_factory):
     root, (config, weights), ds = tmp_path_factory.mktemp("predict"), tiny_clip, sample_dataset
     backbone = ["--model", config, "--pretrained", weights, "--device", "cpu"]
     for split in ("train", "test"):
-        _qks(
-            "extract",
-            "--dataset",
-            ds.dataset,
-            "--split",
-            split,
-            "--images",
-            ds.images,
-            "--out",
-            root / f"{split}.zarr",
-            "--set",
-            "extract.workers=0",
-            "--set",
-            "extract.shard_size=8",
-            *backbone,
-        )
+        _qks(*extract_args(ds, tiny_clip, root / f"{split}.zarr", split, shard_size=8))
     _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", root / "labels.zarr", *backbone)
     p = Params(
         model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),

@@ -14,6 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny import extract_args
 from zarr.core.sync import sync as zarr_sync
 
 from qks_pipeline.cache import open_cache
@@ -73,25 +74,7 @@ def _backbone_args(tiny_clip) -> list[object]:
 
 
 def _extract(ds, tiny_clip, out: str | Path, expect: int = 0) -> str:
-    return _qks(
-        "extract",
-        "--dataset",
-        ds.dataset,
-        "--split",
-        "train",
-        "--images",
-        ds.images,
-        "--out",
-        out,
-        *_backbone_args(tiny_clip),
-        "--set",
-        "extract.workers=0",
-        "--set",
-        "extract.shard_size=5",
-        "--set",
-        "extract.views=1",
-        expect=expect,
-    )
+    return _qks(*extract_args(ds, tiny_clip, out, shard_size=5, views=1), expect=expect)
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:

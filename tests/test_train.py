@@ -37,15 +37,6 @@ def params(**train: object) -> Params:
     return Params(model=TINY_MODEL, train=TrainConfig(**cfg), evaluate=EvaluateConfig(batch_size=64))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("train"), num_train=128, num_test=64, invalid_train=(5, 70))

@@ -30,3 +30,13 @@ def make_tiny_clip(directory: Path, seed: int = 0, config: Path = TINY_CONFIG) -
     weights = directory / f"{config.stem}-seed{seed}.pt"
     torch.save(model.state_dict(), weights)
     return TinyClip(config, weights)
+
+
+def extract_args(data, clip: TinyClip, out: Path, split: str = "train", **settings: object) -> list[str]:
+    """`qks extract` arguments for a tiny model on the CPU, decoding in the main process. `data` has `.dataset` and
+    `.images` (a dataset directory and its image root); `settings` are `extract.KEY=VALUE` overrides."""
+    args = ["extract", "--dataset", data.dataset, "--split", split, "--images", data.images, "--out", out]
+    args += ["--model", clip[0], "--pretrained", clip[1], "--device", "cpu"]
+    for key, value in {"workers": 0, **settings}.items():
+        args += ["--set", f"extract.{key}={value}"]
+    return [str(a) for a in args]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tiny import SEEN, UNSEEN, TinyClip, make_tiny_clip  # noqa: F401  (re-exported to the fault cases)
+from tiny import SEEN, UNSEEN, TinyClip, extract_args, make_tiny_clip  # noqa: F401  (re-exported to the fault cases)
 
 SPAWN_CODE = "from qks_pipeline.cli import main; main()"
 INSTRUMENT = "import sys; sys.path.insert(0, {here!r}); import zygote; zygote.instrument({request!r}); "
@@ -70,11 +70,8 @@ def make_image_data(root: Path, n_train: int, n_test: int = 8, seed: int = 0) ->
 
 
 def extract_argv(data: ImageData, clip: TinyClip, out: Path, shard_size: int, split: str = "train") -> list[str]:
-    """`qks extract` arguments for the tiny model on the CPU, decoding in the main process."""
-    settings = ["extract.workers=0", "extract.batch_size=4", f"extract.shard_size={shard_size}"]
-    return ["extract", "--dataset", str(data.dataset), "--split", split, "--images", str(data.images),
-            "--out", str(out), "--model", str(clip.config), "--pretrained", str(clip.weights), "--device", "cpu",
-            *[arg for s in settings for arg in ("--set", s)]]  # fmt: skip
+    """`qks extract` arguments for the tiny model on the CPU, decoding in the main process, 4 images a batch."""
+    return extract_args(data, clip, out, split, batch_size=4, shard_size=shard_size)
 
 
 # --------------------------------------------------------------------------------------------------------- processes
