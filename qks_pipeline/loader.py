@@ -1,31 +1,22 @@
 """Random minibatches from a feature cache, at the speed of the disk, with bounded memory.
 
-Sampling, decided by measurement (benchmarks/bench_loader.py, docs/design.md section 3): read directly from the shard
-files (`qks_pipeline.shards`), random rows cost about what contiguous rows cost, so each batch is rows drawn at random
-and the contiguous blocks and shuffle buffer that zarr and TensorStore reads needed are gone. Measured on 2 shared
-cores (load 3), a ViT-B/16-sized store (197 x 768 float16, 1,024 a shard), batch 256, images/s, page cache warm: raw
-sequential read of the shard files 22,100; loader in order 17,300 (0.80 of raw), shuffled 17,100 (0.77), a first epoch
-(checking every chunk's crc32c, allocating buffers) 12,400 (0.56); the same loader through TensorStore 1,500-1,900
-(0.10-0.12). Cold: raw 3,000; loader 4,200-7,000, first epoch 3,800 (1.0-2.3: a batch's reads reach the disk at once).
-
-Each epoch visits the shards in a random order, `WINDOW` at a time, and draws batches from the permuted rows of a
-window (a batch may span two). Stage one writes training stores in a seeded random order, so a window is already a
-random sample of the dataset; the window bounds what is held besides the batches: the labels of its shards (the label
-matrix is compressed, in chunks of one shard: read a shard at a time) and the open shard files. Each sample's view is
-drawn at random. Everything random comes from (seed, epoch): an epoch is the same on every run, epochs differ. In order
+Read directly from the shard files (`qks_pipeline.shards`), random rows cost what contiguous rows cost (measured:
+docs/design.md section 3, `benchmarks/bench_loader.py`), so each batch is rows drawn at random. Each epoch visits the
+shards in a random order, `WINDOW` at a time, and draws batches from the permuted rows of a window (a batch may span
+two); the window bounds what is held besides the batches: its shards' labels (compressed, one chunk a shard) and the
+open shard files. Each sample's view is drawn at random; everything random comes from (seed, epoch). In order
 (validation, evaluation): the valid rows in store order, view 0.
 
 One background thread assembles the next `prefetch` batches while the caller computes, straight into the batch's
-tensor: pinned when the target is CUDA (`batch.tokens.to(device, non_blocking=True)` then overlaps the copy with
-compute), else one of `prefetch + 2` reused buffers. One thread reads 10,000+ images/s here, as much as a GPU takes
-of the 7-layer head; a second brought nothing on 2 cores.
+tensor: pinned when the target is CUDA (so `batch.tokens.to(device, non_blocking=True)` overlaps compute), else one of
+`prefetch + 2` reused buffers.
 
 Memory bound, in bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
     (prefetch + 2) x batch x T x D x 2 + 2 x WINDOW x S x C' + 32 MiB
-i.e. the batches in the queue, the one being assembled and the one the caller holds; the labels of two windows (S
-images a shard, C' label columns); the reader thread, zarr's buffers and the open shards' indexes. For ViT-B/16, batch
-64, prefetch 2, NUS-WIDE's 925 seen labels: 4 x 19.4 MB + 16 x 0.95 MB + 32 MiB = 120 MiB (the block loader: 776 MiB);
-benchmarks/bench_train_memory.py measures 72, 73 and 101 MiB of growth for 1, 2 and 4 GiB stores."""
+the batches queued, assembled and held by the caller; the labels of two windows (S images a shard, C' label columns);
+the reader thread, zarr's buffers and the open shards' indexes. ViT-B/16, batch 64, prefetch 2, 925 seen labels:
+4 x 19.4 MB + 16 x 0.95 MB + 32 MiB = 120 MiB (`benchmarks/bench_train_memory.py` measured 72-101 MiB).
+"""
 
 from __future__ import annotations
 
