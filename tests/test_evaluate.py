@@ -322,3 +322,15 @@ def test_selection_on_test_equals_the_reference_protocol(tmp_path):
     ref = EvaluateConfig(top_k=[3, 5], protocol="reference")
     zsl = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=ref, **QUIET)["zsl"]
     assert best["score"] == pytest.approx(zsl["mAP"] + zsl["f1@3"] + zsl["f1@5"], rel=1e-12)
+
+
+def test_two_evaluations_in_one_folder_keep_their_own_tables(run, tmp_path):
+    """The query-preference table is named after --out, and the per-label AP plot after the per-label CSV."""
+    data, ckpt = run
+    for name in ("a", "b"):
+        args = ["evaluate", "--checkpoint", ckpt, "--test-cache", data.test, "--labels", data.labels, "--device", "cpu"]
+        args += ["--out", tmp_path / f"{name}.json", "--per-label", tmp_path / f"{name}_ap.csv"]
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    made = {p.name for p in tmp_path.iterdir()}
+    assert made == {f"{n}{s}" for n in "ab" for s in (".json", ".query_preference.csv", "_ap.csv", "_ap.png")}
