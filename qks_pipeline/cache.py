@@ -1,24 +1,7 @@
 """The feature cache: one Zarr v3 store per split, written by stage one and read by stage two.
 
-Layout of `<split>.zarr` (a Zarr v3 group):
-
-    tokens        float16 (N, V, T, D)  visual tokens after ln_post, before the projection; V = 1 + augmented views,
-                                        view 0 is the clean (center-crop) view. Sharded: shard (S, V, T, D), inner
-                                        chunk (1, 1, T, D), uncompressed, each followed by its crc32c from format
-                                        version 2 on (docs/design.md section 2; the byte layout: `qks_pipeline.shards`)
-    valid         bool    (N,)          the image decoded and its tokens are real; chunk S (one writer per shard)
-    labels        int8    (N, C)        +1 positive, -1 verified negative, 0 unknown, over `attrs.labels`
-    paths         str     (N,)          image path relative to the image root, in store order
-    manifest_index int64  (N,)          line of the manifest each row came from (the store order may be shuffled)
-    visual_proj   float32 (D, E)        CLIP's visual projection, to initialise stage two's trainable projection
-    done/NNNNN.json                     one marker per finished shard: {"shard", "rows", "skipped": [{path, reason}]}
-
-Group attributes: `fingerprint` (see `make_fingerprint`), `labels` (seen labels then unseen labels), `num_seen`,
-`shard_size`. Zarr never writes an all-fill-value chunk, so file existence proves nothing: only a done marker, written
-after its shard's data, says a shard is complete.
-
-A store is a local directory or an fsspec URL (`s3://bucket/train.zarr`): see `qks_pipeline.storage`. `Cache.path` is
-then a Path or the URL string.
+Arrays, attributes and done markers: docs/design.md, section 2; the shard byte layout is read in `qks_pipeline.shards`.
+A store is a local directory or an fsspec URL (`qks_pipeline.storage`), so `Cache.path` is a Path or a URL string.
 """
 
 from __future__ import annotations
@@ -46,10 +29,7 @@ ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
 
 
 def make_fingerprint(backbone: dict[str, Any], data: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A store's identity. `backbone`: model, weights, preprocessing, token layout; `data`: manifest hash, views...
-
-    Normalised through JSON (tuples become lists), so it compares equal to the copy read back from the store.
-    """
+    """A store's identity (docs/design.md, section 2), normalised through JSON to compare equal to the stored copy."""
     return json.loads(json.dumps({"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}))
 
 
@@ -86,8 +66,7 @@ def _array(name: str) -> property:
 
 @dataclass
 class Cache:
-    """An open feature store. Arrays (tokens, labels, valid, paths, manifest_index, visual_proj) are zarr arrays, read
-    lazily (`cache.valid[:]` gives numpy); small metadata is read eagerly."""
+    """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy)."""
 
     path: Path | str  # a local directory, or an fsspec URL
     group: zarr.Group
@@ -191,11 +170,11 @@ def create_cache(
     manifest_index: np.ndarray,
     visual_proj: np.ndarray,
 ) -> Cache:
-    """Create an empty store (all metadata, no tokens). Built under a temporary name and put in place
-    (`Location.replace_with`), so a store that exists is always fully initialised; a failure leaves nothing.
+    """Create an empty store (all metadata, no tokens), built under a temporary name and put in place: a store that
+    exists is fully initialised, a failure leaves nothing.
 
-    `labels`: the (N, C) int8 label matrix, or a function (start, stop) -> its rows start:stop, called one shard at a
-    time, so that the whole matrix is never in memory (Open Images' training split: 9 M images x 7,586 labels, 68 GB).
+    `labels`: the (N, C) int8 matrix, or a function (start, stop) -> those rows, called a shard at a time (it may not
+    fit in memory: docs/design.md, section 2).
     """
     n, c = len(paths), len(label_names)
     assert manifest_index.shape == (n,)
@@ -265,8 +244,7 @@ def write_label_embeddings(
     clip_embeddings: np.ndarray | None = None,
     **attrs: Any,
 ) -> None:
-    """Store label embeddings (C, E) float32 (and the CLIP baseline's, when given) with their label list and backbone
-    fingerprint; built under a temporary name and put in place (`Location.replace_with`)."""
+    """Store label embeddings (C, E) float32 (and the CLIP baseline's) with the label list and backbone fingerprint."""
     assert embeddings.shape[0] == len(label_names)
     location = Location.of(path)
     tmp = location.sibling(".creating")
@@ -304,8 +282,7 @@ def check_label_names(path: str | Path, found: list[str], expected: list[str], w
 
 
 def check_label_embedding(path: str | Path, found: dict[str, Any], expected: dict[str, Any] | None) -> None:
-    """Refuse labels embedded otherwise (template pool count and sha256, normalisation) than a checkpoint's labels
-    (`expected`: its config's `label_embedding`; None or a missing key: not recorded, not checked)."""
+    """Refuse labels embedded otherwise than a checkpoint's (`expected`: its `label_embedding`; None: not checked)."""
     keys = [k for k in LABEL_EMBEDDING if (expected or {}).get(k) is not None and found.get(k) != expected[k]]
     if keys:
         diffs = ", ".join(f"{k} {found.get(k)!r} vs {expected[k]!r}" for k in keys)
@@ -314,8 +291,7 @@ def check_label_embedding(path: str | Path, found: dict[str, Any], expected: dic
 
 @dataclass
 class Inputs:
-    """What a stage-two run reads, checked against each other: a feature store and the label store (and, for training
-    with `selection: test`, the test store)."""
+    """What a stage-two run reads, checked against each other: a feature store, the label store, maybe a test store."""
 
     cache: Cache  # the training store (train) or the test store (evaluate)
     test: Cache | None
@@ -420,8 +396,8 @@ def _verify_shard(cache: Cache, reader: Reader, shard: int, paths: np.ndarray) -
 
 
 def verify_cache(cache: Cache) -> list[str]:
-    """Every problem found: missing or inconsistent done markers, damaged shard files (every chunk's checksum, from
-    format version 2 on), valid/skipped mismatches, valid rows of zeros."""
+    """Every problem found: missing or inconsistent done markers, damaged shards (every chunk's checksum from format
+    version 2 on), valid/skipped mismatches, valid rows of zeros."""
     done = cache.done_shards()
     problems = [f"shard {s}: no done marker (not extracted)" for s in range(cache.num_shards) if s not in done]
     problems += [

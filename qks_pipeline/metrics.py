@@ -1,21 +1,8 @@
 """Evaluation metrics (numpy): per-label AP, overall P/R/F1 at top-K, the ZSL/GZSL protocol, and the selection score.
 
-Labels are +1 positive, -1 verified negative, 0 unknown. Metrics are fractions in [0, 1], NaN where undefined (null in
-the JSON). In every setting, images without a positive among the setting's labels are left out, then labels without an
-annotation in the kept images (the reference's filters). Two protocols (docs/design.md section 4):
-
-- `standard`: a label is scored only with >= 1 positive and >= 1 negative among the images that annotate it (without
-  a negative its AP is 1.0 whatever the scores; without a positive it is undefined); tied scores form one threshold,
-  as scikit-learn's `average_precision_score`; F1 is 0 when no top-K label is positive.
-- `reference`: the authors' `compute_AP` / `compute_F1`: every annotated label is in the mean, AP 0 without a positive;
-  every position is its own threshold, ties in store row order (a stable sort; the reference's `torch.sort` leaves the
-  order of ties unspecified); F1 is NaN when no top-K label is positive. The reference ranks fp32 sigmoids, which are
-  exactly 1.0 above a logit of about 16.6: `reference_scores` does the same.
-
-Both take an image's top K over the annotated labels, ties at the K-th score going to the lower label index.
-
-Memory: the (N, C) scores and labels are read, never copied whole: AP runs over blocks of labels (and only their
-annotated entries), top-K and counts over blocks of images, each block about `BLOCK` entries (tens of MB).
+Labels are +1 / -1 / 0; metrics are fractions in [0, 1], NaN where undefined (null in the JSON). The filters and the
+`standard` and `reference` protocols: docs/design.md, sections 1 and 4; memory (blocks of about `BLOCK` entries, never a
+whole copy): section 3.
 """
 
 from __future__ import annotations
@@ -63,10 +50,8 @@ def average_precision(
     columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """AP (float64) of each label of `columns` (default: all) over the images `rows` (default: all), from scores
-    (N, C), higher = more likely, and labels (N, C) +1/-1/0 (0 ignored); computed in blocks of labels.
-
-    `standard`: AP = sum over thresholds of (R_n - R_{n-1}) P_n, scikit-learn's definition, NaN without a positive;
-    `reference`: no tie grouping, 0 without a positive.
+    (N, C), higher = more likely, and labels (N, C) +1/-1/0 (0 ignored). `standard`: sum over thresholds of
+    (R_n - R_{n-1}) P_n, as scikit-learn, NaN without a positive; `reference`: no tie grouping, 0 without a positive.
     """
     assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
     rows = np.arange(scores.shape[0]) if rows is None else rows
@@ -119,7 +104,7 @@ def _prf(hits: int, n: int, k: int, num_pos: int, protocol: str) -> tuple[float,
 def evaluate_setting(
     scores: np.ndarray, labels: np.ndarray, cols: slice, top_k: list[int], protocol: str = "standard"
 ) -> dict[str, Any]:
-    """The protocol on the label columns `cols` (module docstring).
+    """The protocol on the label columns `cols` (docs/design.md, sections 1 and 4).
 
     Returns:
         `mAP`, `p@K`, `r@K`, `f1@K` per K; the counts `num_images`, `num_labels` (annotated labels), `num_labels_scored`

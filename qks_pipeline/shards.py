@@ -1,19 +1,9 @@
 """Reading token rows out of a store: straight from the shard files where the layout allows, else through zarr.
 
-Stage one writes `tokens` (N, V, T, D) float16 in shards of (S, V, T, D), one file per shard (`tokens/c/<shard>/0/0/0`)
-of S x V inner chunks, one (T, D) sample each, in the zarr v3 sharding layout: an inner chunk is the sample's raw
-little-endian bytes (codec `bytes`), then, from format version 2 on, their crc32c (codec `crc32c`); the shard index at
-the end of the file (or its start) holds (offset, nbytes) as little-endian uint64 per inner chunk, C order over (S, V),
-both 2^64 - 1 for an absent chunk (zarr writes no chunk equal to the fill value 0), then its own crc32c. `ShardReader`
-reads that layout as the sharding specification defines it: it checks the index's checksum, that every entry lies in
-the file with the one possible length (T x D x 2, + 4 with a checksum), reads each sample with one `os.preadv` straight
-into the caller's batch and checks its crc32c the first time it reads it (10-15 ms of CPU per 1,000 ViT-B/16 samples
-here, about a quarter of the read: paid in a loader's first epoch only). Any damage is one `QKSError` naming the shard
-file and row.
-
-`os.preadv` rather than a memory map: as fast here (docs/design.md section 3), one copy instead of two, and no mapped
-pages in the process's resident memory. Other stores (other codecs, a URL) are read by TensorStore (a local store) or
-zarr-python: `ArrayReader`.
+The shard layout: docs/design.md, section 2; why it is read directly, with `os.preadv`, and what checking costs: section
+3. `ShardReader` checks the index's checksum, that every entry lies in the file with the one possible length, and each
+sample's crc32c the first time it reads it; any damage is one `QKSError` naming the shard file and row. Other stores
+(other codecs, a URL) are read by TensorStore (a local store) or zarr-python: `ArrayReader`.
 """
 
 from __future__ import annotations
@@ -24,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import google_crc32c  # zarr's own crc32c dependency (a hardware crc32c: 15-29 GiB/s here)
+import google_crc32c  # zarr's own crc32c dependency (docs/design.md, section 3)
 import numpy as np
 import tensorstore
 import zarr
@@ -46,7 +36,7 @@ class Reader(Protocol):
 
 @dataclass
 class ShardReader:
-    """Reads a local store's token rows directly from its shard files (see the module docstring)."""
+    """Reads a local store's token rows directly from its shard files."""
 
     root: Path  # the tokens array's directory
     separator: str  # of the chunk keys: "c/<shard>/0/0/0"
@@ -122,7 +112,7 @@ class ShardReader:
 
 
 def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
-    """A direct reader for a local store whose tokens have the layout above, else None."""
+    """A direct reader for a local store whose tokens have the layout of docs/design.md, section 2, else None."""
     if not location.local or not hasattr(os, "preadv"):  # Windows has no preadv
         return None
     root = location.url / "tokens"
@@ -157,12 +147,8 @@ class ArrayReader:
 
 
 def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -> Reader:
-    """The reader of a store's tokens.
-
-    Args:
-        backend: "direct" (the shard files, local uncompressed stores), "tensorstore" (local stores), "zarr", or
-            "auto": direct where the store allows, else TensorStore for a local store, else zarr-python (a URL).
-    """
+    """The reader of a store's tokens. `backend`: "direct", "tensorstore" (local stores), "zarr", or "auto": direct
+    where the store allows, else TensorStore for a local store, else zarr-python (a URL)."""
     direct = shard_reader(location, tokens) if backend in ("auto", "direct") else None
     if direct is not None:
         return direct
