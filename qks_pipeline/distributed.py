@@ -1,17 +1,10 @@
 """Stage one on a dask cluster (`extract.extract(..., runner=OnCluster(cluster))`, `qks extract --cluster`): one task
 and one writer per shard; the store is byte for byte the single-process run's, and resumable the same way.
 
-The client opens or creates the store and submits `run_shard` for every shard not done. Each worker loads the backbone
-once per process, checks it against the store's fingerprint, decodes its shard's images in `extract.workers` threads
-(a dask worker, a daemon process, cannot start DataLoader processes), runs `extract.shard_tokens` and writes the
-shard. A failing task (a lost worker, an I/O error) is retried `retries` times, a user error (--strict, another
-backbone) is not; the failures are reported together once every other shard is done. Workers must see the same images,
-weights and store (a shared filesystem or a store URL); the client passes absolute paths.
-
-One worker per GPU: `dask-cuda-worker tcp://SCHEDULER:8786` (or `OnCluster(Client(LocalCUDACluster()))`), or by hand
-`CUDA_VISIBLE_DEVICES=i dask worker tcp://SCHEDULER:8786 --nthreads 1 --resources GPU=1`: when workers declare a GPU
-resource, each shard task asks for one, so a worker runs one shard at a time. Then `qks extract ... --cluster
-tcp://SCHEDULER:8786 --device cuda --set extract.workers=8`: on a GPU, decoding is the bottleneck.
+Each worker loads the backbone once per process, checks it against the store's fingerprint, decodes its shard's images
+in threads (a dask worker, a daemon process, cannot start DataLoader processes) and writes the shard. A lost worker or
+an I/O error is retried, a user error is not; failures are reported together once every other shard is done. How to
+start workers (one per GPU): README.md, "Scaling out".
 """
 
 from __future__ import annotations
@@ -84,8 +77,8 @@ def connect(cluster: str | Any) -> Iterator[Any]:
 
 
 def local_cluster(workers: int) -> Any:
-    """N worker processes with one thread each, on 127.0.0.1. Without dask's MALLOC_TRIM_THRESHOLD_: it makes glibc
-    return every freed activation buffer to the system and fault it in again, 15% slower forward passes here."""
+    """N worker processes with one thread each, on 127.0.0.1, without dask's MALLOC_TRIM_THRESHOLD_ (docs/design.md,
+    section 3)."""
     where = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **where)
@@ -160,7 +153,7 @@ def run_shard(shard: int, job: ShardJob) -> ShardDone:
 
 
 class OnCluster:
-    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per shard (see above).
+    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per shard.
 
     Args:
         cluster: "local:N", a scheduler address ("tcp://host:8786"), or a `distributed.Client` (see `connect`).
@@ -191,14 +184,10 @@ class OnCluster:
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
     ) -> tuple[int, float]:
-        """Run `run_shard` for `shards`, one task each; progress (images/s, ETA) as shards finish.
+        """Run `run_shard` for `shards`, one task each; return (images computed, forward-pass seconds per worker).
 
-        A failed shard does not stop the others: every shard that can finish does, then the failures are raised
-        together (a rerun retries them). So no task of this run is still writing when this returns; after an
-        interrupt, tasks already running on a shared cluster finish their shard while the rest are cancelled.
-
-        Returns:
-            (images computed, forward-pass seconds per worker).
+        Every shard that can finish does, then the failures are raised together: no task of this run is still writing
+        when this returns. After an interrupt, tasks already running finish their shard; the rest are cancelled.
         """
         if not shards:
             return 0, 0.0

@@ -1,16 +1,9 @@
 """Where a store lives: a local directory or an fsspec URL (`s3://bucket/train.zarr`, `gs://...`), behind one interface.
 
-zarr reads and writes the arrays (zarr's LocalStore for a local path, its FsspecStore for a URL); this module does
-the rest through one fsspec filesystem: the done markers and other small keys, listing, existence, removal, size, and
-putting a store built under a temporary name in place. A `file://` URL is a local path.
-
-Atomicity: a local key is written to a temporary file, fsynced and renamed; on object storage one PUT is atomic per
-object. A local store is put in place by one directory rename; object storage has no rename, so its keys are copied
-server-side with the root `zarr.json` last (a store that opens is whole) and the temporary copy is then removed.
-
-Credentials and endpoints come from each filesystem's usual configuration, never from qks: the AWS variables and
-files, `AWS_ENDPOINT_URL` for an S3-compatible server (MinIO, Ceph, moto), GCS's application-default credentials, and
-fsspec's `FSSPEC_<PROTOCOL>_<OPTION>` variables.
+zarr reads and writes the arrays; this module does the rest through one fsspec filesystem: small keys such as the done
+markers, listing, existence, removal, size, and putting a store built under a temporary name in place (atomicity:
+docs/design.md, section 2). A `file://` URL is a local path. Credentials come from each filesystem's own configuration,
+never from qks (README.md, "Scaling out").
 """
 
 from __future__ import annotations
@@ -74,8 +67,7 @@ class Location:
         return isinstance(self.url, Path)
 
     def open_group(self, mode: str) -> zarr.Group:
-        """The Zarr v3 group here: zarr's LocalStore for a path, its FsspecStore for a URL. A refusal by the filesystem
-        (no such bucket, no permission) is one clear error."""
+        """The Zarr v3 group here; a refusal by the filesystem (no such bucket, no permission) is one clear error."""
         try:
             return zarr.open_group(self.url, mode=mode, zarr_format=3)
         except OSError as e:
@@ -107,7 +99,7 @@ class Location:
         return self.fs.cat_file(self._path(key)).decode()
 
     def write_text(self, key: str, text: str) -> None:
-        """Write one small key atomically: temp file + fsync + rename locally, one PUT on object storage."""
+        """Write one small key atomically."""
         if self.local:
             atomic_write(self._path(key), text)
         else:
@@ -144,10 +136,9 @@ class Location:
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on `<store>.lock` while this process writes the store: a second writer is refused
-        at once, with one line naming the holder. The lock file stays (removing it would let two runs lock two
-        different files); the operating system releases the lock when its holder exits, however it exits. Local
-        stores only: object storage has no lock, so one writer per URL is up to the user."""
+        """Hold an exclusive lock on `<store>.lock` while this process writes the store: a second writer is refused at
+        once, naming the holder. The lock file stays (removing it would let two runs lock two different files); the
+        operating system releases the lock however its holder exits. Local stores only: object storage has none."""
         if not self.local or fcntl is None:
             if self.local:
                 log.warning("no file locking on this system (Windows): make sure no other run writes %s", self.url)
