@@ -44,7 +44,7 @@ ImageInput = str | Path | Image.Image
 
 
 def prompt_pool() -> list[str]:
-    """The 85-template pool (docs/design.md, section 1): open_clip's 80 ImageNet templates, then 5 scene templates."""
+    """The prompt template pool (docs/design.md, section 1)."""
     return read_templates(TEMPLATES)
 
 
@@ -175,7 +175,7 @@ class Tagger:
             pretrained: the backbone weights (file or open_clip tag), when not where the checkpoint says.
             model: the open_clip model name or config .json, when not where the checkpoint says.
             templates: the prompt templates (a list, or a file one a line); default: those the checkpoint's labels were
-                embedded with (else the 85-template `prompt_pool`). Another pool is refused.
+                embedded with (else `prompt_pool()`). Another pool is refused.
             cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
             amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
             max_pixels: larger images are skipped as decompression bombs.
@@ -200,13 +200,12 @@ class Tagger:
 
     @property
     def normalize_labels(self) -> bool:
-        """Whether the head was trained on L2-normalised label means (`labels.normalize`); predict does the same."""
+        """Whether the head was trained on L2-normalised label means (`labels.normalize`)."""
         return bool((self.config.get("label_embedding") or {}).get("normalize", False))
 
     def label_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
-        """(C, E) float32 on the device: the mean of the templates' text features (L2-normalised when the head was
-        trained so), from the disk cache when there, else encoded with stage one's `encode_labels` and cached (written
-        atomically: concurrent taggers never read half a file; an unwritable cache is reported and skipped)."""
+        """(C, E) float32 on the device, as stage one's `encode_labels` makes them: from the disk cache when there, else
+        encoded and cached (atomically, for concurrent taggers; an unwritable cache is reported and skipped)."""
         dim, normalize, bb = int(self.head.proj.shape[1]), self.normalize_labels, self.backbone
         keys = [label_key(bb.fingerprint, label, self.templates, normalize) for label in labels]
         files = [self.cache_dir / f"{key}.npy" for key in keys] if self.cache_dir else []
@@ -225,9 +224,7 @@ class Tagger:
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (B, 3, H, W) and label embeddings (C, E) -> logits (B, C) float32 on the CPU.
-
-        Only the backbone runs under autocast: the head and so the ranking are computed in float32."""
+        """Preprocessed images (B, 3, H, W) and label embeddings (C, E) -> logits (B, C) float32 on the CPU."""
         with autocast(self.device, self.amp):
             tokens = visual_tokens(self.backbone.model, pixels.to(self.device, non_blocking=True))  # (B, T, D)
         return self.head(tokens.float(), label_emb.float()).float().cpu()  # (B, C)

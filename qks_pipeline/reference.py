@@ -1,14 +1,7 @@
 """Import the authors' published QKS checkpoints: the Q-Former head for `QKS`, and their CLIP weights for open_clip.
 
-The reference checkpoint holds (docs/design.md, section 1), optionally under a `module.` prefix (DDP) and optionally
-wrapped in a top-level `state_dict` or `model` entry:
-
-    net.*           a BERT model: embeddings.LayerNorm, encoder.layer.{i}.{attention, crossattention}.{self, output}.*,
-                    intermediate_query.dense, output_query.{dense, LayerNorm}; plus word/position embeddings and a
-                    text feed-forward (intermediate.dense, output.{dense, LayerNorm}) that the queries never use
-    query_tokens    (1, N, D)
-    proj            (D, E), the trainable copy of CLIP's visual projection
-    clip_model.*    the frozen CLIP in OpenAI's layout, without visual.proj
+The checkpoint's layout, and what the exported CLIP weights hold: docs/design.md, section 1. It may carry a `module.`
+prefix (DDP) and be wrapped in a top-level `state_dict` or `model` entry.
 """
 
 from __future__ import annotations
@@ -150,13 +143,9 @@ def load_reference_checkpoint(
 
     Returns:
         The state dict for `QKS` (strict; `token_dim, embed_dim = state["proj"].shape`), the CLIP state dict in
-        OpenAI/open_clip layout (empty without `clip_model.*`), and the inferred `ModelConfig` fields `num_queries`,
-        `num_layers`, `ff_dim` (the reference uses 12 heads; the shapes do not tell).
-
-        The checkpoint has no CLIP `visual.proj`: the reference trains a copy (`proj`) and never uses the original. The
-        CLIP state dict gets the trained `proj` as `visual.proj`, the natural value for zero-shot use of the exported
-        CLIP; visual tokens (before the projection) do not depend on it, but a stage-two model initialised from such a
-        cache starts from the trained projection.
+        OpenAI/open_clip layout (empty without `clip_model.*`; its `visual.proj` is the trained `proj`: docs/design.md,
+        section 1), and the inferred `ModelConfig` fields `num_queries`, `num_layers`, `ff_dim` (not the heads: the
+        shapes do not tell).
     """
     qks, clip, foreign = _split(read_checkpoint(path, trust_pickle), path)
     fields = _infer_fields(qks, path)
@@ -170,9 +159,8 @@ def load_reference_checkpoint(
 
 
 def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:
-    """Write CLIP weights that `open_clip.create_model_and_transforms(name, pretrained=out_path)` loads strictly: as
-    they are (open_clip uses OpenAI's names), as `.safetensors` when the file name says so, else with `torch.save`.
-    Load them as `ViT-B-16-quickgelu`: OpenAI's weights were trained with QuickGELU, which a file cannot record."""
+    """Write CLIP weights that open_clip loads strictly (`.safetensors` when the file name says so, else `torch.save`).
+    Load them as `REFERENCE_MODEL` (docs/design.md, section 1: QuickGELU)."""
     if "visual.proj" not in clip_state:
         raise QKSError("CLIP weights without visual.proj cannot be loaded by open_clip", out_path)
     out_path = Path(out_path)
@@ -186,7 +174,7 @@ def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> 
         torch.save(state, out_path)
 
 
-REFERENCE_MODEL = "ViT-B-16-quickgelu"  # OpenAI's CLIP weights need QuickGELU, which a weights file cannot record
+REFERENCE_MODEL = "ViT-B-16-quickgelu"  # QuickGELU, which a weights file cannot record (docs/design.md, section 1)
 
 
 def import_checkpoint(
