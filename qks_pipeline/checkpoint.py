@@ -1,16 +1,7 @@
 """A trained head on disk: one directory, written by `qks train` (and `qks import-checkpoint`), read by `qks evaluate`
-and `qks predict`.
+and `qks predict`. Its files: docs/design.md, section 6.
 
-    config.json         the one schema (`make_config`): model config, token/embed dims, the backbone's fingerprint and
-                        source files, labels and how they were embedded, training params, selection, best epoch
-    best.safetensors    weights of the selected epoch
-    last.safetensors    weights after the last completed epoch
-    last_state.pt       everything needed to resume training (`train.save_state`)
-    train_log.csv       one row per epoch
-    clip_weights.pt     the CLIP weights of an imported reference checkpoint
-
-Every file is written atomically. Stage two never loads CLIP: `backbone_args` only names the backbone files (from the
-source the checkpoint records, when they still hold the recorded hashes) for predict to load.
+Stage two never loads CLIP: `backbone_args` only names the backbone files for predict to load.
 """
 
 from __future__ import annotations
@@ -49,9 +40,7 @@ def make_config(
     train_cache: str | None = None,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """config.json, the one schema: the head's config (heads resolved) and widths, what it was trained on (the
-    backbone's fingerprint and source files, the labels, seen first, and how they were embedded, the training params
-    and store) or imported from (`source`), and what it was selected on (`selection`, in words `selection_note`)."""
+    """config.json, the one schema (docs/design.md, section 6); `selection_note` says in words what selected it."""
     token_dim, embed_dim = model.proj.shape
     return {
         "model": asdict(model.cfg),

@@ -1,16 +1,10 @@
 """Stage two, training: fit the QKS head (queries, Q-Former, projection) from a feature cache; CLIP is never loaded.
 
-The training store's tail (`val_fraction` of its rows, a random sample because stage one shuffles the store) is held
-out; the checkpoint is selected on its seen-label mAP. `selection: test` instead selects on the test cache's ZSL mAP +
-F1@3 + F1@5, as the reference code does, and every output says so. The plateau scheduler steps on the same score.
-The recipe's defaults are the reference's: fp32 (`precision`), no early stopping, ASL with a detached focusing weight.
-
-Each epoch writes into the output directory (`qks_pipeline.checkpoint`) best.safetensors when the score improved,
-last.safetensors, train_log.csv (epoch, loss, lr, val_mAP[, test_zsl_mAP ...], score, time_s, samples_per_s) and,
-last, the resume point last_state.pt, so that a kill before it replays that epoch. Rerunning the same command after an
-interruption resumes from the last completed epoch; on the CPU, with the same seed, the final weights equal those of
-an uninterrupted run. With `nproc` N > 1 (qks_pipeline/ddp.py), N ranks each train on their share of every global
-batch; rank 0 alone scores and writes, and any number of ranks resumes its files.
+The recipe and checkpoint selection (held-out tail of the shuffled training store, or the authors' `selection: test`):
+docs/design.md, section 1. Each epoch writes the checkpoint directory's files (`qks_pipeline.checkpoint`), the resume
+point last; a rerun resumes from the last completed epoch (README.md, "Reliability"). With `nproc` N > 1 the ranks
+(`qks_pipeline.ddp`) each train on their share of every global batch; rank 0 alone scores and writes (README.md,
+"Several GPUs").
 """
 
 from __future__ import annotations
@@ -207,9 +201,8 @@ class Progress:
 
 
 def save_state(s: Session, progress: Progress, path: Path) -> None:
-    """The single source of truth for resuming: the `STATEFUL` parts' states and the progress. Serialised in memory
-    first, so that a full disk is a plain OSError naming the file (torch.save on a file would say only 'unexpected
-    pos')."""
+    """The resume point: the `STATEFUL` parts' states and the progress. Serialised in memory first, so that a full disk
+    is a plain OSError naming the file (torch.save on a file would say only 'unexpected pos')."""
     state = {k: None if getattr(s, k) is None else getattr(s, k).state_dict() for k in STATEFUL}
     buf = io.BytesIO()
     torch.save(state | {"progress": asdict(progress)}, buf)
@@ -329,10 +322,8 @@ def train(
     echo: Callable[[str], None] = print,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> Progress:
-    """Train from the caches into `out` (see the module docstring); `on_epoch_end(epoch)` runs after each checkpoint.
-
-    With `train.nproc` N > 1, starts N ranks (qks_pipeline/ddp.py) that run this function; returns rank 0's result.
-    """
+    """Train from the caches into `out`; `on_epoch_end(epoch)` runs after each checkpoint. With `train.nproc` N > 1,
+    starts N ranks that run this function and returns rank 0's result."""
     args = dict(locals())
     params = params or Params()
     inputs = open_inputs(train_path, labels_path, test_path, role="train", any_split=any_split)
