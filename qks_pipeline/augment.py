@@ -1,16 +1,6 @@
-"""Augmented views for `extract.views` > 0, drawn from `extract.augment`:
-
-- `reference` (default): the reference's training transform, one draw per view: CLIP's resize and center crop, then
-  Cutout (`CutoutPIL(cutout_factor=0.5)` of the ASL/ML-Decoder code: one rectangle of half the side, centred anywhere,
-  clipped at the border, one random colour), a horizontal flip (p 0.5) and RandAugment as the `randaugment` package
-  the reference imports draws it (below). The reference draws anew at every step; a cache stores K draws.
-- `crop_flip`: a random resized crop (area 0.5-1, aspect 3/4-4/3) and a horizontal flip (p 0.5).
-
-RandAugment is written out here rather than imported: the package's `RandAugment` picks two (operation, magnitude)
-pairs uniformly among 15 operations x magnitudes 1-9 and applies each with p 0.5, with the ranges of its AutoAugment
-`SubPolicy` (copied below). torchvision's `RandAugment` is another distribution (14 operations with Identity, no
-Cutout or Invert, always applied, magnitude 9 of 31 bins, other ranges), and the package itself fails on numpy >= 1.24
-(`np.int`). Every draw comes from one numpy Generator, so a view is fixed by its seed.
+"""Augmented views for `extract.views` > 0, drawn from `extract.augment`: `reference` (default), the authors' training
+transform, or `crop_flip`, a random resized crop and a horizontal flip. What each draws, and why RandAugment is written
+out here: docs/design.md, section 1. Every draw comes from one numpy Generator, so a view is fixed by its seed.
 """
 
 from __future__ import annotations
@@ -106,7 +96,7 @@ def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, in
 def augmented_view(
     img: Image.Image, rng: np.random.Generator, augment: str, size: tuple[int, int], interpolation: str
 ) -> Image.Image:
-    """One view of `img` at `size` (h, w), drawn from `augment` (see the module docstring)."""
+    """One view of `img` at `size` (h, w), drawn from `augment`."""
     mode = TF.InterpolationMode(interpolation)
     if augment == "crop_flip":
         top, left, h, w = crop_box(img.width, img.height, rng)

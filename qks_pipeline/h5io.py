@@ -1,16 +1,6 @@
 """HDF5 interop: export a finished feature store to one .h5 file and import such a file back into a store.
 
-Layout of the .h5 file (attributes hold only small values; HDF5 attributes are limited to 64 KiB):
-
-    features        float16 (N, V, T, D)  the store's tokens, chunk (1, 1, T, D), uncompressed
-    labels          int8    (N, C)
-    valid           bool    (N,)
-    paths           utf-8   (N,)
-    manifest_index  int64   (N,)
-    visual_proj     float32 (D, E)
-    label_names     utf-8   (C,)          seen labels then unseen labels
-    done            utf-8   scalar        JSON list of the store's done markers (per shard: rows, skipped images)
-    attrs: format, fingerprint (JSON), num_seen, shard_size
+The file's layout: docs/design.md, section 2.
 """
 
 from __future__ import annotations
