@@ -177,7 +177,7 @@ def _is_torchscript(path: str) -> bool:
 
 
 def check_supported(model: torch.nn.Module, name: str) -> None:
-    """Refuse towers whose ln_post tokens are not the reference's (docs/design.md, section 2)."""
+    """Refuse towers whose ln_post tokens are not the reference's (docs/design.md, section 1)."""
     visual = getattr(model, "visual", None)
     if not isinstance(visual, VisionTransformer):
         kind = type(visual).__name__
@@ -265,8 +265,7 @@ def token_shape(clip: torch.nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Preprocessed images (B, 3, H, W) -> ln_post output over all tokens, CLS first, before the projection: (B, T, D),
-    e.g. (B, 197, 768) for ViT-B/16."""
+    """Preprocessed images (B, 3, H, W) -> visual tokens (B, T, D) (docs/design.md, section 1)."""
     visual = clip.visual
     saved = visual.output_tokens, visual.proj
     visual.output_tokens, visual.proj = True, None  # the tower returns (pre-projection CLS, patch tokens)
@@ -287,9 +286,8 @@ def encode_labels(
     batch_labels: int = 16,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Prompt-pool label embeddings (C, E) float32 on the CPU: every template (one '{}' each) filled with every label,
-    the projected text features averaged, L2-normalised with `normalize` (the reference does not: plain mean of
-    unnormalised features); `batch_labels` labels per text-encoder batch."""
+    """Prompt-pool label embeddings (C, E) float32 on the CPU (docs/design.md, section 1): the mean of every template
+    (one '{}' each) filled with the label, L2-normalised only with `normalize`; `batch_labels` per text batch."""
     out = []
     for start in range(0, len(labels), batch_labels):
         chunk = labels[start : start + batch_labels]

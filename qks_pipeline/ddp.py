@@ -1,15 +1,7 @@
 """Data-parallel training on PyTorch's own engine: torch.distributed, DistributedDataParallel, the elastic launcher.
 
-`qks train --nproc N` (or `train.nproc: N`) starts N local processes through `torch.distributed.launcher` (what
-`torchrun --standalone --nproc-per-node N` does); across nodes, start `qks train` under torchrun itself, e.g.
-`torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --no-python qks train ...`
-(or `python -m qks_pipeline.cli train ...`). A process started by either finds RANK / WORLD_SIZE in its environment.
-
-Every rank's loader draws the same seeded order of the epoch and cuts the same global batches, of which each rank reads
-only its contiguous share (`CacheLoader.part`; sizes differ by at most one, and a share may be empty): the shares are
-disjoint and together the whole epoch, without duplicates. A rank's loss is weighted by its share of the batch, so that
-DDP's gradient mean equals the gradient of one process on the whole batch, the last partial batch included. NCCL on
-CUDA, gloo on the CPU.
+How to launch (`--nproc N`, or torchrun across nodes), and how the ranks share each global batch so that the gradient
+equals one process's: README.md, "Several GPUs". A launched process finds RANK / WORLD_SIZE in its environment.
 """
 
 from __future__ import annotations
@@ -87,11 +79,8 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
 
 
 def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """Run `fn(**kwargs)` in `nproc` local ranks through the elastic launcher; returns rank 0's result.
-
-    A rank that fails ends the run: QKSError naming the first failing rank and its cause (the exception's last line, or
-    the signal that killed it).
-    """
+    """Run `fn(**kwargs)` in `nproc` local ranks through the elastic launcher; returns rank 0's result. A failing rank
+    ends the run: QKSError naming the first failing rank and its cause (the exception's last line, or the signal)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 

@@ -141,7 +141,7 @@ def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list
     ]
 
 
-CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (the reference's clip_eval.py)
+CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (docs/design.md, section 1)
 
 
 def data_fingerprint(
@@ -227,9 +227,8 @@ def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels
 def _open_store(
     out: str | Path, dataset: Path, split: str, backbone: Backbone, cfg: ExtractConfig, precision: str, **how: bool
 ) -> Cache:
-    """Resume the store `out` if built the same way (first removing what interrupted writes left in it); one built
-    differently is refused, or rebuilt with `replace_stale`; a new store is built when there is none or with
-    `overwrite`. A path (or URL) holding anything else is never replaced. The caller holds `Location.writer_lock`."""
+    """Resume the store `out` if built the same way (removing what interrupted writes left), else refuse it or build a
+    new one (`extract`). A path holding anything else is never replaced. The caller holds `Location.writer_lock`."""
     manifest, location = dataset / f"{split}.jsonl", Location.of(out)
     seen, unseen = read_vocabulary(dataset)
     records = read_manifest(manifest, seen + unseen)
@@ -324,12 +323,12 @@ def extract(
 ) -> ExtractResult:
     """Extract (or resume extracting) the visual tokens of one split of a dataset into the store `out`.
 
-    A store built the same way (same fingerprint) is resumed; one built differently is refused unless `overwrite`
-    (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage wants). A second extraction
-    into a local store being written is refused (`Location.writer_lock`).
+    A store with the same fingerprint is resumed; one built differently is refused unless `overwrite` (always rebuild)
+    or `replace_stale` (rebuild only when it differs: what a DVC stage wants). A second writer of a local store is
+    refused.
 
     Args:
-        out: a local directory or an fsspec URL (`s3://bucket/train.zarr`, see `qks_pipeline.storage`).
+        out: a local directory or an fsspec URL (`qks_pipeline.storage`).
         device: where the forward passes run in this process (a runner resolves its own).
         runner: `InProcess(device)` (the default), or `qks_pipeline.distributed.OnCluster` (a dask cluster).
     """
@@ -362,8 +361,8 @@ def embed_labels(
     labels: LabelsConfig,
     device: str = "auto",
 ) -> Path:
-    """Encode the dataset's seen then unseen labels with the prompt pool, and with the CLIP baseline's one template
-    (L2-normalised, as the reference's clip_eval.py), and store both (`write_label_embeddings`)."""
+    """Encode the dataset's seen then unseen labels with the prompt pool and with the CLIP baseline's template
+    (docs/design.md, section 1), and store both."""
     seen, unseen = read_vocabulary(dataset_dir)
     pool = read_templates(templates)
     dev = resolve_device(device)
