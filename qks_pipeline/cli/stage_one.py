@@ -22,6 +22,7 @@ from qks_pipeline.cli.options import (
     params_options,
 )
 from qks_pipeline.config import Params
+from qks_pipeline.manifest import SPLITS
 
 
 def _backbone_options(f):
@@ -45,7 +46,7 @@ def _log_setup() -> None:
 
 @click.command("extract")
 @click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory.")
-@click.option("--split", required=True, type=click.Choice(["train", "test"]))
+@click.option("--split", required=True, type=click.Choice(SPLITS))
 @click.option("--images", required=True, type=EXISTING_DIR, help="Image root the manifest's paths are relative to.")
 @click.option("--out", required=True, type=STORE, help="Zarr store to write (resumed when it exists): path or URL.")
 @_backbone_options
