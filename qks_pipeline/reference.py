@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor
 
 from qks_pipeline.checkpoint import BEST, CLIP_WEIGHTS, CONFIG, make_config, save_weights, write_config
@@ -156,6 +157,18 @@ def load_reference_checkpoint(
         clip = {k: v for k, v in clip.items() if k not in _OPENAI_EXTRAS}
         clip.setdefault("visual.proj", qks["proj"].detach().clone())
     return qks, clip, fields
+
+
+def removed_cls(run_args: str | Path) -> bool:
+    """Whether the authors' run whose saved arguments `run_args` holds (JSON or YAML: its command-line options by name)
+    trained with `--rmcls`, so that its queries never saw the CLS token."""
+    try:
+        args = yaml.safe_load(Path(run_args).read_text())  # JSON is YAML too
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise QKSError(f"cannot read the run's arguments: {e}".splitlines()[0], run_args) from None
+    if not isinstance(args, dict):
+        raise QKSError("the run's arguments must be a mapping of option names to values", run_args)
+    return bool(args.get("rmcls", False))
 
 
 def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:

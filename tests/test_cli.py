@@ -70,9 +70,19 @@ def test_import_checkpoint_no_cls_marks_an_rmcls_run(tiny_clip, tmp_path):
     raw = random_reference_state(2, 3, 64, 32, 16, seed=1)  # the tiny CLIP's width 64 and embedding size 32
     raw |= {f"clip_model.{k}": v for k, v in clip_state.items() if k != "visual.proj"}
     torch.save(raw, tmp_path / "ref.pth")
-    for flag, keep_cls in (["--no-cls"], False), ([], True):
-        out = tmp_path / f"ck{keep_cls}"
+    (tmp_path / "args.json").write_text('{"rmcls": true, "num_query": 3}')
+    (tmp_path / "args.yaml").write_text("rmcls: false\n")
+    run_args = [["--run-args", tmp_path / name] for name in ("args.json", "args.yaml")]
+    for i, (flag, keep_cls) in enumerate(
+        [(["--no-cls"], False), ([], True), (run_args[0], False), (run_args[1], True)]
+    ):
+        out = tmp_path / f"ck{i}"
         args = ["--model", tiny_clip.config, "--num-heads", 2, *flag]
         code, output = _run("import-checkpoint", tmp_path / "ref.pth", "--out", out, *args)
         assert code == 0, output
         assert load(out, torch.device("cpu"))[0].cfg.keep_cls is keep_cls
+    (tmp_path / "list.json").write_text("[1, 2]")
+    code, output = _run(
+        "import-checkpoint", tmp_path / "ref.pth", "--out", tmp_path / "x", "--run-args", tmp_path / "list.json"
+    )
+    assert code == 1 and "list.json: the run's arguments must be a mapping" in output

@@ -91,12 +91,18 @@ def evaluate_cmd(checkpoint, test_cache, labels, out, per_label, query_preferenc
 )
 @click.option("--num-heads", default=12, show_default=True, type=click.IntRange(min=1), help="Q-Former heads.")
 @click.option("--no-cls", is_flag=True, help="The run was trained with the authors' --rmcls (queries never see CLS).")
+@click.option(
+    "--run-args",
+    type=EXISTING_FILE,
+    help="The run's saved arguments (JSON or YAML, options by name): `rmcls: true` there means --no-cls.",
+)
 @click.option("--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (only for a trusted file).")
-def import_checkpoint_cmd(file, out, model, num_heads, no_cls, trust_pickle) -> None:
+def import_checkpoint_cmd(file, out, model, num_heads, no_cls, run_args, trust_pickle) -> None:
     """Convert an authors' QKS checkpoint for `qks evaluate` (and export its CLIP weights for `qks extract`)."""
-    from qks_pipeline.reference import import_checkpoint
+    from qks_pipeline.reference import import_checkpoint, removed_cls
 
-    kwargs = dict(num_heads=num_heads, keep_cls=not no_cls, trust_pickle=trust_pickle, echo=click.echo)
+    keep_cls = not (no_cls or (run_args is not None and removed_cls(run_args)))
+    kwargs = dict(num_heads=num_heads, keep_cls=keep_cls, trust_pickle=trust_pickle, echo=click.echo)
     import_checkpoint(file, out, model=model, **kwargs)
 
 
