@@ -9,10 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from tiny import extract_args, make_tiny_clip
-
-from qks_pipeline.cli import main
+from tiny import embed_args, extract_args, make_tiny_clip, qks
 
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
 SHAPES = {  # name: (vision width, patch, image size, embed dim, heads `auto` gives)
@@ -20,12 +17,6 @@ SHAPES = {  # name: (vision width, patch, image size, embed dim, heads `auto` gi
     "TinyViT-L-14": (128, 14, 56, 48, 2),  # the width-128 patch-14 backbone of issue 16
     "TinyViT-H-14": (160, 14, 42, 40, 2),  # 1,280 / 12 heads does not divide either
 }
-
-
-def _qks(*args: object, expect: int = 0) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == expect, result.output
-    return result.output
 
 
 def _config(directory: Path, name: str) -> Path:
@@ -40,12 +31,11 @@ def _config(directory: Path, name: str) -> Path:
 def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_model(name, sample_dataset, tmp_path):
     ds, (width, patch, size, _, heads) = sample_dataset, SHAPES[name]
     clip = make_tiny_clip(tmp_path / "clip", config=_config(tmp_path, name))
-    backbone = ["--model", clip.config, "--pretrained", clip.weights, "--device", "cpu"]
     for split in ("train", "test"):
-        _qks(*extract_args(ds, clip, tmp_path / f"{split}.zarr", split))
-    _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", tmp_path / "l.zarr", *backbone)
+        qks(*extract_args(ds, clip, tmp_path / f"{split}.zarr", split))
+    qks(*embed_args(ds, clip, tmp_path / "l.zarr"))
     stores = ["--labels", tmp_path / "l.zarr", "--device", "cpu"]
-    _qks(
+    qks(
         "train",
         "--train-cache",
         tmp_path / "train.zarr",
@@ -61,7 +51,7 @@ def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_m
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["model"]["num_heads"] == heads and config["token_dim"] == width
     assert config["num_tokens"] == (size // patch) ** 2 + 1 and config["model"]["num_layers"] == 7  # the default
-    _qks(
+    qks(
         "evaluate",
         "--checkpoint",
         tmp_path / "ckpt",
@@ -72,7 +62,7 @@ def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_m
         tmp_path / "metrics.json",
     )
     assert "zsl" in json.loads((tmp_path / "metrics.json").read_text())
-    out = _qks(
+    out = qks(
         "predict",
         "--checkpoint",
         tmp_path / "ckpt",
@@ -92,7 +82,7 @@ def test_num_heads_that_do_not_divide_the_width_are_refused_before_any_work(samp
     params = tmp_path / "params.yaml"
     params.write_text(f"backbone:\n  model: {config}\n  pretrained: none\nmodel:\n  num_heads: 12\n")
     ds = sample_dataset
-    out = _qks(
+    out = qks(
         "extract",
         "--dataset",
         ds.dataset,

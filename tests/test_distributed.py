@@ -8,12 +8,10 @@ import threading
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from tiny import extract_args
+from tiny import extract_args, qks
 
 from qks_pipeline.backbone import load_backbone
 from qks_pipeline.cache import open_cache
-from qks_pipeline.cli import main
 from qks_pipeline.config import BackboneConfig, ExtractConfig
 from qks_pipeline.distributed import OnCluster, ShardJob, _backbone, run_shard
 from qks_pipeline.errors import QKSError
@@ -35,15 +33,9 @@ def client():
         yield c
 
 
-def _qks(*args: object, expect: int = 0) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result.output
-
-
 def _extract_cli(ds, tiny_clip, out: Path, *extra: object, expect: int = 0) -> str:
     settings = dict(shard_size=SHARD_SIZE, views=VIEWS, batch_size=4)
-    return _qks(*extract_args(ds, tiny_clip, out, **settings), *extra, expect=expect)
+    return qks(*extract_args(ds, tiny_clip, out, **settings), *extra, expect=expect)
 
 
 def _files(store: Path) -> dict[str, bytes]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,11 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)
     train(data.train, data.labels, root / "ckpt", params=p, progress_bar=False, echo=lambda _: None)
     return data, root / "ckpt"
+
+
+def _evaluate_args(ckpt: Path, test: Path, labels: Path, out: Path) -> list[str]:
+    args = ["evaluate", "--checkpoint", ckpt, "--test-cache", test, "--labels", labels, "--out", out, "--device", "cpu"]
+    return [str(a) for a in args]
 
 
 def _in_unit_interval(metrics: dict) -> bool:
@@ -198,19 +204,7 @@ def test_validation_without_scorable_labels_is_refused(tmp_path):
 
 def test_stores_of_the_other_split_are_refused(run, tmp_path):
     data, ckpt = run
-    cli = [
-        "evaluate",
-        "--checkpoint",
-        str(ckpt),
-        "--test-cache",
-        str(data.train),
-        "--labels",
-        str(data.labels),
-        "--out",
-        str(tmp_path / "m.json"),
-        "--device",
-        "cpu",
-    ]
+    cli = _evaluate_args(ckpt, data.train, data.labels, tmp_path / "m.json")
     result = CliRunner().invoke(main, cli)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.count("\n") == 1 and "a train store" in result.output and "--any-split" in result.output
@@ -240,22 +234,7 @@ def test_selection_on_test_reaches_the_metrics(run, tmp_path):
     shutil.copytree(ckpt, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config | {"selection": "test"}))
-    result = CliRunner().invoke(
-        main,
-        [
-            "evaluate",
-            "--checkpoint",
-            str(tmp_path / "ckpt"),
-            "--test-cache",
-            str(data.test),
-            "--labels",
-            str(data.labels),
-            "--out",
-            str(tmp_path / "m.json"),
-            "--device",
-            "cpu",
-        ],
-    )
+    result = CliRunner().invoke(main, _evaluate_args(tmp_path / "ckpt", data.test, data.labels, tmp_path / "m.json"))
     assert result.exit_code == 0, result.output
     assert SELECTED_ON_TEST in result.output
     written = json.loads((tmp_path / "m.json").read_text())
@@ -328,9 +307,8 @@ def test_two_evaluations_in_one_folder_keep_their_own_tables(run, tmp_path):
     """The query-preference table is named after --out, and the per-label AP plot after the per-label CSV."""
     data, ckpt = run
     for name in ("a", "b"):
-        args = ["evaluate", "--checkpoint", ckpt, "--test-cache", data.test, "--labels", data.labels, "--device", "cpu"]
-        args += ["--out", tmp_path / f"{name}.json", "--per-label", tmp_path / f"{name}_ap.csv"]
-        result = CliRunner().invoke(main, [str(a) for a in args])
+        args = _evaluate_args(ckpt, data.test, data.labels, tmp_path / f"{name}.json")
+        result = CliRunner().invoke(main, [*args, "--per-label", str(tmp_path / f"{name}_ap.csv")])
         assert result.exit_code == 0, result.output
     made = {p.name for p in tmp_path.iterdir()}
     assert made == {f"{n}{s}" for n in "ab" for s in (".json", ".query_preference.csv", "_ap.csv", "_ap.png")}

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
-from tiny import extract_args
+from tiny import embed_args, extract_args, qks
 
 from qks_pipeline.backbone import encode_labels, load_backbone, visual_tokens
 from qks_pipeline.cache import open_cache, read_label_embeddings
-from qks_pipeline.cli import main
 from qks_pipeline.images import BadImage, load_rgb
 from qks_pipeline.manifest import Record, label_matrix, read_manifest, write_manifest
 
@@ -82,14 +80,8 @@ def test_unreadable_files_raise_with_a_reason(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- extraction
 
 
-def _qks(*args: object, expect: int = 0) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result.output
-
-
 def _extract(ds, tiny_clip, out: Path, *extra: object, split: str = "train", expect: int = 0) -> str:
-    return _qks(*extract_args(ds, tiny_clip, out, split, shard_size=5), *extra, expect=expect)
+    return qks(*extract_args(ds, tiny_clip, out, split, shard_size=5), *extra, expect=expect)
 
 
 def _arrays(store: Path) -> dict[str, np.ndarray]:
@@ -202,7 +194,7 @@ def test_bad_images_are_masked_recorded_and_summarised(sample_dataset, tiny_clip
     assert set(paths[~valid]) == set(reasons)
     assert not tokens[~valid].any()  # masked rows stay zero ...
     assert (np.abs(tokens[valid]).reshape(valid.sum(), -1).max(1) > 0).all()  # ... and no valid row is all zero
-    assert "OK" in _qks("cache", "verify", tmp_path / "train.zarr")
+    assert "OK" in qks("cache", "verify", tmp_path / "train.zarr")
     strict = _extract(ds, tiny_clip, tmp_path / "strict.zarr", "--strict", expect=1)
     error = strict.strip().splitlines()[-1]  # the progress bar may precede it
     assert error.startswith("Error: ") and "/images/bad/" in error and "unreadable image" in error
@@ -235,37 +227,22 @@ def test_a_killed_extraction_resumes_and_equals_an_uninterrupted_one(sample_data
     done = sorted((out / "done").glob("*.json"))
     assert 1 <= len(done) < 4, "the kill must land between the first shard and the last"
     inodes = {p.name: p.stat().st_ino for p in done}
-    _qks(*args)  # resume
+    qks(*args)  # resume
     assert {p.name: p.stat().st_ino for p in (out / "done").glob("*.json") if p.name in inodes} == inodes
     assert len(open_cache(out).done_shards()) == 4
-    _qks(*extract_args(sample_dataset, tiny_clip, tmp_path / "whole.zarr", shard_size=4, views=1))  # uninterrupted
+    qks(*extract_args(sample_dataset, tiny_clip, tmp_path / "whole.zarr", shard_size=4, views=1))  # uninterrupted
     a, b = _arrays(out), _arrays(tmp_path / "whole.zarr")
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_path):
-    config, weights = tiny_clip
     out = tmp_path / "labels.zarr"
-    _qks(
-        "embed-labels",
-        "--dataset",
-        sample_dataset.dataset,
-        "--templates",
-        sample_dataset.templates,
-        "--out",
-        out,
-        "--model",
-        config,
-        "--pretrained",
-        weights,
-        "--device",
-        "cpu",
-    )
+    qks(*embed_args(sample_dataset, tiny_clip, out))
     names, emb, attrs = read_label_embeddings(out)
     assert names == sample_dataset.seen + sample_dataset.unseen and emb.shape == (7, 32)
     assert attrs["num_seen"] == 5 and attrs["normalize"] is False and len(attrs["templates_sha256"]) == 64
-    backbone = load_backbone(str(config), str(weights))
+    backbone = load_backbone(str(tiny_clip.config), str(tiny_clip.weights))
     model, tokenizer = backbone.model, backbone.tokenizer
     assert attrs["backbone_source"] == backbone.source  # the files a checkpoint trained on these labels can find
     templates = sample_dataset.templates.read_text().splitlines()

@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny import extract_args
+from tiny import embed_args, extract_args
 
 from qks_pipeline import predict as predict_module
 from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
@@ -53,11 +53,10 @@ def label_cache(tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="module")
 def run(sample_dataset, tiny_clip, tmp_path_factory):
     """Train and test caches of the sample dataset (real extract path), label embeddings, a 2-epoch checkpoint."""
-    root, (config, weights), ds = tmp_path_factory.mktemp("predict"), tiny_clip, sample_dataset
-    backbone = ["--model", config, "--pretrained", weights, "--device", "cpu"]
+    root, ds = tmp_path_factory.mktemp("predict"), sample_dataset
     for split in ("train", "test"):
         _qks(*extract_args(ds, tiny_clip, root / f"{split}.zarr", split, shard_size=8))
-    _qks("embed-labels", "--dataset", ds.dataset, "--templates", ds.templates, "--out", root / "labels.zarr", *backbone)
+    _qks(*embed_args(ds, tiny_clip, root / "labels.zarr"))
     p = Params(
         model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
         train=TrainConfig(epochs=2, batch_size=8, lr=1e-3, val_fraction=0.25),
@@ -139,23 +138,7 @@ def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, t
     """`labels.normalize: true` at stage one is recorded in the checkpoint, and predict embeds labels the same way."""
     config, weights = tiny_clip
     labels = tmp_path / "labels_normalised.zarr"
-    _qks(
-        "embed-labels",
-        "--dataset",
-        sample_dataset.dataset,
-        "--templates",
-        sample_dataset.templates,
-        "--out",
-        labels,
-        "--set",
-        "labels.normalize=true",
-        "--model",
-        config,
-        "--pretrained",
-        weights,
-        "--device",
-        "cpu",
-    )
+    _qks(*embed_args(sample_dataset, tiny_clip, labels, "labels.normalize=true"))
     p = Params(
         model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
         train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25),

@@ -12,13 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import extract_args
+from tiny import extract_args, qks
 from zarr.core.sync import sync as zarr_sync
 
 from qks_pipeline.cache import open_cache
-from qks_pipeline.cli import main
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -63,18 +61,12 @@ def _close_sessions() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _qks(*args: object, expect: int = 0) -> str:
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result.output
-
-
 def _backbone_args(tiny_clip) -> list[object]:
     return ["--model", tiny_clip[0], "--pretrained", tiny_clip[1], "--device", "cpu"]
 
 
 def _extract(ds, tiny_clip, out: str | Path, expect: int = 0) -> str:
-    return _qks(*extract_args(ds, tiny_clip, out, shard_size=5, views=1), expect=expect)
+    return qks(*extract_args(ds, tiny_clip, out, shard_size=5, views=1), expect=expect)
 
 
 def _objects(s3, prefix: str) -> dict[str, bytes]:
@@ -88,7 +80,7 @@ def _local_files(store: Path) -> dict[str, bytes]:
 def _train(tmp_path: Path, train: str | Path, labels: str | Path, out: str) -> dict[str, torch.Tensor]:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(PARAMS))
-    _qks("train", "--train-cache", train, "--labels", labels, "--out", tmp_path / out, "--params", params,
+    qks("train", "--train-cache", train, "--labels", labels, "--out", tmp_path / out, "--params", params,
          "--device", "cpu", "--no-progress")  # fmt: skip
     return load_file(tmp_path / out / "best.safetensors")
 
@@ -101,9 +93,9 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
     assert remote == local  # every shard, metadata file and done marker, byte for byte
     assert not s3.exists(f"{BUCKET}/train.zarr.creating")
 
-    info = _qks("cache", "info", url)
+    info = qks("cache", "info", url)
     assert f"path: {url}" in info and "shards: 4/4 done" in info and "images: 16" in info
-    assert "OK (4 shards, 16 images, 0 skipped)" in _qks("cache", "verify", url)
+    assert "OK (4 shards, 16 images, 0 skipped)" in qks("cache", "verify", url)
 
     s3.rm(f"{BUCKET}/train.zarr/done/00001.json")
     with caplog.at_level(logging.INFO, logger="werkzeug"):  # the server logs every request it serves
@@ -113,11 +105,11 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
     assert open_cache(url).is_complete() and _objects(s3, f"{BUCKET}/train.zarr") == local
 
     h5 = tmp_path / "train.h5"  # HDF5 interop: export from S3, import back to another URL
-    _qks("cache", "export-hdf5", url, h5)
-    _qks("cache", "import-hdf5", h5, f"s3://{BUCKET}/again.zarr")
+    qks("cache", "export-hdf5", url, h5)
+    qks("cache", "import-hdf5", h5, f"s3://{BUCKET}/again.zarr")
     assert _objects(s3, f"{BUCKET}/again.zarr") == local
 
-    _qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out",
+    qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out",
          labels_url, *_backbone_args(tiny_clip))  # fmt: skip
     from_s3 = _train(tmp_path, url, labels_url, "run_s3")
     from_disk = _train(tmp_path, tmp_path / "local.zarr", labels_url, "run_local")
@@ -127,9 +119,9 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
 
 
 def test_missing_stores_buckets_and_filesystems_are_one_clear_error(s3, sample_dataset, tiny_clip):
-    out = _qks("cache", "info", f"s3://{BUCKET}/nothing.zarr", expect=1)
+    out = qks("cache", "info", f"s3://{BUCKET}/nothing.zarr", expect=1)
     assert f"Error: s3://{BUCKET}/nothing.zarr: no feature cache here" in out
     out = _extract(sample_dataset, tiny_clip, "s3://no-such-bucket/train.zarr", expect=1)
     assert "cannot open a store here (FileNotFoundError: The specified bucket does not exist)" in out
-    out = _qks("cache", "info", "nosuchfs://bucket/train.zarr", expect=1)
+    out = qks("cache", "info", "nosuchfs://bucket/train.zarr", expect=1)
     assert "Error: nosuchfs://bucket/train.zarr: cannot open this URL: Protocol not known: nosuchfs" in out

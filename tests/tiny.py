@@ -40,3 +40,22 @@ def extract_args(data, clip: TinyClip, out: Path, split: str = "train", **settin
     for key, value in {"workers": 0, **settings}.items():
         args += ["--set", f"extract.{key}={value}"]
     return [str(a) for a in args]
+
+
+def embed_args(data, clip: TinyClip, out: Path, *settings: str) -> list[str]:
+    """`qks embed-labels` arguments for a tiny model on the CPU; `data` has `.dataset` and `.templates`; `settings`
+    are `SECTION.KEY=VALUE` overrides."""
+    args = ["embed-labels", "--dataset", data.dataset, "--templates", data.templates, "--out", out]
+    args += ["--model", clip[0], "--pretrained", clip[1], "--device", "cpu"]
+    return [str(a) for a in args + [arg for s in settings for arg in ("--set", s)]]
+
+
+def qks(*args: object, expect: int = 0) -> str:
+    """Run a `qks` command in this process; its exit code must be `expect`; returns its output."""
+    from click.testing import CliRunner
+
+    from qks_pipeline.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result.output
