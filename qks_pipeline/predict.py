@@ -2,11 +2,8 @@
 
 The backbone is the one the checkpoint records, checked by its fingerprint. Images get its own preprocessing (the clean
 view of stage one) and labels stage one's `encode_labels`, so scores equal `qks evaluate`'s up to the cache's float16
-rounding. Label embeddings are cached on disk, one file per (backbone, label, templates, normalisation).
-
-    tagger = Tagger.load("runs/qks", device="auto")
-    for p in tagger.predict(["a.jpg", "b.png"], ["dog", "beach", "sunset"], top_k=2):
-        print(p.image, p.top)
+rounding. Label embeddings are cached on disk, one file per (backbone, label, templates, normalisation). Usage:
+README.md, "Tagging new images".
 """
 
 from __future__ import annotations
@@ -104,11 +101,10 @@ class Prediction:
         """The JSONL record: image, top, above_threshold (lists of {label, score}), or image and skipped."""
         if self.skipped is not None:
             return {"image": self.image, "skipped": self.skipped}
-
-        def pairs(items: list[tuple[str, float]]) -> list[dict[str, Any]]:
-            return [{"label": label, "score": round(score, 6)} for label, score in items]
-
-        out = {"image": self.image, "top": pairs(self.top), "above_threshold": pairs(self.above)}
+        top, above = (
+            [{"label": label, "score": round(score, 6)} for label, score in pairs] for pairs in (self.top, self.above)
+        )
+        out = {"image": self.image, "top": top, "above_threshold": above}
         if all_scores:
             out["scores"] = {k: round(v, 6) for k, v in self.scores_by_label.items()}
         return out
@@ -167,18 +163,10 @@ class Tagger:
         amp: bool = False,
         max_pixels: int = ExtractConfig.max_pixels,
     ) -> Tagger:
-        """Load the checkpoint's head and the backbone it records, and check that they belong together.
-
-        Args:
-            checkpoint_dir: a `qks train` (or `qks import-checkpoint`) output directory.
-            device: auto (CUDA when present) | cpu | cuda[:N].
-            pretrained: the backbone weights (file or open_clip tag), when not where the checkpoint says.
-            model: the open_clip model name or config .json, when not where the checkpoint says.
-            templates: the prompt templates (a list, or a file one a line); default: those the checkpoint's labels were
-                embedded with (else `prompt_pool()`). Another pool is refused.
-            cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
-            amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
-            max_pixels: larger images are skipped as decompression bombs.
+        """Load a `qks train` (or `qks import-checkpoint`) directory's head and the backbone it records (`model`,
+        `pretrained`: when the files moved), and check that they belong together. `templates` (a list, or a file one a
+        line): default the pool the checkpoint's labels were embedded with, another is refused. `cache_dir` of label
+        embeddings: True `default_cache_dir()`, None or False none. `max_pixels`: larger images are skipped as bombs.
         """
         directory, dev = Path(checkpoint_dir), resolve_device(device)
         head, config = checkpoint.load(directory, dev)  # before CLIP: a broken checkpoint fails fast
@@ -188,9 +176,7 @@ class Tagger:
             templates = read_templates(templates)
         trained = config.get("label_embedding") or {}
         pool = list(templates) if templates is not None else trained.get("templates") or prompt_pool()
-        found = {"num_templates": len(pool), "templates_sha256": lines_sha256(pool)} | {
-            "normalize": trained.get("normalize")
-        }
+        found = trained | {"num_templates": len(pool), "templates_sha256": lines_sha256(pool)}  # check the pool only
         try:
             check_label_embedding(directory, found, trained)
         except QKSError as e:
@@ -250,9 +236,8 @@ class Tagger:
         label_emb = self.label_embeddings(names)  # (C, E)
         size = self.backbone.fingerprint["preprocess"]["size"]
         data = _Images(images, self.backbone.preprocess, (3, *size), self.max_pixels)
-        cuda = self.device.type == "cuda"
-        loader = DataLoader(data, batch_size, num_workers=workers, pin_memory=cuda)
-        with tqdm(total=len(data), unit="img", desc="predict", disable=not progress) as bar:
+        loader = DataLoader(data, batch_size, num_workers=workers, pin_memory=self.device.type == "cuda")
+        with tqdm(total=len(images), unit="img", desc="predict", disable=not progress) as bar:
             for index, pixels, reasons in loader:  # (B,), (B, 3, H, W), B reasons
                 ok = [j for j, r in enumerate(reasons) if not r]
                 logits = self.logits(pixels[ok], label_emb).numpy() if ok else np.zeros((0, len(names)))

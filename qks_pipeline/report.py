@@ -85,13 +85,8 @@ def render_html(
     sources: Sequence[ImageInput] | None = None,
     subtitle: str = "",
 ) -> str:
-    """The page of `Tagger.predict`'s predictions.
-
-    Args:
-        threshold: the score above which a label counts as present (highlighted).
-        sources: the images, aligned with `predictions` (paths or PIL images); default: each prediction's path.
-        subtitle: one line under the title (e.g. the checkpoint).
-    """
+    """The page of `Tagger.predict`'s predictions: labels scored above `threshold` highlighted, thumbnails from
+    `sources` (paths or PIL images aligned with `predictions`; default: each prediction's path), `subtitle` one line."""
     sources = sources if sources is not None else [Path(p.image) for p in predictions]
     skipped = sum(p.skipped is not None for p in predictions)
     labels = predictions[0].labels if predictions else []

@@ -35,11 +35,8 @@ def read_label_file(path: Path) -> list[str]:
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by `inputs`: a file is taken as given, a directory is walked for image extensions.
-
-    A directory's files come sorted by their path under it; hidden files and directories (a leading '.') are left
-    out. A path that does not exist is kept, so that it is reported as skipped (missing) with the others.
-    """
+    """Image files named by `inputs`: a file as given (one that does not exist too: it is reported as skipped), a
+    directory's image files sorted by their path under it, hidden ones (a leading '.' in the path) left out."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
@@ -71,13 +68,11 @@ def csv_rows(p: Any) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _output(path: Path | None) -> Iterator[TextIO | None]:
-    """The file to stream into (written atomically), stdout for '-', or None."""
+def _output(path: Path) -> Iterator[TextIO]:
+    """The file to stream into (written atomically), or stdout for '-'."""
     from qks_pipeline.atomic import atomic_stream
 
-    if path is None:
-        yield None
-    elif str(path) == "-":
+    if str(path) == "-":
         yield sys.stdout
     else:
         with atomic_stream(path) as f:
@@ -112,7 +107,7 @@ def _skip_note(name: str, reason: str) -> None:
 def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_scores: bool, keep: bool):
     """Stream the predictions into JSONL (and CSV). Returns (the predictions when `keep`, images, skipped)."""
     kept, done, skipped = [], 0, 0
-    with _output(out) as jsonl, _output(csv_path) as table:
+    with _output(out) as jsonl, _output(csv_path) if csv_path else contextlib.nullcontext() as table:
         writer = csv.DictWriter(table, CSV_FIELDS, lineterminator="\n") if table else None
         if writer:
             writer.writeheader()
