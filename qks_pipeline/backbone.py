@@ -53,6 +53,7 @@ class Weights:
     """Where a backbone's weights come from, resolved from a `pretrained` tag or path."""
 
     path: str | None  # local weights file (None: seeded random weights)
+    source: str  # how to load them again: the tag given, the file's absolute path, or "none"
     tag: str | None  # open_clip pretrained tag, when known
     sha256: str | None  # of the weights file
     quick_gelu: bool = False  # the weights were trained with QuickGELU (OpenAI's)
@@ -147,25 +148,23 @@ def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
-    """Turn `pretrained` (an open_clip tag or a local file) into a local file and facts.
-
-    A tag brings its own activation (QuickGELU for OpenAI's weights) and preprocessing. So does a local file that is
-    recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript archive); other local QuickGELU
-    weights need a `-quickgelu` model name (e.g. ViT-B-16-quickgelu), as in open_clip itself.
-    """
+    """`pretrained` (an open_clip tag or a local file) as a local file and facts. A tag, or a file recognisably a tag's
+    (its sha256 in the tag's URL, or an OpenAI TorchScript archive), brings its activation (QuickGELU for OpenAI's)
+    and preprocessing; other QuickGELU files need a `-quickgelu` model name (ViT-B-16-quickgelu), as in open_clip."""
     if pretrained is None or pretrained.lower() in NO_WEIGHTS:
-        return Weights(None, None, None)
+        return Weights(None, "none", None, None)
     if cfg := open_clip.get_pretrained_cfg(name, pretrained):
         path, tag = _download(name, pretrained, cfg), pretrained
-        sha, quick_gelu = file_sha256(path), bool(cfg.get("quick_gelu"))
+        source, sha, quick_gelu = tag, file_sha256(path), bool(cfg.get("quick_gelu"))
     elif Path(pretrained).is_file():
-        path, sha = str(Path(pretrained).resolve()), file_sha256(pretrained)
+        path = source = str(Path(pretrained).resolve())
+        sha = file_sha256(path)
         tag, cfg = _tag_of_file(name, sha)
         quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(path)  # OpenAI's TorchScript files all are
     else:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise QKSError(f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file")
-    return Weights(str(path), tag, sha, quick_gelu, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg})
+    return Weights(path, source, tag, sha, quick_gelu, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg})
 
 
 def _is_torchscript(path: str) -> bool:
@@ -234,13 +233,8 @@ def _fingerprint(clip: torch.nn.Module, name: str, config_sha: str | None, weigh
 def load_backbone(
     model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
 ) -> Backbone:
-    """Load a frozen fp32 open_clip model in eval mode, with its fingerprint and source.
-
-    Args:
-        model: an open_clip model name, or a path to an open_clip model-config JSON (registered under its stem).
-        pretrained: an open_clip tag, a local weights file, or "none" (seeded random weights: tests, benchmarks).
-        device: where the model lives.
-    """
+    """A frozen fp32 open_clip model in eval mode, with its fingerprint and source. `model` is an open_clip name or
+    model-config JSON; `pretrained` an open_clip tag, a local weights file, or "none" (seeded random weights)."""
     name, config_sha = resolve_model_name(model)
     weights = resolve_weights(name, pretrained)
     if weights.path is None:
@@ -248,11 +242,8 @@ def load_backbone(
     clip, preprocess = _create(name, weights)
     check_supported(clip, name)
     clip = clip.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-    tagged = weights.path is None or open_clip.get_pretrained_cfg(name, str(pretrained))
-    source = {  # absolute paths, so that a checkpoint trained on these features can find them again
-        "model": str(Path(model).resolve()) if config_sha else name,
-        "pretrained": (weights.tag or "none") if tagged else str(weights.path),
-    }
+    # absolute paths, so that a checkpoint trained on these features can find them again
+    source = {"model": str(Path(model).resolve()) if config_sha else name, "pretrained": weights.source}
     fingerprint = _fingerprint(clip, name, config_sha, weights)
     return Backbone(clip, preprocess, open_clip.get_tokenizer(name), fingerprint, source)
 

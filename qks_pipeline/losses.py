@@ -25,18 +25,10 @@ def _wide(logits: Tensor) -> Tensor:
 
 
 def asymmetric_loss(logits: Tensor, targets: Tensor, masked: bool = False, focus_grad: bool = False) -> Tensor:
-    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it: ASL's `AsymmetricLossOptimized(gamma_neg=4,
-    gamma_pos=0, clip=0, eps=1e-5, disable_torch_grad_focal_loss=True)`.
-
-    Per entry: `y log(max(p, eps)) w + (1 - y) log(max(1 - p, eps)) w` with `p = sigmoid(logit)`, `y` 1 for entries
-    labelled +1 and 0 otherwise, and the focusing weight `w = (1 - p_t)^(gamma_pos y + gamma_neg (1 - y))`,
-    `p_t = p y + (1 - p) (1 - y)`. The reference computes `w` without gradient; `focus_grad` lets gradients flow
-    through it (this project's earlier form, kept as the loss `asl_focus_grad`). The negated sum is scaled by
-    1000 / (B x C), see docs/design.md section 1.
-
-    Args:
-        masked: leave unknown (0) entries out of the sum (`masl`); otherwise they count as negatives (`asl`).
-    """
+    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it (docs/design.md, section 1): ASL's
+    `AsymmetricLossOptimized(gamma_neg=4, gamma_pos=0, clip=0, eps=1e-5, disable_torch_grad_focal_loss=True)`.
+    `masked` leaves unknown (0) entries out (`masl`); `focus_grad` lets gradients flow through the focusing weight
+    (`asl_focus_grad`, this project's earlier form)."""
     gamma_neg, gamma_pos, eps = 4.0, 0.0, 1e-5
     logits = _wide(logits)
     y = (targets == 1).to(logits.dtype)
@@ -53,12 +45,8 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, masked: bool = False, focus
 
 
 def bce_loss(logits: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
-    """Binary cross-entropy with logits, summed over entries and divided by B x C.
-
-    Args:
-        masked: leave unknown (0) entries out (`mbce`); otherwise they count as negatives (`bce`, the reference's Open
-            Images loss). The divisor stays B x C, so on fully annotated labels `mbce` equals `bce`.
-    """
+    """Binary cross-entropy with logits, summed over entries and divided by B x C. `masked` leaves unknown (0) entries
+    out (`mbce`; the divisor stays B x C, so on fully annotated labels `mbce` equals `bce`)."""
     logits = _wide(logits)
     loss = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
     if masked:

@@ -1,13 +1,5 @@
-"""The QKS head: learnable queries, a BERT-style post-LayerNorm Q-Former, and knowledge sharing by max over queries.
-
-Faithful to the reference implementation (docs/design.md, section 1): N query tokens pass an embedding LayerNorm and
-dropout, then L layers of self-attention over the queries, cross-attention from the queries to the frozen CLIP visual
-tokens, and a feed-forward block, each followed by dropout, a residual add and LayerNorm (eps 1e-12, BERT's). The query
-outputs are projected by a trainable copy of CLIP's visual projection and scored against the label embeddings; a label's
-logit is its best match over the queries. No normalisation and no temperature: magnitude is part of the match.
-
-The Q-Former width equals the visual token width (768 for ViT-B/16), as in the reference.
-"""
+"""The QKS head: learnable queries, a BERT-style post-LayerNorm Q-Former over the frozen CLIP visual tokens, and
+knowledge sharing by max over queries, as the reference builds it (docs/design.md, section 1)."""
 
 from __future__ import annotations
 
@@ -81,13 +73,8 @@ class QFormerLayer(nn.Module):
 
 
 class QKS(nn.Module):
-    """Query-based knowledge sharing over cached CLIP visual tokens.
-
-    Args:
-        cfg: the model hyperparameters.
-        token_dim: width D of the visual tokens; also the Q-Former width (768 for ViT-B/16).
-        embed_dim: width E of CLIP's joint embedding space, where the label embeddings live (512 for ViT-B/16).
-    """
+    """Query-based knowledge sharing over cached CLIP visual tokens (B, T, D): the Q-Former is D wide, as in the
+    reference; `embed_dim` E is CLIP's joint embedding width, where the label embeddings live."""
 
     def __init__(self, cfg: ModelConfig, token_dim: int, embed_dim: int):
         super().__init__()
@@ -100,11 +87,7 @@ class QKS(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """BERT's initialisation: queries and Linear weights normal(0, 0.02), zero biases, LayerNorm (1, 0).
-
-        The projection gets CLIP's own initialisation (normal with std D^-0.5); `init_projection` replaces it with the
-        pretrained CLIP projection, as the reference does.
-        """
+        """BERT's initialisation; the projection gets CLIP's (std D^-0.5) until `init_projection` copies CLIP's own."""
         nn.init.normal_(self.query_tokens, std=0.02)
         nn.init.normal_(self.proj, std=self.proj.shape[0] ** -0.5)
         for m in self.modules():
@@ -137,16 +120,8 @@ class QKS(nn.Module):
     def forward(
         self, tokens: Tensor, label_emb: Tensor, return_query_index: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Score every label for every image.
-
-        Args:
-            tokens: visual tokens (B, T, D), CLS at index 0.
-            label_emb: label embeddings (C, E), not normalised.
-            return_query_index: also return which query gave each label's logit.
-
-        Returns:
-            logits (B, C); with `return_query_index`, also the arg-max query index (B, C) as int64.
-        """
+        """Tokens (B, T, D), CLS first, and label embeddings (C, E) -> logits (B, C); with `return_query_index`, also
+        which query gave each logit (B, C)."""
         feats = self.query_features(tokens) @ self.proj  # (B, N, D) @ (D, E) -> (B, N, E)
         scores = feats @ label_emb.to(feats.dtype).T  # (B, N, E) @ (E, C) -> (B, N, C)
         logits, index = scores.max(dim=1)  # (B, C), (B, C)
