@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,16 +45,11 @@ def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> li
     return diffs
 
 
-def fingerprint_difference(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """Human-readable list of the keys whose values differ between two (nested) fingerprints."""
-    return [f"{key} is {a!r} in the store, {b!r} expected" for key, a, b in differing_keys(found, expected)]
-
-
 def check_fingerprint(
     path: str | Path, found: dict[str, Any], expected: dict[str, Any], what: str = "cache", hint: str = ""
 ) -> None:
     """Refuse a store built differently from what is asked for, naming every difference (and `hint`, if given)."""
-    diffs = fingerprint_difference(found, expected)
+    diffs = [f"{key} is {a!r} in the store, {b!r} expected" for key, a, b in differing_keys(found, expected)]
     if diffs:
         raise QKSError(f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""), path)
 
@@ -62,6 +57,11 @@ def check_fingerprint(
 def _array(name: str) -> property:
     """A `Cache` accessor of the zarr array `name` (each look-up reads the array's metadata)."""
     return property(lambda cache: cache.group[name], doc=f"The `{name}` zarr array.")
+
+
+def _attr(name: str, convert: Callable[[Any], Any] = lambda value: value) -> property:
+    """A `Cache` accessor of the group attribute `name`, as `convert` makes it."""
+    return property(lambda cache: convert(cache.group.attrs[name]), doc=f"The `{name}` attribute.")
 
 
 @dataclass
@@ -75,26 +75,8 @@ class Cache:
     def location(self) -> Location:
         return Location.of(self.path)
 
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return self.group.attrs["fingerprint"]
-
-    @property
-    def label_names(self) -> list[str]:
-        return list(self.group.attrs["labels"])
-
-    @property
-    def num_seen(self) -> int:
-        return int(self.group.attrs["num_seen"])
-
-    @property
-    def shard_size(self) -> int:
-        return int(self.group.attrs["shard_size"])
-
+    fingerprint, label_names = _attr("fingerprint"), _attr("labels", list)
+    num_seen, shard_size = _attr("num_seen", int), _attr("shard_size", int)
     tokens, labels, valid, paths, manifest_index, visual_proj = (_array(name) for name in ARRAYS)
 
     @property
@@ -111,6 +93,9 @@ class Cache:
 
     def shard_rows(self, shard: int) -> slice:
         return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+
+    def num_rows(self, shards: Iterable[int]) -> int:
+        return sum(self.shard_rows(s).stop - self.shard_rows(s).start for s in shards)
 
     def done_record(self, shard: int) -> dict[str, Any]:
         """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [{"path", "reason"}]}."""
@@ -139,10 +124,7 @@ class Cache:
 
     def skipped(self) -> list[dict[str, str]]:
         """Every image recorded as unreadable, over all finished shards."""
-        out = []
-        for shard in sorted(self.done_shards()):
-            out += self.done_record(shard)["skipped"]
-        return out
+        return [image for shard in sorted(self.done_shards()) for image in self.done_record(shard)["skipped"]]
 
     def require_complete(self) -> None:
         missing = self.num_shards - len(self.done_shards())
@@ -170,21 +152,16 @@ def create_cache(
     manifest_index: np.ndarray,
     visual_proj: np.ndarray,
 ) -> Cache:
-    """Create an empty store (all metadata, no tokens), built under a temporary name and put in place: a store that
-    exists is fully initialised, a failure leaves nothing.
+    """Create an empty store (all metadata, no tokens), whole or not at all (`Location.building`).
 
     `labels`: the (N, C) int8 matrix, or a function (start, stop) -> those rows, called a shard at a time (it may not
     fit in memory: docs/design.md, section 2).
     """
     n, c = len(paths), len(label_names)
     assert manifest_index.shape == (n,)
-    label_rows = labels if callable(labels) else lambda start, stop: labels[start:stop]
-    location = Location.of(path)
-    tmp = location.sibling(".creating")
-    tmp.remove()
     t, d = token_shape
     shard = min(shard_size, max(n, 1))
-    try:
+    with Location.of(path).building() as tmp:
         group = tmp.open_group("w")
         shape, shards = (n, num_views, t, d), (shard, num_views, t, d)
         crc = [zarr.codecs.Crc32cCodec()]  # after `bytes`: each inner chunk is its raw bytes then their crc32c
@@ -193,23 +170,20 @@ def create_cache(
         label_array = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
         for start in range(0, n, shard):
             stop = min(start + shard, n)
-            rows = label_rows(start, stop)
+            rows = labels(start, stop) if callable(labels) else labels[start:stop]
             assert rows.shape == (stop - start, c), rows.shape
             label_array[start:stop] = rows
         group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(paths, dtype=object)
         group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = manifest_index
-        proj = group.create_array("visual_proj", shape=visual_proj.shape, dtype="float32", chunks=visual_proj.shape)
-        proj[:] = visual_proj
-        attrs = dict(fingerprint=fingerprint, labels=list(label_names), num_seen=int(num_seen), shard_size=shard)
-        group.attrs.update(attrs)
+        _write_float32(group, "visual_proj", visual_proj)
+        group.attrs.update(fingerprint=fingerprint, labels=list(label_names), num_seen=int(num_seen), shard_size=shard)
         tmp.makedirs("done")
-        location.replace_with(tmp)
-    except BaseException as e:  # a full disk, a bad label, an interrupt: leave nothing half-built taking the space
-        tmp.remove()
-        if isinstance(e, OSError):
-            raise QKSError(f"cannot create the store: {e.strerror or e}", e.filename or location.url) from None
-        raise
     return open_cache(path, mode="r+")
+
+
+def _write_float32(group: zarr.Group, name: str, a: np.ndarray) -> None:
+    """A small float32 array, one chunk."""
+    group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
 
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:
@@ -246,15 +220,12 @@ def write_label_embeddings(
 ) -> None:
     """Store label embeddings (C, E) float32 (and the CLIP baseline's) with the label list and backbone fingerprint."""
     assert embeddings.shape[0] == len(label_names)
-    location = Location.of(path)
-    tmp = location.sibling(".creating")
-    tmp.remove()
-    group = tmp.open_group("w")
-    arrays = {"embeddings": embeddings} | ({CLIP_EMBEDDINGS: clip_embeddings} if clip_embeddings is not None else {})
-    for name, a in arrays.items():
-        group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
-    group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
-    location.replace_with(tmp)
+    with Location.of(path).building() as tmp:
+        group = tmp.open_group("w")
+        _write_float32(group, "embeddings", embeddings)
+        if clip_embeddings is not None:
+            _write_float32(group, CLIP_EMBEDDINGS, clip_embeddings)
+        group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
 
 
 def read_label_embeddings(path: str | Path, array: str = "embeddings") -> tuple[list[str], np.ndarray, dict[str, Any]]:

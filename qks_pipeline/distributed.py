@@ -183,14 +183,14 @@ class OnCluster:
 
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
-    ) -> tuple[int, float]:
-        """Run `run_shard` for `shards`, one task each; return (images computed, forward-pass seconds per worker).
+    ) -> float:
+        """Run `run_shard` for `shards`, one task each; return the forward-pass seconds per worker.
 
         Every shard that can finish does, then the failures are raised together: no task of this run is still writing
         when this returns. After an interrupt, tasks already running finish their shard; the rest are cancelled.
         """
         if not shards:
-            return 0, 0.0
+            return 0.0
         store = cache.path if is_url(cache.path) else str(Path(cache.path).resolve())
         model, pretrained = backbone.source["model"], backbone.source["pretrained"]
         job = ShardJob(store, str(images.resolve()), model, pretrained, self.device, cfg, strict)
@@ -200,8 +200,8 @@ class OnCluster:
         log.info("extracting %d shard(s) on %d dask worker(s)", len(shards), workers)
         futures = self.client.map(run_shard, shards, job=job, retries=self.retries, pure=False, resources=gpu)
         shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
-        total, seconds, failures = 0, 0.0, []
-        with progress_bar(sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)) as bar:
+        seconds, failures = 0.0, []
+        with progress_bar(cache.num_rows(shards)) as bar:
             try:
                 for future in as_completed(futures):
                     try:
@@ -211,7 +211,7 @@ class OnCluster:
                     if done.error:
                         failures.append(f"shard {shard_of[future.key]}: {done.error}")
                     bar.update(done.rows)
-                    total, seconds = total + done.rows, seconds + done.forward_seconds
+                    seconds += done.forward_seconds
             except BaseException:  # an interrupt
                 self.client.cancel(futures)
                 raise
@@ -219,4 +219,4 @@ class OnCluster:
             more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
             done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume)"
             raise QKSError(f"{done}: {'; '.join(failures[:3])}{more}")
-        return total, seconds / workers
+        return seconds / workers

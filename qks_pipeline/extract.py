@@ -44,6 +44,7 @@ from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, load_rgb
 from qks_pipeline.manifest import (
+    SPLITS,
     label_matrix,
     lines_sha256,
     read_manifest,
@@ -55,7 +56,6 @@ from qks_pipeline.storage import Location
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -77,8 +77,6 @@ class ExtractResult:
 
 def effective_precision(precision: str, device: torch.device) -> str:
     """fp16/bf16 autocast runs only on a GPU; on the CPU it falls back to fp32 (the reference) with a warning."""
-    if precision not in PRECISIONS:
-        raise QKSError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "fp32" and device.type != "cuda":
         log.warning("precision %s is GPU-only; extracting in fp32 on %s", precision, device)
         return "fp32"
@@ -225,14 +223,14 @@ def make_dataset(cache: Cache, images_root: Path, backbone: Backbone, max_pixels
 
 
 def _open_store(
-    out: str | Path, dataset: Path, split: str, backbone: Backbone, cfg: ExtractConfig, precision: str, **how: bool
+    out: str | Path, dataset: Path, split: str, backbone: Backbone, cfg: ExtractConfig, **how: bool
 ) -> Cache:
     """Resume the store `out` if built the same way (removing what interrupted writes left), else refuse it or build a
     new one (`extract`). A path holding anything else is never replaced. The caller holds `Location.writer_lock`."""
     manifest, location = dataset / f"{split}.jsonl", Location.of(out)
     seen, unseen = read_vocabulary(dataset)
     records = read_manifest(manifest, seen + unseen)
-    data = data_fingerprint(manifest, split, seen, unseen, cfg, precision)
+    data = data_fingerprint(manifest, split, seen, unseen, cfg, cfg.precision)
     fingerprint = make_fingerprint(backbone.fingerprint, data)
     if location.holds_store() and not how["overwrite"]:
         cache = open_cache(out, mode="r+")
@@ -281,11 +279,11 @@ class InProcess:
 
     def run(
         self, cache: Cache, shards: list[int], backbone: Backbone, images: Path, cfg: ExtractConfig, strict: bool
-    ) -> tuple[int, float]:
+    ) -> float:
         """Compute and write `shards` at the store's precision, each written while the next one is computed.
-        Returns (images computed, forward-pass seconds)."""
+        Returns the forward-pass seconds."""
         if not shards:
-            return 0, 0.0
+            return 0.0
         forward = Forward(backbone.model, self.resolved, cache.fingerprint["data"]["precision"])
         dataset = make_dataset(cache, images, backbone, cfg.max_pixels)
         loader = DataLoader(
@@ -295,9 +293,8 @@ class InProcess:
             worker_init_fn=_worker_init if cfg.workers > 0 else None,
             pin_memory=forward.device.type == "cuda",
         )
-        total = sum(cache.shard_rows(s).stop - cache.shard_rows(s).start for s in shards)
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(total) as bar:
+        with ThreadPoolExecutor(max_workers=1) as writer, progress_bar(cache.num_rows(shards)) as bar:
             for shard, batches in itertools.groupby(loader, key=lambda batch: int(batch[0][0]) // cache.shard_size):
                 out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
                 if pending is not None:
@@ -305,7 +302,7 @@ class InProcess:
                 pending = writer.submit(cache.write_shard, shard, *out)
             if pending is not None:
                 pending.result()
-        return total, forward.seconds
+        return forward.seconds
 
 
 def extract(
@@ -342,15 +339,14 @@ def extract(
         cfg = dataclasses.replace(cfg, views=0)
     runner = runner or InProcess(device)
     with Location.of(out).writer_lock(), runner.connect() as dev:
-        precision = effective_precision(cfg.precision, dev)
+        cfg = dataclasses.replace(cfg, precision=effective_precision(cfg.precision, dev))
         bb = load_backbone(backbone.model, backbone.pretrained, dev if runner.loads_here else "cpu")
-        how = {"overwrite": overwrite, "replace_stale": replace_stale}
-        cache = _open_store(out, dataset_dir, split, bb, cfg, precision, **how)
+        cache = _open_store(out, dataset_dir, split, bb, cfg, overwrite=overwrite, replace_stale=replace_stale)
         todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
         start = time.perf_counter()
-        computed, forward_seconds = runner.run(cache, todo, bb, images_root, cfg, strict)
+        forward_seconds = runner.run(cache, todo, bb, images_root, cfg, strict)
     seconds = time.perf_counter() - start
-    return ExtractResult(cache.num_images, computed, len(todo), seconds, forward_seconds, cache.skipped())
+    return ExtractResult(cache.num_images, cache.num_rows(todo), len(todo), seconds, forward_seconds, cache.skipped())
 
 
 def embed_labels(

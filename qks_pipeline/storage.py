@@ -73,12 +73,6 @@ class Location:
         except OSError as e:
             raise QKSError(f"cannot open a store here ({type(e).__name__}: {e})", self.url) from None
 
-    def sibling(self, suffix: str) -> Location:
-        """The location `<this name><suffix>` beside this one (e.g. a temporary build)."""
-        if self.local:
-            return Location.of(self.url.with_name(self.url.name + suffix))
-        return Location(f"{self.url}{suffix}", self.fs, f"{self.root}{suffix}")
-
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
@@ -121,6 +115,22 @@ class Location:
     def remove(self) -> None:
         if self.exists():
             self.fs.rm(self.root, recursive=True)
+
+    @contextlib.contextmanager
+    def building(self) -> Iterator[Location]:
+        """A fresh `<name>.creating` beside this location to build a store in, put here when the block succeeds and
+        removed when it fails: a store that exists is whole, a failure leaves nothing taking the space (an OSError, such
+        as a full disk, is one clear error)."""
+        tmp = Location.of(f"{self.url}.creating")
+        tmp.remove()
+        try:
+            yield tmp
+            self.replace_with(tmp)
+        except BaseException as e:  # a full disk, a bad label, an interrupt
+            tmp.remove()
+            if isinstance(e, OSError):
+                raise QKSError(f"cannot create the store: {e.strerror or e}", e.filename or self.url) from None
+            raise
 
     def replace_with(self, built: Location) -> None:
         """Put the store built at `built` here, replacing what is here; `built` is gone afterwards."""
