@@ -1,7 +1,5 @@
-"""HDF5 interop: export a finished feature store to one .h5 file and import such a file back into a store.
-
-The file's layout: docs/design.md, section 2.
-"""
+"""HDF5 interop: export a finished feature store to one .h5 file (layout: docs/design.md, section 2) and import such a
+file back into a store."""
 
 from __future__ import annotations
 
@@ -14,6 +12,7 @@ import numpy as np
 from qks_pipeline.atomic import atomic_path
 from qks_pipeline.cache import Cache, create_cache, open_cache
 from qks_pipeline.errors import QKSError
+from qks_pipeline.manifest import require_file
 from qks_pipeline.storage import Location
 
 FORMAT = "qks-feature-cache-hdf5/1"
@@ -46,9 +45,7 @@ def export_hdf5(store: str | Path, out: str | Path) -> Path:
 
 def import_hdf5(h5: str | Path, store: str | Path, overwrite: bool = False) -> Cache:
     """Rebuild a store (arrays, attributes, done markers) from an export; an existing store needs `overwrite`."""
-    h5, location = Path(h5), Location.of(store)
-    if not h5.is_file():
-        raise QKSError("HDF5 file not found", h5)
+    location, h5 = Location.of(store), require_file(h5, "HDF5 file")
     with location.writer_lock(), h5py.File(h5, "r") as f:
         if location.holds_store() and not overwrite:
             raise QKSError("store exists (use --overwrite to replace it)", location.url)

@@ -279,13 +279,10 @@ def label_matrix(records: Sequence[Record], vocabulary: Sequence[str], rest: Seq
 def write_dataset(
     out_dir: str | Path, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]
 ) -> dict[str, SplitSummary]:
-    """Write a dataset directory, all or nothing: records are streamed into a temporary sibling directory, renamed
-    into `out_dir` when every file is complete. A record without a positive among its split's scored labels is left
-    out (and counted): the reference drops such images from training, and evaluation never scores them.
-
-    Returns:
-        Per split, the records received; `images - no_positive` of them were written.
-    """
+    """Write a dataset directory, all or nothing (streamed into a temporary sibling, renamed into `out_dir` when every
+    file is complete); returns the summary of each split's records. A record without a positive among its split's
+    scored labels is counted, not written: the reference drops such images from training, and evaluation never scores
+    them."""
     out_dir = Path(out_dir)
     check_vocabulary(seen, unseen, out_dir / "seen.txt", out_dir / "unseen.txt")
     validator, summaries = Validator(list(seen) + list(unseen)), {}

@@ -29,10 +29,7 @@ def _save(fig, out: Path) -> None:
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]):
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # not pyplot: no backend, no display, nothing global
 
     fig = Figure(figsize=size)
     return fig, fig.subplots(rows, cols, squeeze=False)[0]

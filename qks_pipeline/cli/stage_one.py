@@ -131,11 +131,8 @@ def verify_cmd(store: Path) -> None:
     from qks_pipeline.cache import open_cache, verify_cache
 
     cache = open_cache(store)
-    problems = verify_cache(cache)
-    if problems:
-        click.echo(f"{store}: {len(problems)} problem(s):", err=True)
-        for problem in problems:
-            click.echo(f"  {problem}", err=True)
+    if problems := verify_cache(cache):
+        click.echo("\n".join([f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]), err=True)
         raise SystemExit(1)
     click.echo(f"{store}: OK ({cache.num_shards} shards, {cache.num_images} images, {len(cache.skipped())} skipped)")
 
