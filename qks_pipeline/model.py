@@ -28,16 +28,14 @@ class AttentionBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
     def _heads(self, x: Tensor) -> Tensor:
-        B, L, D = x.shape
-        return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, H, L, D/H)
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, D/H)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """Attend from `x` (B, N, D) to `context` (B, T, D); returns (B, N, D)."""
-        B, N, D = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(context)), self._heads(self.value(context))
         p = self.dropout if self.training else 0.0  # dropout on the attention probabilities
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, D/H)
-        out = out.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        out = out.transpose(1, 2).flatten(2)  # (B, N, D)
         return self.norm(x + F.dropout(self.dense(out), self.dropout, self.training))
 
 

@@ -45,13 +45,9 @@ _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")  # found i
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """A checkpoint's flat state dict: unwrapped from `state_dict`/`model`, without a `module.` prefix.
-
-    Args:
-        path: a `.safetensors` file or a `torch.save` file.
-        trust_pickle: unpickle arbitrary objects (only for files from a trusted source); by default only tensors and
-            plain containers are read.
-    """
+    """The flat state dict of a `.safetensors` or `torch.save` file, unwrapped from `state_dict`/`model`, without a
+    `module.` prefix; `trust_pickle` unpickles arbitrary objects (only for a trusted file), else only tensors and plain
+    containers are read."""
     path = Path(path)
     if not path.is_file():
         raise QKSError("checkpoint not found", path)
@@ -81,11 +77,10 @@ def _qformer_key(key: str) -> str | None:
     key = key.removeprefix("bert.")
     if key.startswith("pooler."):  # BERT's pooler, if saved, reads a text CLS token the queries never produce
         return None
+    if key.startswith("embeddings.LayerNorm."):
+        return "embed_norm." + key.removeprefix("embeddings.LayerNorm.")
     if key.startswith("embeddings."):
-        name = key.removeprefix("embeddings.")
-        if name.startswith("LayerNorm."):
-            return "embed_norm." + name.removeprefix("LayerNorm.")
-        return None if name.split(".")[0] in _UNUSED_EMBEDDINGS else key
+        return None if key.split(".")[1] in _UNUSED_EMBEDDINGS else key
     m = _LAYER_KEY.fullmatch(key)
     if m is None:
         return key
@@ -140,14 +135,9 @@ def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
 def load_reference_checkpoint(
     path: str | Path, trust_pickle: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
-    """Read an authors' checkpoint (`trust_pickle`: see `read_checkpoint`).
-
-    Returns:
-        The state dict for `QKS` (strict; `token_dim, embed_dim = state["proj"].shape`), the CLIP state dict in
-        OpenAI/open_clip layout (empty without `clip_model.*`; its `visual.proj` is the trained `proj`: docs/design.md,
-        section 1), and the inferred `ModelConfig` fields `num_queries`, `num_layers`, `ff_dim` (not the heads: the
-        shapes do not tell).
-    """
+    """An authors' checkpoint as the state dict for `QKS` (strict; `token_dim, embed_dim = state["proj"].shape`), the
+    CLIP state dict in open_clip layout (empty without `clip_model.*`; `visual.proj` is the trained `proj`:
+    docs/design.md, section 1), and the `ModelConfig` fields the shapes tell (see `_infer_fields`)."""
     qks, clip, foreign = _split(read_checkpoint(path, trust_pickle), path)
     fields = _infer_fields(qks, path)
     if foreign:
@@ -172,14 +162,10 @@ def removed_cls(run_args: str | Path) -> bool:
 
 
 def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:
-    """Write CLIP weights that open_clip loads strictly (`.safetensors` when the file name says so, else `torch.save`).
-    Load them as `REFERENCE_MODEL` (docs/design.md, section 1: QuickGELU)."""
-    if "visual.proj" not in clip_state:
-        raise QKSError("CLIP weights without visual.proj cannot be loaded by open_clip", out_path)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    """Write CLIP weights (with `visual.proj`) that open_clip loads strictly (`.safetensors` when the file name says so,
+    else `torch.save`). Load them as `REFERENCE_MODEL` (docs/design.md, section 1: QuickGELU)."""
     state = {k: v.detach().contiguous().clone() for k, v in clip_state.items()}  # safetensors refuses shared storage
-    if out_path.suffix == ".safetensors":
+    if Path(out_path).suffix == ".safetensors":
         from safetensors.torch import save_file
 
         save_file(state, out_path)
@@ -200,12 +186,9 @@ def import_checkpoint(
     trust_pickle: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Turn an authors' checkpoint into a checkpoint directory (`qks_pipeline.checkpoint`) with its CLIP weights.
-
-    `keep_cls` is False for runs trained with the authors' `--rmcls`: nothing in the weights tells. The CLIP part is
-    exported to `out/clip_weights.pt`; config.json's fingerprint is what stage one records when extracting with
-    `--model {model} --pretrained out/clip_weights.pt`, so only caches extracted that way match.
-    """
+    """An authors' checkpoint as a checkpoint directory (`qks_pipeline.checkpoint`) with its CLIP weights, whose
+    fingerprint only caches extracted with them (`--model {model} --pretrained out/clip_weights.pt`) match.
+    `keep_cls` is False for runs trained with the authors' `--rmcls`: nothing in the weights tells."""
     from qks_pipeline.backbone import load_backbone, token_shape  # CLIP, to fingerprint the exported weights
 
     out = Path(out)
