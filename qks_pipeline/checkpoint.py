@@ -120,12 +120,8 @@ def backbone_args(
     if model is None:
         model = source.get("model") or fp["model"]
         if fp.get("model_config_sha256") and not Path(model).is_file():
-            sha = fp["model_config_sha256"][:12]
-            raise QKSError(
-                f"the backbone's model config {fp['model']}.json (sha256 {sha}) is not at {model!r}; "
-                "give its path with --model",
-                where,
-            )
+            what = f"model config {fp['model']}.json (sha256 {fp['model_config_sha256'][:12]})"
+            raise QKSError(f"the backbone's {what} is not at {model!r}; give its path with --model", where)
     if pretrained is None:
         recorded, tag = source.get("pretrained"), fp.get("pretrained")
         if tag != "file":  # an open_clip tag (open_clip finds or downloads the file), or None: seeded random weights
@@ -135,11 +131,8 @@ def backbone_args(
         elif (directory / CLIP_WEIGHTS).is_file():
             pretrained = str(directory / CLIP_WEIGHTS)
         else:
-            sha = str(fp.get("weights_sha256"))[:12]
-            raise QKSError(
-                f"the backbone's weights file (sha256 {sha}) is not at {recorded!r}; give its path with --pretrained",
-                where,
-            )
+            what = f"weights file (sha256 {str(fp.get('weights_sha256'))[:12]})"
+            raise QKSError(f"the backbone's {what} is not at {recorded!r}; give its path with --pretrained", where)
     return model, pretrained
 
 

@@ -1,14 +1,10 @@
 """Stage two, evaluation: score a test store with a trained QKS head (or CLIP zero-shot) and apply the protocol.
 
-Scores cover the seen labels followed by the unseen labels, over the valid rows of the test store, in float32
-(`qks_pipeline.scoring`). Metrics come from `metrics.evaluate_scores` under `evaluate.protocol` (`standard` or the
-authors' `reference`) and are fractions in [0, 1]. The CLIP baseline scores the projected CLS token against one
-template's label embeddings, as the reference's `clip_eval.py` does (`evaluate.clip_labels: template`), or against the
-prompt pool's (`pool`). The query-preference table counts, for each label, which query gives the label's logit on its
-positive images (the paper's "knowledge sharing" inspection).
-
-Memory: one (N, C) float32 score array (reused by the baseline) and the int8 labels: 5 bytes per (image, label); the
-metrics work in blocks of tens of MB (benchmarks/bench_evaluate.py).
+Scores: the seen then the unseen labels over the test store's valid rows, in float32 (`qks_pipeline.scoring`); metrics:
+`metrics.evaluate_scores` under `evaluate.protocol` (docs/design.md, section 4), fractions in [0, 1]. The CLIP baseline
+(section 1) scores against one template's label embeddings (`evaluate.clip_labels: template`, the reference's
+`clip_eval.py`) or the prompt pool's (`pool`). The query-preference table counts, per label, which query gives its
+logit on its positive images (the paper's "knowledge sharing"). Memory, 5 bytes per (image, label): section 3.
 """
 
 from __future__ import annotations
@@ -159,15 +155,10 @@ def evaluate(
     any_split: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store; write the metrics JSON and tables.
-
-    Args:
-        any_split: evaluate even on a store that stage one made from a training split.
-
-    Returns:
-        The metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`, and with both a
-        checkpoint and `baseline="clip"` the baseline's settings and `clip_labels` under `clip_zero_shot`.
-    """
+    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store (`any_split`: even one that stage one
+    made from a training split); write the metrics JSON and tables. Returns the metrics written to `out`: `protocol`,
+    settings zsl/gzsl/seen (fractions), `selection`, and with both a checkpoint and `baseline="clip"` the baseline's
+    settings and `clip_labels` under `clip_zero_shot`."""
     if checkpoint is None and baseline is None:
         raise QKSError("nothing to evaluate: give --checkpoint, --baseline clip, or both")
     params = params or EvaluateConfig()

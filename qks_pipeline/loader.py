@@ -1,15 +1,11 @@
 """Random minibatches from a feature cache, at the speed of the disk, with bounded memory.
 
-Read directly from the shard files (`qks_pipeline.shards`), random rows cost what contiguous rows cost (measured:
-docs/design.md section 3, `benchmarks/bench_loader.py`), so each batch is rows drawn at random. Each epoch visits the
-shards in a random order, `WINDOW` at a time, and draws batches from the permuted rows of a window (a batch may span
-two); the window bounds what is held besides the batches: its shards' labels (compressed, one chunk a shard) and the
-open shard files. Each sample's view is drawn at random; everything random comes from (seed, epoch). In order
-(validation, evaluation): the valid rows in store order, view 0.
-
-One background thread assembles the next `prefetch` batches while the caller computes, straight into the batch's
-tensor: pinned when the target is CUDA (so `batch.tokens.to(device, non_blocking=True)` overlaps compute), else one of
-`prefetch + 2` reused buffers.
+Batches are rows drawn at random, read straight from the shard files (`qks_pipeline.shards`; why: docs/design.md,
+section 3): each epoch visits the shards in a random order, `WINDOW` at a time, and draws batches from the permuted rows
+of a window (a batch may span two). Each sample's view is drawn at random; everything random comes from (seed, epoch).
+In order (validation, evaluation): the valid rows in store order, view 0. One background thread assembles the next
+`prefetch` batches straight into the batch's tensor: pinned when the target is CUDA (so `.to(device, non_blocking=True)`
+overlaps compute), else one of `prefetch + 2` reused buffers.
 
 Memory bound, in bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
     (prefetch + 2) x batch x T x D x 2 + 2 x WINDOW x S x C' + 32 MiB
@@ -174,13 +170,8 @@ def open_loader(
     pin_memory: bool = False,
     backend: str = "auto",
 ) -> CacheLoader:
-    """A loader over the valid rows in `rows` (default: all) and the label `columns` (train: the seen labels).
-
-    Args:
-        pin_memory: assemble batches in pinned memory (when the batches go to a CUDA device).
-        backend: how tokens are read (`qks_pipeline.shards.open_reader`): "auto" (the shard files directly where the
-            store allows, else TensorStore for a local store, zarr-python for a URL), "direct", "tensorstore", "zarr".
-    """
+    """A loader over the valid rows in `rows` (default: all) and the label `columns` (train: the seen labels), batches
+    in pinned memory with `pin_memory` (for a CUDA device); `backend`: how tokens are read (`shards.open_reader`)."""
     start, stop = rows if rows is not None else (0, cache.num_images)
     valid = (start + np.flatnonzero(np.asarray(cache.valid[start:stop], dtype=bool))).astype(np.int64)
     reader = open_reader(cache.location, cache.tokens, backend)

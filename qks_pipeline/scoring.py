@@ -1,9 +1,6 @@
 """Scores of a feature store's valid rows, from a trained head or CLIP zero-shot: shared by validation and evaluation.
 
-Scoring runs in float32 on every device. Under float16 autocast, logits near 75 would be rounded to steps of 0.0625,
-tying labels in the ranking that decides mAP and checkpoint selection. Scores go straight into one preallocated
-(N, C) float32 array (4 bytes per image and label), the labels beside them (1 byte).
-"""
+Always float32 (float16 arithmetic ties labels in the ranking: docs/design.md, section 3), into one (N, C) array."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from qks_pipeline import ddp
 from qks_pipeline.atomic import atomic_write, write_csv
-from qks_pipeline.cache import Cache, Inputs, open_inputs
+from qks_pipeline.cache import Inputs, open_inputs
 from qks_pipeline.checkpoint import BEST, CONFIG, LAST, LOG, STATE, make_config, read_config, save_weights, write_config
 from qks_pipeline.config import Params, TrainConfig
 from qks_pipeline.devices import resolve_device
@@ -42,20 +42,9 @@ SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}  # what score_e
 
 
 # ---------------------------------------------------------------------------------------------------------- inputs
-def check_validation_labels(cache: Cache, rows: tuple[int, int], num_seen: int) -> None:
-    """Refuse selection 'val' when no seen label of the held-out rows has a positive and a negative (`metrics`)."""
-    pos = neg = 0
-    for start in range(rows[0], rows[1], cache.shard_size):
-        stop = min(start + cache.shard_size, rows[1])
-        _, p, n = label_counts(cache.labels[start:stop, :num_seen][cache.valid[start:stop]])
-        pos, neg = pos + p, neg + n
-    if not np.any((pos > 0) & (neg > 0)):
-        why = "has both a positive and a negative, so validation mAP is undefined"
-        raise QKSError(f"no seen label of the held-out rows {rows} {why}; selection 'val' cannot choose", cache.path)
-
-
 def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
-    """What the config loader cannot check alone (it checks the choices): ranges, and what the caches allow."""
+    """What the config loader cannot check alone (it checks the choices): ranges, and what the caches allow (selection
+    'val': a seen label with a positive and a negative among the held-out rows, `metrics`, counted shard by shard)."""
     if not 0.0 <= cfg.val_fraction < 1.0 or cfg.epochs < 1 or cfg.batch_size < 1:
         raise QKSError("train.val_fraction must be in [0, 1), train.epochs and train.batch_size at least 1")
     if cfg.selection == "test":
@@ -64,10 +53,17 @@ def check_train_config(cfg: TrainConfig, inputs: Inputs) -> None:
         if inputs.num_seen == len(inputs.label_names):
             raise QKSError("selection 'test' scores unseen labels, and the caches have none")
         return
-    val_rows = split_rows(inputs.cache.num_images, cfg.val_fraction)[1]
-    if val_rows[0] == val_rows[1]:
+    cache, rows = inputs.cache, split_rows(inputs.cache.num_images, cfg.val_fraction)[1]
+    if rows[0] == rows[1]:
         raise QKSError(f"train.val_fraction {cfg.val_fraction} leaves no validation rows; selection 'val' needs some")
-    check_validation_labels(inputs.cache, val_rows, inputs.num_seen)
+    pos = neg = 0
+    for start in range(rows[0], rows[1], cache.shard_size):
+        stop = min(start + cache.shard_size, rows[1])
+        _, p, n = label_counts(cache.labels[start:stop, : inputs.num_seen][cache.valid[start:stop]])
+        pos, neg = pos + p, neg + n
+    if not np.any((pos > 0) & (neg > 0)):
+        why = "has both a positive and a negative, so validation mAP is undefined"
+        raise QKSError(f"no seen label of the held-out rows {rows} {why}; selection 'val' cannot choose", cache.path)
 
 
 # --------------------------------------------------------------------------------------------------------- session
@@ -100,11 +96,9 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
     loader.part = ddp.rank_and_world()  # each rank reads its share of every batch
     if loader.num_samples == 0:
         raise QKSError("no valid training rows", inputs.cache.path)
-    eval_batch = params.evaluate.batch_size
-    val = None
-    if val_rows[1] > val_rows[0]:
-        val = open_loader(inputs.cache, batch_size=eval_batch, rows=val_rows, columns=seen, shuffle=False, **pin)
-    test = open_loader(inputs.test, batch_size=eval_batch, shuffle=False, **pin) if cfg.selection == "test" else None
+    held = {"batch_size": params.evaluate.batch_size, "shuffle": False, **pin}  # scored in order
+    val = open_loader(inputs.cache, rows=val_rows, columns=seen, **held) if val_rows[1] > val_rows[0] else None
+    test = open_loader(inputs.test, **held) if cfg.selection == "test" else None
     torch.manual_seed(cfg.seed)
     model = QKS(params.model, inputs.cache.tokens.shape[3], inputs.embeddings.shape[1])
     model.init_projection(torch.from_numpy(inputs.cache.visual_proj[:]))
@@ -164,14 +158,13 @@ def train_epoch(s: Session, epoch: int, progress_bar: bool = True) -> dict[str, 
     torch.manual_seed(int(seed))  # dropout's draws: a function of (seed, epoch, rank), so a resumed run repeats them
     emb_seen = s.emb[: s.num_seen]  # (C_seen, E): training scores seen labels only
     total, count, start = torch.zeros((), device=s.device), 0, time.perf_counter()
-    bar = tqdm(total=s.train_loader.num_samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar)
     size, samples = s.train_loader.batch_size, s.train_loader.num_samples
-    for i, batch in enumerate(s.train_loader.epoch(epoch)):
-        of = min(size, samples - i * size)  # the global batch this rank's share belongs to
-        total += train_step(s, batch.tokens, batch.labels, emb_seen, of)
-        count += of
-        bar.update(of)
-    bar.close()
+    with tqdm(total=samples, desc=f"epoch {epoch + 1}", unit="img", disable=not progress_bar) as bar:
+        for i, batch in enumerate(s.train_loader.epoch(epoch)):
+            of = min(size, samples - i * size)  # the global batch this rank's share belongs to
+            total += train_step(s, batch.tokens, batch.labels, emb_seen, of)
+            count += of
+            bar.update(of)
     seconds = time.perf_counter() - start
     return {"loss": float(ddp.total(total)) / count, "time_s": seconds, "samples_per_s": count / seconds}
 
