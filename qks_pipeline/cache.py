@@ -127,8 +127,7 @@ class Cache:
         return [image for shard in sorted(self.done_shards()) for image in self.done_record(shard)["skipped"]]
 
     def require_complete(self) -> None:
-        missing = self.num_shards - len(self.done_shards())
-        if missing:
+        if missing := self.num_shards - len(self.done_shards()):
             raise QKSError(
                 f"cache is incomplete: {missing} of {self.num_shards} shards not extracted; rerun extract", self.path
             )
@@ -369,12 +368,10 @@ def _verify_shard(cache: Cache, reader: Reader, shard: int, paths: np.ndarray) -
 def verify_cache(cache: Cache) -> list[str]:
     """Every problem found: missing or inconsistent done markers, damaged shards (every chunk's checksum from format
     version 2 on), valid/skipped mismatches, valid rows of zeros."""
-    done = cache.done_shards()
-    problems = [f"shard {s}: no done marker (not extracted)" for s in range(cache.num_shards) if s not in done]
-    problems += [
-        f"done marker {s:05d}.json names no shard of this store" for s in sorted(done) if s >= cache.num_shards
-    ]
+    done, shards = cache.done_shards(), set(range(cache.num_shards))
+    problems = [f"shard {s}: no done marker (not extracted)" for s in sorted(shards - done)]
+    problems += [f"done marker {s:05d}.json names no shard of this store" for s in sorted(done - shards)]
     paths, reader = cache.paths[:], open_reader(cache.location, cache.tokens)
-    for shard in sorted(s for s in done if s < cache.num_shards):
+    for shard in sorted(done & shards):
         problems += _verify_shard(cache, reader, shard, paths)
     return problems

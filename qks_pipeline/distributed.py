@@ -84,10 +84,6 @@ def local_cluster(workers: int) -> Any:
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **where)
 
 
-def _device_type(device: str) -> str:
-    return resolve_device(device).type
-
-
 @dataclass(frozen=True)
 class ShardJob:
     """What a worker needs besides the shard number; views, seed and precision it reads from the store."""
@@ -152,19 +148,14 @@ def run_shard(shard: int, job: ShardJob) -> ShardDone:
     return ShardDone(len(out[1]), forward.seconds)
 
 
+@dataclass
 class OnCluster:
-    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per shard.
+    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per shard."""
 
-    Args:
-        cluster: "local:N", a scheduler address ("tcp://host:8786"), or a `distributed.Client` (see `connect`).
-        device: what each worker resolves for its forward passes.
-        retries: how often a failing shard is retried (a user error such as --strict's is not).
-    """
-
+    cluster: str | Any  # "local:N", a scheduler address ("tcp://host:8786"), or a `distributed.Client` (`connect`)
+    device: str = "auto"  # what each worker resolves for its forward passes
+    retries: int = 2  # how often a failing shard is retried (a user error such as --strict's is not)
     loads_here = False  # the client loads the backbone on the CPU, for its fingerprint and projection only
-
-    def __init__(self, cluster: str | Any, device: str = "auto", retries: int = 2):
-        self.cluster, self.device, self.retries = cluster, device, retries
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[torch.device]:
@@ -174,7 +165,7 @@ class OnCluster:
                 self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
             except TimeoutError:
                 raise QKSError(f"the dask cluster has no workers (waited {CONNECT_TIMEOUT_S} s)") from None
-            found = set(self.client.run(_device_type, self.device).values())
+            found = {device.type for device in self.client.run(resolve_device, self.device).values()}
             if len(found) != 1:
                 raise QKSError(
                     f"the dask workers resolve --device {self.device} differently: {', '.join(sorted(found))}"

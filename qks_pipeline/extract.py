@@ -263,14 +263,13 @@ def _open_store(
     )
 
 
+@dataclass
 class InProcess:
     """The default runner of `extract`: the shards computed in this process. A runner connects (yielding the forward
     passes' device), says where the client loads the backbone, and runs the shards."""
 
+    device: str = "auto"
     loads_here = True  # the forward passes use the client's backbone
-
-    def __init__(self, device: str = "auto"):
-        self.device = device
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[torch.device]:
