@@ -164,10 +164,10 @@ class Tagger:
         max_pixels: int = ExtractConfig.max_pixels,
     ) -> Tagger:
         """Load a `qks train` (or `qks import-checkpoint`) directory's head and the backbone it records (`model`,
-        `pretrained`: when the files moved), and check that they belong together. `templates` (a list, or a file one a
-        line): default the pool the checkpoint's labels were embedded with, another is refused. `cache_dir` of label
-        embeddings: True `default_cache_dir()`, None or False none. `max_pixels`: larger images are skipped as bombs.
-        """
+        `pretrained`: when the files moved) on `device` (auto | cpu | cuda[:N]), and check that they belong together.
+        `templates` (a list, or a file one a line): default the pool the checkpoint's labels were embedded with, another
+        is refused. `cache_dir` of label embeddings: True `default_cache_dir()`, None or False none. `amp`: float16
+        autocast of the backbone on CUDA. `max_pixels`: larger images are skipped as decompression bombs."""
         directory, dev = Path(checkpoint_dir), resolve_device(device)
         head, config = checkpoint.load(directory, dev)  # before CLIP: a broken checkpoint fails fast
         backbone = load_backbone(*checkpoint.backbone_args(directory, config, model, pretrained), dev)
