@@ -115,7 +115,12 @@ PIPELINE_SECTIONS = {"dataset", "data"}
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """`value` checked against a field's type hint (bool, int, float, str, list[...], Literal[...], unions of them)."""
+    """`value` checked against a field's type hint (bool, int, float, str, list[...], Literal[...], unions of them, or
+    a dataclass: a section, a mapping of its fields)."""
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise QKSError(f"section '{where}' must be a mapping")
+        return _build(hint, value, where)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value in args:
@@ -147,15 +152,7 @@ def _build(cls: type[T], values: dict[str, Any], where: str) -> T:
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise QKSError(f"unknown key(s) in section '{where}': {', '.join(unknown)} (known: {', '.join(hints)})")
-    kwargs = {}
-    for name, value in values.items():
-        if dataclasses.is_dataclass(hints[name]):
-            if not isinstance(value, dict):
-                raise QKSError(f"section '{where}.{name}' must be a mapping")
-            kwargs[name] = _build(hints[name], value, f"{where}.{name}")
-        else:
-            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
+    return cls(**{name: _coerce(value, hints[name], f"{where}.{name}") for name, value in values.items()})
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:

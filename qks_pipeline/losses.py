@@ -1,8 +1,7 @@
-"""Training losses over logits (B, C) and targets (B, C) int8: +1 positive, -1 verified negative, 0 unknown.
+"""Training losses (`LOSSES`) over logits (B, C) and targets (B, C) int8: +1 positive, -1 verified negative, 0 unknown.
 
-`asl` (NUS-WIDE) and `bce` (Open Images) are the reference's losses, `masl` and `mbce` its variants that leave unknown
-(0) entries out; `ranking` is the ablation's ranking loss. Every loss is a mean over images of a per-image term, so that
-distributed training can weight each rank's share of a batch exactly (qks_pipeline/ddp.py).
+Every loss is a mean over images of a per-image term, so that distributed training can weight each rank's share of a
+batch exactly (qks_pipeline/ddp.py).
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ def asymmetric_loss(logits: Tensor, targets: Tensor, masked: bool = False, focus
 
 
 def bce_loss(logits: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
-    """Binary cross-entropy with logits, summed over entries and divided by B x C. `masked` leaves unknown (0) entries
-    out (`mbce`; the divisor stays B x C, so on fully annotated labels `mbce` equals `bce`)."""
+    """BCE with logits (the reference's Open Images loss), summed over entries and divided by B x C. `masked` leaves
+    unknown (0) entries out (`mbce`; the divisor stays B x C, so on fully annotated labels `mbce` equals `bce`)."""
     logits = _wide(logits)
     loss = F.binary_cross_entropy_with_logits(logits, (targets == 1).to(logits.dtype), reduction="none")
     if masked:
@@ -55,15 +54,10 @@ def bce_loss(logits: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
 
 
 def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor:
-    """Pairwise hinge ranking loss over annotated entries (the BiAM / MKT ranking loss).
-
-    For each image, every (positive, verified negative) pair contributes `max(0, margin - s_pos + s_neg)`; unknown
-    entries (0) take part in no pair. An image's loss is the sum over its pairs divided by the number of violating
-    pairs (those with a positive hinge); an image without violations contributes 0. The loss is the mean over images.
-
-    Pairs are formed from each image's positives only, padded to the batch's largest positive count P: (B, P, C)
-    rather than (B, C, C), which matters at Open Images' 7,586 labels (P is tens, C thousands).
-    """
+    """The BiAM / MKT pairwise hinge ranking loss: per image, the sum of `max(0, margin - s_pos + s_neg)` over its
+    (positive, verified negative) pairs divided by the number of violating pairs (0 without any); mean over images.
+    Pairs come from each image's positives padded to the batch's most, P: (B, P, C), not (B, C, C) (Open Images: P is
+    tens, C thousands)."""
     logits = _wide(logits)
     pos, neg = targets == 1, targets == -1
     most = int(pos.sum(dim=1).max()) if pos.numel() else 0
