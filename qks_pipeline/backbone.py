@@ -1,8 +1,5 @@
-"""The frozen CLIP backbone (open_clip): loading, fingerprint, visual tokens and label embeddings.
-
-Stage one and predict only. The visual tokens are `ln_post`'s output over all tokens, CLS first, before the visual
-projection (docs/design.md, sections 1 and 2).
-"""
+"""The frozen CLIP backbone (open_clip) of stage one and predict: loading, fingerprint, visual tokens (`ln_post`'s
+output over all tokens, CLS first, before the visual projection) and label embeddings (docs/design.md, sections 1-2)."""
 
 from __future__ import annotations
 
@@ -190,8 +187,7 @@ def check_supported(model: torch.nn.Module, name: str) -> None:
 
 
 def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
-    kwargs: dict[str, Any] = {"force_quick_gelu": weights.quick_gelu}
-    kwargs.update({f"image_{k}": v for k, v in weights.preprocess.items()})
+    kwargs = {"force_quick_gelu": weights.quick_gelu} | {f"image_{k}": v for k, v in weights.preprocess.items()}
     try:
         if weights.path is None:
             with torch.random.fork_rng(devices=[]):  # the same random weights on every run (resumable extraction)

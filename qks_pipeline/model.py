@@ -99,9 +99,7 @@ class QKS(nn.Module):
     @torch.no_grad()
     def init_projection(self, visual_proj: Tensor) -> None:
         """Copy CLIP's visual projection (D, E) into the trainable projection."""
-        assert visual_proj.shape == self.proj.shape, (
-            f"projection {tuple(visual_proj.shape)} != {tuple(self.proj.shape)}"
-        )
+        assert visual_proj.shape == self.proj.shape, f"projection {list(visual_proj.shape)} != {list(self.proj.shape)}"
         self.proj.copy_(visual_proj)
 
     def query_features(self, tokens: Tensor) -> Tensor:
