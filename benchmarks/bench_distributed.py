@@ -88,9 +88,11 @@ def main() -> None:
                 speed[name].append(go())
                 load[name].append(os.getloadavg()[0])  # the 1-minute load average: other work on the machine shows
     best = {name: max(v) for name, v in speed.items()}
-    print(f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, batch "
-          f"{args.batch_size}, shards of {args.shard_size} ({-(-args.images // args.shard_size)} tasks), "
-          f"{args.repeats} timed runs each, best reported")  # fmt: skip
+    print(
+        f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, batch "
+        f"{args.batch_size}, shards of {args.shard_size} ({-(-args.images // args.shard_size)} tasks), "
+        f"{args.repeats} timed runs each, best reported"
+    )
     for name, values in speed.items():
         runs = ", ".join(f"{v:.2f} at load {x:.1f}" for v, x in zip(values, load[name], strict=True))
         print(f"{name:>42}: {best[name]:7.2f} images/s  ({runs})")

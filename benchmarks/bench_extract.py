@@ -91,8 +91,10 @@ def main() -> None:
             full.append(result.images_per_second)
             busy.append(result.forward_seconds / result.loop_seconds)
             forward.append(pure_forward(model, batches))
-    print(f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
-          f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
+        f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}"
+    )
     print(f"pure forward (in-memory tensors): {max(forward):8.2f} images/s (best of {_fmt(forward)})")
     print(f"full extraction (files -> store): {max(full):8.2f} images/s (best of {_fmt(full)})")
     print(f"ratio full / forward (best runs): {max(full) / max(forward):8.3f}")

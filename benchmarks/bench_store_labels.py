@@ -28,9 +28,8 @@ SHARD = 1024
 def records(n: int, c: int) -> tuple[list[Record], list[str]]:
     names = [f"label{j}" for j in range(c)]
     rng = np.random.default_rng(0)
-    picks = rng.integers(0, c, size=(n, 16))
-    return [Record(f"img/{i}.jpg", tuple(names[j] for j in p[:8]), tuple(names[j] for j in p[8:])) for i, p in
-            enumerate(picks)], names  # fmt: skip
+    picked = [[names[j] for j in p] for p in rng.integers(0, c, size=(n, 16))]  # 8 positive, 8 negative
+    return [Record(f"img/{i}.jpg", tuple(p[:8]), tuple(p[8:])) for i, p in enumerate(picked)], names
 
 
 def peak_mib() -> float:
@@ -47,9 +46,19 @@ def run(mode: str, n: int, c: int, out: Path) -> None:
         def labels(start: int, stop: int) -> np.ndarray:
             return label_matrix(recs[start:stop], names)
 
-    create_cache(out, fingerprint={"format_version": 1}, token_shape=(197, 768), num_views=1, shard_size=SHARD,
-                 label_names=names, num_seen=c, labels=labels, paths=[r.image for r in recs],
-                 manifest_index=np.arange(n), visual_proj=np.zeros((768, 512), np.float32))  # fmt: skip
+    create_cache(
+        out,
+        fingerprint={"format_version": 1},
+        token_shape=(197, 768),
+        num_views=1,
+        shard_size=SHARD,
+        label_names=names,
+        num_seen=c,
+        labels=labels,
+        paths=[r.image for r in recs],
+        manifest_index=np.arange(n),
+        visual_proj=np.zeros((768, 512), np.float32),
+    )
     print(f"{mode}: records {before:.0f} MiB, peak {peak_mib():.0f} MiB, growth {peak_mib() - before:.0f} MiB")
 
 

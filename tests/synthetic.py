@@ -36,38 +36,58 @@ def _label_matrix(rng: np.random.Generator, n: int, c: int, max_pos: int, unknow
     return labels
 
 
-def _tokens(
-    rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, views: int, t: int, noise: float, cls: float
-) -> np.ndarray:
-    """(n, V, T, D) tokens: each positive label's pattern in 2 random patch tokens (1.0) and in CLS (`cls`)."""
-    n, d = labels.shape[0], patterns.shape[1]
-    out = rng.standard_normal((n, views, t, d), dtype=np.float32) * noise
-    for i in range(n):
-        pos = np.flatnonzero(labels[i] == 1)
-        for v in range(views):
-            out[i, v, 0] += cls * patterns[pos].sum(0)
-            for c in pos:
-                out[i, v, rng.choice(np.arange(1, t), size=2, replace=False)] += patterns[c]
-    return out
+@dataclass(frozen=True)
+class _Design:
+    """What the train and test stores share: the labels' patterns and the store's shape."""
 
+    names: list[str]
+    num_seen: int
+    patterns: np.ndarray  # (C, D): each label's direction in token space
+    proj: np.ndarray  # (D, E): the cache's visual_proj
+    views: int
+    num_tokens: int
+    shard_size: int
+    noise: float
+    cls_weight: float  # how strongly the positive labels' patterns show in the CLS token
+    backbone: dict
 
-def _write_store(path: Path, rng: np.random.Generator, labels: np.ndarray, patterns: np.ndarray, proj: np.ndarray,
-                 names: list[str], num_seen: int, views: int, t: int, shard_size: int, noise: float,
-                 invalid: tuple[int, ...], backbone: dict, cls_weight: float) -> None:  # fmt: skip
-    n = labels.shape[0]
-    cache = create_cache(
-        path, fingerprint=make_fingerprint(backbone, {"split": path.stem}), token_shape=(t, proj.shape[0]),
-        num_views=views, shard_size=shard_size, label_names=names, num_seen=num_seen, labels=labels,
-        paths=[f"img{i:05d}.jpg" for i in range(n)], manifest_index=np.arange(n), visual_proj=proj,
-    )  # fmt: skip
-    tokens = _tokens(rng, labels, patterns, views, t, noise, cls_weight)
-    valid = np.ones(n, dtype=bool)
-    valid[list(invalid)] = False
-    tokens[~valid] = 0.0  # an unreadable image has no tokens
-    for shard in range(cache.num_shards):
-        rows = cache.shard_rows(shard)
-        skipped = [{"path": f"img{i:05d}.jpg", "reason": "synthetic"} for i in invalid if rows.start <= i < rows.stop]
-        cache.write_shard(shard, tokens[rows], valid[rows], skipped)
+    def tokens(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+        """(n, V, T, D) tokens: each positive label's pattern in 2 random patch tokens (1.0) and in CLS."""
+        t, d = self.num_tokens, self.patterns.shape[1]
+        out = rng.standard_normal((labels.shape[0], self.views, t, d), dtype=np.float32) * self.noise
+        for i in range(labels.shape[0]):
+            pos = np.flatnonzero(labels[i] == 1)
+            for v in range(self.views):
+                out[i, v, 0] += self.cls_weight * self.patterns[pos].sum(0)
+                for c in pos:
+                    out[i, v, rng.choice(np.arange(1, t), size=2, replace=False)] += self.patterns[c]
+        return out
+
+    def write_store(self, path: Path, rng: np.random.Generator, n: int, invalid: tuple[int, ...]) -> None:
+        """A store of `n` images with random labels; the rows in `invalid` are unreadable images."""
+        labels = _label_matrix(rng, n, len(self.names), max_pos=3, unknown=0.05)
+        paths = [f"img{i:05d}.jpg" for i in range(n)]
+        cache = create_cache(
+            path,
+            fingerprint=make_fingerprint(self.backbone, {"split": path.stem}),
+            token_shape=(self.num_tokens, self.proj.shape[0]),
+            num_views=self.views,
+            shard_size=self.shard_size,
+            label_names=self.names,
+            num_seen=self.num_seen,
+            labels=labels,
+            paths=paths,
+            manifest_index=np.arange(n),
+            visual_proj=self.proj,
+        )
+        tokens = self.tokens(rng, labels)
+        valid = np.ones(n, dtype=bool)
+        valid[list(invalid)] = False
+        tokens[~valid] = 0.0  # an unreadable image has no tokens
+        for shard in range(cache.num_shards):
+            rows = cache.shard_rows(shard)
+            skipped = [{"path": paths[i], "reason": "synthetic"} for i in invalid if rows.start <= i < rows.stop]
+            cache.write_shard(shard, tokens[rows], valid[rows], skipped)
 
 
 def make_synthetic(
@@ -100,10 +120,9 @@ def make_synthetic(
     patterns = emb @ proj.T  # (C, E) @ (E, D) -> (C, D)
     backbone = backbone or SYNTHETIC_BACKBONE
     data = SyntheticData(root / "train.zarr", root / "test.zarr", root / "labels.zarr", names, num_seen)
-    for path, n, invalid in ((data.train, num_train, invalid_train), (data.test, num_test, ())):
-        labels = _label_matrix(rng, n, c, max_pos=3, unknown=0.05)
-        _write_store(path, rng, labels, patterns, proj, names, num_seen, views, num_tokens, shard_size, noise,
-                     invalid, backbone, cls_weight)  # fmt: skip
+    design = _Design(names, num_seen, patterns, proj, views, num_tokens, shard_size, noise, cls_weight, backbone)
+    design.write_store(data.train, rng, num_train, invalid_train)
+    design.write_store(data.test, rng, num_test, ())
     clip = emb / np.linalg.norm(emb, axis=1, keepdims=True)  # the CLIP baseline's labels: here the same, normalised
     fingerprint = make_fingerprint(backbone)
     write_label_embeddings(data.labels, names, emb, fingerprint, clip, clip_template="{}", num_seen=num_seen)

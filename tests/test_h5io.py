@@ -18,11 +18,18 @@ N, V, T, D = 9, 2, 5, 8
 def _complete_store(path):
     rng = np.random.default_rng(0)
     cache = create_cache(
-        path, fingerprint=make_fingerprint({"model": "m"}, {"split": "train", "views": 1}), token_shape=(T, D),
-        num_views=V, shard_size=4, label_names=["ä", "b c", "d"], num_seen=2,
-        labels=rng.integers(-1, 2, (N, 3)).astype(np.int8), paths=[f"dir/ïmg{i}.jpg" for i in range(N)],
-        manifest_index=rng.permutation(N), visual_proj=rng.standard_normal((D, 4)).astype(np.float32),
-    )  # fmt: skip
+        path,
+        fingerprint=make_fingerprint({"model": "m"}, {"split": "train", "views": 1}),
+        token_shape=(T, D),
+        num_views=V,
+        shard_size=4,
+        label_names=["ä", "b c", "d"],
+        num_seen=2,
+        labels=rng.integers(-1, 2, (N, 3)).astype(np.int8),
+        paths=[f"dir/ïmg{i}.jpg" for i in range(N)],
+        manifest_index=rng.permutation(N),
+        visual_proj=rng.standard_normal((D, 4)).astype(np.float32),
+    )
     tokens = rng.standard_normal((N, V, T, D)).astype(np.float16)
     for shard in range(cache.num_shards):
         rows = cache.shard_rows(shard)

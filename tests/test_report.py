@@ -109,9 +109,17 @@ needs_chromium = pytest.mark.skipif(
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium-profile'}"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90, check=True)
 
 
@@ -133,8 +141,8 @@ def test_chromium_screenshot_shows_the_thumbnails(tmp_path):
     predictions, _ = _predictions(tmp_path)
     page = write_html(tmp_path / "report.html", predictions, threshold=0.5)
     shot = tmp_path / "shot.png"
-    _chromium(tmp_path, f"--window-size={WINDOW[0]},{WINDOW[1]}", "--hide-scrollbars", f"--screenshot={shot}",
-              page.resolve().as_uri())  # fmt: skip
+    size = f"--window-size={WINDOW[0]},{WINDOW[1]}"
+    _chromium(tmp_path, size, "--hide-scrollbars", f"--screenshot={shot}", page.resolve().as_uri())
     img = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)  # (H, W, 3)
     assert img.shape == (WINDOW[1], WINDOW[0], 3)
     assert img.reshape(-1, 3).var(axis=0).sum() > 0  # not blank

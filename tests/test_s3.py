@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import extract_args, qks
+from tiny import embed_args, extract_args, qks, train_args
 from zarr.core.sync import sync as zarr_sync
 
 from qks_pipeline.cache import open_cache
@@ -61,10 +61,6 @@ def _close_sessions() -> None:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _backbone_args(tiny_clip) -> list[object]:
-    return ["--model", tiny_clip[0], "--pretrained", tiny_clip[1], "--device", "cpu"]
-
-
 def _extract(ds, tiny_clip, out: str | Path, expect: int = 0) -> str:
     return qks(*extract_args(ds, tiny_clip, out, shard_size=5, views=1), expect=expect)
 
@@ -80,8 +76,7 @@ def _local_files(store: Path) -> dict[str, bytes]:
 def _train(tmp_path: Path, train: str | Path, labels: str | Path, out: str) -> dict[str, torch.Tensor]:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(PARAMS))
-    qks("train", "--train-cache", train, "--labels", labels, "--out", tmp_path / out, "--params", params,
-         "--device", "cpu", "--no-progress")  # fmt: skip
+    qks(*train_args(train, labels, tmp_path / out, params))
     return load_file(tmp_path / out / "best.safetensors")
 
 
@@ -109,8 +104,7 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
     qks("cache", "import-hdf5", h5, f"s3://{BUCKET}/again.zarr")
     assert _objects(s3, f"{BUCKET}/again.zarr") == local
 
-    qks("embed-labels", "--dataset", sample_dataset.dataset, "--templates", sample_dataset.templates, "--out",
-         labels_url, *_backbone_args(tiny_clip))  # fmt: skip
+    qks(*embed_args(sample_dataset, tiny_clip, labels_url))
     from_s3 = _train(tmp_path, url, labels_url, "run_s3")
     from_disk = _train(tmp_path, tmp_path / "local.zarr", labels_url, "run_local")
     assert from_s3.keys() == from_disk.keys()

@@ -50,6 +50,12 @@ def embed_args(data, clip: TinyClip, out: Path, *settings: str) -> list[str]:
     return [str(a) for a in args + [arg for s in settings for arg in ("--set", s)]]
 
 
+def train_args(cache, labels, out: Path, params: Path, *extra: object) -> list[str]:
+    """`qks train` arguments on the CPU without a progress bar; `extra`: more options."""
+    args = ["train", "--train-cache", cache, "--labels", labels, "--out", out, "--params", params]
+    return [str(a) for a in [*args, "--device", "cpu", "--no-progress", *extra]]
+
+
 def qks(*args: object, expect: int = 0) -> str:
     """Run a `qks` command in this process; its exit code must be `expect`; returns its output."""
     from click.testing import CliRunner
