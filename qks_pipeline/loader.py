@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,15 +48,15 @@ class CacheLoader:
 
     cache: Cache
     reader: Reader
-    columns: slice
     rows: np.ndarray  # (n,) int64 the valid rows in the range, ascending
     row_range: tuple[int, int]
     batch_size: int
+    columns: slice = field(default_factory=lambda: slice(None))  # the label columns of the batches (train: seen labels)
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False
     prefetch: int = PREFETCH
-    pin_memory: bool = False
+    pin_memory: bool = False  # assemble batches in pinned memory (when they go to a CUDA device)
     part: tuple[int, int] = (0, 1)  # (rank, ranks): of each batch, this rank reads its share only (qks_pipeline/ddp.py)
     _labels: dict[int, np.ndarray] = field(default_factory=dict)  # shard -> its labels (S, C'), oldest first
     _buffers: list[tuple[np.ndarray, Callable]] = field(default_factory=list)  # (buffer, its last batch's weakref)
@@ -158,23 +159,10 @@ def split_rows(num_rows: int, val_fraction: float) -> tuple[tuple[int, int], tup
 
 
 def open_loader(
-    cache: Cache,
-    *,
-    batch_size: int,
-    rows: tuple[int, int] | None = None,
-    columns: slice = slice(None),
-    shuffle: bool = True,
-    seed: int = 0,
-    drop_last: bool = False,
-    prefetch: int = PREFETCH,
-    pin_memory: bool = False,
-    backend: str = "auto",
+    cache: Cache, *, rows: tuple[int, int] | None = None, backend: str = "auto", **options: Any
 ) -> CacheLoader:
-    """A loader over the valid rows in `rows` (default: all) and the label `columns` (train: the seen labels), batches
-    in pinned memory with `pin_memory` (for a CUDA device); `backend`: how tokens are read (`shards.open_reader`)."""
+    """A loader over the valid rows in `rows` (default: all); `options`: the other `CacheLoader` fields (`batch_size`,
+    `columns`, ...); `backend`: how tokens are read (`shards.open_reader`)."""
     start, stop = rows if rows is not None else (0, cache.num_images)
     valid = (start + np.flatnonzero(np.asarray(cache.valid[start:stop], dtype=bool))).astype(np.int64)
-    reader = open_reader(cache.location, cache.tokens, backend)
-    return CacheLoader(
-        cache, reader, columns, valid, (start, stop), batch_size, seed, shuffle, drop_last, prefetch, pin_memory
-    )
+    return CacheLoader(cache, open_reader(cache.location, cache.tokens, backend), valid, (start, stop), **options)

@@ -74,9 +74,4 @@ def model_scorer(model: QKS, label_emb: torch.Tensor, query_index: bool = False)
 def clip_scorer(visual_proj: torch.Tensor, label_emb: torch.Tensor) -> Callable:
     """CLIP zero-shot: CLS token @ visual_proj, L2-normalised, cosine with the L2-normalised label embeddings."""
     text = torch.nn.functional.normalize(label_emb.float(), dim=-1)  # (C, E)
-
-    def score(tokens: torch.Tensor) -> torch.Tensor:
-        image = torch.nn.functional.normalize(tokens[:, 0].float() @ visual_proj, dim=-1)  # (B, D) @ (D, E) -> (B, E)
-        return image @ text.T  # (B, C)
-
-    return score
+    return lambda tokens: torch.nn.functional.normalize(tokens[:, 0].float() @ visual_proj, dim=-1) @ text.T  # (B, C)

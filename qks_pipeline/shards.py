@@ -75,20 +75,17 @@ class ShardReader:
             raise QKSError(f"row {shard * s + r} view {view}: {message}", path)
         return file, path, np.where(offset == ABSENT, -1, offset.astype(np.int64))
 
-    def _shard(self, shard: int, row: int) -> tuple[Any, Path, np.ndarray]:
-        entry = self._open.pop(shard, None) or self._load(shard, row)
-        self._open[shard] = entry  # most recently used last; `read` closes the oldest beyond OPEN_SHARDS once done
-        return entry
-
     def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
         s, crc, verify = self.shard_shape[0], bytearray(4), self.chunk_crc and self.verify
         chunks, runs, length = [], [], self.sample_bytes + 4 * self.chunk_crc  # runs: [file, start, stop] to advise
         for row, view in zip(rows.tolist(), views.tolist(), strict=True):
-            file, path, offsets = self._shard(row // s, row)
-            if row // s not in self._checked:
-                self._checked[row // s] = np.zeros(self.shard_shape, bool)
+            shard = row // s
+            self._open[shard] = self._open.pop(shard, None) or self._load(shard, row)  # most recently used last
+            file, path, offsets = self._open[shard]
+            if shard not in self._checked:
+                self._checked[shard] = np.zeros(self.shard_shape, bool)
             offset = int(offsets[row % s, view])
-            chunks.append((row, view, file, path, offset, self._checked[row // s]))
+            chunks.append((row, view, file, path, offset, self._checked[shard]))
             if runs and runs[-1][0] is file and runs[-1][2] == offset:
                 runs[-1][2] += length  # contiguous chunks (rows in order): one advice
             elif offset >= 0:
@@ -105,7 +102,7 @@ class ShardReader:
             if check and google_crc32c.value(sample) != int.from_bytes(crc, "little"):
                 raise QKSError(f"row {row} view {view}: chunk checksum mismatch (corrupt shard file)", path)
             checked[row % s, view] |= check
-        while len(self._open) > OPEN_SHARDS:
+        while len(self._open) > OPEN_SHARDS:  # close the least recently used
             file = self._open.pop(next(iter(self._open)))[0]
             if file is not None:
                 file.close()
