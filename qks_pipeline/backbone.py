@@ -19,7 +19,9 @@ from typing import Any
 
 import open_clip
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import logging as hub_logging
+from open_clip.pretrained import _get_safe_alternatives
 from open_clip.transformer import VisionTransformer
 from open_clip.utils import to_2tuple
 
@@ -122,9 +124,6 @@ def _unreachable(url: str) -> str | None:
 def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
     """The weights file of an open_clip tag: from the download caches, else downloaded after one check (at most
     `HUB_TIMEOUT_S`) that the server answers; offline, one line saying how to use a local file instead."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    from open_clip.pretrained import _get_safe_alternatives
-
     repo, file = os.path.split(cfg.get("hf_hub", ""))
     file = file or "open_clip_pytorch_model.bin"
     cached = [try_to_load_from_cache(repo, f) for f in (*_get_safe_alternatives(file), file)] if repo else []
