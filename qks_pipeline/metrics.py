@@ -50,9 +50,7 @@ def average_precision(
     columns: np.ndarray | None = None,
 ) -> np.ndarray:
     """AP (float64) of each label of `columns` (default: all) over the images `rows` (default: all), from scores
-    (N, C), higher = more likely, and labels (N, C) +1/-1/0 (0 ignored). `standard`: sum over thresholds of
-    (R_n - R_{n-1}) P_n, as scikit-learn, NaN without a positive; `reference`: no tie grouping, 0 without a positive.
-    """
+    (N, C), higher = more likely, and labels (N, C) +1/-1/0 (0 ignored), by `protocol` (docs/design.md, section 4)."""
     assert scores.shape == labels.shape, f"scores {scores.shape} and labels {labels.shape} differ"
     rows = np.arange(scores.shape[0]) if rows is None else rows
     columns = np.arange(scores.shape[1]) if columns is None else columns
@@ -104,14 +102,11 @@ def _prf(hits: int, n: int, k: int, num_pos: int, protocol: str) -> tuple[float,
 def evaluate_setting(
     scores: np.ndarray, labels: np.ndarray, cols: slice, top_k: list[int], protocol: str = "standard"
 ) -> dict[str, Any]:
-    """The protocol on the label columns `cols` (docs/design.md, sections 1 and 4).
-
-    Returns:
-        `mAP`, `p@K`, `r@K`, `f1@K` per K; the counts `num_images`, `num_labels` (annotated labels), `num_labels_scored`
-        (in the mean), `labels_without_positive`, `labels_without_negative` (among the annotated); and per label of
-        `cols`: `ap` (NaN where not in the mean), `lacks` ('', 'positive', 'negative' or 'annotation'), `positives` and
-        `negatives` (among the kept images).
-    """
+    """The protocol on the label columns `cols` (docs/design.md, sections 1 and 4): `mAP`, `p@K`, `r@K`, `f1@K` per K;
+    the counts `num_images`, `num_labels` (annotated labels), `num_labels_scored` (in the mean),
+    `labels_without_positive`, `labels_without_negative` (among the annotated); and per label of `cols`: `ap` (NaN
+    where not in the mean), `lacks` ('', 'positive', 'negative' or 'annotation'), `positives` and `negatives` (among the
+    kept images)."""
     assert scores.shape == labels.shape and protocol in ("standard", "reference"), (scores.shape, protocol)
     rows, pos, neg = label_counts(labels, cols)
     annotated = pos + neg > 0

@@ -38,13 +38,10 @@ def score_rows(
     num_queries: int = 0,
     into: Predictions | None = None,
 ) -> Predictions:
-    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) over one in-order pass.
-
-    Args:
-        num_queries: when > 0, `score_fn` also returns the query that gave each logit (B, C), counted over the
-            positives into `query_counts` (the index itself is not kept: 2 bytes per image and label).
-        into: predictions of the same rows whose arrays are overwritten (one (N, C) score array for several scorers).
-    """
+    """Run `score_fn(tokens (B, T, D) on device)` -> logits (B, C) over one in-order pass. With `num_queries` > 0,
+    `score_fn` also returns the query that gave each logit (B, C), counted over the positives into `query_counts` (the
+    index itself is not kept: 2 bytes per image and label). `into`: predictions of the same rows whose arrays are
+    overwritten (one (N, C) score array for several scorers)."""
     n, pos, out = loader.num_samples, 0, None
     if n == 0:
         raise QKSError(f"no valid rows to score in rows {loader.row_range[0]}-{loader.row_range[1]}")
