@@ -320,8 +320,7 @@ def size_on_disk(path: str | Path) -> int:
 
 def cache_summary(cache: Cache) -> dict[str, Any]:
     """What `qks cache info` prints: shape, views, shards done/total, fingerprint summary, skipped count, size."""
-    fp = cache.fingerprint
-    backbone, data = fp.get("backbone", {}), fp.get("data", {})
+    backbone, data = cache.fingerprint.get("backbone", {}), cache.fingerprint.get("data", {})
     return {
         "path": str(cache.path),
         "tokens": f"{cache.tokens.dtype} {tuple(cache.tokens.shape)} (images, views, tokens, dim)",
@@ -333,7 +332,7 @@ def cache_summary(cache: Cache) -> dict[str, Any]:
         "model": f"{backbone.get('model')} weights {backbone.get('pretrained')} "
         f"sha256 {str(backbone.get('weights_sha256'))[:12]}",
         "data": ", ".join(f"{k}={str(v)[:16]}" for k, v in data.items()),
-        "size_on_disk": f"{size_on_disk(cache.path) / 2**20:.1f} MiB",
+        "size_on_disk": f"{cache.location.size() / 2**20:.1f} MiB",
     }
 
 

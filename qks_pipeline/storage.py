@@ -1,9 +1,8 @@
 """Where a store lives: a local directory or an fsspec URL (`s3://bucket/train.zarr`, `gs://...`), behind one interface.
 
-zarr reads and writes the arrays; this module does the rest through one fsspec filesystem: small keys such as the done
-markers, listing, existence, removal, size, and putting a store built under a temporary name in place (atomicity:
-docs/design.md, section 2). A `file://` URL is a local path. Credentials come from each filesystem's own configuration,
-never from qks (README.md, "Scaling out").
+zarr reads and writes the arrays; this module does the rest through one fsspec filesystem (small keys, listing, removal,
+putting a store built under a temporary name in place: docs/design.md, section 2). A `file://` URL is a local path.
+Credentials come from each filesystem's own configuration, never from qks (README.md, "Scaling out").
 """
 
 from __future__ import annotations
