@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from harness import Runner, make_image_data, make_tiny_clip
+
+from tests.reliability.harness import Runner, make_image_data
+from tests.tiny import make_tiny_clip
 
 
 def soak_enabled(config: pytest.Config) -> bool:

@@ -17,11 +17,14 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-from faults import Outcome, cli
-from harness import SEEN, UNSEEN, error_problems
 from hypothesis import strategies as st
+
+from tests.reliability.faults import Outcome, cli
+from tests.reliability.harness import ImageData, error_problems, extract_argv
+from tests.tiny import SEEN, UNSEEN, TinyClip, embed_args
 
 KEYS = {"image", "positive", "negative"}
 VOCAB = SEEN + UNSEEN
@@ -141,20 +144,22 @@ def check_manifest_cli(dataset: Path, data: bytes) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- manifest strategies
+IMAGE_PATHS = st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True)  # valid, plain ASCII
+
+
 def _record_dicts() -> st.SearchStrategy:
     label = st.sampled_from(VOCAB + ["", " red", "purple", "*", "red\n"])
-    image = st.one_of(st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True),
-                      st.sampled_from(["../x.jpg", "/abs.jpg", "a\\b.jpg", "C:/x.jpg", " a.jpg", "", "a\x00.jpg",
-                                       "é/ü.jpg", "a\ud800.jpg", "a\nb.jpg"]), st.integers())  # fmt: skip
+    forbidden = ["../x.jpg", "/abs.jpg", "a\\b.jpg", "C:/x.jpg", " a.jpg", "", "a\x00.jpg", "a\ud800.jpg", "a\nb.jpg"]
+    image = st.one_of(IMAGE_PATHS, st.sampled_from([*forbidden, "é/ü.jpg"]), st.integers())
     labels = st.one_of(st.lists(label, max_size=4), st.just("*"), st.none(), st.text(max_size=3), st.integers())
-    return st.fixed_dictionaries({"image": image}, optional={"positive": labels, "negative": labels,
-                                                             "extra": st.integers()})  # fmt: skip
+    optional = {"positive": labels, "negative": labels, "extra": st.integers()}
+    return st.fixed_dictionaries({"image": image}, optional=optional)
 
 
 @st.composite
 def _valid_record(draw) -> dict:
     """A record the format allows, with labels from the vocabulary (so `manifest check` must accept it)."""
-    image = draw(st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True))
+    image = draw(IMAGE_PATHS)
     labels = draw(st.permutations(VOCAB))
     k = draw(st.integers(0, 3))
     record = {"image": image, "positive": labels[:k]}
@@ -166,9 +171,9 @@ def _line() -> st.SearchStrategy:
     valid = _valid_record().map(lambda d: json.dumps(d, ensure_ascii=draw_ascii(d)))
     json_line = _record_dicts().map(lambda d: json.dumps(d, ensure_ascii=False))
     mangled = st.tuples(json_line, st.integers(0, 60), st.text(max_size=3)).map(lambda t: t[0][: t[1]] + t[2])
-    odd = st.sampled_from(["", "   ", "[]", "null", "{}", "1" * 5000, "[" * 3000, '{"image": "a.jpg",}', "\x0c",
-                           "\u2028", '{"image": "a.jpg"} trailing'])  # fmt: skip
-    junk = st.one_of(json_line, mangled, odd, st.text(max_size=20))
+    blank = ["", "   ", "\x0c", "\u2028"]  # blank, or a line break to str.splitlines
+    not_records = ["[]", "null", "{}", "1" * 5000, "[" * 3000, '{"image": "a.jpg",}', '{"image": "a.jpg"} trailing']
+    junk = st.one_of(json_line, mangled, st.sampled_from(blank + not_records), st.text(max_size=20))
     return st.one_of(valid, valid, valid, valid, valid, valid, junk)
 
 
@@ -291,8 +296,11 @@ def _cmyk_and_gif(root: Path) -> list[ImageCase]:
     _save(root, "odd/animated_ref.png", lambda p: frames[0].convert("RGB").save(p))
     tall = _rgb(11, (1, 3000))  # an extreme aspect ratio: 64 x 192,000 after the short-side resize
     _save(root, "odd/tall.png", lambda p: Image.fromarray(tall).save(p))
-    return [ImageCase("odd/cmyk.tif", same_as="odd/cmyk_ref.png"),
-            ImageCase("odd/animated.gif", same_as="odd/animated_ref.png"), ImageCase("odd/tall.png")]  # fmt: skip
+    return [
+        ImageCase("odd/cmyk.tif", same_as="odd/cmyk_ref.png"),
+        ImageCase("odd/animated.gif", same_as="odd/animated_ref.png"),
+        ImageCase("odd/tall.png"),
+    ]
 
 
 def _broken(root: Path) -> list[ImageCase]:
@@ -312,10 +320,16 @@ def _broken(root: Path) -> list[ImageCase]:
     for rel, data in files.items():
         _save(root, rel, lambda p, data=data: p.write_bytes(data))
     (root / "bad/folder.jpg").mkdir()
-    reasons = {"bad/truncated.jpg": "truncated", "bad/truncated.png": "truncated", "bad/empty.jpg": "empty",
-               "bad/html.jpg": "not a readable image", "bad/bomb.png": "decompression bomb",
-               "bad/bomb_warning.png": "decompression bomb", "bad/folder.jpg": "not a file",
-               "bad/missing.jpg": "missing"}  # fmt: skip
+    reasons = {
+        "bad/truncated.jpg": "truncated",
+        "bad/truncated.png": "truncated",
+        "bad/empty.jpg": "empty",
+        "bad/html.jpg": "not a readable image",
+        "bad/bomb.png": "decompression bomb",
+        "bad/bomb_warning.png": "decompression bomb",
+        "bad/folder.jpg": "not a file",
+        "bad/missing.jpg": "missing",
+    }
     return [ImageCase(rel, bad=word) for rel, word in reasons.items()]
 
 
@@ -388,23 +402,23 @@ LABEL_CASES = [
         b"\nred\n\n  \ngreen\nblue\n\n",
         b"\n\nyellow\n",
         (["red", "green", "blue"], ["yellow"]),
-    ),  # fmt: skip
+    ),
     LabelCase(
         "surrounding spaces and tabs",
         b"  red \n\tgreen\t\n blue\n",
         b" yellow \n",
         (["red", "green", "blue"], ["yellow"]),
-    ),  # fmt: skip
+    ),
     LabelCase(
         "CRLF and a BOM", b"\xef\xbb\xbfred\r\ngreen\r\nblue\r\n", b"yellow\r\n", (["red", "green", "blue"], ["yellow"])
-    ),  # fmt: skip
+    ),
     LabelCase("unicode, emoji and inner spaces", _lines(*UNI[:3]), _lines(*UNI[3:]), (UNI[:3], UNI[3:])),
     LabelCase(
         "NFC and NFD spellings are two labels",
         _lines("café", "cafe\u0301"),
         _lines("tea"),
         (["café", "cafe\u0301"], ["tea"]),
-    ),  # fmt: skip
+    ),
     LabelCase("no final newline", b"red\ngreen", b"yellow", (["red", "green"], ["yellow"])),
     LabelCase("a label twice", b"red\ngreen\nred\n", b"yellow\n", "listed twice (first on line 1)"),
     LabelCase("a label twice after stripping", b"red\n red\n", b"yellow\n", "listed twice"),
@@ -414,7 +428,7 @@ LABEL_CASES = [
     LabelCase("a form feed inside a label", b"red\nx\x0cy\n", b"yellow\n", (["red", "x\x0cy"], ["yellow"])),
     LabelCase(
         "a line separator inside a label", _lines("red", "a\u2028b"), b"yellow\n", (["red", "a\u2028b"], ["yellow"])
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -430,18 +444,22 @@ def write_label_dataset(dataset: Path, case: LabelCase) -> None:
         (dataset / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def check_label_case(work: Path, case: LabelCase, embed: list[str] | None = None) -> list[str]:
-    """`qks manifest check` and `qks import manifest` (and `embed-labels` when `embed` gives its backbone options)
-    on the case: the labels read back exactly, or one error line naming the label file."""
+def check_label_case(work: Path, case: LabelCase, clip: TinyClip | None = None) -> list[str]:
+    """`qks manifest check` and `qks import manifest` (and `embed-labels` with the tiny model `clip`, when given) on
+    the case: the labels read back exactly, or one error line naming the label file."""
     from qks_pipeline.cache import read_label_embeddings
     from qks_pipeline.manifest import read_vocabulary
 
     dataset = work / "dataset"
     write_label_dataset(dataset, case)
-    runs = [("check", ["manifest", "check", dataset]), ("import", ["import", "manifest", "--root", dataset, "--out",
-                                                                   work / "imported"])]  # fmt: skip
-    if embed is not None:
-        runs.append(("embed-labels", ["embed-labels", "--dataset", dataset, "--out", work / "labels.zarr", *embed]))
+    runs = [
+        ("check", ["manifest", "check", dataset]),
+        ("import", ["import", "manifest", "--root", dataset, "--out", work / "imported"]),
+    ]
+    if clip is not None:
+        prompts = SimpleNamespace(dataset=dataset, templates=work / "templates.txt")
+        prompts.templates.write_text("a photo of a {}.\n")
+        runs.append(("embed-labels", embed_args(prompts, clip, work / "labels.zarr")))
     problems = []
     for what, argv in runs:
         code, output, escaped = cli(*argv)
@@ -464,11 +482,11 @@ def check_label_case(work: Path, case: LabelCase, embed: list[str] | None = None
     return problems
 
 
-def label_outcome(work: Path, embed: list[str] | None) -> Outcome:
+def label_outcome(work: Path, clip: TinyClip | None) -> Outcome:
     """Every label-file case through check, import and (optionally) embed-labels."""
     outcome = Outcome("odd label files (check, import, embed-labels)")
     for i, case in enumerate(LABEL_CASES):
-        problems = check_label_case(work / f"case{i}", case, embed)
+        problems = check_label_case(work / f"case{i}", case, clip)
         for p in problems:
             outcome.note(f"{case.name}: {p}")
         wrong = any("wrong" in p or "wrote" in p or "stored" in p or "refused" in p for p in problems)
@@ -515,11 +533,9 @@ def manifest_outcome(work: Path, examples: int, seed: int = 0) -> Outcome:
     return outcome
 
 
-def image_outcome(work: Path, clip) -> Outcome:
+def image_outcome(work: Path, clip: TinyClip) -> Outcome:
     """Every corpus image through `qks extract` (masked with its reason, or read as its plain-RGB twin) and through
     `qks manifest check --images` (listed exactly when extraction masks it)."""
-    from harness import ImageData, extract_argv
-
     outcome = Outcome("corrupt and odd images (extract, manifest check)")
     cases = make_image_corpus(work / "images")
     write_corpus_dataset(work / "dataset", cases)

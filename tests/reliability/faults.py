@@ -1,4 +1,4 @@
-"""Fault cases shared by the reliability tests and `tools/reliability_report.py`: each returns an `Outcome`.
+"""Fault cases shared by the reliability tests and their report (report.py): each returns an `Outcome`.
 
 Counting, per trial (one injected fault):
 - survived: the pipeline ended in a correct state: nothing marked done was wrong, and the output (after a rerun once the
@@ -25,19 +25,22 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
-from harness import (
+from tests.reliability.harness import (
     ImageData,
     Run,
     Runner,
-    TinyClip,
     compare_trees,
     done_but_wrong,
     error_problems,
     extract_argv,
     last_line,
     markers,
+    store_files,
 )
+from tests.synthetic import make_synthetic
+from tests.tiny import TINY_CONFIG, TinyClip, embed_args, make_tiny_clip, train_args
 
 
 @dataclass
@@ -89,8 +92,8 @@ def format_table(outcomes: list[Outcome]) -> str:
     total = [sum(r[i] for r in rows) for i in range(1, 6)]
     lines.append("-" * len(lines[0]))
     lines.append(f"{'total':<{width}}" + "".join(f"{v:>16}" for v in total))
-    notes = [f"  {o.fault}: landed {'; '.join(f'{k}: {v}' for k, v in o.where.most_common())}" for o in outcomes
-             if o.where]  # fmt: skip
+    landed = {o.fault: "; ".join(f"{k}: {v}" for k, v in o.where.most_common()) for o in outcomes if o.where}
+    notes = [f"  {fault}: landed {where}" for fault, where in landed.items()]
     notes += [f"  {o.fault}: {n}" for o in outcomes for n in o.notes]
     return "\n".join(lines + (["", "notes:", *notes] if notes else []))
 
@@ -142,15 +145,26 @@ def kill_at_random(run: Run, store: Path, rng: random.Random, timing: Timing, ea
     return phase if (store / "zarr.json").exists() else "before the store existed"
 
 
+@dataclass(frozen=True)
+class _Case:
+    """What the trials of one fault case share: the runner, a clean run's output to compare with, the tally."""
+
+    runner: Runner
+    reference: Path
+    outcome: Outcome
+
+
 @dataclass
 class _Kill:
     lost: bool
     wrong: bool
 
 
-def _kill_round(runner: Runner, argv: list[str], store: Path, reference: Path, kills: int, rng: random.Random,
-                timing: Timing, outcome: Outcome) -> list[_Kill]:  # fmt: skip
+def _kill_round(
+    case: _Case, argv: list[str], store: Path, kills: int, rng: random.Random, timing: Timing
+) -> list[_Kill]:
     """Kill-and-rerun on one store until `kills` kills landed or the store is complete; returns each kill's checks."""
+    runner, reference, outcome = case.runner, case.reference, case.outcome
     records: list[_Kill] = []
     while len(records) < kills:
         before = markers(store)
@@ -170,8 +184,9 @@ def _kill_round(runner: Runner, argv: list[str], store: Path, reference: Path, k
     return records
 
 
-def extraction_kills(runner: Runner, work: Path, data: ImageData, clip: TinyClip, kills: int, seed: int = 0,
-                     shard_size: int = 2) -> Outcome:  # fmt: skip
+def extraction_kills(
+    runner: Runner, work: Path, data: ImageData, clip: TinyClip, kills: int, seed: int = 0, shard_size: int = 2
+) -> Outcome:
     """SIGKILL `qks extract` `kills` times at random moments; after each round of kills the same command runs to the
     end and the store must equal an uninterrupted run's, file for file and byte for byte."""
     outcome = Outcome(f"SIGKILL during qks extract (shard size {shard_size})")
@@ -182,7 +197,7 @@ def extraction_kills(runner: Runner, work: Path, data: ImageData, clip: TinyClip
     while outcome.trials < kills:
         store = work / f"round{round_no}.zarr"
         argv = extract_argv(data, clip, store, shard_size)
-        records = _kill_round(runner, argv, store, reference, kills - outcome.trials, rng, timing, outcome)
+        records = _kill_round(_Case(runner, reference, outcome), argv, store, kills - outcome.trials, rng, timing)
         final = runner.run(argv, work / f"round{round_no}-final.log")
         diff = compare_trees(store, reference)
         if final.status != 0 or not diff.equal:
@@ -197,10 +212,9 @@ def extraction_kills(runner: Runner, work: Path, data: ImageData, clip: TinyClip
 # -------------------------------------------------------------------------------------------- kill during training
 TRAIN_PARAMS = {
     "model": {"num_queries": 4, "num_layers": 2, "num_heads": 4, "ff_dim": 64},
-    "train": {"epochs": 6, "batch_size": 16, "lr": 1e-3, "val_fraction": 0.25, "scheduler": "plateau",
-              "early_stop": 0, "seed": 0},
+    "train": dict(epochs=6, batch_size=16, lr=1e-3, val_fraction=0.25, scheduler="plateau", early_stop=0, seed=0),
     "evaluate": {"batch_size": 64},
-}  # fmt: skip
+}
 TIMING_COLUMNS = ("time_s", "samples_per_s")  # train_log.csv columns that measure time: legitimately differ
 
 
@@ -214,7 +228,6 @@ class TrainSetup:
 def make_train_setup(work: Path, num_train: int = 384, epochs: int = 6) -> TrainSetup:
     """Synthetic caches (tests/synthetic.py) and a params file for a tiny Q-Former."""
     import yaml
-    from synthetic import make_synthetic
 
     data = make_synthetic(work / "caches", num_train=num_train, num_test=32, invalid_train=(3, 77))
     params = json.loads(json.dumps(TRAIN_PARAMS))
@@ -224,8 +237,7 @@ def make_train_setup(work: Path, num_train: int = 384, epochs: int = 6) -> Train
 
 
 def train_argv(setup: TrainSetup, out: Path) -> list[str]:
-    return ["train", "--train-cache", str(setup.train), "--labels", str(setup.labels), "--out", str(out),
-            "--params", str(setup.params), "--device", "cpu", "--no-progress"]  # fmt: skip
+    return train_args(setup.train, setup.labels, out, setup.params)
 
 
 def log_rows(out: Path) -> list[dict[str, str]]:
@@ -302,8 +314,7 @@ def _kill_training(run: Run, out: Path, rng: random.Random, epoch_s: float) -> b
     return True
 
 
-def training_kills(runner: Runner, work: Path, setup: TrainSetup, kills: int, epochs: int,
-                   seed: int = 0) -> Outcome:  # fmt: skip
+def training_kills(runner: Runner, work: Path, setup: TrainSetup, kills: int, epochs: int, seed: int = 0) -> Outcome:
     """SIGKILL `qks train` `kills` times at random moments; each rerun resumes, and the final weights, config and
     log equal an uninterrupted run's (CPU, same seed)."""
     outcome = Outcome("SIGKILL during qks train")
@@ -344,8 +355,8 @@ def tmpfs(path: Path, size: int) -> Iterator[Path]:
     """Mount a tmpfs of `size` bytes on `path` (needs root); unmounted on exit."""
     path.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                              text=True)  # fmt: skip
+        mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+        done = subprocess.run(mount, capture_output=True, text=True)
     except OSError as e:  # no mount(8) here
         raise Unavailable(f"cannot mount a tmpfs: {e}") from None
     if done.returncode != 0:
@@ -404,9 +415,9 @@ def _store_passes_as_complete(store: Path) -> bool:
     return store_state(store) == "ok"
 
 
-def _extraction_trial(runner: Runner, mount: Path, argv: list[str], store: Path, reference: Path, free: int,
-                      fsize: int | None, outcome: Outcome) -> None:  # fmt: skip
+def _extraction_trial(case: _Case, mount: Path, argv: list[str], store: Path, free: int, fsize: int | None) -> None:
     """One disk-full extraction: fail with `free` bytes left (or per-file limit `fsize`), check, free up, rerun."""
+    runner, reference, outcome = case.runner, case.reference, case.outcome
     filler = fill_to(mount, free) if fsize is None else None
     run = runner.run(argv, mount.parent / "diskfull.log", fsize=fsize)
     unclear = run.status != 0 and bool(error_problems(run.output, store.name))
@@ -434,8 +445,9 @@ def spread(trials: int, seed: int = 0) -> list[float]:
     return [(i + rng.random()) / trials for i in range(trials)]
 
 
-def disk_full_extraction(runner: Runner, work: Path, data: ImageData, clip: TinyClip,
-                         fractions: list[float]) -> Outcome:  # fmt: skip
+def disk_full_extraction(
+    runner: Runner, work: Path, data: ImageData, clip: TinyClip, fractions: list[float]
+) -> Outcome:
     """`qks extract` into a small tmpfs filled so that only `fraction` of the space the run needs is free: the disk
     runs out at a different point in each trial (store creation, a token shard, a done marker)."""
     outcome = Outcome("disk full (ENOSPC, tmpfs) during qks extract")
@@ -446,7 +458,7 @@ def disk_full_extraction(runner: Runner, work: Path, data: ImageData, clip: Tiny
         argv = extract_argv(data, clip, store, 4)
         need = measured_need(runner, mount, argv, work / "measure.log")
         for fraction in fractions:
-            _extraction_trial(runner, mount, argv, store, reference, int(need * fraction), None, outcome)
+            _extraction_trial(_Case(runner, reference, outcome), mount, argv, store, int(need * fraction), None)
     return outcome
 
 
@@ -460,12 +472,12 @@ def file_size_limit_extraction(runner: Runner, work: Path, data: ImageData, clip
     mount = work / "fsize"
     mount.mkdir()
     argv = extract_argv(data, clip, mount / "train.zarr", 16)
-    _extraction_trial(runner, mount, argv, mount / "train.zarr", reference, 0, limit, outcome)
+    _extraction_trial(_Case(runner, reference, outcome), mount, argv, mount / "train.zarr", 0, limit)
     return outcome
 
 
-def _checkpoint_trial(runner: Runner, mount: Path, setup: TrainSetup, reference: Path, free: int, epochs: int,
-                      outcome: Outcome) -> None:  # fmt: skip
+def _checkpoint_trial(case: _Case, mount: Path, setup: TrainSetup, free: int, epochs: int) -> None:
+    runner, reference, outcome = case.runner, case.reference, case.outcome
     out = mount / "run"
     filler = fill_to(mount, free)
     run = runner.run(train_argv(setup, out), mount.parent / "train-diskfull.log")
@@ -500,8 +512,9 @@ def state_write_failure(reference: Path) -> int:
     )
 
 
-def disk_full_checkpoint(runner: Runner, work: Path, setup: TrainSetup, epochs: int, fractions: list[float],
-                         state_write: bool = False) -> Outcome:  # fmt: skip
+def disk_full_checkpoint(
+    runner: Runner, work: Path, setup: TrainSetup, epochs: int, fractions: list[float], state_write: bool = False
+) -> Outcome:
     """`qks train --out` on a small tmpfs with only `fraction` of the space the run needs free, so a checkpoint write
     fails at a different epoch and file in each trial (`state_write`: one more trial that fails exactly in the first
     last_state.pt write); the rerun with space resumes and equals a clean run."""
@@ -512,7 +525,7 @@ def disk_full_checkpoint(runner: Runner, work: Path, setup: TrainSetup, epochs: 
         need = measured_need(runner, mount, train_argv(setup, mount / "run"), work / "measure.log")
         frees = [int(need * f) for f in fractions] + ([state_write_failure(reference)] if state_write else [])
         for free in frees:
-            _checkpoint_trial(runner, mount, setup, reference, free, epochs, outcome)
+            _checkpoint_trial(_Case(runner, reference, outcome), mount, setup, free, epochs)
     return outcome
 
 
@@ -520,8 +533,8 @@ def disk_full_checkpoint(runner: Runner, work: Path, setup: TrainSetup, epochs: 
 LOCK_WORDS = ("another extraction", "lock")  # what a refusal of a second writer should say
 
 
-def _pair_trial(runner: Runner, work: Path, argv: list[str], store: Path, reference: Path, i: int,
-                outcome: Outcome, barrier: bool) -> None:  # fmt: skip
+def _pair_trial(case: _Case, work: Path, argv: list[str], store: Path, i: int, barrier: bool) -> None:
+    runner, reference, outcome = case.runner, case.reference, case.outcome
     gate = work / f"pair{i}.barrier" if barrier else None
     runs = [runner.start(argv, work / f"pair{i}-{name}.log", barrier=gate) for name in "ab"]
     for run in runs:
@@ -548,8 +561,9 @@ def _pair_trial(runner: Runner, work: Path, argv: list[str], store: Path, refere
     outcome.add(lost=lost or stuck, wrong=complete and not diff.equal, unclear=unclear, ok=diff.equal)
 
 
-def concurrent_extractions(runner: Runner, work: Path, data: ImageData, clip: TinyClip, trials: int,
-                           barrier: bool = False, stop_at_first_failure: bool = False) -> Outcome:  # fmt: skip
+def concurrent_extractions(
+    runner: Runner, work: Path, data: ImageData, clip: TinyClip, trials: int, barrier: bool = False
+) -> Outcome:
     """Two `qks extract` with the same settings on the same --out, started at the same moment (`barrier`: and held
     so that they create the store at the same moment). Either the second refuses cleanly (a lock), or both finish;
     the store must verify and equal a single run's. When it does not, one plain rerun shows whether the store left
@@ -559,9 +573,7 @@ def concurrent_extractions(runner: Runner, work: Path, data: ImageData, clip: Ti
     runner.run(extract_argv(data, clip, reference, 2), work / "reference.log")
     for i in range(trials):
         store = work / f"pair{i}.zarr"
-        _pair_trial(runner, work, extract_argv(data, clip, store, 2), store, reference, i, outcome, barrier)
-        if stop_at_first_failure and (outcome.survived < outcome.trials or outcome.unclear):
-            break
+        _pair_trial(_Case(runner, reference, outcome), work, extract_argv(data, clip, store, 2), store, i, barrier)
     return outcome
 
 
@@ -589,8 +601,8 @@ def create_while_creating(runner: Runner, work: Path, data: ImageData, clip: Tin
         outcome.note(f"{name} exit {run.status}: {last_line(run.output)[:140]}")
     outcome.note(f"store: {store_state(store)}; vs a single run: {diff.summary()}")
     lost = any(r.status == 0 for r in runs) and not complete
-    outcome.add(lost=lost, wrong=complete and not diff.equal, ok=diff.equal,
-                unclear=any(error_problems(r.output) for r in runs if r.status != 0))  # fmt: skip
+    unclear = any(error_problems(r.output) for r in runs if r.status != 0)
+    outcome.add(lost=lost, wrong=complete and not diff.equal, unclear=unclear, ok=diff.equal)
     return outcome
 
 
@@ -619,13 +631,15 @@ def replace_while_running(runner: Runner, work: Path, data: ImageData, clip: Tin
     complete = _store_passes_as_complete(store)
     outcome.note(f"first exit {first.status}, second exit {second.status}: {last_line(second.output)[:120]}")
     if diff is not None and not diff.equal:
-        outcome.note(f"store claims weights {store_backbone_sha(store)[:8]} but differs from their clean store: "
-                     f"{len(diff.different)} files, e.g. {diff.different[:2]}; cache verify "
-                     f"{'passes' if complete else 'fails'}")  # fmt: skip
+        outcome.note(
+            f"store claims weights {store_backbone_sha(store)[:8]} but differs from their clean store: "
+            f"{len(diff.different)} files, e.g. {diff.different[:2]}; cache verify "
+            f"{'passes' if complete else 'fails'}"
+        )
     wrong = diff is None or not diff.equal
-    outcome.add(wrong=complete and wrong, lost=not complete,
-                unclear=any(error_problems(r.output) for r in (first, second) if r.status != 0),
-                ok=(refused or second.status == 0) and not wrong)  # fmt: skip
+    unclear = any(error_problems(r.output) for r in (first, second) if r.status != 0)
+    ok = (refused or second.status == 0) and not wrong
+    outcome.add(lost=not complete, wrong=complete and wrong, unclear=unclear, ok=ok)
     return outcome
 
 
@@ -667,15 +681,12 @@ def _ok(*args: object) -> None:
 
 
 def _embed(data: ImageData, clip: TinyClip, out: Path, templates: Path) -> Path:
-    _ok("embed-labels", "--dataset", data.dataset, "--templates", templates, "--out", out, "--model", clip.config,
-        "--pretrained", clip.weights, "--device", "cpu")  # fmt: skip
+    _ok(*embed_args(SimpleNamespace(dataset=data.dataset, templates=templates), clip, out))
     return out
 
 
 def wide_config(work: Path) -> Path:
     """The tiny config with one more vision layer, saved under the same file name (so the same model name)."""
-    from tiny import TINY_CONFIG
-
     config = json.loads(TINY_CONFIG.read_text())
     config["vision_cfg"]["layers"] = 3
     path = work / "wide" / TINY_CONFIG.name
@@ -687,15 +698,14 @@ def wide_config(work: Path) -> Path:
 def make_stale_setup(work: Path, data: ImageData, clip: TinyClip, other: TinyClip) -> StaleSetup:
     """Extract, embed and train (1 epoch) in this process; about 10 s with the tiny model."""
     import yaml
-    from harness import make_tiny_clip
 
     templates = work / "templates.txt"
     templates.write_text("a photo of a {}.\nthere is a {} in the scene.\n")
-    paths = {}
-    for name, c, split in (("train_a", clip, "train"), ("test_a", clip, "test"), ("train_b", other, "train"),
-                           ("test_b", other, "test")):  # fmt: skip
-        paths[name] = work / f"{name}.zarr"
-        _ok(*extract_argv(data, c, paths[name], 4, split))
+    stores = {}  # train_a, test_a, train_b, test_b
+    for weights, c in (("a", clip), ("b", other)):
+        for split in ("train", "test"):
+            store = stores[f"{split}_{weights}"] = work / f"{split}_{weights}.zarr"
+            _ok(*extract_argv(data, c, store, 4, split))
     vocab = ImageData(work / "vocab", data.images)
     shutil.copytree(data.dataset, vocab.dataset)
     (vocab.dataset / "unseen.txt").write_text("yellow\ntriangle\nhexagon\n")
@@ -703,13 +713,19 @@ def make_stale_setup(work: Path, data: ImageData, clip: TinyClip, other: TinyCli
     train = dict(TRAIN_PARAMS["train"], epochs=1, batch_size=8)
     params.write_text(yaml.safe_dump({**TRAIN_PARAMS, "model": dict(TRAIN_PARAMS["model"]), "train": train}))
     setup = StaleSetup(
-        data, clip, other, make_tiny_clip(work / "wide", config=wide_config(work)), paths["train_a"], paths["test_a"],
-        _embed(data, clip, work / "labels_a.zarr", templates), work / "run_a", paths["train_b"], paths["test_b"],
-        _embed(data, other, work / "labels_b.zarr", templates), _embed(vocab, clip, work / "labels_v.zarr", templates),
-        params, work,
-    )  # fmt: skip
-    _ok("train", "--train-cache", setup.train_a, "--labels", setup.labels_a, "--out", setup.run_a, "--params", params,
-        "--device", "cpu", "--no-progress")  # fmt: skip
+        data=data,
+        clip=clip,
+        other=other,
+        wide=make_tiny_clip(work / "wide", config=wide_config(work)),
+        labels_a=_embed(data, clip, work / "labels_a.zarr", templates),
+        labels_b=_embed(data, other, work / "labels_b.zarr", templates),
+        labels_vocab=_embed(vocab, clip, work / "labels_v.zarr", templates),
+        run_a=work / "run_a",
+        params=params,
+        work=work,
+        **stores,
+    )
+    _ok(*train_args(setup.train_a, setup.labels_a, setup.run_a, params))
     return setup
 
 
@@ -744,12 +760,11 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
     """Train, evaluate and extract, each given an input built differently from what it is combined with."""
 
     def train(cache: Path, labels: Path, out: Path, *extra: object) -> list[str]:
-        return ["train", "--train-cache", str(cache), "--labels", str(labels), "--out", str(out), "--params",
-                str(s.params), "--device", "cpu", "--no-progress", *map(str, extra)]  # fmt: skip
+        return train_args(cache, labels, out, s.params, *extra)
 
-    def evaluate(test: Path, labels: Path, ckpt: Path = s.run_a) -> list[str]:
-        return ["evaluate", "--checkpoint", str(ckpt), "--test-cache", str(test), "--labels", str(labels), "--out",
-                str(s.work / "metrics.json"), "--device", "cpu"]  # fmt: skip
+    def evaluate(test: Path, labels: Path) -> list[str]:
+        args = ["evaluate", "--checkpoint", s.run_a, "--test-cache", test, "--labels", labels]
+        return [str(a) for a in [*args, "--out", s.work / "metrics.json", "--device", "cpu"]]
 
     future_train = _copy_with_version(s.train_a, s.work / "future_train.zarr", FUTURE_VERSION)
     future_test = _copy_with_version(s.test_a, s.work / "future_test.zarr", FUTURE_VERSION)
@@ -764,10 +779,10 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             train(s.train_a, s.labels_a, s.work / "t2", "--test-cache", s.test_b),
             w,
             (),
-        ),  # fmt: skip
+        ),
         StaleCase(
             "train: resume a run of other weights", train(s.train_b, s.labels_b, resumed), "fingerprint", (resumed,)
-        ),  # fmt: skip
+        ),
         StaleCase(
             "train: cache of a future format version",
             train(future_train, s.labels_a, s.work / "t3"),
@@ -779,7 +794,7 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             train(s.train_a, future_labels, s.work / "t4"),
             "format version",
             (),
-        ),  # fmt: skip
+        ),
         StaleCase("evaluate: checkpoint vs test cache of other weights", evaluate(s.test_b, s.labels_b), w, ()),
         StaleCase("evaluate: label embeddings of other weights", evaluate(s.test_a, s.labels_b), w, ()),
         StaleCase(
@@ -787,7 +802,7 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             evaluate(s.test_a, s.labels_vocab),
             "label 7 is 'hexagon'",
             (),
-        ),  # fmt: skip
+        ),
         StaleCase(
             "evaluate: test cache of a future format version", evaluate(future_test, s.labels_a), "format version", ()
         ),
@@ -797,26 +812,24 @@ def stale_cases(s: StaleSetup) -> list[StaleCase]:
             extract_argv(_other_manifest(s), s.clip, s.train_a, 4),
             "manifest_sha256",
             (s.train_a,),
-        ),  # fmt: skip
+        ),
         StaleCase(
             "extract: store of another model config",
             extract_argv(s.data, s.wide, s.train_a, 4),
             "model_config_sha256",
             (s.train_a,),
-        ),  # fmt: skip
+        ),
         StaleCase(
             "extract: store of a future format version",
             extract_argv(s.data, s.clip, future_train, 4),
             "format version",
             (future_train,),
-        ),  # fmt: skip
+        ),
     ]
 
 
 def run_stale_case(case: StaleCase) -> tuple[bool, bool, list[str], str]:
     """(refused, unchanged, problems with the message, the error line)."""
-    from harness import store_files
-
     before = [store_files(p) for p in case.guarded]
     code, output, escaped = cli(*case.argv)
     problems = error_problems(output) + ([f"escaped {type(escaped).__name__}"] if escaped else [])

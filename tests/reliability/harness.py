@@ -5,6 +5,7 @@ Runs are real processes that can be SIGKILLed. Two ways to start them (`Runner`)
   user's `qks` does; about 4.5 s of imports per run on these machines;
 - "fork": forked from a warm process that has imported the library (`zygote.py`): the same click entry point in a
   separate process, started in about 0.1 s. The fast suite and the report use it to afford many kills.
+zygote.py runs as a script (it imports only the library), so no process needs the tests on its import path.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import PIPE, STDOUT
 
 import numpy as np
-from tiny import SEEN, UNSEEN, TinyClip, extract_args, make_tiny_clip  # noqa: F401  (re-exported to the fault cases)
+
+from tests.tiny import SEEN, UNSEEN, TinyClip, extract_args
 
 SPAWN_CODE = "from qks_pipeline.cli import main; main()"
-INSTRUMENT = "import sys; sys.path.insert(0, {here!r}); import zygote; zygote.instrument({request!r}); "
+ZYGOTE = Path(__file__).with_name("zygote.py")
 INSTRUMENTATION_FAILED = 99  # zygote.INSTRUMENTATION_FAILED
 # Files a killed or failed write leaves behind: zarr's `<key>.<uuid>.partial`, our `<name>.tmp<pid>`.
 LITTER = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp\d+)$")
@@ -129,9 +132,8 @@ class Runner:
 
     def _ask(self, request: dict) -> dict:
         if self._zygote is None:
-            code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import zygote; zygote.serve()"
-            self._zygote = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                            text=True, env=_env())  # fmt: skip
+            serve = [sys.executable, str(ZYGOTE)]
+            self._zygote = subprocess.Popen(serve, stdin=PIPE, stdout=PIPE, text=True, env=_env())
             json.loads(self._zygote.stdout.readline())  # {"ready": pid}
         self._zygote.stdin.write(json.dumps(request) + "\n")
         self._zygote.stdin.flush()
@@ -148,10 +150,10 @@ class Runner:
             request = {"op": "run", "argv": argv, "log": str(log), "fsize": fsize, **hooks}
             run = Run(self, self._ask(request)["pid"], log)
         else:
-            code = (INSTRUMENT.format(here=str(Path(__file__).parent), request=hooks) if hooks else "") + SPAWN_CODE
+            entry = [str(ZYGOTE), "--hooks", json.dumps(hooks)] if hooks else ["-c", SPAWN_CODE]  # instrumented or not
+            command = [sys.executable, *entry, *argv]
             with open(log, "w") as f:
-                popen = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=f, stderr=subprocess.STDOUT,
-                                         env=_env(), preexec_fn=_limit_fsize(fsize))  # fmt: skip
+                popen = subprocess.Popen(command, stdout=f, stderr=STDOUT, env=_env(), preexec_fn=_limit_fsize(fsize))
             run = Run(self, popen.pid, log, popen)
         self._runs = [r for r in self._runs if r.status is None] + [run]
         return run

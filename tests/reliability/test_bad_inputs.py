@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from corpus import (
+from hypothesis import HealthCheck, given, settings
+
+from tests.reliability.corpus import (
     LABEL_CASES,
     NASTY_MANIFESTS,
     check_extracted_corpus,
@@ -18,9 +20,9 @@ from corpus import (
     manifest_bytes,
     write_corpus_dataset,
 )
-from faults import cli
-from harness import SEEN, UNSEEN, extract_argv
-from hypothesis import HealthCheck, given, settings
+from tests.reliability.faults import cli
+from tests.reliability.harness import ImageData, extract_argv
+from tests.tiny import SEEN, UNSEEN
 
 FUZZ = settings(
     max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -66,8 +68,6 @@ def image_corpus(clip, tmp_path_factory):
 def test_odd_and_broken_images_through_extract(image_corpus, clip):
     """Broken files are masked and recorded with their reason; odd modes and a PNG named .jpg load as the plain RGB
     image of the same pixels; `qks cache verify` passes."""
-    from harness import ImageData
-
     root, cases = image_corpus
     data, store = ImageData(root / "dataset", root / "images"), root / "train.zarr"
     code, output, escaped = cli(*extract_argv(data, clip, store, 8))
@@ -85,11 +85,7 @@ def test_manifest_check_lists_exactly_what_extraction_masks(image_corpus):
 
 @pytest.mark.parametrize("case", LABEL_CASES, ids=[c.name for c in LABEL_CASES])
 def test_label_file(case, clip, tmp_path):
-    templates = tmp_path / "templates.txt"
-    templates.write_text("a photo of a {}.\n")
-    embed = ["--templates", str(templates), "--model", str(clip.config), "--pretrained", str(clip.weights),
-             "--device", "cpu"]  # fmt: skip
-    assert check_label_case(tmp_path, case, embed) == []
+    assert check_label_case(tmp_path, case, clip) == []
 
 
 @pytest.mark.parametrize("name", ["a\x00.jpg", "a\ud800.jpg"])

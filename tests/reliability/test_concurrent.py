@@ -7,8 +7,9 @@ the same way every time; the soak case starts pairs together with no instrumenta
 from __future__ import annotations
 
 import pytest
-from faults import concurrent_extractions, create_while_creating, replace_while_running
-from harness import make_image_data
+
+from tests.reliability.faults import concurrent_extractions, create_while_creating, replace_while_running
+from tests.reliability.harness import make_image_data
 
 
 def test_a_second_extraction_while_the_first_creates_the_store(runner, images, clip, tmp_path):

@@ -5,7 +5,8 @@ the failure is reported as one clear line naming the path."""
 from __future__ import annotations
 
 import pytest
-from faults import (
+
+from tests.reliability.faults import (
     Outcome,
     Unavailable,
     disk_full_checkpoint,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from faults import cli, extraction_kills
-from harness import Runner, compare_trees, extract_argv, make_image_data
+
+from tests.reliability.faults import cli, extraction_kills
+from tests.reliability.harness import Runner, compare_trees, extract_argv, make_image_data
 
 
 def test_sigkill_extraction_three_times_resumes_byte_for_byte(runner, images, clip, tmp_path):

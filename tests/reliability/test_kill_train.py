@@ -4,11 +4,11 @@ ends with the same weights (safetensors bytes), config.json and log (timing colu
 from __future__ import annotations
 
 import pytest
-from faults import compare_runs, make_train_setup, training_kills
-from synthetic import make_synthetic
 
 import qks_pipeline.train as training
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
+from tests.reliability.faults import compare_runs, make_train_setup, training_kills
+from tests.synthetic import make_synthetic
 
 
 def test_sigkill_training_twice_resumes_to_the_same_weights(runner, tmp_path):
@@ -48,9 +48,11 @@ def test_a_kill_between_any_two_checkpoint_writes_of_the_final_epoch(tmp_path, m
     order `_save_epoch` writes them): the same command again must end with the files of an uninterrupted run, never
     with a run that looks complete but holds an older epoch's weights or log."""
     data = make_synthetic(tmp_path / "data", num_train=64, num_test=32)
-    params = Params(model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
-                    train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.25, scheduler="none"),
-                    evaluate=EvaluateConfig(batch_size=64))  # fmt: skip
+    params = Params(
+        model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
+        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, val_fraction=0.25, scheduler="none"),
+        evaluate=EvaluateConfig(batch_size=64),
+    )
     quiet = {"params": params, "device": "cpu", "progress_bar": False, "echo": lambda _: None}
     with monkeypatch.context() as m:
         calls = _kill_after_writes(m, None)

@@ -4,7 +4,8 @@ train, evaluate and extract with one line naming the field that differs, and the
 from __future__ import annotations
 
 import pytest
-from faults import StaleSetup, make_stale_setup, run_stale_case, stale_cases
+
+from tests.reliability.faults import StaleSetup, make_stale_setup, run_stale_case, stale_cases
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ operation, so no thread pool exists at fork time. A killed child reports -signal
 Hooks (test instrumentation, `instrument`): `slow_write` sleeps after each whole-shard write; `barrier` holds store
 creation until two runs reach it; `hold_replace` pauses the last step of store creation. A hook whose hook point is
 gone exits INSTRUMENTATION_FAILED, so no test passes or xfails on a hook that silently stopped applying.
+`python zygote.py --hooks JSON ARGV...` is one instrumented run in this process (the harness's "spawn" mode).
 """
 
 from __future__ import annotations
@@ -151,4 +152,8 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:2] == ["--hooks"]:
+        instrument(json.loads(sys.argv[2]))
+        main(args=sys.argv[3:], prog_name="qks")
+    else:
+        serve()

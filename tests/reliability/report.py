@@ -1,13 +1,13 @@
 """Run the reliability fault cases and print a table: fault injected, trials, survived, data lost, wrong results.
 
-    .venv/bin/python tools/reliability_report.py [--kills 20] [--train-kills 5] [--trials 4] [--pairs 10]
+    .venv/bin/python -m tests.reliability.report [--kills 20] [--train-kills 5] [--trials 4] [--pairs 10]
                                                  [--fuzz 200] [--spawn] [--work DIR] [--seed 0]
 
-The cases are those of tests/reliability (the same functions: tests/reliability/faults.py and corpus.py); what each
-count means is in faults.py's docstring. Runs are real processes that are SIGKILLed; by default they are forked from a
-warm process (fast); `--spawn` starts each as a fresh interpreter, as a user's shell does (about 4.5 s more per run).
-Mounting the small tmpfs of the disk-full cases needs root; without it those rows say so. Exits 1 when any trial lost
-data or gave a wrong result.
+Run it from the repository root. The cases are those of the tests beside it (the same functions: faults.py and
+corpus.py); what each count means is in faults.py's docstring. Runs are real processes that are SIGKILLed; by default
+they are forked from a warm process (fast); `--spawn` starts each as a fresh interpreter, as a user's shell does (about
+4.5 s more per run). Mounting the small tmpfs of the disk-full cases needs root; without it those rows say so. Exits 1
+when any trial lost data or gave a wrong result.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests" / "reliability"), str(ROOT / "tests")]
-
-import corpus  # noqa: E402
-import faults  # noqa: E402
-from harness import Runner, make_image_data, make_tiny_clip  # noqa: E402
+from tests.reliability import corpus, faults
+from tests.reliability.harness import Runner, make_image_data
+from tests.tiny import make_tiny_clip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,15 +56,13 @@ def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[faults
     setup = faults.make_train_setup(work / "train_setup", num_train=384, epochs=6)
     small_setup = faults.make_train_setup(work / "small_train_setup", num_train=128, epochs=3)
     s = args.seed
+    fractions = faults.spread(args.trials, s)
     cases: list[tuple[str, Callable[[Path], faults.Outcome]]] = [
         ("kill_extract", lambda w: faults.extraction_kills(runner, w, big, clip, args.kills, seed=s)),
         ("kill_train", lambda w: faults.training_kills(runner, w, setup, args.train_kills, 6, seed=s)),
-        ("disk_extract", lambda w: faults.disk_full_extraction(runner, w, small, clip, faults.spread(args.trials, s))),
+        ("disk_extract", lambda w: faults.disk_full_extraction(runner, w, small, clip, fractions)),
         ("fsize_extract", lambda w: faults.file_size_limit_extraction(runner, w, small, clip)),
-        (
-            "disk_checkpoint",
-            lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, faults.spread(args.trials, s), True),
-        ),  # fmt: skip
+        ("disk_checkpoint", lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, fractions, True)),
         ("pairs", lambda w: faults.concurrent_extractions(runner, w, small, clip, args.pairs)),
         ("pairs_together", lambda w: faults.concurrent_extractions(runner, w, small, clip, 5, barrier=True)),
         ("create_while_creating", lambda w: faults.create_while_creating(runner, w, small, clip)),
@@ -75,16 +70,9 @@ def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[faults
         ("stale", lambda w: faults.stale_inputs(faults.make_stale_setup(w, small, clip, other))),
         ("manifests", lambda w: corpus.manifest_outcome(w, args.fuzz, seed=s)),
         ("images", lambda w: corpus.image_outcome(w, clip)),
-        ("labels", lambda w: corpus.label_outcome(w, _embed_options(w, clip))),
+        ("labels", lambda w: corpus.label_outcome(w, clip)),
     ]
     return [_row(name, work, make) for name, make in cases]
-
-
-def _embed_options(work: Path, clip) -> list[str]:
-    templates = work / "templates.txt"
-    templates.write_text("a photo of a {}.\n")
-    return ["--templates", str(templates), "--model", str(clip.config), "--pretrained", str(clip.weights),
-            "--device", "cpu"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
