@@ -142,10 +142,8 @@ def shard_batches(cache: Cache, shards: list[int], batch_size: int) -> list[list
 CLIP_TEMPLATE = "There is a {} in the scene"  # the CLIP baseline's one template (docs/design.md, section 1)
 
 
-def data_fingerprint(
-    manifest: Path, split: str, seen: list[str], unseen: list[str], cfg: ExtractConfig, precision: str
-) -> dict[str, Any]:
-    """What besides the backbone determines a store's content."""
+def data_fingerprint(manifest: Path, split: str, seen: list[str], unseen: list[str], cfg: ExtractConfig) -> dict:
+    """What besides the backbone determines a store's content (`cfg.precision`: the one the forward passes run at)."""
     return {
         "manifest_sha256": file_sha256(manifest),
         "vocabulary_sha256": lines_sha256(seen + ["|"] + unseen),
@@ -154,7 +152,7 @@ def data_fingerprint(
         **({"augment": cfg.augment} if cfg.views else {}),  # stores without views do not depend on it
         "seed": cfg.seed,
         "shuffle": cfg.shuffle,
-        "precision": precision,
+        "precision": cfg.precision,
     }
 
 
@@ -230,7 +228,7 @@ def _open_store(
     manifest, location = dataset / f"{split}.jsonl", Location.of(out)
     seen, unseen = read_vocabulary(dataset)
     records = read_manifest(manifest, seen + unseen)
-    data = data_fingerprint(manifest, split, seen, unseen, cfg, cfg.precision)
+    data = data_fingerprint(manifest, split, seen, unseen, cfg)
     fingerprint = make_fingerprint(backbone.fingerprint, data)
     if location.holds_store() and not how["overwrite"]:
         cache = open_cache(out, mode="r+")

@@ -92,7 +92,7 @@ def test_view_maker_and_the_store_fingerprint_follow_the_setting(tmp_path):
 
     def fingerprint(**changes) -> dict:
         extract = dataclasses.replace(ExtractConfig(), **changes)
-        return data_fingerprint(tmp_path / "train.jsonl", "train", ["a"], ["b"], extract, "fp32")
+        return data_fingerprint(tmp_path / "train.jsonl", "train", ["a"], ["b"], extract)
 
     assert fingerprint(views=1) != fingerprint(views=1, augment="crop_flip")
     assert fingerprint(views=0) == fingerprint(views=0, augment="crop_flip")  # no views: nothing to rebuild
