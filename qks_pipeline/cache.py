@@ -54,6 +54,14 @@ def check_fingerprint(
         raise QKSError(f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""), path)
 
 
+def describe_backbone(fp: dict[str, Any]) -> str:
+    """A short human name of a backbone fingerprint: model, config hash, weights source and hash."""
+    model = fp.get("model")
+    if fp.get("model_config_sha256"):
+        model = f"{model} (config sha256 {fp['model_config_sha256'][:12]})"
+    return f"{model}, weights {fp.get('pretrained') or 'random'} sha256 {str(fp.get('weights_sha256'))[:12]}"
+
+
 def _array(name: str) -> property:
     """A `Cache` accessor of the zarr array `name` (each look-up reads the array's metadata)."""
     return property(lambda cache: cache.group[name], doc=f"The `{name}` zarr array.")
@@ -103,9 +111,6 @@ class Cache:
 
     def done_shards(self) -> set[int]:
         return {int(name[: -len(".json")]) for name in self.location.list("done") if name.endswith(".json")}
-
-    def is_complete(self) -> bool:
-        return len(self.done_shards()) == self.num_shards
 
     def write_shard(self, shard: int, tokens: np.ndarray, valid: np.ndarray, skipped: list[dict[str, str]]) -> None:
         """Write one whole shard, then its done marker (the marker is the only proof of completion)."""
@@ -329,8 +334,7 @@ def cache_summary(cache: Cache) -> dict[str, Any]:
         "labels": f"{len(cache.label_names)} ({cache.num_seen} seen, {len(cache.label_names) - cache.num_seen} unseen)",
         "shards": f"{len(cache.done_shards())}/{cache.num_shards} done, {cache.shard_size} images each",
         "skipped": len(cache.skipped()),
-        "model": f"{backbone.get('model')} weights {backbone.get('pretrained')} "
-        f"sha256 {str(backbone.get('weights_sha256'))[:12]}",
+        "model": describe_backbone(backbone),
         "data": ", ".join(f"{k}={str(v)[:16]}" for k, v in data.items()),
         "size_on_disk": f"{cache.location.size() / 2**20:.1f} MiB",
     }

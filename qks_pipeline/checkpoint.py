@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from qks_pipeline.atomic import atomic_write
-from qks_pipeline.cache import differing_keys
+from qks_pipeline.cache import describe_backbone, differing_keys
 from qks_pipeline.config import ModelConfig
 from qks_pipeline.errors import QKSError
 from qks_pipeline.model import QKS
@@ -99,14 +99,6 @@ def load(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, An
     except RuntimeError as e:
         raise QKSError(f"weights do not fit {CONFIG}: {' '.join(str(e).split())}", weights) from None
     return model.to(device).eval(), config
-
-
-def describe_backbone(fp: dict[str, Any]) -> str:
-    """A short human name of a backbone fingerprint: model, config hash, weights source and hash."""
-    model = fp.get("model")
-    if fp.get("model_config_sha256"):
-        model = f"{model} (config sha256 {fp['model_config_sha256'][:12]})"
-    return f"{model}, weights {fp.get('pretrained') or 'random'} sha256 {str(fp.get('weights_sha256'))[:12]}"
 
 
 def backbone_args(

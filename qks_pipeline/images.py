@@ -1,14 +1,6 @@
-"""Robust image loading for stage one: every readable image becomes RGB, every unreadable one a short reason.
-
-Conversions (what the reference's `Image.open(p).convert("RGB")` gets wrong is fixed, the rest kept):
-- grayscale (L, 1), CMYK, YCbCr, LAB, HSV and palette images without transparency: PIL's own conversion to RGB;
-- images with transparency (RGBA, LA, PA, palette with a transparent colour): alpha-composited **on white**; a plain
-  convert would expose whatever colour the transparent pixels hold (often black);
-- 16-bit and 32-bit integer grayscale (I;16*, I): scaled by 1/257 to 8 bits; a plain convert clips them (mostly white);
-- float images (F): taken as [0, 1] when their maximum is <= 1, else as [0, 255].
-EXIF orientation is not applied, as in the reference and in CLIP's preprocessing. An unreadable file raises
-`BadImage`; extraction records its reason and masks the image out.
-"""
+"""Robust image loading for stage one: every readable image becomes RGB (the conversions, and where they differ from
+the authors' `convert("RGB")`: docs/design.md, section 4), every unreadable one raises `BadImage` with a short reason,
+which extraction records while masking the image out."""
 
 from __future__ import annotations
 
@@ -29,7 +21,7 @@ class BadImage(Exception):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB (see the module docstring for the rules)."""
+    """Convert any PIL mode to RGB by the rules of docs/design.md, section 4."""
     if img.mode == "RGB":
         return img
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
