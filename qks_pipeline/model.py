@@ -1,5 +1,7 @@
-"""The QKS head: learnable queries, a BERT-style post-LayerNorm Q-Former over the frozen CLIP visual tokens, and
-knowledge sharing by max over queries, as the reference builds it (docs/design.md, section 1)."""
+"""The QKS head, as the reference builds it (docs/design.md, section 1): N learnable queries pass a LayerNorm and
+dropout, then L post-LayerNorm BERT layers (self-attention over the queries, cross-attention to the frozen CLIP visual
+tokens, feed-forward); the query outputs, projected by a trainable copy of CLIP's visual projection, meet the label
+embeddings; a label's logit is its best match over the queries (knowledge sharing), with no normalisation or scale."""
 
 from __future__ import annotations
 
