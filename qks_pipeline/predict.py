@@ -163,11 +163,19 @@ class Tagger:
         amp: bool = False,
         max_pixels: int = ExtractConfig.max_pixels,
     ) -> Tagger:
-        """Load a `qks train` (or `qks import-checkpoint`) directory's head and the backbone it records (`model`,
-        `pretrained`: when the files moved) on `device` (auto | cpu | cuda[:N]), and check that they belong together.
-        `templates` (a list, or a file one a line): default the pool the checkpoint's labels were embedded with, another
-        is refused. `cache_dir` of label embeddings: True `default_cache_dir()`, None or False none. `amp`: float16
-        autocast of the backbone on CUDA. `max_pixels`: larger images are skipped as decompression bombs."""
+        """Load the checkpoint's head and the backbone it records, and check that they belong together.
+
+        Args:
+            checkpoint_dir: a `qks train` (or `qks import-checkpoint`) output directory.
+            device: auto (CUDA when present) | cpu | cuda[:N].
+            pretrained, model: the backbone's weights (file or open_clip tag) and model (name or config .json), when
+                not where the checkpoint says.
+            templates: the prompt templates (a list, or a file one a line); default: those the checkpoint's labels were
+                embedded with (else `prompt_pool()`). Another pool is refused.
+            cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
+            amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
+            max_pixels: larger images are skipped as decompression bombs.
+        """
         directory, dev = Path(checkpoint_dir), resolve_device(device)
         head, config = checkpoint.load(directory, dev)  # before CLIP: a broken checkpoint fails fast
         backbone = load_backbone(*checkpoint.backbone_args(directory, config, model, pretrained), dev)
