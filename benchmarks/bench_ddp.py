@@ -5,7 +5,7 @@ N of it), timed by the training loop itself (`samples_per_s` of train_log.csv: t
 validation excluded); the first epoch is left out as warm-up. On the CPU every rank runs one thread (gloo); on CUDA
 each rank gets one GPU (NCCL), so pass at most the GPU count.
 
-Usage: .venv/bin/python benchmarks/bench_ddp.py [--nproc 1,2] [--device cpu] [--images 1024] [--tokens 50] [--dim 256]
+Usage: .venv/bin/python -m benchmarks.bench_ddp [--nproc 1,2] [--device cpu] [--images 1024] [--tokens 50] [--dim 256]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,11 +20,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: every rank, and t
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic import make_synthetic  # noqa: E402
-
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig  # noqa: E402
 from qks_pipeline.train import train  # noqa: E402
+from tests.synthetic import make_synthetic  # noqa: E402
 
 
 def quiet(_: str) -> None:

@@ -12,8 +12,8 @@ runs then alternate between the configurations and the best of each is reported,
 average after each run (2 cores: a load above 2 means other work competed). images/s = images / loop time (model
 loading and cluster start-up excluded; they are printed separately). Random weights: speed does not depend on them.
 
-    .venv/bin/python benchmarks/bench_distributed.py      # ViT-B-32, 96 JPEGs of 500x375, shards of 16
-    .venv/bin/python benchmarks/bench_distributed.py --model ViT-B-16 --images 64
+    .venv/bin/python -m benchmarks.bench_distributed      # ViT-B-32, 96 JPEGs of 500x375, shards of 16
+    .venv/bin/python -m benchmarks.bench_distributed --model ViT-B-16 --images 64
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_extract import make_dataset
 from distributed import Client
 
+from benchmarks.bench_extract import make_dataset
 from qks_pipeline.config import BackboneConfig, ExtractConfig
 from qks_pipeline.distributed import OnCluster, local_cluster
 from qks_pipeline.extract import extract

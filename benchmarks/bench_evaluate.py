@@ -13,7 +13,7 @@ CLIP's, C labels: logits from float32 tokens vs float16-rounded tokens (what the
 float16 arithmetic (what autocast did to scoring), as the largest logit change relative to the largest logit, the
 images whose ranking changes, new ties, and the change of mAP; then the same on a head trained on synthetic data.
 
-Usage: .venv/bin/python benchmarks/bench_evaluate.py [--images 2000,5000] [--labels 7586] [--precision]
+Usage: .venv/bin/python -m benchmarks.bench_evaluate [--images 2000,5000] [--labels 7586] [--precision]
        (issue 14's sizes: --images 5000,20000,80000)
 """
 
@@ -170,9 +170,6 @@ def precision(c: int, n: int = 256) -> None:
 def precision_trained() -> None:
     """The same on a head trained on synthetic data (tests/synthetic.py; 24 labels, 8 unseen): ZSL / GZSL / seen mAP
     with the whole head in float16 (harsher than autocast, which keeps LayerNorm and softmax in float32)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from synthetic import make_synthetic
-
     from qks_pipeline.cache import open_cache, read_label_embeddings
     from qks_pipeline.checkpoint import load
     from qks_pipeline.config import Params, TrainConfig
@@ -180,6 +177,7 @@ def precision_trained() -> None:
     from qks_pipeline.metrics import evaluate_scores
     from qks_pipeline.scoring import model_scorer, score_rows
     from qks_pipeline.train import train
+    from tests.synthetic import make_synthetic
 
     with tempfile.TemporaryDirectory(prefix="qks_bench_fp16") as tmp:
         data = make_synthetic(tmp, num_train=512, num_test=256, num_seen=16, num_unseen=8, dim=64, embed_dim=32)

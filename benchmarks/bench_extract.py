@@ -9,8 +9,8 @@ Forward-only and full runs alternate and the best of each is compared, so a mach
 neither side. The share of the full run's loop time spent inside the forward pass is printed too: unlike the
 images/s figures it hardly depends on what else the machine is doing.
 
-    .venv/bin/python benchmarks/bench_extract.py                      # ViT-B-16, 48 images of 500x375
-    .venv/bin/python benchmarks/bench_extract.py --model ViT-B-32 --images 96
+    .venv/bin/python -m benchmarks.bench_extract                      # ViT-B-16, 48 images of 500x375
+    .venv/bin/python -m benchmarks.bench_extract --model ViT-B-32 --images 96
 """
 
 from __future__ import annotations

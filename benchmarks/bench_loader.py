@@ -11,7 +11,7 @@ load. As in training, the in-order and shuffled loaders are made once and read a
 checks each chunk's crc32c, later ones do not. "shuffled, first epoch" is a new loader every pass: what a first epoch
 costs (checksums, buffers allocated). No model: this is what the loader can deliver.
 
-Usage: .venv/bin/python benchmarks/bench_loader.py [--gb 1] [--rounds 5] [--batch-size 256] [--backend auto]
+Usage: .venv/bin/python -m benchmarks.bench_loader [--gb 1] [--rounds 5] [--batch-size 256] [--backend auto]
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_train_memory import write_cache
 
+from benchmarks.bench_train_memory import ensure_cache
 from qks_pipeline.cache import open_cache
 from qks_pipeline.loader import CacheLoader, open_loader
 
@@ -57,10 +57,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto", choices=["auto", "direct", "tensorstore", "zarr"])
     args = ap.parse_args()
     store = args.dir / f"train_{args.gb:g}gb.zarr"
-    if not (store / "zarr.json").exists() or not open_cache(store).is_complete():
-        start = time.perf_counter()
-        write_cache(store, args.gb)
-        print(f"wrote {store} in {time.perf_counter() - start:.0f} s")
+    ensure_cache(store, args.gb)
     cache = open_cache(store)
     files = [f for f in sorted((store / "tokens" / "c").rglob("*"), key=lambda p: p.parts[-4:]) if f.is_file()]
     n, kw = cache.num_images, {"batch_size": args.batch_size, "columns": slice(0, cache.num_seen)}

@@ -5,7 +5,7 @@ one shard at a time. This builds N synthetic manifest records over C labels (8 p
 each, as Open Images' human labels), then creates a store (ViT-B/16 token shape; no tokens are written) both ways, each
 in a fresh process, and prints the peak resident set size of each against the memory of the records alone.
 
-    .venv/bin/python benchmarks/bench_store_labels.py [--images 300000] [--labels 7586]
+    .venv/bin/python -m benchmarks.bench_store_labels [--images 300000] [--labels 7586]
 """
 
 from __future__ import annotations

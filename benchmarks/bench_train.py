@@ -10,7 +10,7 @@ Same run, same model (ViT-B/16 sizes: T=197, D=768, E=512; 12 queries, 7 layers)
    weights, open_clip `ViT-B-16`, pretrained=None) + the head step; augmentation (RandAugment, cutout) is left out, so
    this is a lower bound on the reference's cost.
 
-Usage: .venv/bin/python benchmarks/bench_train.py [--images 256] [--batch-size 16] [--rounds 2] [--threads N]
+Usage: .venv/bin/python -m benchmarks.bench_train [--images 256] [--batch-size 16] [--rounds 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic import make_synthetic  # noqa: E402
-
-from qks_pipeline.cache import open_inputs  # noqa: E402
-from qks_pipeline.config import Params, TrainConfig  # noqa: E402
-from qks_pipeline.train import Session, make_session, train_step  # noqa: E402
+from qks_pipeline.cache import open_inputs
+from qks_pipeline.config import Params, TrainConfig
+from qks_pipeline.train import Session, make_session, train_step
+from tests.synthetic import make_synthetic
 
 NUS_WIDE_TRAIN = 161_789  # images in NUS-WIDE's training list, for the per-epoch projection
 

@@ -5,7 +5,7 @@ Writes a synthetic ViT-B/16-sized cache (T=197, D=768, float16; about 0.3 MB per
 with the real loader and reports the peak resident set size against `CacheLoader.memory_bound_bytes` and the cache
 size. Page cache (the OS caching the store's file) is not RSS and is not counted.
 
-Usage: .venv/bin/python benchmarks/bench_train_memory.py [--gb 2] [--dir /tmp/qks_bench_memory] [--backend auto]
+Usage: .venv/bin/python -m benchmarks.bench_train_memory [--gb 2] [--dir /tmp/qks_bench_memory] [--backend auto]
        [--batch-size 64] [--prefetch 2]
 """
 
@@ -46,6 +46,18 @@ def write_cache(path: Path, gb: float) -> None:
         rows = cache.shard_rows(shard)
         tokens = base[: rows.stop - rows.start] + np.float16(shard)  # distinct content per shard, no big RNG cost
         cache.write_shard(shard, tokens, np.ones(rows.stop - rows.start, bool), [])
+
+
+def ensure_cache(path: Path, gb: float) -> None:
+    """`write_cache` unless an earlier run left a complete store at `path`."""
+    if (path / "zarr.json").exists():
+        cache = open_cache(path)
+        if len(cache.done_shards()) == cache.num_shards:
+            return
+    start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_cache(path, gb)
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
 
 
 def rss_mib(key: str = "VmRSS") -> float:
@@ -94,11 +106,7 @@ def main() -> None:
     if args.iterate:
         iterate(store, args.batch_size, args.backend, args.prefetch)
         return
-    if not (store / "zarr.json").exists() or not open_cache(store).is_complete():
-        start = time.perf_counter()
-        args.dir.mkdir(parents=True, exist_ok=True)
-        write_cache(store, args.gb)
-        print(f"wrote {store} in {time.perf_counter() - start:.0f} s")
+    ensure_cache(store, args.gb)
     child = ["--iterate", "--gb", str(args.gb), "--dir", str(args.dir), "--batch-size", str(args.batch_size)]
     child += ["--backend", args.backend, "--prefetch", str(args.prefetch)]
     subprocess.run([sys.executable, __file__, *child], check=True)
