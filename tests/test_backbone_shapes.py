@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import embed_args, extract_args, make_tiny_clip, qks
+from tiny import embed_args, extract_args, make_tiny_clip, qks, train_args
 
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}
 SHAPES = {  # name: (vision width, patch, image size, embed dim, heads `auto` gives)
@@ -34,45 +34,17 @@ def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_m
     for split in ("train", "test"):
         qks(*extract_args(ds, clip, tmp_path / f"{split}.zarr", split))
     qks(*embed_args(ds, clip, tmp_path / "l.zarr"))
-    stores = ["--labels", tmp_path / "l.zarr", "--device", "cpu"]
-    qks(
-        "train",
-        "--train-cache",
-        tmp_path / "train.zarr",
-        "--out",
-        tmp_path / "ckpt",
-        "--no-progress",
-        *stores,
-        "--set",
-        "train.epochs=1",
-        "--set",
-        "train.batch_size=8",
-    )
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  epochs: 1\n  batch_size: 8\n")  # no model section: the default model
+    qks(*train_args(tmp_path / "train.zarr", tmp_path / "l.zarr", tmp_path / "ckpt", params))
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     assert config["model"]["num_heads"] == heads and config["token_dim"] == width
     assert config["num_tokens"] == (size // patch) ** 2 + 1 and config["model"]["num_layers"] == 7  # the default
-    qks(
-        "evaluate",
-        "--checkpoint",
-        tmp_path / "ckpt",
-        "--test-cache",
-        tmp_path / "test.zarr",
-        *stores,
-        "--out",
-        tmp_path / "metrics.json",
-    )
+    stores = ["--test-cache", tmp_path / "test.zarr", "--labels", tmp_path / "l.zarr", "--device", "cpu"]
+    qks("evaluate", "--checkpoint", tmp_path / "ckpt", *stores, "--out", tmp_path / "metrics.json")
     assert "zsl" in json.loads((tmp_path / "metrics.json").read_text())
-    out = qks(
-        "predict",
-        "--checkpoint",
-        tmp_path / "ckpt",
-        "--labels",
-        "red, circle",
-        "--device",
-        "cpu",
-        "--no-progress",
-        ds.images / "test",
-    )
+    predict = ["predict", "--checkpoint", tmp_path / "ckpt", "--labels", "red, circle", "--device", "cpu"]
+    out = qks(*predict, "--no-progress", ds.images / "test")
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(records) == 8 and all(len(r["top"]) == 2 for r in records)
 
@@ -82,20 +54,8 @@ def test_num_heads_that_do_not_divide_the_width_are_refused_before_any_work(samp
     params = tmp_path / "params.yaml"
     params.write_text(f"backbone:\n  model: {config}\n  pretrained: none\nmodel:\n  num_heads: 12\n")
     ds = sample_dataset
-    out = qks(
-        "extract",
-        "--dataset",
-        ds.dataset,
-        "--split",
-        "train",
-        "--images",
-        ds.images,
-        "--out",
-        tmp_path / "train.zarr",
-        "--params",
-        params,
-        expect=1,
-    )
+    extract = ["extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images]
+    out = qks(*extract, "--out", tmp_path / "train.zarr", "--params", params, expect=1)
     assert out.strip().splitlines() == [
         f"Error: {params}: model.num_heads 12 does not divide the backbone's width 128 (use auto)"
     ]

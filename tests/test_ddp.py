@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from synthetic import make_synthetic
 from test_train import TINY_MODEL, _write_params
+from tiny import train_args
 
 from qks_pipeline.cache import open_cache
 from qks_pipeline.config import EvaluateConfig, Params, TrainConfig
@@ -106,8 +107,7 @@ def test_two_ranks_killed_mid_epoch_then_resumed_equal_an_uninterrupted_run(tmp_
     run(data, tmp_path / "straight", p)
     cfg = _write_params(tmp_path / "params.yaml", p)
     qks = str(Path(sys.executable).parent / "qks")
-    command = [qks, "train", "--train-cache", str(data.train), "--labels", str(data.labels), "--params", str(cfg)]
-    command += ["--out", str(tmp_path / "killed"), "--device", "cpu", "--no-progress", "--nproc", "2"]
+    command = [qks, *train_args(data.train, data.labels, tmp_path / "killed", cfg, "--nproc", 2)]
     env = dict(os.environ)
     proc = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from qks_reference_impl import reference_step
 from safetensors.torch import load_file
 from synthetic import make_synthetic
+from tiny import train_args
 
 from qks_pipeline.cache import create_cache, make_fingerprint
 from qks_pipeline.cli import main
@@ -152,8 +153,7 @@ def _write_params(path: Path, p: Params) -> Path:
 
 def test_cli_train(data, tmp_path):
     cfg = _write_params(tmp_path / "params.yaml", params(epochs=1))
-    args = ["train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(tmp_path / "run")]
-    args += ["--params", str(cfg), "--device", "cpu", "--no-progress"]
+    args = train_args(data.train, data.labels, tmp_path / "run", cfg)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "best checkpoint:" in result.output and (tmp_path / "run" / "best.safetensors").exists()
@@ -168,9 +168,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data, tmp_path):
     cfg = _write_params(tmp_path / "params.yaml", params(epochs=12, scheduler="cosine"))
 
     def command(out: Path) -> list[str]:
-        qks = str(Path(sys.executable).parent / "qks")
-        args = [qks, "train", "--train-cache", str(data.train), "--labels", str(data.labels), "--out", str(out)]
-        return args + ["--params", str(cfg), "--device", "cpu", "--no-progress"]
+        return [str(Path(sys.executable).parent / "qks"), *train_args(data.train, data.labels, out, cfg)]
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, env=env)
