@@ -76,7 +76,7 @@ class TrainConfig:
     early_stop: int = 0  # stop after this many epochs without improvement (0 = never, the reference)
     val_fraction: float = 0.1  # share of training images held out to select the checkpoint
     selection: Literal["val", "test"] = "val"  # val (honest) | test (the reference's protocol: selects on the test set)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: the reference; bf16/fp16 autocast (fp16 on CUDA only)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp32: the reference; bf16 | fp16 autocast (GPU only)
     nproc: int = 1  # data-parallel processes on this machine (qks_pipeline/ddp.py)
     seed: int = 0
 

@@ -1,4 +1,4 @@
-"""Where tensors run: the one reading of `--device`, and float16 autocast on CUDA."""
+"""Where tensors run: the one reading of `--device`, and the one autocast (reduced precision on CUDA only)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ def resolve_device(device: str) -> torch.device:
         raise QKSError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """float16 autocast on CUDA when `enabled`; a no-op on the CPU."""
-    return torch.autocast("cuda", dtype=torch.float16, enabled=enabled and device.type == "cuda")
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # a `precision` setting's autocast dtype
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on CUDA; a no-op (float32) when `dtype` is None or on the CPU."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")

@@ -40,7 +40,7 @@ from qks_pipeline.cache import (
     write_label_embeddings,
 )
 from qks_pipeline.config import BackboneConfig, ExtractConfig, LabelsConfig
-from qks_pipeline.devices import resolve_device
+from qks_pipeline.devices import AMP_DTYPES, autocast, resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.images import BadImage, load_rgb
 from qks_pipeline.manifest import (
@@ -55,8 +55,6 @@ from qks_pipeline.manifest import (
 from qks_pipeline.storage import Location
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -160,13 +158,13 @@ class Forward:
     """Batches of views -> float16 tokens on the CPU, under autocast when asked (GPU only)."""
 
     def __init__(self, clip: torch.nn.Module, device: torch.device, precision: str):
-        self.clip, self.device, self.dtype = clip, device, PRECISIONS[precision]
+        self.clip, self.device, self.dtype = clip, device, AMP_DTYPES[precision]
         self.seconds = 0.0  # time spent here: loop time minus this is what the input path failed to hide
 
     def __call__(self, views: torch.Tensor) -> np.ndarray:
         start, (b, v) = time.perf_counter(), views.shape[:2]
         x = views.flatten(0, 1).to(self.device, non_blocking=True)  # (B * V, 3, H, W)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with autocast(self.device, self.dtype):
             tokens = visual_tokens(self.clip, x)  # (B * V, T, D)
         out = tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)  # (B, V, T, D)
         self.seconds += time.perf_counter() - start

@@ -219,7 +219,7 @@ class Tagger:
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
         """Preprocessed images (B, 3, H, W) and label embeddings (C, E) -> logits (B, C) float32 on the CPU."""
-        with autocast(self.device, self.amp):
+        with autocast(self.device, torch.float16 if self.amp else None):
             tokens = visual_tokens(self.backbone.model, pixels.to(self.device, non_blocking=True))  # (B, T, D)
         return self.head(tokens.float(), label_emb.float()).float().cpu()  # (B, C)
 

@@ -27,7 +27,7 @@ from qks_pipeline.atomic import atomic_write, write_csv
 from qks_pipeline.cache import Inputs, open_inputs
 from qks_pipeline.checkpoint import BEST, CONFIG, LAST, LOG, STATE, make_config, read_config, save_weights, write_config
 from qks_pipeline.config import Params, TrainConfig
-from qks_pipeline.devices import resolve_device
+from qks_pipeline.devices import AMP_DTYPES, autocast, resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.loader import CacheLoader, open_loader, split_rows
 from qks_pipeline.losses import make_loss
@@ -111,12 +111,12 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
         "onecycle": lambda: OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=steps),
         "none": lambda: None,
     }[cfg.scheduler]()
-    amp = cfg.precision != "fp32" and device.type == "cuda"
+    amp_dtype = AMP_DTYPES[cfg.precision] if device.type == "cuda" else None  # reduced precision on CUDA only
     return Session(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16"),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         loss_fn=make_loss(cfg.loss),
         train_loader=loader,
         val_loader=val,
@@ -124,7 +124,7 @@ def make_session(params: Params, inputs: Inputs, device: torch.device) -> Sessio
         emb=torch.from_numpy(inputs.embeddings).to(device),
         num_seen=inputs.num_seen,
         device=device,
-        amp_dtype=(torch.bfloat16 if cfg.precision == "bf16" else torch.float16) if amp else None,
+        amp_dtype=amp_dtype,
         net=model,
     )
 
@@ -137,7 +137,7 @@ def train_step(
     `of` samples (default: b, one process); returns the share's loss times b (detached)."""
     tokens = tokens.to(s.device, non_blocking=True)
     targets = labels.to(s.device, non_blocking=True)
-    with torch.autocast(s.device.type, dtype=s.amp_dtype, enabled=s.amp_dtype is not None):
+    with autocast(s.device, s.amp_dtype):
         logits = s.net(tokens, emb_seen)  # (b, C_seen)
     loss = s.loss_fn(logits, targets) if len(targets) else logits.sum()  # an empty share: 0, with the graph for DDP
     s.optimizer.zero_grad(set_to_none=True)

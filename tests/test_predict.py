@@ -447,7 +447,7 @@ def test_the_head_and_ranking_run_in_float32_under_autocast(tagger, sample_datas
     files = [sample_dataset.images / "test" / "img000.jpg"]
     label_emb = tagger.label_embeddings(["red", "blue"])
     pixels = torch.stack([tagger.backbone.preprocess(load_rgb(f)) for f in files])
-    cpu_autocast = lambda device, enabled: torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)  # noqa: E731
+    cpu_autocast = lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)  # noqa: E731
     monkeypatch.setattr(predict_module, "autocast", cpu_autocast)
     amp = Tagger(**{**tagger.__dict__, "amp": True})
     with torch.autocast("cpu", dtype=torch.bfloat16):
