@@ -1,9 +1,11 @@
-"""Data-parallel training throughput: samples/s with 1, 2, ... ranks (`train.nproc`), and the scaling efficiency.
+"""Data-parallel training throughput: samples/s with 1, 2, ... ranks (`train.nproc`), and the
+scaling efficiency.
 
-Each run is a real `qks_pipeline.train.train` over one synthetic cache (the global batch fixed; each rank takes batch /
-N of it), timed by the training loop itself (`samples_per_s` of train_log.csv: the epoch's samples over its wall time,
-validation excluded); the first epoch is left out as warm-up. On the CPU every rank runs one thread (gloo); on CUDA
-each rank gets one GPU (NCCL), so pass at most the GPU count.
+Each run is a real `qks_pipeline.stage_two.train.train` over one synthetic cache (the global batch
+fixed; each rank takes batch / N of it), timed by the training loop itself (`samples_per_s` of
+train_log.csv: the epoch's samples over its wall time, validation excluded); the first epoch is left
+out as warm-up. On the CPU every rank runs one thread (gloo); on CUDA each rank gets one GPU (NCCL),
+so pass at most the GPU count.
 
 Usage: .venv/bin/python -m benchmarks.bench_ddp [--nproc 1,2] [--device cpu] [--images 1024] [--tokens 50] [--dim 256]
 """
@@ -16,13 +18,14 @@ import os
 import tempfile
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: every rank, and the single process, on one thread
+# before torch: every rank, and the single process, on one thread
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig  # noqa: E402
-from qks_pipeline.train import train  # noqa: E402
-from tests.synthetic import make_synthetic  # noqa: E402
+from qks_pipeline.stage_two.train import train  # noqa: E402
+from qks_pipeline.store.synthetic import make_synthetic  # noqa: E402
 
 
 def quiet(_: str) -> None:
@@ -42,8 +45,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model = ModelConfig(num_queries=args.queries, num_layers=args.layers, num_heads=8, ff_dim=4 * args.dim)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, val_fraction=0.05, scheduler="none")
+    model = ModelConfig(
+        num_queries=args.queries, num_layers=args.layers, num_heads=8, ff_dim=4 * args.dim
+    )
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=1e-4, val_fraction=0.05, scheduler="none"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         data = make_synthetic(
             Path(tmp) / "data",
@@ -56,7 +63,11 @@ def main() -> None:
         )
         rates = {}
         for n in map(int, args.nproc.split(",")):
-            p = Params(model=model, train=dataclasses.replace(cfg, nproc=n), evaluate=EvaluateConfig(batch_size=256))
+            p = Params(
+                model=model,
+                train=dataclasses.replace(cfg, nproc=n),
+                evaluate=EvaluateConfig(batch_size=256),
+            )
             progress = train(
                 data.train,
                 data.labels,
@@ -66,9 +77,15 @@ def main() -> None:
                 progress_bar=False,
                 echo=quiet,
             )
-            timed = [row["samples_per_s"] for row in progress.log[1:]] or [progress.log[0]["samples_per_s"]]
+            timed = [row["samples_per_s"] for row in progress.log[1:]] or [
+                progress.log[0]["samples_per_s"]
+            ]
             rates[n] = sum(timed) / len(timed)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU ({os.cpu_count()} cores)"
+    )
     print(
         f"{device}; {args.images} images x {args.tokens} tokens x {args.dim}, batch {args.batch_size}, "
         f"{args.queries} queries, {args.layers} layers, {args.epochs} epochs (first left out)"

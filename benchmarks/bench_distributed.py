@@ -1,19 +1,22 @@
-"""Distributed extraction: 1 and 2 dask workers against each other and against the single-process path, one run.
+"""Distributed extraction: 1 and 2 dask workers against each other and against the single-process
+path, one run.
 
-All runs extract the same synthetic JPEGs (files -> decode -> forward -> whole-shard writes -> done markers) into a new
-store each. Thread settings, so that the comparisons are fair on a 2-core machine:
+All runs extract the same synthetic JPEGs (files -> decode -> forward -> whole-shard writes -> done
+markers) into a new store each. Thread settings, so that the comparisons are fair on a 2-core
+machine:
 - single process, 1 thread: torch.set_num_threads(1), decoding in the same thread (--workers 0);
 - dask, N workers: `--cluster local:N`, N worker processes with 1 thread each (dask's nanny sets OMP_NUM_THREADS=1,
   so torch runs one thread per worker), decoding in the task's thread (--workers 0);
 - single process, 2 threads + 1 DataLoader worker: how one would use this machine without dask (for reference).
-"dask 1 worker / single 1 thread" is dask's overhead; "dask 2 workers / dask 1 worker" is the scaling. Each cluster is
-started once and warmed by one run (its workers load the backbone then, once per process, as in a real run); timed
-runs then alternate between the configurations and the best of each is reported, with the machine's 1-minute load
-average after each run (2 cores: a load above 2 means other work competed). images/s = images / loop time (model
-loading and cluster start-up excluded; they are printed separately). Random weights: speed does not depend on them.
+"dask 1 worker / single 1 thread" is dask's overhead; "dask 2 workers / dask 1 worker" is the
+scaling. Each cluster is started once and warmed by one run (its workers load the backbone then,
+once per process, as in a real run); timed runs then alternate between the configurations and the
+best of each is reported, with the machine's 1-minute load average after each run (2 cores: a load
+above 2 means other work competed). images/s = images / loop time (model loading and cluster
+start-up excluded; they are printed separately). Random weights: speed does not depend on them.
 
-    .venv/bin/python -m benchmarks.bench_distributed      # ViT-B-32, 96 JPEGs of 500x375, shards of 16
-    .venv/bin/python -m benchmarks.bench_distributed --model ViT-B-16 --images 64
+    .venv/bin/python -m benchmarks.bench_distributed      # ViT-B-32, 96 JPEGs of 500x375, shards of
+    16 .venv/bin/python -m benchmarks.bench_distributed --model ViT-B-16 --images 64
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from distributed import Client
 
 from benchmarks.bench_extract import make_dataset
 from qks_pipeline.config import BackboneConfig, ExtractConfig
-from qks_pipeline.distributed import OnCluster, local_cluster
-from qks_pipeline.extract import extract
+from qks_pipeline.stage_one.cluster import OnCluster, local_cluster
+from qks_pipeline.stage_one.extract import extract
 
 
 @contextlib.contextmanager
@@ -51,7 +54,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--shard-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--size", type=int, nargs=2, default=(500, 375), help="width height of the JPEGs on disk")
+    ap.add_argument(
+        "--size", type=int, nargs=2, default=(500, 375), help="width height of the JPEGs on disk"
+    )
     args = ap.parse_args()
     backbone = BackboneConfig(args.model, "none")
     cfg0 = ExtractConfig(batch_size=args.batch_size, workers=0, shard_size=args.shard_size)
@@ -86,7 +91,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, go in configs.items():
                 speed[name].append(go())
-                load[name].append(os.getloadavg()[0])  # the 1-minute load average: other work on the machine shows
+                # the 1-minute load average: other work on the machine shows
+                load[name].append(os.getloadavg()[0])
     best = {name: max(v) for name, v in speed.items()}
     print(
         f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, batch "
@@ -94,14 +100,21 @@ def main() -> None:
         f"{args.repeats} timed runs each, best reported"
     )
     for name, values in speed.items():
-        runs = ", ".join(f"{v:.2f} at load {x:.1f}" for v, x in zip(values, load[name], strict=True))
+        runs = ", ".join(
+            f"{v:.2f} at load {x:.1f}" for v, x in zip(values, load[name], strict=True)
+        )
         print(f"{name:>42}: {best[name]:7.2f} images/s  ({runs})")
-    single1, single2 = best["single process, 1 thread"], best["single process, 2 threads + 1 decoder"]
+    single1, single2 = (
+        best["single process, 1 thread"],
+        best["single process, 2 threads + 1 decoder"],
+    )
     dask1, dask2 = best["dask, 1 worker x 1 thread"], best["dask, 2 workers x 1 thread"]
     print(f"{'overhead: dask 1 worker / single 1 thread':>42}: {dask1 / single1:7.3f}")
     print(f"{'scaling: dask 2 workers / dask 1 worker':>42}: {dask2 / dask1:7.3f}")
     print(f"{'dask 2 workers / single 2 threads':>42}: {dask2 / single2:7.3f}")
-    print(f"cluster start-up with one warm-up run: 1 worker {startup[1]:.1f} s, 2 workers {startup[2]:.1f} s")
+    print(
+        f"cluster start-up with one warm-up run: 1 worker {startup[1]:.1f} s, 2 workers {startup[2]:.1f} s"
+    )
 
 
 def _with_threads(n: int, run, cfg: ExtractConfig) -> float:

@@ -1,17 +1,19 @@
-"""Peak memory and time of `qks evaluate` at Open Images' vocabulary (7,186 seen + 400 unseen labels), and what
-float16 does to the ranking.
+"""Peak memory and time of `qks evaluate` at Open Images' vocabulary (7,186 seen + 400 unseen
+labels), and what float16 does to the ranking.
 
-Memory: for each size, a synthetic test store (tiny tokens: the scores and labels are what grow with N x C; the loader's
-token blocks are a constant, see loader.py) and a label store are written, then a fresh process runs the real
-`evaluate` (the CLIP baseline as issue 14 measured it, or with `--head` a tiny QKS head too; per-label CSV, standard
-protocol) and reports its peak RSS (VmHWM). Printed:
-peak RSS, the RSS before evaluating (imports), bytes per (image, label) above it, time, the linear fit over the sizes
-and its extrapolation to Open Images' 125,436 test images, beside the figures issue 14 measured before this change.
+Memory: for each size, a synthetic test store (tiny tokens: the scores and labels are what grow with
+N x C; the loader's token blocks are a constant, see loader.py) and a label store are written, then
+a fresh process runs the real `evaluate` (the CLIP baseline as issue 14 measured it, or with
+`--head` a tiny QKS head too; per-label CSV, standard protocol) and reports its peak RSS (VmHWM).
+Printed: peak RSS, the RSS before evaluating (imports), bytes per (image, label) above it, time, the
+linear fit over the sizes and its extrapolation to Open Images' 125,436 test images, beside the
+figures issue 14 measured before this change.
 
-Precision (`--precision`): a tiny random QKS head (ViT-B/16 widths, 12 queries, 2 layers) on random tokens scaled like
-CLIP's, C labels: logits from float32 tokens vs float16-rounded tokens (what the cache stores), and from float32 vs
-float16 arithmetic (what autocast did to scoring), as the largest logit change relative to the largest logit, the
-images whose ranking changes, new ties, and the change of mAP; then the same on a head trained on synthetic data.
+Precision (`--precision`): a tiny random QKS head (ViT-B/16 widths, 12 queries, 2 layers) on random
+tokens scaled like CLIP's, C labels: logits from float32 tokens vs float16-rounded tokens (what the
+cache stores), and from float32 vs float16 arithmetic (what autocast did to scoring), as the largest
+logit change relative to the largest logit, the images whose ranking changes, new ties, and the
+change of mAP; then the same on a head trained on synthetic data.
 
 Usage: .venv/bin/python -m benchmarks.bench_evaluate [--images 2000,5000] [--labels 7586] [--precision]
        (issue 14's sizes: --images 5000,20000,80000)
@@ -30,21 +32,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qks_pipeline.cache import create_cache, make_fingerprint, write_label_embeddings
-from qks_pipeline.checkpoint import make_config, save_weights, write_config
 from qks_pipeline.config import EvaluateConfig, ModelConfig
-from qks_pipeline.model import QKS
+from qks_pipeline.stage_two.checkpoint import make_config, save_weights, write_config
+from qks_pipeline.stage_two.model import QKS
+from qks_pipeline.store.features import create_cache
+from qks_pipeline.store.fingerprint import make_fingerprint
+from qks_pipeline.store.label_store import write_label_embeddings
 
 OPEN_IMAGES_TEST = 125_436
 UNSEEN = 400
-T, D, E = 4, 16, 16  # tiny tokens: the loader's blocks stay small; scores and labels are what N x C governs
-BEFORE = {5_000: (1.6, None), 20_000: (4.5, 54.0)}  # issue 14, before: peak RSS GB, seconds (qks evaluate --baseline)
+# tiny tokens: the loader's blocks stay small; scores and labels are what N x C governs
+T, D, E = 4, 16, 16
+# issue 14, before: peak RSS GB, seconds (qks evaluate --baseline)
+BEFORE = {5_000: (1.6, None), 20_000: (4.5, 54.0)}
 BACKBONE = {"model": "bench", "pretrained": "none"}
 
 
 def write_inputs(root: Path, n: int, c: int) -> None:
-    """A test store (n images, c labels: ~5 positives and ~10 negatives an image, the rest unknown), a label store
-    and a tiny checkpoint."""
+    """A test store (n images, c labels: ~5 positives and ~10 negatives an image, the rest unknown),
+    a label store and a tiny checkpoint."""
     rng = np.random.default_rng(0)
     names, seen = [f"l{i}" for i in range(c)], c - UNSEEN
 
@@ -72,30 +78,58 @@ def write_inputs(root: Path, n: int, c: int) -> None:
     emb = rng.standard_normal((c, E)).astype(np.float32)
     clip = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     write_label_embeddings(
-        root / "labels.zarr", names, emb, make_fingerprint(BACKBONE), clip, clip_template="{}", num_seen=seen
+        root / "labels.zarr",
+        names,
+        emb,
+        make_fingerprint(BACKBONE),
+        clip,
+        clip_template="{}",
+        num_seen=seen,
     )
     head = QKS(ModelConfig(num_queries=4, num_layers=1, num_heads=2, ff_dim=16), D, E)
     (root / "ckpt").mkdir(exist_ok=True)
     save_weights(head, root / "ckpt" / "best.safetensors")
-    config = make_config(head, T, BACKBONE, None, selection="val", selection_note="", label_names=names, num_seen=seen)
+    config = make_config(
+        head,
+        T,
+        BACKBONE,
+        None,
+        selection="val",
+        selection_note="",
+        label_names=names,
+        num_seen=seen,
+    )
     write_config(root / "ckpt", config)
 
 
 def _peak_rss() -> int:
-    """This process's peak resident set (VmHWM), bytes: unlike ru_maxrss, not inherited from the parent over exec."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    """This process's peak resident set (VmHWM), bytes: unlike ru_maxrss, not inherited from the
+    parent over exec."""
+    line = next(
+        x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")
+    )
     return int(line.split()[1]) * 1024
 
 
 def measure(root: Path, head: bool) -> None:
     """The child process: evaluate once, print {rss_before, rss_peak (bytes), seconds} as JSON."""
-    from qks_pipeline.evaluate import evaluate
+    from qks_pipeline.stage_two.evaluate import evaluate
 
     before, start = _peak_rss(), time.perf_counter()
-    how = {"checkpoint": root / "ckpt" if head else None, "baseline": "clip", "params": EvaluateConfig()}
+    how = {
+        "checkpoint": root / "ckpt" if head else None,
+        "baseline": "clip",
+        "params": EvaluateConfig(),
+    }
     tables = {"per_label": root / "ap.csv", "query_table": root / "q.csv"}
     evaluate(
-        root / "test.zarr", root / "labels.zarr", root / "m.json", device="cpu", echo=lambda _: None, **how, **tables
+        root / "test.zarr",
+        root / "labels.zarr",
+        root / "m.json",
+        device="cpu",
+        echo=lambda _: None,
+        **how,
+        **tables,
     )
     seconds = time.perf_counter() - start
     print(json.dumps({"rss_before": before, "rss_peak": _peak_rss(), "seconds": seconds}))
@@ -103,14 +137,22 @@ def measure(root: Path, head: bool) -> None:
 
 def memory(sizes: list[int], c: int, head: bool) -> None:
     what = "a tiny head + the CLIP baseline" if head else "--baseline clip, as issue 14 measured"
-    print(f"qks evaluate ({what}; per-label CSV) at {c} labels ({c - UNSEEN} seen + {UNSEEN} unseen)")
-    print(f"{'images':>8} {'peak RSS':>10} {'imports':>9} {'B/entry':>8} {'time':>8} {'before (issue 14)':>22}")
+    print(
+        f"qks evaluate ({what}; per-label CSV) at {c} labels ({c - UNSEEN} seen + {UNSEEN} unseen)"
+    )
+    print(
+        f"{'images':>8} {'peak RSS':>10} {'imports':>9} {'B/entry':>8} {'time':>8} {'before (issue 14)':>22}"
+    )
     points = []
     for n in sizes:
         with tempfile.TemporaryDirectory(prefix="qks_bench_eval") as tmp:
             write_inputs(Path(tmp), n, c)
             child = [sys.executable, __file__, "--measure", tmp] + ["--head"] * head
-            r = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            r = json.loads(
+                subprocess.run(
+                    child, check=True, capture_output=True, text=True
+                ).stdout.splitlines()[-1]
+            )
         points.append((n, r["rss_peak"], r["seconds"]))
         per = (r["rss_peak"] - r["rss_before"]) / (n * c)
         old = BEFORE.get(n) if c == 7586 and not head else None
@@ -136,7 +178,7 @@ def memory(sizes: list[int], c: int, head: bool) -> None:
 
 
 def _map(logits: torch.Tensor, labels: np.ndarray) -> float:
-    from qks_pipeline.metrics import evaluate_setting
+    from qks_pipeline.stage_two.metrics import evaluate_setting
 
     return evaluate_setting(logits.double().numpy(), labels, slice(None), [])["mAP"]
 
@@ -159,7 +201,9 @@ def precision(c: int, n: int = 256) -> None:
     )
     for name, got in rows.items():
         changed = (got.argsort(dim=1) != ref.argsort(dim=1)).any(dim=1).sum()
-        ties = sum(len(r) - len(torch.unique(r)) for r in got) - sum(len(r) - len(torch.unique(r)) for r in ref)
+        ties = sum(len(r) - len(torch.unique(r)) for r in got) - sum(
+            len(r) - len(torch.unique(r)) for r in ref
+        )
         delta = _map(got, labels) - _map(ref, labels)
         print(
             f"  {name:<30} max |change| / max |logit| {float((got - ref).abs().max() / top):.1e}; images whose "
@@ -168,22 +212,33 @@ def precision(c: int, n: int = 256) -> None:
 
 
 def precision_trained() -> None:
-    """The same on a head trained on synthetic data (tests/synthetic.py; 24 labels, 8 unseen): ZSL / GZSL / seen mAP
-    with the whole head in float16 (harsher than autocast, which keeps LayerNorm and softmax in float32)."""
-    from qks_pipeline.cache import open_cache, read_label_embeddings
-    from qks_pipeline.checkpoint import load
+    """The same on a head trained on synthetic data (qks_pipeline/store/synthetic.py; 24 labels, 8
+    unseen): ZSL / GZSL / seen mAP with the whole head in float16 (harsher than autocast, which
+    keeps LayerNorm and softmax in float32)."""
     from qks_pipeline.config import Params, TrainConfig
-    from qks_pipeline.loader import open_loader
-    from qks_pipeline.metrics import evaluate_scores
-    from qks_pipeline.scoring import model_scorer, score_rows
-    from qks_pipeline.train import train
-    from tests.synthetic import make_synthetic
+    from qks_pipeline.stage_two.checkpoint import load
+    from qks_pipeline.stage_two.loader import open_loader
+    from qks_pipeline.stage_two.metrics import evaluate_scores
+    from qks_pipeline.stage_two.scoring import model_scorer, score_rows
+    from qks_pipeline.stage_two.train import train
+    from qks_pipeline.store.features import open_cache
+    from qks_pipeline.store.label_store import read_label_embeddings
+    from qks_pipeline.store.synthetic import make_synthetic
 
     with tempfile.TemporaryDirectory(prefix="qks_bench_fp16") as tmp:
-        data = make_synthetic(tmp, num_train=512, num_test=256, num_seen=16, num_unseen=8, dim=64, embed_dim=32)
+        data = make_synthetic(
+            tmp, num_train=512, num_test=256, num_seen=16, num_unseen=8, dim=64, embed_dim=32
+        )
         model = ModelConfig(num_queries=4, num_layers=2, num_heads=4, ff_dim=128)
         p = Params(model=model, train=TrainConfig(epochs=8, batch_size=32, lr=3e-4))
-        train(data.train, data.labels, Path(tmp) / "ck", params=p, progress_bar=False, echo=lambda _: None)
+        train(
+            data.train,
+            data.labels,
+            Path(tmp) / "ck",
+            params=p,
+            progress_bar=False,
+            echo=lambda _: None,
+        )
         head, emb = (
             load(Path(tmp) / "ck", torch.device("cpu"))[0],
             torch.from_numpy(read_label_embeddings(data.labels)[1]),
@@ -195,15 +250,25 @@ def precision_trained() -> None:
     a, b = (evaluate_scores(x.scores, x.labels, data.num_seen, [3, 5]) for x in (f32, f16))
     top = np.abs(f32.scores).max()
     shown = ", ".join(f"{s.upper()} {100 * a[s]['mAP']:.2f} -> {100 * b[s]['mAP']:.2f}" for s in a)
-    print(f"trained synthetic head (largest |logit| {top:.1f}), mAP float32 -> float16: {shown} (percent)")
+    print(
+        f"trained synthetic head (largest |logit| {top:.1f}), mAP float32 -> float16: {shown} (percent)"
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", default="2000,5000", help="comma-separated test-split sizes")
-    ap.add_argument("--labels", type=int, default=7586, help="vocabulary size (the last 400 unseen)")
-    ap.add_argument("--head", action="store_true", help="evaluate a tiny QKS head as well as the CLIP baseline")
-    ap.add_argument("--precision", action="store_true", help="also measure float16 tokens and arithmetic")
+    ap.add_argument(
+        "--labels", type=int, default=7586, help="vocabulary size (the last 400 unseen)"
+    )
+    ap.add_argument(
+        "--head", action="store_true", help="evaluate a tiny QKS head as well as the CLIP baseline"
+    )
+    ap.add_argument(
+        "--precision", action="store_true", help="also measure float16 tokens and arithmetic"
+    )
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # the measuring child process
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -1,16 +1,19 @@
-"""Extraction throughput: the full stage-one path against the same model's pure forward pass, same run, same machine.
+"""Extraction throughput: the full stage-one path against the same model's pure forward pass, same
+run, same machine.
 
-Full path: JPEG files on disk -> DataLoader workers (decode + CLIP preprocessing) -> forward -> float16 -> whole-shard
-Zarr writes and done markers (`qks_pipeline.extract.extract`). Pure forward: `visual_tokens` on preprocessed tensors
-already in memory, same batch size. The ratio says how much of the forward pass's speed the input path keeps.
+Full path: JPEG files on disk -> DataLoader workers (decode + CLIP preprocessing) -> forward ->
+float16 -> whole-shard Zarr writes and done markers (`qks_pipeline.stage_one.extract.extract`). Pure
+forward: `visual_tokens` on preprocessed tensors already in memory, same batch size. The ratio says
+how much of the forward pass's speed the input path keeps.
 
-The model has random weights (no pretrained weights can be downloaded here); speed does not depend on the values.
-Forward-only and full runs alternate and the best of each is compared, so a machine shared with other work biases
-neither side. The share of the full run's loop time spent inside the forward pass is printed too: unlike the
-images/s figures it hardly depends on what else the machine is doing.
+The model has random weights (no pretrained weights can be downloaded here); speed does not depend
+on the values. Forward-only and full runs alternate and the best of each is compared, so a machine
+shared with other work biases neither side. The share of the full run's loop time spent inside the
+forward pass is printed too: unlike the images/s figures it hardly depends on what else the machine
+is doing.
 
-    .venv/bin/python -m benchmarks.bench_extract                      # ViT-B-16, 48 images of 500x375
-    .venv/bin/python -m benchmarks.bench_extract --model ViT-B-32 --images 96
+    .venv/bin/python -m benchmarks.bench_extract                      # ViT-B-16, 48 images of
+    500x375 .venv/bin/python -m benchmarks.bench_extract --model ViT-B-32 --images 96
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qks_pipeline.backbone import load_backbone, visual_tokens
 from qks_pipeline.config import BackboneConfig, ExtractConfig
-from qks_pipeline.extract import extract
+from qks_pipeline.stage_one.backbone import load_backbone, visual_tokens
+from qks_pipeline.stage_one.extract import extract
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -54,7 +57,8 @@ def make_dataset(root: Path, n: int, size: tuple[int, int]) -> tuple[Path, Path]
 
 
 def pure_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """images/s of visual_tokens alone over in-memory preprocessed batches (after one warm-up batch)."""
+    """images/s of visual_tokens alone over in-memory preprocessed batches (after one warm-up
+    batch)."""
     visual_tokens(model, batches[0])
     start = time.perf_counter()
     for x in batches:
@@ -73,8 +77,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--shard-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2, help="full runs, each between two forward-only runs")
-    ap.add_argument("--size", type=int, nargs=2, default=(500, 375), help="width height of the JPEGs on disk")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="full runs, each between two forward-only runs"
+    )
+    ap.add_argument(
+        "--size", type=int, nargs=2, default=(500, 375), help="width height of the JPEGs on disk"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,12 +90,20 @@ def main() -> None:
         loaded = load_backbone(args.model, "none")
         model, preprocess = loaded.model, loaded.preprocess
         tensors = [preprocess(Image.open(p).convert("RGB")) for p in sorted(images.glob("*.jpg"))]
-        batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
-        cfg = ExtractConfig(batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size)
+        batches = [
+            torch.stack(tensors[i : i + args.batch_size])
+            for i in range(0, len(tensors), args.batch_size)
+        ]
+        cfg = ExtractConfig(
+            batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size
+        )
         backbone = BackboneConfig(args.model, "none")
         forward, full, busy = [pure_forward(model, batches)], [], []
-        for i in range(args.repeats):  # forward, full, forward, full, ..., forward: both see the same drifting load
-            result = extract(dataset, "train", images, Path(tmp) / f"out{i}.zarr", backbone, cfg, "cpu")
+        # forward, full, forward, full, ..., forward: both see the same drifting load
+        for i in range(args.repeats):
+            result = extract(
+                dataset, "train", images, Path(tmp) / f"out{i}.zarr", backbone, cfg, "cpu"
+            )
             full.append(result.images_per_second)
             busy.append(result.forward_seconds / result.loop_seconds)
             forward.append(pure_forward(model, batches))
@@ -95,10 +111,14 @@ def main() -> None:
         f"model {args.model} (random weights), {args.images} JPEGs {args.size[0]}x{args.size[1]}, "
         f"batch {args.batch_size}, workers {args.workers}, torch threads {torch.get_num_threads()}"
     )
-    print(f"pure forward (in-memory tensors): {max(forward):8.2f} images/s (best of {_fmt(forward)})")
+    print(
+        f"pure forward (in-memory tensors): {max(forward):8.2f} images/s (best of {_fmt(forward)})"
+    )
     print(f"full extraction (files -> store): {max(full):8.2f} images/s (best of {_fmt(full)})")
     print(f"ratio full / forward (best runs): {max(full) / max(forward):8.3f}")
-    print(f"share of the full runs' loop time inside the forward pass: {_fmt(busy)} (the rest: input waits, writes)")
+    print(
+        f"share of the full runs' loop time inside the forward pass: {_fmt(busy)} (the rest: input waits, writes)"
+    )
 
 
 if __name__ == "__main__":

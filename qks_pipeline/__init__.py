@@ -1,21 +1,56 @@
-"""QKS (Query-Based Knowledge Sharing) open-vocabulary multi-label classification on cached CLIP features.
+"""QKS (Query-Based Knowledge Sharing) open-vocabulary multi-label classification on cached CLIP
+features.
 
-The method, in the order the data flows (docs/design.md explains each step and its sources):
+The package, in the order the data flows (docs/design.md explains each step and its sources):
 
-Stage one, once per image:
-    backbone    the frozen CLIP tower: visual tokens after ln_post, label embeddings from the prompt pool
-    images      decoding (robust to odd files); augment: the reference's training views
-    extract     tokens of every image into a store; the label vocabulary into a label store
-    cache       the stores (Zarr v3, sharded, checksummed) and what stage two reads from them
-Stage two, from the cache only:
-    shards      reading samples straight from the shard files; loader: random batches at disk speed
-    model       the query tokens, the Q-Former (knowledge extraction), the projection (knowledge sharing)
-    losses      ASL, BCE and their masked variants; train: the recipe (ddp: on several processes)
-    scoring     logits of a test store in float32; metrics: AP and P/R/F1@K; evaluate: ZSL and GZSL reports
-    checkpoint  a trained head on disk
-Using a trained head:
-    predict     tagging new images with any label list; report: the HTML page
-Around them: config (params.yaml's sections), manifest and importers (datasets), reference (the authors'
-checkpoints), distributed (stage one on dask), storage and atomic (where and how files are written), h5io, plots,
-devices, errors. The command line is `cli/`, the only place that knows click.
+    data/       manifests (which image has which labels), dataset importers, image decoding
+    stage_one/  once per image: the frozen CLIP backbone, extraction into a feature store, the
+                label vocabulary's embeddings (in this process or on a dask cluster)
+    store/      the feature and label stores (Zarr v3, sharded, checksummed), their fingerprints,
+                the shard reader, HDF5 interchange
+    stage_two/  from the cache only: the QKS head, its losses, the loader, training, scoring,
+                metrics, evaluation, checkpoints
+    predict/    tagging new images with any label list, and the HTML page of the results
+    cli/        the `qks` command line, the only place that knows click
+
+The root holds what every layer uses: `config` (params.yaml's sections), `errors`, `devices` and
+`atomic` (files written whole or not at all).
+
+The entry points a Python user needs are importable from here; each loads its module on first use,
+so `import qks_pipeline` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qks_pipeline.config import Params, load_params
+    from qks_pipeline.predict.tagger import Tagger
+    from qks_pipeline.stage_one.extract import embed_labels, extract
+    from qks_pipeline.stage_two.evaluate import evaluate
+    from qks_pipeline.stage_two.train import train
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Params": "qks_pipeline.config",
+    "load_params": "qks_pipeline.config",
+    "extract": "qks_pipeline.stage_one.extract",
+    "embed_labels": "qks_pipeline.stage_one.extract",
+    "train": "qks_pipeline.stage_two.train",
+    "evaluate": "qks_pipeline.stage_two.evaluate",
+    "Tagger": "qks_pipeline.predict.tagger",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qks_pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -1,8 +1,9 @@
-"""Files written whole or not at all: through a temporary name beside the target, fsynced, then renamed into place.
+"""Files written whole or not at all: through a temporary name beside the target, fsynced, then
+renamed into place.
 
-A reader, a resumed run or DVC never sees half a file, and a failed write (a full disk, a kill in Python code) leaves
-no temporary file holding the space. The one mechanism for every file qks writes outside the Zarr arrays (manifests,
-metrics, checkpoints, done markers, HDF5 exports, predictions).
+A reader, a resumed run or DVC never sees half a file, and a failed write (a full disk, a kill in
+Python code) leaves no temporary file holding the space. The one mechanism for every file qks writes
+outside the Zarr arrays (manifests, metrics, checkpoints, done markers, HDF5 exports, predictions).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any, TextIO
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path (`.<name>.tmp<pid>`) to write; renamed to `path` when the block succeeds, removed if not."""
+    """A temporary path (`.<name>.tmp<pid>`) to write; renamed to `path` when the block succeeds,
+    removed if not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -30,7 +32,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically and durably; a failure (disk full) is an OSError naming it."""
+    """Write `data` (text as UTF-8) to `path` atomically and durably; a failure (disk full) is an
+    OSError naming it."""
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -51,7 +54,9 @@ def atomic_stream(path: str | Path) -> Iterator[TextIO]:
         os.fsync(f.fileno())
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+def write_csv(
+    path: str | Path, rows: list[dict[str, Any]], fields: list[str] | None = None
+) -> None:
     """Rows as CSV with a header (the first row's keys unless `fields`), written atomically."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields or list(rows[0]), lineterminator="\n")

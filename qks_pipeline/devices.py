@@ -1,4 +1,5 @@
-"""Where tensors run: the one reading of `--device`, and the one autocast (reduced precision on CUDA only)."""
+"""Where tensors run: the one reading of `--device`, and the one autocast (reduced precision on CUDA
+only)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,21 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise QKSError(f"--device {device} asked for, but torch sees no CUDA device (use --device cpu or auto)")
+        raise QKSError(
+            f"--device {device} asked for, but torch sees no CUDA device (use --device cpu or auto)"
+        )
     try:
         return torch.device(device)
     except RuntimeError:
         raise QKSError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
 
 
-AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # a `precision` setting's autocast dtype
+# a `precision` setting's autocast dtype
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` on CUDA; a no-op (float32) when `dtype` is None or on the CPU."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda")
+    return torch.autocast(
+        device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"
+    )

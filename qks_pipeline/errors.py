@@ -1,10 +1,12 @@
-"""User-facing errors: one clear line naming the file and the problem (the CLI prints it and exits 1)."""
+"""User-facing errors: one clear line naming the file and the problem (the CLI prints it and exits
+1)."""
 
 from __future__ import annotations
 
 
 class QKSError(Exception):
-    """An error a user can cause (bad manifest, missing file, stale cache); printed as one line, exit code 1."""
+    """An error a user can cause (bad manifest, missing file, stale cache); printed as one line,
+    exit code 1."""
 
     def __init__(self, message: str, path: object | None = None, line: int | None = None):
         where = ""

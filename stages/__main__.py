@@ -1,4 +1,5 @@
-"""`python -m stages COMMAND ARGS...` = `qks COMMAND --params params.yaml ARGS...` (see stages/__init__.py)."""
+"""`python -m stages COMMAND ARGS...` = `qks COMMAND --params params.yaml ARGS...` (see
+stages/__init__.py)."""
 
 import sys
 

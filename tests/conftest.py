@@ -13,15 +13,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-from tiny import SEEN, UNSEEN, TinyClip, make_tiny_clip
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (240, 220, 20)}
+from tests.tiny import SEEN, UNSEEN, TinyClip, make_tiny_clip
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (240, 220, 20),
+}
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "there is a {} in the scene."]
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads wait on each other."""
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads wait
+    on each other."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -44,14 +51,19 @@ class SampleDataset:
 
 
 def _draw(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
-    """A noisy background with one or two coloured shapes; returns the image and its positive labels."""
+    """A noisy background with one or two coloured shapes; returns the image and its positive
+    labels."""
     w, h = size
     img = Image.fromarray(rng.integers(90, 160, (h, w, 3), dtype=np.uint8), "RGB")
     draw, labels = ImageDraw.Draw(img), set()
     for _ in range(int(rng.integers(1, 3))):
         colour = str(rng.choice(list(COLOURS)))
         shape = str(rng.choice(["circle", "square", "triangle"]))
-        x, y, r = int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10)), int(rng.integers(5, 10))
+        x, y, r = (
+            int(rng.integers(10, w - 10)),
+            int(rng.integers(10, h - 10)),
+            int(rng.integers(5, 10)),
+        )
         box = (x - r, y - r, x + r, y + r)
         if shape == "circle":
             draw.ellipse(box, fill=COLOURS[colour])
@@ -77,7 +89,8 @@ def _write_split(root: Path, dataset: Path, split: str, n: int, rng: np.random.G
 
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> SampleDataset:
-    """24 small PNG/JPEG images of coloured shapes (16 train, 8 test), fully annotated, with a vocabulary."""
+    """24 small PNG/JPEG images of coloured shapes (16 train, 8 test), fully annotated, with a
+    vocabulary."""
     base = tmp_path_factory.mktemp("sample")
     dataset, images = base / "dataset", base / "images"
     dataset.mkdir()

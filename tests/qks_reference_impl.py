@@ -1,8 +1,9 @@
-"""An independent, deliberately naive re-computation of the QKS forward pass, on reference-layout (BERT-named) tensors.
+"""An independent, deliberately naive re-computation of the QKS forward pass, on reference-layout
+(BERT-named) tensors.
 
-Everything is spelled out with explicit matmuls and per-image, per-head loops: the softmax, the erf GELU and the
-LayerNorm are written by hand, in float64. Tests compare `qks_pipeline.model.QKS` and the reference-checkpoint importer
-against it.
+Everything is spelled out with explicit matmuls and per-image, per-head loops: the softmax, the erf
+GELU and the LayerNorm are written by hand, in float64. Tests compare
+`qks_pipeline.stage_two.model.QKS` and the reference-checkpoint importer against it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def linear(sd: dict[str, Tensor], name: str, x: Tensor) -> Tensor:
 
 def attention(sd: dict[str, Tensor], prefix: str, x: Tensor, ctx: Tensor, num_heads: int) -> Tensor:
     """BERT attention + self-output for one image: x (N, D), ctx (T, Dk) -> (N, D)."""
-    q, k, v = (linear(sd, f"{prefix}.self.{n}", t) for n, t in (("query", x), ("key", ctx), ("value", ctx)))
+    q, k, v = (
+        linear(sd, f"{prefix}.self.{n}", t) for n, t in (("query", x), ("key", ctx), ("value", ctx))
+    )
     hd = q.shape[1] // num_heads
     heads = []
     for h in range(num_heads):
@@ -40,13 +43,16 @@ def attention(sd: dict[str, Tensor], prefix: str, x: Tensor, ctx: Tensor, num_he
         e = torch.exp(s - s.max(dim=1, keepdim=True).values)
         heads.append((e / e.sum(dim=1, keepdim=True)) @ v[:, cols])  # (N, hd)
     out = linear(sd, f"{prefix}.output.dense", torch.cat(heads, dim=1))
-    return layer_norm(x + out, sd[f"{prefix}.output.LayerNorm.weight"], sd[f"{prefix}.output.LayerNorm.bias"])
+    return layer_norm(
+        x + out, sd[f"{prefix}.output.LayerNorm.weight"], sd[f"{prefix}.output.LayerNorm.bias"]
+    )
 
 
 def reference_scores(
     sd: dict[str, Tensor], tokens: Tensor, label_emb: Tensor, num_heads: int, keep_cls: bool = True
 ) -> Tensor:
-    """Per-query label scores (B, N, C) from a reference-layout state dict (keys `net.*`, `query_tokens`, `proj`)."""
+    """Per-query label scores (B, N, C) from a reference-layout state dict (keys `net.*`,
+    `query_tokens`, `proj`)."""
     sd = {k: v.double() for k, v in sd.items()}
     tokens, label_emb = tokens.double(), label_emb.double()
     num_layers = len({k.split(".")[3] for k in sd if k.startswith("net.encoder.layer.")})
@@ -54,19 +60,28 @@ def reference_scores(
     for b in range(tokens.shape[0]):
         ctx = tokens[b] if keep_cls else tokens[b, 1:]
         x = layer_norm(
-            sd["query_tokens"][0], sd["net.embeddings.LayerNorm.weight"], sd["net.embeddings.LayerNorm.bias"]
+            sd["query_tokens"][0],
+            sd["net.embeddings.LayerNorm.weight"],
+            sd["net.embeddings.LayerNorm.bias"],
         )
         for i in range(num_layers):
             p = f"net.encoder.layer.{i}"
             x = attention(sd, f"{p}.attention", x, x, num_heads)
             x = attention(sd, f"{p}.crossattention", x, ctx, num_heads)
-            h = linear(sd, f"{p}.output_query.dense", gelu(linear(sd, f"{p}.intermediate_query.dense", x)))
-            x = layer_norm(x + h, sd[f"{p}.output_query.LayerNorm.weight"], sd[f"{p}.output_query.LayerNorm.bias"])
+            h = linear(
+                sd, f"{p}.output_query.dense", gelu(linear(sd, f"{p}.intermediate_query.dense", x))
+            )
+            x = layer_norm(
+                x + h,
+                sd[f"{p}.output_query.LayerNorm.weight"],
+                sd[f"{p}.output_query.LayerNorm.bias"],
+            )
         out.append(x @ sd["proj"] @ label_emb.T)  # (N, C)
     return torch.stack(out)
 
 
-# Our parameter names -> the reference's BERT names, written out independently of qks_pipeline.reference.
+# Our parameter names -> the reference's BERT names, written out independently of
+# qks_pipeline.stage_two.authors_checkpoint.
 _OURS_TO_REF = {
     "self_attn.query": "attention.self.query",
     "self_attn.key": "attention.self.key",
@@ -101,9 +116,11 @@ def ours_to_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def random_reference_state(
     num_layers: int, num_queries: int, dim: int, embed_dim: int, ff_dim: int, seed: int = 0
 ) -> dict[str, Tensor]:
-    """A reference-layout checkpoint (without `clip_model.*`) with random values, including the unused BERT weights.
+    """A reference-layout checkpoint (without `clip_model.*`) with random values, including the
+    unused BERT weights.
 
-    LayerNorm weights and biases are random too, so that a swapped or misplaced tensor changes the result.
+    LayerNorm weights and biases are random too, so that a swapped or misplaced tensor changes the
+    result.
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -120,7 +137,8 @@ def random_reference_state(
         "net.embeddings.LayerNorm.bias": rnd(dim),
     }
     shapes = {"intermediate_query.dense": (ff_dim, dim), "output_query.dense": (dim, ff_dim)}
-    shapes |= {"intermediate.dense": (ff_dim, dim), "output.dense": (dim, ff_dim)}  # the unused text feed-forward
+    # the unused text feed-forward
+    shapes |= {"intermediate.dense": (ff_dim, dim), "output.dense": (dim, ff_dim)}
     for block in ("attention", "crossattention"):
         shapes |= {f"{block}.self.{n}": (dim, dim) for n in ("query", "key", "value")}
         shapes[f"{block}.output.dense"] = (dim, dim)
@@ -139,16 +157,18 @@ def random_reference_state(
 def reference_asl(
     x: Tensor, targets: Tensor, masked: bool = False, gamma_neg: float = 4.0, eps: float = 1e-5
 ) -> Tensor:
-    """ASL's `AsymmetricLossOptimized(gamma_neg=4, gamma_pos=0, clip=0, eps=1e-5, disable_torch_grad_focal_loss=True)`
-    step by step, in its in-place style, scaled as the QKS reference scales it (x 1000 / (B x C)). `masked` (masl)
-    multiplies out the unknown (0) entries."""
+    """ASL's `AsymmetricLossOptimized(gamma_neg=4, gamma_pos=0, clip=0, eps=1e-5,
+    disable_torch_grad_focal_loss=True)` step by step, in its in-place style, scaled as the QKS
+    reference scales it (x 1000 / (B x C)). `masked` (masl) multiplies out the unknown (0) entries.
+    """
     y = (targets == 1).to(x.dtype)
     anti = 1 - y
     xs_pos = torch.sigmoid(x)
     xs_neg = 1.0 - xs_pos
     loss = y * torch.log(xs_pos.clamp(min=eps))
     loss.add_(anti * torch.log(xs_neg.clamp(min=eps)))
-    torch.set_grad_enabled(False)  # the authors' switch: the focusing weight is a constant to autograd
+    # the authors' switch: the focusing weight is a constant to autograd
+    torch.set_grad_enabled(False)
     w = torch.pow(1 - xs_pos * y - xs_neg * anti, 0.0 * y + gamma_neg * anti)
     torch.set_grad_enabled(True)
     loss *= w
@@ -158,7 +178,8 @@ def reference_asl(
 
 
 def reference_bce(x: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
-    """BCE written out: -(y log s(x) + (1 - y) log(1 - s(x))) summed (over annotated entries if `masked`) / (B x C)."""
+    """BCE written out: -(y log s(x) + (1 - y) log(1 - s(x))) summed (over annotated entries if
+    `masked`) / (B x C)."""
     y = (targets == 1).to(x.dtype)
     per_entry = -(y * torch.log(torch.sigmoid(x)) + (1 - y) * torch.log(1 - torch.sigmoid(x)))
     if masked:
@@ -166,8 +187,11 @@ def reference_bce(x: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
     return per_entry.sum() / x.numel()
 
 
-def reference_adamw(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict, lr: float, wd: float) -> None:
-    """One AdamW step (Loshchilov & Hutter; torch's defaults betas (0.9, 0.999), eps 1e-8), in place on `params`."""
+def reference_adamw(
+    params: dict[str, Tensor], grads: dict[str, Tensor], state: dict, lr: float, wd: float
+) -> None:
+    """One AdamW step (Loshchilov & Hutter; torch's defaults betas (0.9, 0.999), eps 1e-8), in place
+    on `params`."""
     b1, b2, eps = 0.9, 0.999, 1e-8
     state["t"] = t = state.get("t", 0) + 1
     for k, p in params.items():
@@ -180,12 +204,21 @@ def reference_adamw(params: dict[str, Tensor], grads: dict[str, Tensor], state: 
 
 
 def reference_step(
-    params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor], num_heads: int, state: dict, lr: float, wd: float
+    params: dict[str, Tensor],
+    batch: tuple[Tensor, Tensor, Tensor],
+    num_heads: int,
+    state: dict,
+    lr: float,
+    wd: float,
 ) -> float:
-    """The reference's training step on our-named float64 parameters: naive forward, max over queries, ASL, AdamW."""
+    """The reference's training step on our-named float64 parameters: naive forward, max over
+    queries, ASL, AdamW."""
     tokens, label_emb, targets = batch
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
-    logits = reference_scores(ours_to_reference(leaves), tokens, label_emb, num_heads).max(dim=1).values  # (B, C)
+    # (B, C)
+    logits = (
+        reference_scores(ours_to_reference(leaves), tokens, label_emb, num_heads).max(dim=1).values
+    )
     loss = reference_asl(logits, targets)
     grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
     reference_adamw(params, grads, state, lr, wd)

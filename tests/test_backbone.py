@@ -1,4 +1,5 @@
-"""The backbone: loading through the real open_clip path, visual tokens, label embeddings, fingerprint, refusals."""
+"""The backbone: loading through the real open_clip path, visual tokens, label embeddings,
+fingerprint, refusals."""
 
 from __future__ import annotations
 
@@ -14,8 +15,14 @@ import open_clip
 import pytest
 import torch
 
-from qks_pipeline.backbone import check_supported, encode_labels, load_backbone, token_shape, visual_tokens
 from qks_pipeline.errors import QKSError
+from qks_pipeline.stage_one.backbone import (
+    check_supported,
+    encode_labels,
+    load_backbone,
+    token_shape,
+    visual_tokens,
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +59,19 @@ def test_visual_tokens_match_a_manual_pass(tiny):
     with torch.no_grad():
         torch.testing.assert_close(tokens, _manual_tokens(model.visual, images), rtol=0, atol=1e-6)
         # CLS before the projection: projecting it gives open_clip's own image embedding
-        torch.testing.assert_close(tokens[:, 0] @ model.visual.proj, model.encode_image(images), rtol=1e-5, atol=1e-6)
-    assert model.visual.proj is not None and model.visual.output_tokens is False  # restored after the call
+        torch.testing.assert_close(
+            tokens[:, 0] @ model.visual.proj, model.encode_image(images), rtol=1e-5, atol=1e-6
+        )
+    # restored after the call
+    assert model.visual.proj is not None and model.visual.output_tokens is False
 
 
 def test_encode_labels_is_the_plain_mean_over_templates(tiny):
     model, tokenizer = tiny.model, tiny.tokenizer
-    labels, templates = ["cat", "red car", "tree"], ["a photo of a {}.", "{} in the scene.", "a {}!"]
+    labels, templates = (
+        ["cat", "red car", "tree"],
+        ["a photo of a {}.", "{} in the scene.", "a {}!"],
+    )
     emb = encode_labels(model, tokenizer, labels, templates, batch_labels=2)
     assert emb.shape == (3, 32)
     with torch.no_grad():
@@ -67,7 +80,9 @@ def test_encode_labels_is_the_plain_mean_over_templates(tiny):
             torch.testing.assert_close(emb[i], feats.mean(0), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(emb.norm(dim=-1), torch.ones(3))  # unnormalised, as in the reference
     normed = encode_labels(model, tokenizer, labels, templates, normalize=True)
-    torch.testing.assert_close(normed, torch.nn.functional.normalize(emb, dim=-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        normed, torch.nn.functional.normalize(emb, dim=-1), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fingerprint_and_source_name_weights_preprocessing_and_layout(tiny, tiny_clip, tmp_path):
@@ -90,7 +105,10 @@ def test_fingerprint_and_source_name_weights_preprocessing_and_layout(tiny, tiny
 def test_random_weights_are_reproducible(tiny_clip):
     a = load_backbone(str(tiny_clip[0]), "none").model
     b = load_backbone(str(tiny_clip[0]), "none").model
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def _closed_port() -> int:
@@ -100,16 +118,39 @@ def _closed_port() -> int:
 
 
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path, sample_dataset):
-    """The default backbone (a download) with the hub at a closed local port: no real network is touched."""
-    env = os.environ | {"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "HF_HOME": str(tmp_path / "hf")}
-    cmd = [sys.executable, "-m", "qks_pipeline.cli", "embed-labels", "--dataset", str(sample_dataset.dataset)]
-    cmd += ["--templates", str(sample_dataset.templates), "--out", str(tmp_path / "l.zarr"), "--device", "cpu"]
+    """The default backbone (a download) with the hub at a closed local port: no real network is
+    touched."""
+    env = os.environ | {
+        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "qks_pipeline.cli",
+        "embed-labels",
+        "--dataset",
+        str(sample_dataset.dataset),
+    ]
+    cmd += [
+        "--templates",
+        str(sample_dataset.templates),
+        "--out",
+        str(tmp_path / "l.zarr"),
+        "--device",
+        "cpu",
+    ]
     start = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and time.monotonic() - start < 20 and len(lines) == 1, done.stderr
-    assert "cannot download the 'openai' weights of ViT-B-16" in lines[0] and "unreachable" in lines[0]
-    assert "set backbone.pretrained (--pretrained) to the file with backbone.model ViT-B-16-quickgelu" in lines[0]
+    assert (
+        "cannot download the 'openai' weights of ViT-B-16" in lines[0] and "unreachable" in lines[0]
+    )
+    assert (
+        "set backbone.pretrained (--pretrained) to the file with backbone.model ViT-B-16-quickgelu"
+        in lines[0]
+    )
 
 
 def test_bad_names_are_user_errors(tiny_clip):
@@ -146,21 +187,26 @@ def test_a_non_vit_tower_is_refused():
 
 
 def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_path):
-    """OpenAI's original .pt files are TorchScript archives of QuickGELU models; a traced tiny model stands in."""
+    """OpenAI's original .pt files are TorchScript archives of QuickGELU models; a traced tiny model
+    stands in."""
     model, tokenizer = tiny.model, tiny.tokenizer
     archive = tmp_path / "openai-style.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.jit.trace(model, (torch.zeros(1, 3, 64, 64), tokenizer(["a"])), check_trace=False).save(archive)
+        torch.jit.trace(
+            model, (torch.zeros(1, 3, 64, 64), tokenizer(["a"])), check_trace=False
+        ).save(archive)
     backbone = load_backbone(str(tiny_clip[0]), str(archive))
     loaded = backbone.model
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert isinstance(
+        loaded.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU
+    )
     assert backbone.fingerprint["quick_gelu"] is True
 
 
 def test_hub_log_lines_are_printed_once_under_the_cli_logging():
-    code = "import logging, qks_pipeline.backbone; from qks_pipeline.cli.stage_one import _log_setup; _log_setup(); "
+    code = "import logging, qks_pipeline.stage_one.backbone; from qks_pipeline.cli.stage_one import _log_setup; _log_setup(); "
     code += "logging.getLogger('huggingface_hub.file_download').warning('hub note')"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stderr.count("hub note") == 1, done.stderr

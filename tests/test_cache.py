@@ -1,4 +1,5 @@
-"""The Zarr store layer: creation, whole-shard writes, done markers, fingerprints, verification, label embeddings."""
+"""The Zarr store layer: creation, whole-shard writes, done markers, fingerprints, verification,
+label embeddings."""
 
 from __future__ import annotations
 
@@ -9,29 +10,31 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from qks_pipeline.cache import (
-    cache_summary,
-    check_fingerprint,
-    create_cache,
-    make_fingerprint,
-    open_cache,
-    read_label_embeddings,
-    verify_cache,
-    write_label_embeddings,
-)
 from qks_pipeline.cli import main
 from qks_pipeline.errors import QKSError
+from qks_pipeline.store.features import cache_summary, create_cache, open_cache
+from qks_pipeline.store.fingerprint import check_fingerprint, make_fingerprint
+from qks_pipeline.store.label_store import read_label_embeddings, write_label_embeddings
+from qks_pipeline.store.verify import verify_cache
 
 N, V, T, D, C = 10, 2, 5, 8, 3
 
 
 def _store(path, shard_size: int = 4):
     rng = np.random.default_rng(0)
-    kw = {"labels": rng.integers(-1, 2, (N, C)).astype(np.int8), "paths": [f"img{i}.jpg" for i in range(N)]}
-    kw |= {"manifest_index": np.arange(N)[::-1].copy(), "visual_proj": rng.standard_normal((D, 4)).astype(np.float32)}
+    kw = {
+        "labels": rng.integers(-1, 2, (N, C)).astype(np.int8),
+        "paths": [f"img{i}.jpg" for i in range(N)],
+    }
+    kw |= {
+        "manifest_index": np.arange(N)[::-1].copy(),
+        "visual_proj": rng.standard_normal((D, 4)).astype(np.float32),
+    }
     kw |= {"label_names": ["a", "b", "c"], "num_seen": 2}
     fingerprint = make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"})
-    cache = create_cache(path, fingerprint=fingerprint, token_shape=(T, D), num_views=V, shard_size=shard_size, **kw)
+    cache = create_cache(
+        path, fingerprint=fingerprint, token_shape=(T, D), num_views=V, shard_size=shard_size, **kw
+    )
     return cache, rng.standard_normal((N, V, T, D)).astype(np.float16)
 
 
@@ -49,7 +52,11 @@ def _fill(cache, tokens, bad_rows=()):
 
 def test_whole_shard_writes_and_done_markers(tmp_path):
     cache, tokens = _store(tmp_path / "s.zarr")
-    assert cache.num_shards == 3 and cache.shard_rows(2) == slice(8, 10) and cache.done_shards() == set()
+    assert (
+        cache.num_shards == 3
+        and cache.shard_rows(2) == slice(8, 10)
+        and cache.done_shards() == set()
+    )
     with pytest.raises(QKSError, match="3 of 3 shards not extracted"):
         cache.require_complete()
     _fill(cache, tokens, bad_rows=[5])
@@ -63,24 +70,36 @@ def test_whole_shard_writes_and_done_markers(tmp_path):
     expected[5] = 0
     np.testing.assert_array_equal(again.tokens[:], expected)
     assert list(again.valid[:]) == [i != 5 for i in range(N)]
-    assert list(again.paths[:]) == [f"img{i}.jpg" for i in range(N)] and again.manifest_index[0] == N - 1
+    assert (
+        list(again.paths[:]) == [f"img{i}.jpg" for i in range(N)]
+        and again.manifest_index[0] == N - 1
+    )
     assert again.skipped() == [{"path": "img5.jpg", "reason": "missing"}]
-    assert again.label_names == ["a", "b", "c"] and again.num_seen == 2 and again.visual_proj.shape == (D, 4)
+    assert (
+        again.label_names == ["a", "b", "c"]
+        and again.num_seen == 2
+        and again.visual_proj.shape == (D, 4)
+    )
 
 
 def test_an_all_zero_shard_is_done_only_by_its_marker(tmp_path):
     cache, _ = _store(tmp_path / "s.zarr")
     cache.write_shard(0, np.zeros((4, V, T, D), np.float16), np.zeros(4, bool), [])
-    assert cache.done_shards() == {0}  # zarr wrote no chunk file, the marker alone records the shard
+    # zarr wrote no chunk file, the marker alone records the shard
+    assert cache.done_shards() == {0}
     assert not cache.tokens[0:4].any()
 
 
 def test_fingerprints_compare_after_a_round_trip_and_name_differences(tmp_path):
     cache, _ = _store(tmp_path / "s.zarr")
     expected = make_fingerprint({"model": "m", "shape": (T, D)}, {"split": "train"})
-    check_fingerprint(cache.path, open_cache(cache.path).fingerprint, expected)  # tuples became lists on both sides
+    # tuples became lists on both sides
+    check_fingerprint(cache.path, open_cache(cache.path).fingerprint, expected)
     other = make_fingerprint({"model": "m2", "shape": (T, D)}, {"split": "test"})
-    with pytest.raises(QKSError, match=r"backbone.model is 'm' in the store, 'm2' expected; data.split .* \(rebuild\)"):
+    with pytest.raises(
+        QKSError,
+        match=r"backbone.model is 'm' in the store, 'm2' expected; data.split .* \(rebuild\)",
+    ):
         check_fingerprint(cache.path, cache.fingerprint, other, hint="rebuild")
 
 
@@ -102,8 +121,10 @@ def test_verify_finds_missing_markers_mismatches_and_damage(tmp_path):
     assert verify_cache(cache) == []
     (cache.path / "done" / "00002.json").unlink()
     marker = cache.path / "done" / "00000.json"
-    marker.write_text(json.dumps({**json.loads(marker.read_text()), "skipped": []}))  # row 1 invalid, none recorded
-    cache.write_shard(1, np.zeros((4, V, T, D), np.float16), np.ones(4, bool), [])  # valid rows of zeros
+    # row 1 invalid, none recorded
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "skipped": []}))
+    # valid rows of zeros
+    cache.write_shard(1, np.zeros((4, V, T, D), np.float16), np.ones(4, bool), [])
     problems = verify_cache(cache)
     assert problems[0] == "shard 2: no done marker (not extracted)"
     assert "shard 0: 1 rows not valid but 0 images recorded as skipped" in problems
@@ -114,12 +135,14 @@ def test_verify_finds_missing_markers_mismatches_and_damage(tmp_path):
 
 @pytest.mark.parametrize("kind", ["index", "truncated", "bit"])
 def test_verify_checks_every_chunk_and_names_shard_and_row(tmp_path, kind):
-    """A corrupt index, a truncated shard file, one flipped bit in one chunk: `cache verify` fails naming each."""
+    """A corrupt index, a truncated shard file, one flipped bit in one chunk: `cache verify` fails
+    naming each."""
     cache, tokens = _store(tmp_path / "s.zarr")
     _fill(cache, tokens)
     path = cache.path / "tokens" / "c" / "1" / "0" / "0" / "0"
     raw = bytearray(path.read_bytes())
-    index_bytes = 4 * V * 16 + 4  # shards of 4 rows x V views, (offset, nbytes) each, then the index's crc32c
+    # shards of 4 rows x V views, (offset, nbytes) each, then the index's crc32c
+    index_bytes = 4 * V * 16 + 4
     if kind == "index":
         raw[-index_bytes + 5] ^= 0x04
     elif kind == "truncated":
@@ -129,7 +152,11 @@ def test_verify_checks_every_chunk_and_names_shard_and_row(tmp_path, kind):
         raw[int(offset) + 2 * 7] ^= 0x01
     path.write_bytes(bytes(raw))
     problems = verify_cache(open_cache(cache.path))
-    assert len(problems) == 1 and problems[0].startswith(f"shard 1: {path}: row ") and "\n" not in problems[0]
+    assert (
+        len(problems) == 1
+        and problems[0].startswith(f"shard 1: {path}: row ")
+        and "\n" not in problems[0]
+    )
     if kind == "bit":
         assert problems[0].endswith("row 6 view 1: chunk checksum mismatch (corrupt shard file)")
     result = CliRunner().invoke(main, ["cache", "verify", str(cache.path)])
@@ -146,14 +173,25 @@ def test_info_summarises(tmp_path):
     cache, tokens = _store(tmp_path / "s.zarr")
     _fill(cache, tokens, bad_rows=[3])
     info = cache_summary(cache)
-    assert info["images"] == N and info["views"] == V and info["shards"].startswith("3/3 done") and info["skipped"] == 1
+    assert (
+        info["images"] == N
+        and info["views"] == V
+        and info["shards"].startswith("3/3 done")
+        and info["skipped"] == 1
+    )
     result = CliRunner().invoke(main, ["cache", "info", str(cache.path)])
     assert result.exit_code == 0 and "float16 (10, 2, 5, 8)" in result.output
 
 
 def test_label_embeddings_round_trip(tmp_path):
     emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    write_label_embeddings(tmp_path / "l.zarr", ["a", "b", "c"], emb, make_fingerprint({"model": "m"}), num_seen=2)
+    write_label_embeddings(
+        tmp_path / "l.zarr", ["a", "b", "c"], emb, make_fingerprint({"model": "m"}), num_seen=2
+    )
     names, got, attrs = read_label_embeddings(tmp_path / "l.zarr")
-    assert names == ["a", "b", "c"] and attrs["num_seen"] == 2 and attrs["fingerprint"]["backbone"] == {"model": "m"}
+    assert (
+        names == ["a", "b", "c"]
+        and attrs["num_seen"] == 2
+        and attrs["fingerprint"]["backbone"] == {"model": "m"}
+    )
     np.testing.assert_array_equal(got, emb)

@@ -1,7 +1,8 @@
 """The DVC pipeline end to end, in a temporary git repository holding a copy of the project.
 
-Exactly the README's main job (`dvc repro` on the bundled sample) except for the backbone, which is the tiny random
-open_clip model saved to a local file, and the head and epochs, which are shrunk so the run takes seconds.
+Exactly the README's main job (`dvc repro` on the bundled sample) except for the backbone, which is
+the tiny random open_clip model saved to a local file, and the head and epochs, which are shrunk so
+the run takes seconds.
 """
 
 from __future__ import annotations
@@ -18,13 +19,22 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "stages", "data_manifests", "qks_pipeline", ".dvc/config", ".dvcignore"]
+COPY = [
+    "dvc.yaml",
+    "params.yaml",
+    "stages",
+    "data_manifests",
+    "qks_pipeline",
+    ".dvc/config",
+    ".dvcignore",
+]
 
 
 def sh(cwd: Path, *args: str) -> str:
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # the venv's `qks` and `dvc`
+        # the venv's `qks` and `dvc`
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "GIT_AUTHOR_NAME": "t",
         "GIT_AUTHOR_EMAIL": "t@t",
         "GIT_COMMITTER_NAME": "t",
@@ -72,7 +82,8 @@ def test_repro_runs_everything_then_nothing(repo: Path) -> None:
         for setting in ("zsl", "gzsl"):
             value = metrics[setting]["mAP"]
             assert isinstance(value, float) and 0.0 < value <= 1.0, (name, setting, value)
-    assert (repo / "models" / "qks" / "train_log.csv").read_text().count("\n") >= 3  # header + 2 epochs
+    # header + 2 epochs
+    assert (repo / "models" / "qks" / "train_log.csv").read_text().count("\n") >= 3
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
     out = sh(repo, "dvc", "repro")
     assert "didn't change, skipping" in out and "Running stage" not in out
@@ -94,7 +105,8 @@ def test_exp_run_sweeps_a_parameter(repo: Path) -> None:
     assert "Running stage 'train'" in out and "Running stage 'extract" not in out, out
     assert yaml.safe_load((repo / "params.yaml").read_text())["model"]["num_queries"] == 2
     assert math.isfinite(json.loads((repo / "metrics" / "qks.json").read_text())["zsl"]["mAP"])
-    assert len(sh(repo, "dvc", "exp", "list", "--name-only").split()) == 1  # the experiment is recorded
+    # the experiment is recorded
+    assert len(sh(repo, "dvc", "exp", "list", "--name-only").split()) == 1
 
 
 @pytest.mark.slow
@@ -102,16 +114,44 @@ def test_plots_render_offline_as_images(repo: Path) -> None:
     sh(repo, "dvc", "repro")  # nothing to do after the first test
     sh(repo, "dvc", "plots", "show", "-o", "plots_html")
     page = (repo / "plots_html" / "index.html").read_text()
-    assert "<img" in page and "http://" not in page and "https://" not in page  # nothing loaded from a CDN
+    # nothing loaded from a CDN
+    assert "<img" in page and "http://" not in page and "https://" not in page
     for png in ("models/qks/train_curves.png", "metrics/per_label_ap.png"):
         assert (repo / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 @pytest.mark.slow
 def test_exp_run_reproduces_the_papers_protocol(repo: Path) -> None:
-    out = sh(repo, "dvc", "exp", "run", "-S", "train.selection=test", "-S", "evaluate.protocol=reference")
+    out = sh(
+        repo, "dvc", "exp", "run", "-S", "train.selection=test", "-S", "evaluate.protocol=reference"
+    )
     assert "Running stage 'train'" in out and "selected on the TEST set" in out, out
     metrics = json.loads((repo / "metrics" / "qks.json").read_text())
-    assert metrics["selection"] == "test" and metrics["protocol"] == "reference" and "warning" in metrics
+    assert (
+        metrics["selection"] == "test"
+        and metrics["protocol"] == "reference"
+        and "warning" in metrics
+    )
     config = json.loads((repo / "models" / "qks" / "config.json").read_text())
     assert "test" in json.dumps(config)
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    """The stages `dvc status` lists as changed (its lines `NAME:` at the start)."""
+    out = sh(repo, "dvc", "status")
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and not line[0].isspace()}
+
+
+@pytest.mark.slow
+def test_a_code_edit_marks_the_stages_that_import_it(repo: Path) -> None:
+    """Editing metrics.py (which training uses to select its checkpoint) changes train and both
+    evaluations; editing a stage-one module reruns extract, which finds its stores complete."""
+    sh(repo, "dvc", "repro")
+    metrics = repo / "qks_pipeline" / "stage_two" / "metrics.py"
+    metrics.write_text(metrics.read_text() + "\n# an edit\n")
+    assert _changed_stages(repo) == {"train", "evaluate", "baseline_clip"}
+    images = repo / "qks_pipeline" / "data" / "images.py"
+    images.write_text(images.read_text() + "\n# an edit\n")
+    assert {"extract@train", "extract@test"} <= _changed_stages(repo)
+    out = sh(repo, "dvc", "repro", "--single-item", "extract@train")
+    assert "already complete" in out, out

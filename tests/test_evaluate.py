@@ -1,6 +1,6 @@
-"""Evaluation from the test store: metrics, per-label and query-preference tables, the CLIP baseline (one template or
-the pool), the protocols, labels that cannot be scored, refused inputs (split, backbone, template pool), and imported
-reference checkpoints."""
+"""Evaluation from the test store: metrics, per-label and query-preference tables, the CLIP baseline
+(one template or the pool), the protocols, labels that cannot be scored, refused inputs (split,
+backbone, template pool), and imported reference checkpoints."""
 
 from __future__ import annotations
 
@@ -13,20 +13,33 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from qks_reference_impl import random_reference_state
-from synthetic import make_synthetic
 
-from qks_pipeline.backbone import load_backbone
-from qks_pipeline.cache import CLIP_EMBEDDINGS, open_cache, read_label_embeddings
-from qks_pipeline.checkpoint import load as load_checkpoint
 from qks_pipeline.cli import main
-from qks_pipeline.config import BackboneConfig, EvaluateConfig, LabelsConfig, ModelConfig, Params, TrainConfig
+from qks_pipeline.config import (
+    BackboneConfig,
+    EvaluateConfig,
+    LabelsConfig,
+    ModelConfig,
+    Params,
+    TrainConfig,
+)
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import evaluate
-from qks_pipeline.loader import open_loader
-from qks_pipeline.metrics import SELECTED_ON_TEST, SELECTION_SCORES, evaluate_scores, reference_scores
-from qks_pipeline.scoring import model_scorer, score_rows
-from qks_pipeline.train import train
+from qks_pipeline.stage_one.backbone import load_backbone
+from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
+from qks_pipeline.stage_two.evaluate import evaluate
+from qks_pipeline.stage_two.loader import open_loader
+from qks_pipeline.stage_two.metrics import (
+    SELECTED_ON_TEST,
+    SELECTION_SCORES,
+    evaluate_scores,
+    reference_scores,
+)
+from qks_pipeline.stage_two.scoring import model_scorer, score_rows
+from qks_pipeline.stage_two.train import train
+from qks_pipeline.store.features import open_cache
+from qks_pipeline.store.label_store import CLIP_EMBEDDINGS, read_label_embeddings
+from qks_pipeline.store.synthetic import make_synthetic
+from tests.qks_reference_impl import random_reference_state
 
 EVAL = EvaluateConfig(top_k=[2, 3], batch_size=32)
 QUIET = {"device": "cpu", "echo": lambda _: None}
@@ -45,7 +58,19 @@ def run(tmp_path_factory):
 
 
 def _evaluate_args(ckpt: Path, test: Path, labels: Path, out: Path) -> list[str]:
-    args = ["evaluate", "--checkpoint", ckpt, "--test-cache", test, "--labels", labels, "--out", out, "--device", "cpu"]
+    args = [
+        "evaluate",
+        "--checkpoint",
+        ckpt,
+        "--test-cache",
+        test,
+        "--labels",
+        labels,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+    ]
     return [str(a) for a in args]
 
 
@@ -58,7 +83,11 @@ def _logits(data, ckpt) -> tuple[np.ndarray, np.ndarray]:
     """The head's float32 logits and labels over the test store, recomputed here."""
     model, _ = load_checkpoint(ckpt, torch.device("cpu"))
     emb = torch.from_numpy(read_label_embeddings(data.labels)[1])
-    pred = score_rows(model_scorer(model, emb), open_loader(open_cache(data.test), batch_size=16, shuffle=False), "cpu")
+    pred = score_rows(
+        model_scorer(model, emb),
+        open_loader(open_cache(data.test), batch_size=16, shuffle=False),
+        "cpu",
+    )
     return pred.scores, pred.labels
 
 
@@ -80,11 +109,16 @@ def test_evaluate_writes_metrics_and_tables(run, tmp_path):
     written = json.loads(out.read_text())
     assert written == report and written["units"] == "fraction" and written["selection"] == "val"
     assert (
-        written["protocol"] == "standard" and written["selection_note"] == f"selection score: {SELECTION_SCORES['val']}"
+        written["protocol"] == "standard"
+        and written["selection_note"] == f"selection score: {SELECTION_SCORES['val']}"
     )
     for setting in ("zsl", "gzsl", "seen"):
         assert _in_unit_interval(written[setting]), written[setting]
-        assert written[setting]["labels_without_positive"] == written[setting]["labels_without_negative"] == 0
+        assert (
+            written[setting]["labels_without_positive"]
+            == written[setting]["labels_without_negative"]
+            == 0
+        )
     assert written["zsl"]["num_labels_scored"] == 4 and written["seen"]["num_labels_scored"] == 8
     scores, labels = _logits(data, ckpt)
     expected = evaluate_scores(scores, labels, data.num_seen, EVAL.top_k)
@@ -99,10 +133,16 @@ def test_evaluate_writes_metrics_and_tables(run, tmp_path):
     model, _ = load_checkpoint(ckpt, torch.device("cpu"))
     tokens = torch.from_numpy(open_cache(data.test).tokens[:, 0]).float()
     with torch.no_grad():
-        index = model(tokens, torch.from_numpy(read_label_embeddings(data.labels)[1]), return_query_index=True)[1]
-    assert [int(r["q1"]) for r in table] == list(((index == 1).numpy() & (open_cache(data.test).labels[:] == 1)).sum(0))
+        index = model(
+            tokens, torch.from_numpy(read_label_embeddings(data.labels)[1]), return_query_index=True
+        )[1]
+    assert [int(r["q1"]) for r in table] == list(
+        ((index == 1).numpy() & (open_cache(data.test).labels[:] == 1)).sum(0)
+    )
     text = "\n".join(lines)
-    assert "\nZSL     qks" in text and "query preference (4 queries)" in text and "WARNING" not in text
+    assert (
+        "\nZSL     qks" in text and "query preference (4 queries)" in text and "WARNING" not in text
+    )
 
 
 def test_query_index_matches_the_model(run):
@@ -120,21 +160,33 @@ def test_query_index_matches_the_model(run):
 def _brute_clip(data, emb: np.ndarray) -> dict:
     cache = open_cache(data.test)  # CLS @ proj, cosine with the label embeddings, in float64
     cls = cache.tokens[:, 0, 0].astype(np.float64) @ cache.visual_proj[:]
-    cos = (cls / np.linalg.norm(cls, axis=1, keepdims=True)) @ (emb / np.linalg.norm(emb, axis=1, keepdims=True)).T
+    cos = (cls / np.linalg.norm(cls, axis=1, keepdims=True)) @ (
+        emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    ).T
     return evaluate_scores(cos, cache.labels[:], data.num_seen, EVAL.top_k)
 
 
 def test_clip_baseline_one_template_or_pool(run, tmp_path):
     data, ckpt = run
-    report = evaluate(data.test, data.labels, tmp_path / "clip.json", baseline="clip", params=EVAL, **QUIET)
+    report = evaluate(
+        data.test, data.labels, tmp_path / "clip.json", baseline="clip", params=EVAL, **QUIET
+    )
     assert report["model"] == "clip_zero_shot" and report["selection"] == "none"
-    assert report["clip_labels"].startswith("one template") and "clip_eval.py" in report["clip_labels"]
+    assert (
+        report["clip_labels"].startswith("one template") and "clip_eval.py" in report["clip_labels"]
+    )
     expected = _brute_clip(data, read_label_embeddings(data.labels, CLIP_EMBEDDINGS)[1])
     for setting in ("zsl", "gzsl", "seen"):
         assert report[setting]["mAP"] == pytest.approx(expected[setting]["mAP"], abs=1e-6)
     pool = EvaluateConfig(top_k=EVAL.top_k, clip_labels="pool")
     both = evaluate(
-        data.test, data.labels, tmp_path / "both.json", checkpoint=ckpt, baseline="clip", params=pool, **QUIET
+        data.test,
+        data.labels,
+        tmp_path / "both.json",
+        checkpoint=ckpt,
+        baseline="clip",
+        params=pool,
+        **QUIET,
     )
     assert both["model"] == "qks" and "pool" in both["clip_zero_shot"]["clip_labels"]
     expected = _brute_clip(data, read_label_embeddings(data.labels)[1])
@@ -146,7 +198,9 @@ def test_clip_baseline_one_template_or_pool(run, tmp_path):
 def test_reference_protocol_ranks_fp32_sigmoids(run, tmp_path):
     data, ckpt = run
     ref = EvaluateConfig(top_k=[3, 5], protocol="reference")
-    report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=ckpt, params=ref, **QUIET)
+    report = evaluate(
+        data.test, data.labels, tmp_path / "m.json", checkpoint=ckpt, params=ref, **QUIET
+    )
     scores, labels = _logits(data, ckpt)
     expected = evaluate_scores(reference_scores(scores), labels, data.num_seen, [3, 5], "reference")
     assert report["protocol"] == "reference"
@@ -164,8 +218,8 @@ def test_score_rows_covers_valid_rows_only(tmp_path):
 
 
 def test_labels_without_negatives_are_not_scored(run, tmp_path):
-    """A test store whose negatives are all missing: no AP of 1.0 anywhere, one warning line, the counts in the JSON,
-    the names in the per-label CSV."""
+    """A test store whose negatives are all missing: no AP of 1.0 anywhere, one warning line, the
+    counts in the JSON, the names in the per-label CSV."""
     data, ckpt = run
     test = tmp_path / "test.zarr"
     shutil.copytree(data.test, test)
@@ -184,21 +238,39 @@ def test_labels_without_negatives_are_not_scored(run, tmp_path):
         echo=lines.append,
     )
     for m in (report[s] for s in ("zsl", "gzsl", "seen")):
-        assert m["mAP"] is None and m["num_labels_scored"] == 0 and m["labels_without_negative"] == m["num_labels"]
+        assert (
+            m["mAP"] is None
+            and m["num_labels_scored"] == 0
+            and m["labels_without_negative"] == m["num_labels"]
+        )
     assert report["clip_zero_shot"]["zsl"]["mAP"] is None
     rows = list(csv.DictReader(open(tmp_path / "ap.csv")))
     assert {r["lacks"] for r in rows} == {"negative"} and not any(r["ap"] == "1.0" for r in rows)
     warnings = [line for line in lines if line.startswith("WARNING")]
-    assert len(warnings) == 1 and "GZSL 0/12" in warnings[0] and "left out of every mAP" in warnings[0]
+    assert (
+        len(warnings) == 1 and "GZSL 0/12" in warnings[0] and "left out of every mAP" in warnings[0]
+    )
 
 
 def test_validation_without_scorable_labels_is_refused(tmp_path):
     data = make_synthetic(tmp_path, num_train=32, num_test=8)
     cache = open_cache(data.train, mode="r+")
     cache.labels[:] = np.where(cache.labels[:] == -1, 0, cache.labels[:])
-    p = Params(model=ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=8), train=TrainConfig(epochs=1))
-    with pytest.raises(QKSError, match="no seen label of the held-out rows .* has both a positive and a negative"):
-        train(data.train, data.labels, tmp_path / "out", params=p, progress_bar=False, echo=lambda _: None)
+    p = Params(
+        model=ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=8),
+        train=TrainConfig(epochs=1),
+    )
+    with pytest.raises(
+        QKSError, match="no seen label of the held-out rows .* has both a positive and a negative"
+    ):
+        train(
+            data.train,
+            data.labels,
+            tmp_path / "out",
+            params=p,
+            progress_bar=False,
+            echo=lambda _: None,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -207,11 +279,27 @@ def test_stores_of_the_other_split_are_refused(run, tmp_path):
     cli = _evaluate_args(ckpt, data.train, data.labels, tmp_path / "m.json")
     result = CliRunner().invoke(main, cli)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    assert result.output.count("\n") == 1 and "a train store" in result.output and "--any-split" in result.output
+    assert (
+        result.output.count("\n") == 1
+        and "a train store" in result.output
+        and "--any-split" in result.output
+    )
     assert CliRunner().invoke(main, [*cli, "--any-split"]).exit_code == 0
-    cli = ["train", "--train-cache", str(data.test), "--labels", str(data.labels), "--out", str(tmp_path / "t")]
+    cli = [
+        "train",
+        "--train-cache",
+        str(data.test),
+        "--labels",
+        str(data.labels),
+        "--out",
+        str(tmp_path / "t"),
+    ]
     result = CliRunner().invoke(main, cli)
-    assert result.exit_code == 1 and result.output.count("\n") == 1 and "leaks the test set" in result.output
+    assert (
+        result.exit_code == 1
+        and result.output.count("\n") == 1
+        and "leaks the test set" in result.output
+    )
 
 
 def test_stale_checkpoint_labels_or_template_pool_refused(run, tmp_path):
@@ -225,8 +313,12 @@ def test_stale_checkpoint_labels_or_template_pool_refused(run, tmp_path):
     config = json.loads((ckpt / "config.json").read_text())
     config["label_embedding"] |= {"num_templates": 85, "templates_sha256": "ab" * 32}
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(QKSError, match="labels embedded otherwise than the checkpoint's .num_templates None vs 85"):
-        evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ckpt", params=EVAL)
+    with pytest.raises(
+        QKSError, match="labels embedded otherwise than the checkpoint's .num_templates None vs 85"
+    ):
+        evaluate(
+            data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ckpt", params=EVAL
+        )
 
 
 def test_selection_on_test_reaches_the_metrics(run, tmp_path):
@@ -234,7 +326,9 @@ def test_selection_on_test_reaches_the_metrics(run, tmp_path):
     shutil.copytree(ckpt, tmp_path / "ckpt")
     config = json.loads((ckpt / "config.json").read_text())
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config | {"selection": "test"}))
-    result = CliRunner().invoke(main, _evaluate_args(tmp_path / "ckpt", data.test, data.labels, tmp_path / "m.json"))
+    result = CliRunner().invoke(
+        main, _evaluate_args(tmp_path / "ckpt", data.test, data.labels, tmp_path / "m.json")
+    )
     assert result.exit_code == 0, result.output
     assert SELECTED_ON_TEST in result.output
     written = json.loads((tmp_path / "m.json").read_text())
@@ -242,16 +336,25 @@ def test_selection_on_test_reaches_the_metrics(run, tmp_path):
 
 
 def test_embed_labels_stores_the_clip_baselines_template(sample_dataset, tiny_clip, tmp_path):
-    from qks_pipeline.extract import CLIP_TEMPLATE, embed_labels
+    from qks_pipeline.stage_one.extract import CLIP_TEMPLATE, embed_labels
 
     config, weights = tiny_clip
     backbone = BackboneConfig(model=str(config), pretrained=str(weights))
-    embed_labels(sample_dataset.dataset, sample_dataset.templates, tmp_path / "l.zarr", backbone, LabelsConfig(), "cpu")
+    embed_labels(
+        sample_dataset.dataset,
+        sample_dataset.templates,
+        tmp_path / "l.zarr",
+        backbone,
+        LabelsConfig(),
+        "cpu",
+    )
     names, clip, attrs = read_label_embeddings(tmp_path / "l.zarr", CLIP_EMBEDDINGS)
     bb = load_backbone(str(config), str(weights))
     with torch.no_grad():
         text = bb.model.encode_text(bb.tokenizer([CLIP_TEMPLATE.format(n) for n in names])).float()
-    np.testing.assert_allclose(clip, torch.nn.functional.normalize(text, dim=-1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        clip, torch.nn.functional.normalize(text, dim=-1).numpy(), rtol=1e-5, atol=1e-6
+    )
     assert attrs["clip_template"] == CLIP_TEMPLATE == "There is a {} in the scene"
     assert attrs["num_templates"] == len(sample_dataset.templates.read_text().splitlines())
 
@@ -284,31 +387,55 @@ def test_import_reference_checkpoint(tiny_clip, tmp_path):
     assert model.cfg.num_queries == 3 and len(model.layers) == 2
     torch.testing.assert_close(model.proj.detach(), raw["proj"])
     # a store extracted with that backbone is accepted by evaluate
-    data = make_synthetic(tmp_path / "data", num_train=8, num_test=24, dim=d, embed_dim=e, backbone=expected)
-    report = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=EVAL, **QUIET)
+    data = make_synthetic(
+        tmp_path / "data", num_train=8, num_test=24, dim=d, embed_dim=e, backbone=expected
+    )
+    report = evaluate(
+        data.test,
+        data.labels,
+        tmp_path / "m.json",
+        checkpoint=tmp_path / "ck",
+        params=EVAL,
+        **QUIET,
+    )
     assert report["selection"] == "test" and _in_unit_interval(report["zsl"])
 
 
 def test_selection_on_test_equals_the_reference_protocol(tmp_path):
-    """`selection: test` selects on what `evaluate.protocol: reference` reports: ZSL mAP + F1@3 + F1@5."""
+    """`selection: test` selects on what `evaluate.protocol: reference` reports: ZSL mAP + F1@3 +
+    F1@5."""
     data = make_synthetic(tmp_path, num_train=64, num_test=32)
     model = ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=16)
-    p = Params(model=model, train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, selection="test", val_fraction=0))
+    p = Params(
+        model=model,
+        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, selection="test", val_fraction=0),
+    )
     train(
-        data.train, data.labels, tmp_path / "ck", params=p, test_path=data.test, progress_bar=False, echo=QUIET["echo"]
+        data.train,
+        data.labels,
+        tmp_path / "ck",
+        params=p,
+        test_path=data.test,
+        progress_bar=False,
+        echo=QUIET["echo"],
     )
     best = json.loads((tmp_path / "ck" / "config.json").read_text())["best"]
     ref = EvaluateConfig(top_k=[3, 5], protocol="reference")
-    zsl = evaluate(data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=ref, **QUIET)["zsl"]
+    zsl = evaluate(
+        data.test, data.labels, tmp_path / "m.json", checkpoint=tmp_path / "ck", params=ref, **QUIET
+    )["zsl"]
     assert best["score"] == pytest.approx(zsl["mAP"] + zsl["f1@3"] + zsl["f1@5"], rel=1e-12)
 
 
 def test_two_evaluations_in_one_folder_keep_their_own_tables(run, tmp_path):
-    """The query-preference table is named after --out, and the per-label AP plot after the per-label CSV."""
+    """The query-preference table is named after --out, and the per-label AP plot after the
+    per-label CSV."""
     data, ckpt = run
     for name in ("a", "b"):
         args = _evaluate_args(ckpt, data.test, data.labels, tmp_path / f"{name}.json")
         result = CliRunner().invoke(main, [*args, "--per-label", str(tmp_path / f"{name}_ap.csv")])
         assert result.exit_code == 0, result.output
     made = {p.name for p in tmp_path.iterdir()}
-    assert made == {f"{n}{s}" for n in "ab" for s in (".json", ".query_preference.csv", "_ap.csv", "_ap.png")}
+    assert made == {
+        f"{n}{s}" for n in "ab" for s in (".json", ".query_preference.csv", "_ap.csv", "_ap.png")
+    }

@@ -14,7 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from qks_pipeline.cli import main
-from qks_pipeline.manifest import Record, check_dataset, read_labels, read_manifest, scored_labels, write_dataset
+from qks_pipeline.data.manifest import (
+    Record,
+    check_dataset,
+    read_labels,
+    read_manifest,
+    scored_labels,
+    write_dataset,
+)
 
 
 def write(path: Path, lines: list[str], crlf: bool = False) -> Path:
@@ -29,14 +36,17 @@ def run(*args: object) -> tuple[int, str]:
 
 
 def dataset(out: Path) -> tuple[list[str], list[str], list[Record], list[Record]]:
-    """The dataset an importer wrote, with `"negative": "*"` spelled out over the split's scored labels."""
+    """The dataset an importer wrote, with `"negative": "*"` spelled out over the split's scored
+    labels."""
     check_dataset(out)  # every importer's output passes the checker
     seen, unseen = read_labels(out / "seen.txt"), read_labels(out / "unseen.txt")
 
     def explicit(split: str) -> list[Record]:
         scored = scored_labels(split, seen, unseen)
         return [
-            Record(r.image, r.positive, tuple(x for x in scored if x not in r.positive)) if r.negative_rest else r
+            Record(r.image, r.positive, tuple(x for x in scored if x not in r.positive))
+            if r.negative_rest
+            else r
             for r in read_manifest(out / f"{split}.jsonl")
         ]
 
@@ -55,17 +65,33 @@ CONCEPTS = ["sky", "person", "airport"]  # two are tags too; seen = dog, old tow
 
 
 def nuswide_release(root: Path) -> Path:
-    write(root / "NUS_WID_Tags" / "TagList1k.txt", [t + " " for t in TAGS], crlf=True)  # trailing spaces
+    # trailing spaces
+    write(root / "NUS_WID_Tags" / "TagList1k.txt", [t + " " for t in TAGS], crlf=True)
     write(root / "ConceptsList" / "Concepts81.txt", CONCEPTS, crlf=True)
-    write(root / "ImageList" / "TrainImagelist.txt", [r"actor\0001_11.jpg", r"actor\0002_12.jpg", r"beach\0003_13.jpg"])
-    write(root / "ImageList" / "TestImagelist.txt", [r"zoo\0004_14.jpg", r"zoo\0005_15.jpg"], crlf=True)
+    write(
+        root / "ImageList" / "TrainImagelist.txt",
+        [r"actor\0001_11.jpg", r"actor\0002_12.jpg", r"beach\0003_13.jpg"],
+    )
+    write(
+        root / "ImageList" / "TestImagelist.txt",
+        [r"zoo\0004_14.jpg", r"zoo\0005_15.jpg"],
+        crlf=True,
+    )
     # Tab-separated rows with a trailing tab, as the release's .dat files.
     rows = {"Train": ["0 1 0 0 1", "1 0 1 1 0", "1 0 1 0 0"], "Test": ["0 0 0 1 0", "1 0 0 0 0"]}
     for split, lines in rows.items():
-        write(root / "NUS_WID_Tags" / f"{split}_Tags1k.dat", [line.replace(" ", "\t") + "\t" for line in lines], True)
+        write(
+            root / "NUS_WID_Tags" / f"{split}_Tags1k.dat",
+            [line.replace(" ", "\t") + "\t" for line in lines],
+            True,
+        )
     truth = {"sky": ["0", "0"], "person": ["1", "0"], "airport": ["0", "0"]}
     for concept, lines in truth.items():
-        write(root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_Test.txt", lines, crlf=True)
+        write(
+            root / "Groundtruth" / "TrainTestLabels" / f"Labels_{concept}_Test.txt",
+            lines,
+            crlf=True,
+        )
     return root
 
 
@@ -80,8 +106,11 @@ def test_nuswide(tmp_path):
         Record("Flickr/actor/0002_12.jpg", ("old town",), ("dog", "cat")),
     ]  # beach/0003: only concept tags (sky, person) set, no seen positive -> dropped
     # zoo/0005: its 'sky' tag is ignored (the concept ground truth says 0) -> no positive -> dropped
-    assert test == [Record("Flickr/zoo/0004_14.jpg", ("old town", "person"), ("dog", "cat", "sky", "airport"))]
-    assert '"negative": "*"' in (out / "train.jsonl").read_text()  # fully annotated: the compact form
+    assert test == [
+        Record("Flickr/zoo/0004_14.jpg", ("old town", "person"), ("dog", "cat", "sky", "airport"))
+    ]
+    # fully annotated: the compact form
+    assert '"negative": "*"' in (out / "train.jsonl").read_text()
     assert "train: 2 images written, dropped 1 (no positive label)" in output
     assert "test: 1 images written, dropped 1 (no positive label)" in output
 
@@ -100,9 +129,21 @@ def change(root: Path, name: str, lines: list[str] | None) -> None:
 @pytest.mark.parametrize(
     ("name", "lines", "message"),
     [
-        (f"{TAG_DIR}/Test_Tags1k.dat", ["0 0 0 1 0"], "1 rows, but {r}/ImageList/TestImagelist.txt lists 2"),
-        (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "1 0 1", "1 0 1 0 0"], "Train_Tags1k.dat:2: expected 5 values"),
-        (f"{TAG_DIR}/Train_Tags1k.dat", ["0 1 0 0 1", "", "1 0 1 0 0"], "Train_Tags1k.dat:2: empty line"),
+        (
+            f"{TAG_DIR}/Test_Tags1k.dat",
+            ["0 0 0 1 0"],
+            "1 rows, but {r}/ImageList/TestImagelist.txt lists 2",
+        ),
+        (
+            f"{TAG_DIR}/Train_Tags1k.dat",
+            ["0 1 0 0 1", "1 0 1", "1 0 1 0 0"],
+            "Train_Tags1k.dat:2: expected 5 values",
+        ),
+        (
+            f"{TAG_DIR}/Train_Tags1k.dat",
+            ["0 1 0 0 1", "", "1 0 1 0 0"],
+            "Train_Tags1k.dat:2: empty line",
+        ),
         (
             f"{TAG_DIR}/Train_Tags1k.dat",
             ["0 1 0 0 1", "1 0 1 2 0", "1 0 1 0 0"],
@@ -110,7 +151,11 @@ def change(root: Path, name: str, lines: list[str] | None) -> None:
         ),
         (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0", "2"], "Labels_sky_Test.txt:2: expected 0 or 1"),
         (f"{TRUTH_DIR}/Labels_sky_Test.txt", ["0"], "Labels_sky_Test.txt: 1 lines, but"),
-        (f"{TRUTH_DIR}/Labels_airport_Test.txt", None, "ground truth of concept 'airport' not found"),
+        (
+            f"{TRUTH_DIR}/Labels_airport_Test.txt",
+            None,
+            "ground truth of concept 'airport' not found",
+        ),
         (
             "ImageList/TrainImagelist.txt",
             [r"a\1.jpg", r"a\1.jpg", r"a\2.jpg"],
@@ -130,7 +175,8 @@ def test_nuswide_bad_input(tmp_path, name, lines, message):
 # ---- Open Images v4 ----
 
 OI_HEADER = "ImageID,Source,LabelName,Confidence"
-OI_TRAIN = [  # (ImageID, Source, MID, Confidence); i1's /m/a row is repeated, i2's /m/c rows conflict
+# (ImageID, Source, MID, Confidence); i1's /m/a row is repeated, i2's /m/c rows conflict
+OI_TRAIN = [
     ("i1", "verification", "/m/a", 1),
     ("i1", "verification", "/m/d", 0),
     ("i1", "crowdsource-verification", "/m/u1", 1),
@@ -152,7 +198,8 @@ OI_TEST = [
     ("t2", "verification", "/m/b", 1),
     ("t3", "verification", "/m/u3", 1),
 ]
-OI_DESCRIPTIONS = [  # no header, CRLF, quoted names, a comma inside a name, display names shared by several MIDs
+# no header, CRLF, quoted names, a comma inside a name, display names shared by several MIDs
+OI_DESCRIPTIONS = [
     "/m/a,Bat",
     '/m/b,"Bat"',
     '/m/c,"Walnut, nut"',
@@ -165,15 +212,19 @@ OI_DESCRIPTIONS = [  # no header, CRLF, quoted names, a comma inside a name, dis
     "/m/u3,Flower",
 ]
 OI_TRAINABLE = ["/m/a", "/m/b", "/m/c", "/m/d", "/m/e"]
-OI_POOL = ["/m/x", "/m/u1", "/m/y", "/m/u2", "/m/u3"]  # unseen_labels.pkl; top_400_unseen.csv picks 3, 1, 4
+# unseen_labels.pkl; top_400_unseen.csv picks 3, 1, 4
+OI_POOL = ["/m/x", "/m/u1", "/m/y", "/m/u2", "/m/u3"]
 
 
 def openimages_release(root: Path, pool: object = None) -> Path:
-    """A release in the real files' formats: the metadata in `root/2018_04` and the image-label CSVs under it."""
+    """A release in the real files' formats: the metadata in `root/2018_04` and the image-label CSVs
+    under it."""
     meta = root / "2018_04"
     write(meta / "class-descriptions.csv", OI_DESCRIPTIONS, crlf=True)
     write(meta / "classes-trainable.txt", OI_TRAINABLE, crlf=True)
-    (meta / "unseen_labels.pkl").write_bytes(pickle.dumps(np.array(OI_POOL, dtype=object) if pool is None else pool))
+    (meta / "unseen_labels.pkl").write_bytes(
+        pickle.dumps(np.array(OI_POOL, dtype=object) if pool is None else pool)
+    )
     write(meta / "top_400_unseen.csv", ["3,12", "1,40", "4,7"])
     for split, rows in (("train", OI_TRAIN), ("test", OI_TEST)):
         lines = [OI_HEADER] + [",".join(map(str, row)) for row in rows]
@@ -182,7 +233,8 @@ def openimages_release(root: Path, pool: object = None) -> Path:
 
 
 def openimages_images(root: Path) -> Path:
-    """Training images in the reference downloader's `train/NN/` layout (i7 never downloaded), test images flat."""
+    """Training images in the reference downloader's `train/NN/` layout (i7 never downloaded), test
+    images flat."""
     for rel in [
         "train/00/i1.jpg",
         "train/00/i4.jpg",
@@ -197,7 +249,8 @@ def openimages_images(root: Path) -> Path:
     return root
 
 
-OI_SEEN = ["Apple", "Bat (/m/a)", "Bat (/m/b)", "Flower (/m/e)", "Walnut, nut"]  # shared names get their MID
+# shared names get their MID
+OI_SEEN = ["Apple", "Bat (/m/a)", "Bat (/m/b)", "Flower (/m/e)", "Walnut, nut"]
 OI_UNSEEN = ["Ant", "Cat", "Flower (/m/u3)"]
 
 
@@ -205,12 +258,18 @@ OI_UNSEEN = ["Ant", "Cat", "Flower (/m/u3)"]
 def test_openimages(tmp_path, folder):
     root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
     images = openimages_images(tmp_path / "images")
-    code, output = run("import", "openimages", "--root", root / folder, "--images", images, "--out", out)
+    code, output = run(
+        "import", "openimages", "--root", root / folder, "--images", images, "--out", out
+    )
     assert code == 0, output
     seen, unseen, train, test = dataset(out)
     assert (seen, unseen) == (OI_SEEN, OI_UNSEEN)
-    # i2: conflicting Source rows; i3: no label of the split; i4, i5: negatives only; i7: never downloaded.
-    assert train == [Record("train/00/i1.jpg", ("Bat (/m/a)",), ("Apple",)), Record("train/01/i6.jpg", ("Bat (/m/a)",))]
+    # i2: conflicting Source rows; i3: no label of the split; i4, i5: negatives only; i7: never
+    # downloaded.
+    assert train == [
+        Record("train/00/i1.jpg", ("Bat (/m/a)",), ("Apple",)),
+        Record("train/01/i6.jpg", ("Bat (/m/a)",)),
+    ]
     assert test == [
         Record("test/t1.jpg", ("Cat",), ("Bat (/m/a)",)),
         Record("test/t2.jpg", ("Bat (/m/b)",), ("Ant",)),
@@ -222,7 +281,10 @@ def test_openimages(tmp_path, folder):
     ) in output
     assert "5 images found under" in output and "as train/NN/<ImageID>.jpg" in output
     assert "3 images found under" in output and "as test/<ImageID>.jpg" in output
-    assert "display name 'Bat' shared by /m/a, /m/b" in output and "'Flower' shared by /m/e, /m/u3" in output
+    assert (
+        "display name 'Bat' shared by /m/a, /m/b" in output
+        and "'Flower' shared by /m/e, /m/u3" in output
+    )
 
 
 def test_openimages_without_images_keeps_flat_paths(tmp_path):
@@ -233,8 +295,9 @@ def test_openimages_without_images_keeps_flat_paths(tmp_path):
 
 
 def train_positives(by_name: bool) -> dict[str, set[str]]:
-    """Training positives per image (as display names) when rows are matched by MID, as here, or by display name, as
-    the authors' converter does: an independent re-statement of both, for the counts data_manifests/README.md quotes."""
+    """Training positives per image (as display names) when rows are matched by MID, as here, or by
+    display name, as the authors' converter does: an independent re-statement of both, for the
+    counts data_manifests/README.md quotes."""
     names = {line.split(",", 1)[0]: line.split(",", 1)[1].strip(' "') for line in OI_DESCRIPTIONS}
     seen_names = {names[m] for m in OI_TRAINABLE}
     out: dict[str, set[str]] = {}
@@ -246,10 +309,22 @@ def train_positives(by_name: bool) -> dict[str, set[str]]:
 
 def test_openimages_matching_by_display_name_would_change():
     theirs, ours = train_positives(by_name=True), train_positives(by_name=False)
-    assert sorted(i for i in theirs if theirs[i] != ours.get(i)) == ["i5", "i6"]  # 2 of the 7 training images
-    assert theirs["i5"] == {"Apple"} and "i5" not in ours  # a non-trainable MID named like a trainable class
-    assert theirs["i6"] == {"Bat", "Flower"} and ours["i6"] == {"Bat"}  # an unseen class trained on as seen
-    assert len({line.split(",")[1].strip(' "') for line in OI_DESCRIPTIONS if line.split(",")[0] in OI_TRAINABLE}) == 4
+    # 2 of the 7 training images
+    assert sorted(i for i in theirs if theirs[i] != ours.get(i)) == ["i5", "i6"]
+    # a non-trainable MID named like a trainable class
+    assert theirs["i5"] == {"Apple"} and "i5" not in ours
+    # an unseen class trained on as seen
+    assert theirs["i6"] == {"Bat", "Flower"} and ours["i6"] == {"Bat"}
+    assert (
+        len(
+            {
+                line.split(",")[1].strip(' "')
+                for line in OI_DESCRIPTIONS
+                if line.split(",")[0] in OI_TRAINABLE
+            }
+        )
+        == 4
+    )
     assert len(OI_SEEN) == 5  # the two MIDs named "Bat" are one label there, two here
 
 
@@ -278,7 +353,10 @@ class Runs:
 @pytest.mark.parametrize(
     ("pool", "found"),
     [
-        (OrderedDict(a="/m/u1"), "found collections.OrderedDict (refused: loading it could run code)"),
+        (
+            OrderedDict(a="/m/u1"),
+            "found collections.OrderedDict (refused: loading it could run code)",
+        ),
         (Runs(), "found posix.system (refused"),
         ({"a": "/m/u1"}, "found dict"),
         (np.arange(5), "found a numpy array of int64 with shape (5,)"),
@@ -290,7 +368,9 @@ def test_openimages_refuses_any_other_pickle(tmp_path, monkeypatch, pool, found)
     root, out = openimages_release(tmp_path / "oi", pool), tmp_path / "out"
     code, output = run("import", "openimages", "--root", root, "--out", out)
     expected = f"{root / '2018_04' / 'unseen_labels.pkl'}: expected a pickled list or numpy array of MID strings; "
-    assert code == 1 and expected + found in output and len(output.strip().splitlines()) == 1, output
+    assert code == 1 and expected + found in output and len(output.strip().splitlines()) == 1, (
+        output
+    )
     assert not (tmp_path / "pwned.txt").exists()
     assert_nothing_written(tmp_path, out)
 
@@ -301,12 +381,28 @@ META, ANNOTATIONS = "2018_04", "2018_04/test/test-annotations-human-imagelabels.
 @pytest.mark.parametrize(
     ("name", "lines", "message"),
     [
-        (f"{META}/top_400_unseen.csv", ["3", "9"], "top_400_unseen.csv:2: index 9 outside the 5 MIDs"),
+        (
+            f"{META}/top_400_unseen.csv",
+            ["3", "9"],
+            "top_400_unseen.csv:2: index 9 outside the 5 MIDs",
+        ),
         (f"{META}/classes-trainable.txt", ["/m/a", "/m/zz"], "MID /m/zz has no display name"),
         (f"{META}/classes-trainable.txt", ["/m/a", "/m/u1"], "both trainable and unseen"),
-        (f"{META}/class-descriptions.csv", ["/m/a,Bat", "/m/a,Bat"], "class-descriptions.csv:2: MID /m/a described"),
-        (f"{META}/class-descriptions.csv", ["/m/a,Bat", "/m/b"], "class-descriptions.csv:2: expected 'MID,Display"),
-        (f"{META}/class-descriptions.csv", None, "class-descriptions.csv not found here or in 2018_04/"),
+        (
+            f"{META}/class-descriptions.csv",
+            ["/m/a,Bat", "/m/a,Bat"],
+            "class-descriptions.csv:2: MID /m/a described",
+        ),
+        (
+            f"{META}/class-descriptions.csv",
+            ["/m/a,Bat", "/m/b"],
+            "class-descriptions.csv:2: expected 'MID,Display",
+        ),
+        (
+            f"{META}/class-descriptions.csv",
+            None,
+            "class-descriptions.csv not found here or in 2018_04/",
+        ),
         (ANNOTATIONS, ["ImageID,LabelName"], f"{ANNOTATIONS}:1: header"),
         (ANNOTATIONS, [OI_HEADER, "t1,v,/m/a,0.5"], f"{ANNOTATIONS}:2: expected an ImageID"),
         (f"{META}/train/train-annotations-human-imagelabels.csv", None, "annotations not found"),
@@ -325,25 +421,47 @@ def test_openimages_bad_input(tmp_path, name, lines, message):
 
 def coco_file(path: Path, images: dict[int, str], annotations: list[tuple[int, int]]) -> Path:
     data = {
-        "images": [{"id": i, "file_name": name, "width": 8, "height": 8} for i, name in images.items()],
-        "annotations": [
-            {"id": n, "image_id": i, "category_id": c, "iscrowd": 0} for n, (i, c) in enumerate(annotations)
+        "images": [
+            {"id": i, "file_name": name, "width": 8, "height": 8} for i, name in images.items()
         ],
-        "categories": [{"id": 1, "name": "person"}, {"id": 3, "name": "traffic light"}, {"id": 7, "name": "dog"}],
+        "annotations": [
+            {"id": n, "image_id": i, "category_id": c, "iscrowd": 0}
+            for n, (i, c) in enumerate(annotations)
+        ],
+        "categories": [
+            {"id": 1, "name": "person"},
+            {"id": 3, "name": "traffic light"},
+            {"id": 7, "name": "dog"},
+        ],
     }
     path.write_text(json.dumps(data))
     return path
 
 
 def coco_files(tmp_path: Path) -> tuple[Path, Path]:
-    train = coco_file(tmp_path / "train.json", {1: "a.jpg", 2: "b.jpg", 5: "c.jpg"}, [(1, 1), (1, 7), (1, 1), (2, 7)])
+    train = coco_file(
+        tmp_path / "train.json",
+        {1: "a.jpg", 2: "b.jpg", 5: "c.jpg"},
+        [(1, 1), (1, 7), (1, 1), (2, 7)],
+    )
     test = coco_file(tmp_path / "val.json", {9: "d.jpg", 10: "e.jpg"}, [(9, 7), (9, 3), (10, 1)])
     return train, test
 
 
 def test_coco(tmp_path):
     (train, test), out = coco_files(tmp_path), tmp_path / "out"
-    args = ["import", "coco", "--train-json", train, "--test-json", test, "--unseen", " dog ", "--out", out]
+    args = [
+        "import",
+        "coco",
+        "--train-json",
+        train,
+        "--test-json",
+        test,
+        "--unseen",
+        " dog ",
+        "--out",
+        out,
+    ]
     code, output = run(*args, "--train-prefix", "train2017/", "--test-prefix", "val2017/")
     assert code == 0, output
     seen, unseen, train_records, test_records = dataset(out)
@@ -360,16 +478,45 @@ def test_coco(tmp_path):
 def test_coco_bad_input(tmp_path):
     (train, test), out = coco_files(tmp_path), tmp_path / "out"
     code, output = run(
-        "import", "coco", "--train-json", train, "--test-json", test, "--unseen", "dog,cat", "--out", out
+        "import",
+        "coco",
+        "--train-json",
+        train,
+        "--test-json",
+        test,
+        "--unseen",
+        "dog,cat",
+        "--out",
+        out,
     )
     assert code == 1 and "--unseen: unseen label(s) ['cat'] are not categories" in output
     unseen_file = write(tmp_path / "unseen.txt", ["unicorn"])
     code, output = run(
-        "import", "coco", "--train-json", train, "--test-json", test, "--unseen-file", unseen_file, "--out", out
+        "import",
+        "coco",
+        "--train-json",
+        train,
+        "--test-json",
+        test,
+        "--unseen-file",
+        unseen_file,
+        "--out",
+        out,
     )
     assert code == 1 and f"{unseen_file}: unseen label(s) ['unicorn']" in output
     test.write_text('{"images": [')
-    code, output = run("import", "coco", "--train-json", train, "--test-json", test, "--unseen", "dog", "--out", out)
+    code, output = run(
+        "import",
+        "coco",
+        "--train-json",
+        train,
+        "--test-json",
+        test,
+        "--unseen",
+        "dog",
+        "--out",
+        out,
+    )
     assert code == 1 and f"{test}:1: not valid JSON" in output
     assert_nothing_written(tmp_path, out)
 
@@ -405,7 +552,8 @@ def test_reference_csv(tmp_path):
     assert code == 0, output
     seen, unseen, train, test = dataset(out)
     assert (seen, unseen) == (["Bat", "Walnut, nut", "hot dog"], ["Ant", "Cat"])
-    assert train == [Record("train/00/i1.jpg", ("Walnut, nut", "hot dog"), ("Bat",))]  # i2: no positive
+    # i2: no positive
+    assert train == [Record("train/00/i1.jpg", ("Walnut, nut", "hot dog"), ("Bat",))]
     assert test == [Record("test/t1.jpg", ("Walnut, nut", "Cat"), ("Bat", "Ant"))]
     assert "dropped 1 (no positive label), 1 (positive and negative labels intersect)" in output
     assert "label_seen.txt: 1 repeated label line(s) merged" in output
@@ -413,20 +561,33 @@ def test_reference_csv(tmp_path):
 
 
 def test_reference_csv_without_negatives(tmp_path):
-    """Empty negative columns: said so; `--negatives rest` makes every other scored label of the split negative."""
+    """Empty negative columns: said so; `--negatives rest` makes every other scored label of the
+    split negative."""
     files, out = reference_files(tmp_path), tmp_path / "out"
-    write(files["--train-csv"], ["image_path,posi_labels,nega_labels", "tr/1.jpg,Bat,", "tr/2.jpg,hot dog|Cat,"])
-    write(files["--test-csv"], ["image_path,posi_labels,nega_labels", "te/1.jpg,Cat,", "te/2.jpg,Bat,"])
+    write(
+        files["--train-csv"],
+        ["image_path,posi_labels,nega_labels", "tr/1.jpg,Bat,", "tr/2.jpg,hot dog|Cat,"],
+    )
+    write(
+        files["--test-csv"],
+        ["image_path,posi_labels,nega_labels", "te/1.jpg,Cat,", "te/2.jpg,Bat,"],
+    )
     args = [x for pair in files.items() for x in pair]
     code, output = run("import", "reference-csv", *args, "--out", out)
     assert code == 0 and output.count("the negative columns are empty on every row") == 2, output
-    assert "--negatives rest" in output and check_dataset(out).splits["test"].labels_without_negative() != []
-    code, output = run("import", "reference-csv", *args, "--negatives", "rest", "--out", tmp_path / "rest")
+    assert (
+        "--negatives rest" in output
+        and check_dataset(out).splits["test"].labels_without_negative() != []
+    )
+    code, output = run(
+        "import", "reference-csv", *args, "--negatives", "rest", "--out", tmp_path / "rest"
+    )
     assert code == 0 and "negative columns are empty" not in output, output
     seen, unseen, train, test = dataset(tmp_path / "rest")
     assert train == [
         Record("tr/1.jpg", ("Bat",), ("Walnut, nut", "hot dog")),
-        Record("tr/2.jpg", ("hot dog", "Cat"), ("Bat", "Walnut, nut")),  # Cat is unseen: not scored in train
+        # Cat is unseen: not scored in train
+        Record("tr/2.jpg", ("hot dog", "Cat"), ("Bat", "Walnut, nut")),
     ]
     assert test[1] == Record("te/2.jpg", ("Bat",), ("Walnut, nut", "hot dog", "Ant", "Cat"))
     assert check_dataset(tmp_path / "rest").splits["train"].labels_without_negative() == []
@@ -438,11 +599,15 @@ def test_reference_csv_bad_input(tmp_path):
     code, output = run("import", "reference-csv", *args, "--strip-prefix", "other/", "--out", out)
     assert (
         code == 1
-        and f"{files['--train-csv']}:2: image path 'data/oi/train/00/i1.jpg' does not start with 'other/'" in output
+        and f"{files['--train-csv']}:2: image path 'data/oi/train/00/i1.jpg' does not start with 'other/'"
+        in output
     )
     write(files["--test-csv"], ["image_path,posi_labels,nega_labels", "data/oi/t/1.jpg,Cat|Dog,"])
     code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi", "--out", out)
-    assert code == 1 and f"{files['--test-csv']}:2: label(s) not in the seen or unseen file: ['Dog']" in output
+    assert (
+        code == 1
+        and f"{files['--test-csv']}:2: label(s) not in the seen or unseen file: ['Dog']" in output
+    )
     write(files["--test-csv"], ["path,labels", "t/1.jpg,Cat"])
     code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi", "--out", out)
     assert code == 1 and f"{files['--test-csv']}:1: unexpected header" in output
@@ -463,9 +628,15 @@ def hdf5_files(tmp_path: Path, test_width: int = 3) -> list[object]:
     with h5py.File(tmp_path / "test.h5", "w") as h5:
         h5["zoo_0004_14.jpg-labels"] = np.array([-1, 1, 0, 1, -1][:test_width], np.int8)
         h5["zoo_0004_14.jpg-labels_81"] = np.array([1, -1], np.int8)
-    train_names = write(tmp_path / "train_names.txt", ["actor_0001_11.jpg", "beach_bum_0003_13.jpg"], crlf=True)
+    train_names = write(
+        tmp_path / "train_names.txt", ["actor_0001_11.jpg", "beach_bum_0003_13.jpg"], crlf=True
+    )
     test_names = write(tmp_path / "test_names.txt", ["zoo_0004_14.jpg"])
-    files = {"--train-h5": tmp_path / "train.h5", "--train-names": train_names, "--test-h5": tmp_path / "test.h5"}
+    files = {
+        "--train-h5": tmp_path / "train.h5",
+        "--train-names": train_names,
+        "--test-h5": tmp_path / "test.h5",
+    }
     files |= {"--test-names": test_names, "--seen-file": seen, "--unseen-file": unseen}
     return [x for pair in files.items() for x in pair]
 
@@ -485,10 +656,16 @@ def test_hdf5(tmp_path, test_width):
 def test_hdf5_bad_input(tmp_path):
     args, out = hdf5_files(tmp_path, test_width=4), tmp_path / "out"
     code, output = run("import", "hdf5", *args, "--out", out)
-    assert code == 1 and "test_names.txt:1: " in output and "has 4 values, expected 3 or 5" in output
+    assert (
+        code == 1 and "test_names.txt:1: " in output and "has 4 values, expected 3 or 5" in output
+    )
     write(tmp_path / "test_names.txt", ["zoo_0009_19.jpg"])
     code, output = run("import", "hdf5", *args, "--out", out)
-    assert code == 1 and "test_names.txt:1: " in output and "no dataset 'zoo_0009_19.jpg-labels'" in output
+    assert (
+        code == 1
+        and "test_names.txt:1: " in output
+        and "no dataset 'zoo_0009_19.jpg-labels'" in output
+    )
     assert_nothing_written(tmp_path, out)
 
 

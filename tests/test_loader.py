@@ -1,4 +1,5 @@
-"""The loader and the direct shard reader: equality with zarr-python, damage, coverage, determinism, views, memory."""
+"""The loader and the direct shard reader: equality with zarr-python, damage, coverage, determinism,
+views, memory."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import shutil
 import numpy as np
 import pytest
 import zarr
-from synthetic import make_synthetic
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
 
-from qks_pipeline import shards
-from qks_pipeline.cache import open_cache, verify_cache
 from qks_pipeline.errors import QKSError
-from qks_pipeline.loader import OVERHEAD, WINDOW, open_loader, split_rows
-from qks_pipeline.shards import ArrayReader, ShardReader, open_reader
+from qks_pipeline.stage_two.loader import OVERHEAD, WINDOW, open_loader, split_rows
+from qks_pipeline.store import shard_reader as shards
+from qks_pipeline.store.features import open_cache
+from qks_pipeline.store.shard_reader import ArrayReader, ShardReader, open_reader
+from qks_pipeline.store.synthetic import make_synthetic
+from qks_pipeline.store.verify import verify_cache
 
 BACKENDS = ["direct", "tensorstore", "zarr"]
 INVALID = (3, 64, 65, 150)
@@ -24,11 +26,14 @@ N, V, S = 200, 3, 64  # rows, views, shard size: the last shard holds 8 rows
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("loader")
-    return make_synthetic(root, num_train=N, num_test=16, views=V, shard_size=S, invalid_train=INVALID)
+    return make_synthetic(
+        root, num_train=N, num_test=16, views=V, shard_size=S, invalid_train=INVALID
+    )
 
 
 def _relayout(src, dst, serializer=None, compressors=None):
-    """A copy of the store `src` whose tokens are written again with other codecs (format version 1: no crc32c)."""
+    """A copy of the store `src` whose tokens are written again with other codecs (format version 1:
+    no crc32c)."""
     shutil.copytree(src, dst)
     group = zarr.open_group(dst, mode="r+")
     tokens = group["tokens"][:]
@@ -37,14 +42,23 @@ def _relayout(src, dst, serializer=None, compressors=None):
     shards = None if serializer else (S, *tokens.shape[1:])
     kw = {"serializer": serializer} if serializer else {}
     array = group.create_array(
-        "tokens", shape=tokens.shape, dtype="float16", chunks=chunks, shards=shards, compressors=compressors, **kw
+        "tokens",
+        shape=tokens.shape,
+        dtype="float16",
+        chunks=chunks,
+        shards=shards,
+        compressors=compressors,
+        **kw,
     )
     array[:] = tokens
     return dst
 
 
 def _all(reader, cache):
-    rows, views = np.repeat(np.arange(cache.num_images), cache.num_views), np.tile(np.arange(cache.num_views), N)
+    rows, views = (
+        np.repeat(np.arange(cache.num_images), cache.num_views),
+        np.tile(np.arange(cache.num_views), N),
+    )
     out = np.empty((len(rows), *cache.tokens.shape[2:]), np.float16)
     reader.read(rows, views, out)
     return out.reshape(cache.tokens.shape)
@@ -58,7 +72,9 @@ def test_direct_reader_equals_zarr_on_every_layout(data, tmp_path, monkeypatch):
     stores = {
         "v2 (chunk crc32c)": data.train,
         "v1 (no chunk crc32c)": _relayout(data.train, tmp_path / "v1.zarr"),
-        "index at the start": _relayout(data.train, tmp_path / "start.zarr", serializer=index_first),
+        "index at the start": _relayout(
+            data.train, tmp_path / "start.zarr", serializer=index_first
+        ),
     }
     for name, store in stores.items():
         cache = open_cache(store)
@@ -69,9 +85,14 @@ def test_direct_reader_equals_zarr_on_every_layout(data, tmp_path, monkeypatch):
         )
         expected = cache.tokens[:]  # zarr-python; invalid rows are absent chunks: zeros
         assert not expected[list(INVALID)].any()
-        np.testing.assert_array_equal(_all(reader, cache).view(np.uint16), expected.view(np.uint16), err_msg=name)
-    compressed = open_cache(_relayout(data.train, tmp_path / "zstd.zarr", compressors=[zarr.codecs.ZstdCodec()]))
-    assert isinstance(open_reader(compressed.location, compressed.tokens), ArrayReader)  # not read directly
+        np.testing.assert_array_equal(
+            _all(reader, cache).view(np.uint16), expected.view(np.uint16), err_msg=name
+        )
+    compressed = open_cache(
+        _relayout(data.train, tmp_path / "zstd.zarr", compressors=[zarr.codecs.ZstdCodec()])
+    )
+    # not read directly
+    assert isinstance(open_reader(compressed.location, compressed.tokens), ArrayReader)
 
 
 def _shard_file(store, shard):
@@ -79,12 +100,15 @@ def _shard_file(store, shard):
 
 
 def damage(store, kind: str, row: int = 70, view: int = 0):
-    """Damage the shard file holding `row`: its index, its length, or one bit of the chunk (row, view)."""
+    """Damage the shard file holding `row`: its index, its length, or one bit of the chunk (row,
+    view)."""
     path = _shard_file(store, row // S)
     raw = bytearray(path.read_bytes())
-    index = np.frombuffer(bytes(raw[-(S * V * 16 + 4) : -4]), "<u8").reshape(S, V, 2)  # (offset, nbytes)
+    # (offset, nbytes)
+    index = np.frombuffer(bytes(raw[-(S * V * 16 + 4) : -4]), "<u8").reshape(S, V, 2)
     if kind == "index":
-        raw[-(S * V * 16 + 4) + 16 * V * (row % S) + 3] ^= 0x10  # the offset of the row's first chunk
+        # the offset of the row's first chunk
+        raw[-(S * V * 16 + 4) + 16 * V * (row % S) + 3] ^= 0x10
     elif kind == "truncated":
         del raw[len(raw) // 2 :]
     else:
@@ -160,7 +184,8 @@ def test_deterministic_per_seed_and_epoch(data):
 
 
 def test_batches_are_random_rows_of_a_window_of_shards(data):
-    """A batch draws from all over its window (here the whole store: 4 shards), not from a run of rows."""
+    """A batch draws from all over its window (here the whole store: 4 shards), not from a run of
+    rows."""
     loader = _small(open_cache(data.train), batch_size=32)
     assert open_cache(data.train).num_shards <= WINDOW
     spans = [np.unique(b.rows // S).size for b in loader.epoch(0)]
@@ -173,9 +198,11 @@ def test_row_range_and_in_order(data):
     assert train == (0, 150) and val == (150, 200)
     loader = _small(cache, rows=val, shuffle=False)
     rows = _rows(loader, 0)
-    np.testing.assert_array_equal(rows, np.setdiff1d(np.arange(150, 200), INVALID))  # in store order
+    # in store order
+    np.testing.assert_array_equal(rows, np.setdiff1d(np.arange(150, 200), INVALID))
     batch = next(iter(loader.epoch(0)))
-    np.testing.assert_array_equal(batch.tokens.numpy(), cache.tokens[batch.rows, 0])  # view 0 when not shuffling
+    # view 0 when not shuffling
+    np.testing.assert_array_equal(batch.tokens.numpy(), cache.tokens[batch.rows, 0])
     assert np.intersect1d(_rows(_small(cache, rows=train), 0), rows).size == 0
 
 
@@ -191,10 +218,12 @@ def test_drop_last_and_early_break(data):
 def test_buffers_are_reused_and_bounded_but_never_under_a_held_batch(data):
     cache = open_cache(data.train)
     loader = _small(cache, batch_size=8, shuffle=False)
-    reused = {batch.tokens.data_ptr() for batch in loader.epoch(0)}  # each batch dropped when the next comes
+    # each batch dropped when the next comes
+    reused = {batch.tokens.data_ptr() for batch in loader.epoch(0)}
     assert len(reused) <= loader.prefetch + 2 < len(loader)
     kept = list(loader.epoch(0))
-    views = [(b.rows[0], b.tokens[0]) for b in loader.epoch(0)]  # a view of a batch holds its buffer too
+    # a view of a batch holds its buffer too
+    views = [(b.rows[0], b.tokens[0]) for b in loader.epoch(0)]
     tokens = cache.tokens[:, 0]
     for batch in kept:
         np.testing.assert_array_equal(batch.tokens.numpy(), tokens[batch.rows])
@@ -202,4 +231,6 @@ def test_buffers_are_reused_and_bounded_but_never_under_a_held_batch(data):
         np.testing.assert_array_equal(sample.numpy(), tokens[row])
     assert len(loader._buffers) == loader.prefetch + 2
     t, d, columns = 10, 32, 12
-    assert loader.memory_bound_bytes == (1 + 2) * 8 * t * d * 2 + 2 * WINDOW * S * columns + OVERHEAD
+    assert (
+        loader.memory_bound_bytes == (1 + 2) * 8 * t * d * 2 + 2 * WINDOW * S * columns + OVERHEAD
+    )

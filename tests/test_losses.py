@@ -1,4 +1,5 @@
-"""Losses against element-by-element hand computations on small tensors, and against the reference's formulas."""
+"""Losses against element-by-element hand computations on small tensors, and against the reference's
+formulas."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import math
 
 import pytest
 import torch
-from qks_reference_impl import reference_asl, reference_bce
 
 from qks_pipeline.errors import QKSError
-from qks_pipeline.losses import make_loss
+from qks_pipeline.stage_two.losses import make_loss
+from tests.qks_reference_impl import reference_asl, reference_bce
 
 LOGITS = torch.tensor([[2.0, -1.0, 0.5, -12.0], [-0.3, 1.5, 14.0, 0.0], [0.7, -2.2, 3.0, -0.1]])
 TARGETS = torch.tensor([[1, -1, 0, 1], [-1, 1, -1, 0], [0, 0, 1, -1]], dtype=torch.int8)
@@ -44,7 +45,8 @@ REFERENCE = {
 
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_value_and_gradient_equal_the_reference_formulas(name: str) -> None:
-    """float64 logits over a wide range (saturated sigmoids included), targets +1 / -1 / 0; relative difference 1e-6."""
+    """float64 logits over a wide range (saturated sigmoids included), targets +1 / -1 / 0; relative
+    difference 1e-6."""
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(16, 37, generator=gen, dtype=torch.float64) * 4
@@ -53,12 +55,15 @@ def test_value_and_gradient_equal_the_reference_formulas(name: str) -> None:
         got, want = make_loss(name)(a, y), REFERENCE[name](b, y)
         got.backward()
         want.backward()
-        assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-6 * abs(want.item())
+        assert got.dtype == torch.float64 and abs(got.item() - want.item()) <= 1e-6 * abs(
+            want.item()
+        )
         assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
 
 
 def test_asl_focusing_weight_carries_no_gradient() -> None:
-    """The reference detaches (1 - p_t)^gamma: same value as the gradient-flowing form, a different gradient."""
+    """The reference detaches (1 - p_t)^gamma: same value as the gradient-flowing form, a different
+    gradient."""
     x = LOGITS.double().requires_grad_()
     reference, flowing = make_loss("asl")(x, TARGETS), make_loss("asl_focus_grad")(x, TARGETS)
     g_ref, g_flow = torch.autograd.grad(reference, x)[0], torch.autograd.grad(flowing, x)[0]
@@ -66,18 +71,28 @@ def test_asl_focusing_weight_carries_no_gradient() -> None:
     negative = TARGETS != 1  # gamma_pos = 0: the positives' weight is 1 either way
     assert torch.equal(g_ref[~negative], g_flow[~negative])
     assert ((g_ref - g_flow)[negative].abs() > 1e-6).any()
-    p = torch.sigmoid(LOGITS.double())  # by hand for a negative: d/dx [-log(1 - p) p^4] * 1000 / 12 with p^4 constant
-    assert g_ref[0, 1].item() == pytest.approx((p[0, 1] * p[0, 1] ** 4).item() * 1000 / 12, rel=1e-12)
+    # by hand for a negative: d/dx [-log(1 - p) p^4] * 1000 / 12 with p^4 constant
+    p = torch.sigmoid(LOGITS.double())
+    assert g_ref[0, 1].item() == pytest.approx(
+        (p[0, 1] * p[0, 1] ** 4).item() * 1000 / 12, rel=1e-12
+    )
 
 
 def test_masked_losses_leave_unknown_out() -> None:
     changed = LOGITS.clone()
     changed[TARGETS == 0] = torch.randn(int((TARGETS == 0).sum()))
     for name in ("masl", "mbce"):
-        assert make_loss(name)(changed, TARGETS).item() == pytest.approx(make_loss(name)(LOGITS, TARGETS).item())
-    full = torch.where(TARGETS == 0, -1, TARGETS).to(torch.int8)  # nothing unknown: masked equals plain
-    assert make_loss("masl")(LOGITS, full).item() == pytest.approx(make_loss("asl")(LOGITS, full).item())
-    assert make_loss("mbce")(LOGITS, full).item() == pytest.approx(make_loss("bce")(LOGITS, full).item())
+        assert make_loss(name)(changed, TARGETS).item() == pytest.approx(
+            make_loss(name)(LOGITS, TARGETS).item()
+        )
+    # nothing unknown: masked equals plain
+    full = torch.where(TARGETS == 0, -1, TARGETS).to(torch.int8)
+    assert make_loss("masl")(LOGITS, full).item() == pytest.approx(
+        make_loss("asl")(LOGITS, full).item()
+    )
+    assert make_loss("mbce")(LOGITS, full).item() == pytest.approx(
+        make_loss("bce")(LOGITS, full).item()
+    )
 
 
 def test_bce_by_hand() -> None:
@@ -99,12 +114,14 @@ def test_ranking_by_hand() -> None:
         violating = [h for h in hinges if h > 0]
         per_image.append(sum(violating) / len(violating) if violating else 0.0)
     expected = sum(per_image) / len(per_image)
-    assert per_image == [12.0, 13.5, 0.0]  # one violating pair of two, one of two, none: the divisor matters
+    # one violating pair of two, one of two, none: the divisor matters
+    assert per_image == [12.0, 13.5, 0.0]
     assert make_loss("ranking")(LOGITS, TARGETS).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_ranking_equals_the_all_pairs_computation_on_random_batches() -> None:
-    """The (B, P, C) computation against the plain (B, C, C) one over every pair, values and gradients."""
+    """The (B, P, C) computation against the plain (B, C, C) one over every pair, values and
+    gradients."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         x = torch.randn(8, 40, generator=gen)
@@ -113,7 +130,9 @@ def test_ranking_equals_the_all_pairs_computation_on_random_batches() -> None:
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
         got = make_loss("ranking")(a, y)
         pos, neg = (y == 1).float(), (y == -1).float()
-        hinge = ((1 - b[:, :, None] + b[:, None, :]) * pos[:, :, None] * neg[:, None, :]).clamp(min=0)
+        hinge = ((1 - b[:, :, None] + b[:, None, :]) * pos[:, :, None] * neg[:, None, :]).clamp(
+            min=0
+        )
         want = (hinge.sum(dim=(1, 2)) / (hinge > 0).sum(dim=(1, 2)).clamp(min=1)).mean()
         assert got.item() == pytest.approx(want.item(), rel=1e-6)
         got.backward()
@@ -149,9 +168,11 @@ def test_unknown_loss_lists_choices() -> None:
 
 @pytest.mark.parametrize("name", ["asl", "masl", "bce", "mbce", "ranking"])
 def test_half_precision_logits(name: str) -> None:
-    """Mixed-precision training hands float16 logits; the 1000-scaled sum must not overflow float16's range."""
+    """Mixed-precision training hands float16 logits; the 1000-scaled sum must not overflow
+    float16's range."""
     logits = torch.full((64, 300), -12.0)
-    targets = torch.ones(64, 300, dtype=torch.int8)  # every positive badly missed: a loss sum far above 65504
+    # every positive badly missed: a loss sum far above 65504
+    targets = torch.ones(64, 300, dtype=torch.int8)
     loss = make_loss(name)
     full, half = loss(logits, targets), loss(logits.half(), targets)
     assert half.dtype == torch.float32 and torch.isfinite(half)

@@ -1,4 +1,5 @@
-"""Dataset directories: writing (all or nothing), checking, the CLI check, and every kind of bad input."""
+"""Dataset directories: writing (all or nothing), checking, the CLI check, and every kind of bad
+input."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from qks_pipeline.cli import main
-from qks_pipeline.errors import QKSError
-from qks_pipeline.manifest import (
+from qks_pipeline.data.manifest import (
     Record,
     check_dataset,
     label_matrix,
@@ -23,6 +23,7 @@ from qks_pipeline.manifest import (
     write_labels,
     write_manifest,
 )
+from qks_pipeline.errors import QKSError
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = [
@@ -36,7 +37,8 @@ SEEN, UNSEEN = ["cat", "dog", "old car"], ["zebra", "sea lion"]
 TRAIN = [
     Record("a/1.jpg", ("cat", "old car"), ("dog",)),
     Record("a/2.jpg", ("dog",), ("cat", "zebra")),
-    Record("b/3.jpg", ("zebra",), ()),  # no seen positive: counted by the check, left out by write_dataset
+    # no seen positive: counted by the check, left out by write_dataset
+    Record("b/3.jpg", ("zebra",), ()),
     Record("b/6.jpg", ("dog",), negative_rest=True),
 ]
 TEST = [
@@ -46,7 +48,8 @@ TEST = [
 
 
 def make_dataset(path: Path) -> Path:
-    """The files as a person may write them (write_dataset would leave out the images without a positive)."""
+    """The files as a person may write them (write_dataset would leave out the images without a
+    positive)."""
     path.mkdir()
     write_labels(path / "seen.txt", SEEN)
     write_labels(path / "unseen.txt", UNSEEN)
@@ -67,8 +70,14 @@ def test_templates_file_is_open_clip_pool_plus_scene_templates():
 def test_write_dataset_round_trips_and_leaves_out_images_without_a_positive(tmp_path):
     out = tmp_path / "ds"
     written = write_dataset(out, SEEN, UNSEEN, {"train": iter(TRAIN), "test": TEST})
-    assert sorted(p.name for p in out.iterdir()) == ["seen.txt", "test.jsonl", "train.jsonl", "unseen.txt"]
-    assert read_manifest(out / "train.jsonl") == [TRAIN[0], TRAIN[1], TRAIN[3]]  # b/3.jpg: no seen positive
+    assert sorted(p.name for p in out.iterdir()) == [
+        "seen.txt",
+        "test.jsonl",
+        "train.jsonl",
+        "unseen.txt",
+    ]
+    # b/3.jpg: no seen positive
+    assert read_manifest(out / "train.jsonl") == [TRAIN[0], TRAIN[1], TRAIN[3]]
     assert read_manifest(out / "test.jsonl") == TEST[:1]
     assert [(s.images, s.no_positive) for s in written.values()] == [(4, 1), (2, 1)]
     assert (out / "unseen.txt").read_text() == "zebra\nsea lion\n"
@@ -86,7 +95,10 @@ def test_check_dataset_counts_match_brute_force(tmp_path):
         fewest = min(sum(label in r.positive for r in records) for label in scored)
         assert split.min_positives()[0] == fewest
         for label in scored:
-            negatives = sum(label in r.negative or (r.negative_rest and label not in r.positive) for r in records)
+            negatives = sum(
+                label in r.negative or (r.negative_rest and label not in r.positive)
+                for r in records
+            )
             assert split.negatives_of(label) == negatives, label
     assert report.splits["train"].labels_without_positive() == []
     assert report.splits["train"].labels_without_negative() == []
@@ -135,7 +147,13 @@ def rewrite(path: Path, line: int, obj: object) -> None:
 
 
 BAD_INPUT = [
-    ("train.jsonl", 2, {"image": "a/2.jpg", "positive": ["wolf"]}, "train.jsonl:2: ", "not in seen.txt or unseen.txt"),
+    (
+        "train.jsonl",
+        2,
+        {"image": "a/2.jpg", "positive": ["wolf"]},
+        "train.jsonl:2: ",
+        "not in seen.txt or unseen.txt",
+    ),
     ("train.jsonl", 2, {"image": "a/1.jpg"}, "train.jsonl:2: ", "listed twice"),
     ("test.jsonl", 2, {"image": "a/1.jpg"}, "test.jsonl:2: ", "also in train.jsonl (line 1)"),
     ("test.jsonl", 1, '{"image": "c/4.jpg", ', "test.jsonl:1: ", "not valid JSON"),
@@ -143,7 +161,13 @@ BAD_INPUT = [
     ("test.jsonl", 1, {"image": "../c/4.jpg"}, "test.jsonl:1: ", "must not contain '..'"),
     ("test.jsonl", 1, {"image": "/abs/4.jpg"}, "test.jsonl:1: ", "relative path"),
     ("test.jsonl", 1, {"image": "c\\4.jpg"}, "test.jsonl:1: ", "'/' separators"),
-    ("test.jsonl", 1, {"image": "c/4.jpg", "positive": ["cat"], "negative": ["cat"]}, "test.jsonl:1: ", "both"),
+    (
+        "test.jsonl",
+        1,
+        {"image": "c/4.jpg", "positive": ["cat"], "negative": ["cat"]},
+        "test.jsonl:1: ",
+        "both",
+    ),
     ("unseen.txt", 2, "cat", "unseen.txt: ", "both seen and unseen"),
     ("seen.txt", 3, "cat", "seen.txt:3: ", "listed twice"),
 ]
@@ -176,11 +200,23 @@ def _failing_records():
     ("splits", "message"),
     [
         ({"train": TRAIN, "test": _failing_records()}, "source.dat:7: broken source"),
-        ({"train": TRAIN, "test": [Record("y.jpg", ("wolf",))]}, "test.jsonl:1: image 'y.jpg': label(s) not in"),
-        ({"train": TRAIN, "test": [Record("y.jpg"), Record("y.jpg")]}, "test.jsonl:2: image 'y.jpg' listed twice"),
-        ({"train": TRAIN, "test": [Record("a/1.jpg", ("cat",))]}, "test.jsonl:1: image 'a/1.jpg' is also in train"),
+        (
+            {"train": TRAIN, "test": [Record("y.jpg", ("wolf",))]},
+            "test.jsonl:1: image 'y.jpg': label(s) not in",
+        ),
+        (
+            {"train": TRAIN, "test": [Record("y.jpg"), Record("y.jpg")]},
+            "test.jsonl:2: image 'y.jpg' listed twice",
+        ),
+        (
+            {"train": TRAIN, "test": [Record("a/1.jpg", ("cat",))]},
+            "test.jsonl:1: image 'a/1.jpg' is also in train",
+        ),
         ({"train": TRAIN, "test": []}, "test.jsonl: no images left to write"),
-        ({"train": TRAIN, "test": [Record("y.jpg", (), ("cat",))]}, "test.jsonl: no images left to write"),
+        (
+            {"train": TRAIN, "test": [Record("y.jpg", (), ("cat",))]},
+            "test.jsonl: no images left to write",
+        ),
     ],
 )
 def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
@@ -192,7 +228,8 @@ def test_write_dataset_leaves_nothing_behind(tmp_path, splits, message):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old dataset is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
     with pytest.raises(QKSError):
-        write_dataset(tmp_path / "new", SEEN, ["cat"], {"train": TRAIN})  # seen/unseen overlap: nothing created
+        # seen/unseen overlap: nothing created
+        write_dataset(tmp_path / "new", SEEN, ["cat"], {"train": TRAIN})
     assert not (tmp_path / "new").exists()
 
 
@@ -200,13 +237,15 @@ def test_reading_with_the_vocabulary_refuses_unknown_labels(tmp_path):
     write_manifest(tmp_path / "m.jsonl", [Record("a.jpg", ("cat",), ("wolf",))])
     assert read_manifest(tmp_path / "m.jsonl") == [Record("a.jpg", ("cat",), ("wolf",))]
     with pytest.raises(
-        QKSError, match=r"m.jsonl:1: image 'a.jpg': label\(s\) not in seen.txt or unseen.txt: \['wolf'\]"
+        QKSError,
+        match=r"m.jsonl:1: image 'a.jpg': label\(s\) not in seen.txt or unseen.txt: \['wolf'\]",
     ):
         read_manifest(tmp_path / "m.jsonl", SEEN + UNSEEN)
 
 
 def test_negative_rest_round_trip_and_label_matrix(tmp_path):
-    """`"negative": "*"` makes every other scored label a verified negative, and nothing outside that scope."""
+    """`"negative": "*"` makes every other scored label a verified negative, and nothing outside
+    that scope."""
     seen, unseen = ["cat", "dog", "owl"], ["bee"]
     records = [Record("a.jpg", ("dog",), negative_rest=True), Record("b.jpg", ("owl",), ("cat",))]
     write_manifest(tmp_path / "train.jsonl", records)

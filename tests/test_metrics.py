@@ -1,5 +1,5 @@
-"""Metrics against scikit-learn, brute-force counts and an independent re-implementation of the reference's formulas;
-the protocol's filters, the scorable-label rule and the selection score."""
+"""Metrics against scikit-learn, brute-force counts and an independent re-implementation of the
+reference's formulas; the protocol's filters, the scorable-label rule and the selection score."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from qks_pipeline import metrics
-from qks_pipeline.metrics import average_precision, evaluate_scores, evaluate_setting, reference_scores, selection_score
+from qks_pipeline.stage_two import metrics
+from qks_pipeline.stage_two.metrics import (
+    average_precision,
+    evaluate_scores,
+    evaluate_setting,
+    reference_scores,
+    selection_score,
+)
 
 
-def random_problem(n: int, c: int, seed: int, unknown: float = 0.3, ties: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Scores (tied in runs when `ties`) and +1/-1/0 labels with some positive structure, plus the edge cases: label 1
-    has no positive, label 2 no negative, label 3 no annotation."""
+def random_problem(
+    n: int, c: int, seed: int, unknown: float = 0.3, ties: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (tied in runs when `ties`) and +1/-1/0 labels with some positive structure, plus the
+    edge cases: label 1 has no positive, label 2 no negative, label 3 no annotation."""
     rng = np.random.default_rng(seed)
     labels = rng.choice(np.array([1, -1], dtype=np.int8), size=(n, c), p=[0.3, 0.7])
     labels[rng.random((n, c)) < unknown] = 0
@@ -36,11 +44,13 @@ def sklearn_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def reference_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The authors' compute_AP written out: annotated entries sorted by score (ties in row order), precision at each
-    positive's own position, divided by the positives; 0 without a positive."""
+    """The authors' compute_AP written out: annotated entries sorted by score (ties in row order),
+    precision at each positive's own position, divided by the positives; 0 without a positive."""
     out = []
     for c in range(scores.shape[1]):
-        entries = sorted((-float(scores[i, c]), i, labels[i, c] == 1) for i in range(len(scores)) if labels[i, c])
+        entries = sorted(
+            (-float(scores[i, c]), i, labels[i, c] == 1) for i in range(len(scores)) if labels[i, c]
+        )
         tp, total = 0, 0.0
         for rank, (_, _, positive) in enumerate(entries, start=1):
             tp += positive
@@ -49,7 +59,9 @@ def reference_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array(out)
 
 
-def brute_prf(scores: np.ndarray, labels: np.ndarray, k: int, reference: bool) -> tuple[float, float, float]:
+def brute_prf(
+    scores: np.ndarray, labels: np.ndarray, k: int, reference: bool
+) -> tuple[float, float, float]:
     tp, k = 0, min(k, scores.shape[1])  # K capped at the number of labels
     for s, y in zip(scores.tolist(), labels.tolist(), strict=True):
         tp += sum(y[j] == 1 for j in sorted(range(len(s)), key=lambda j: (-s[j], j))[:k])
@@ -64,7 +76,8 @@ def _same(a, b, tol: float = 1e-9) -> bool:
 
 @pytest.fixture(params=[None, 7], ids=["one-block", "tiny-blocks"])
 def blocks(request, monkeypatch):
-    """Run each test with the default block size and with blocks of a few entries (many blocks, one label each)."""
+    """Run each test with the default block size and with blocks of a few entries (many blocks, one
+    label each)."""
     if request.param:
         monkeypatch.setattr(metrics, "BLOCK", request.param)
 
@@ -94,7 +107,8 @@ def _kept(labels: np.ndarray, cols: slice) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("protocol", ["standard", "reference"])
 def test_setting_equals_independent_computation(protocol: str, blocks) -> None:
     scores, labels = random_problem(90, 12, seed=5, unknown=0.5)
-    labels[:6, 8:] = np.where(labels[:6, 8:] == 1, -1, labels[:6, 8:])  # some images lack unseen positives
+    # some images lack unseen positives
+    labels[:6, 8:] = np.where(labels[:6, 8:] == 1, -1, labels[:6, 8:])
     res = evaluate_scores(scores, labels, num_seen=8, top_k=[1, 3, 5], protocol=protocol)
     for setting, cols in (("zsl", slice(8, 12)), ("gzsl", slice(0, 12)), ("seen", slice(0, 8))):
         rows, annotated = _kept(labels, cols)
@@ -105,8 +119,15 @@ def test_setting_equals_independent_computation(protocol: str, blocks) -> None:
         else:
             ap, scored = reference_ap(s, y), np.ones(len(pos), bool)
         m = res[setting]
-        assert (m["num_images"], m["num_labels"], m["num_labels_scored"]) == (rows.sum(), annotated.sum(), scored.sum())
-        assert (m["labels_without_positive"], m["labels_without_negative"]) == ((pos == 0).sum(), (neg == 0).sum())
+        assert (m["num_images"], m["num_labels"], m["num_labels_scored"]) == (
+            rows.sum(),
+            annotated.sum(),
+            scored.sum(),
+        )
+        assert (m["labels_without_positive"], m["labels_without_negative"]) == (
+            (pos == 0).sum(),
+            (neg == 0).sum(),
+        )
         assert _same(m["mAP"], ap[scored].mean())
         assert _same(m["ap"][annotated][scored], ap[scored]) and np.isnan(m["ap"][~annotated]).all()
         for k in (1, 3, 5):
@@ -118,8 +139,11 @@ def test_top_k_ties_go_to_the_lower_label_index() -> None:
     scores = np.array([[0.5, 0.9, 0.5, 0.5]], dtype=np.float32)
     labels = np.array([[-1, -1, -1, 1]], dtype=np.int8)
     m = evaluate_setting(scores, labels, slice(None), [2, 3, 4])
-    assert (m["p@2"], m["p@3"], m["p@4"]) == (0.0, 0.0, 0.25)  # top 2 = labels 1, 0; top 3 adds 2; top 4 adds 3
-    assert m["f1@2"] == 0.0 and math.isnan(evaluate_setting(scores, labels, slice(None), [2], "reference")["f1@2"])
+    # top 2 = labels 1, 0; top 3 adds 2; top 4 adds 3
+    assert (m["p@2"], m["p@3"], m["p@4"]) == (0.0, 0.0, 0.25)
+    assert m["f1@2"] == 0.0 and math.isnan(
+        evaluate_setting(scores, labels, slice(None), [2], "reference")["f1@2"]
+    )
 
 
 def test_filters_and_edge_cases_are_named() -> None:
@@ -136,18 +160,26 @@ def test_filters_and_edge_cases_are_named() -> None:
     scores = np.random.default_rng(0).random(labels.shape)
     res = evaluate_scores(scores, labels, num_seen=3, top_k=[1, 2])
     zsl, gzsl, seen = res["zsl"], res["gzsl"], res["seen"]
-    assert (zsl["num_images"], zsl["num_labels"], zsl["num_labels_scored"]) == (3, 3, 2)  # u2: no negative
+    # u2: no negative
+    assert (zsl["num_images"], zsl["num_labels"], zsl["num_labels_scored"]) == (3, 3, 2)
     assert list(zsl["lacks"]) == ["", "", "negative"] and zsl["labels_without_negative"] == 1
     assert (gzsl["num_images"], gzsl["num_labels"], gzsl["num_labels_scored"]) == (4, 5, 3)
     assert list(gzsl["lacks"]) == ["", "positive", "annotation", "", "", "negative"]
-    assert (seen["num_images"], seen["labels_without_positive"], seen["labels_without_negative"]) == (1, 1, 1)
-    assert math.isnan(seen["mAP"]) and seen["num_labels_scored"] == 0  # s0 alone, without a negative: not AP 1.0
+    assert (
+        seen["num_images"],
+        seen["labels_without_positive"],
+        seen["labels_without_negative"],
+    ) == (1, 1, 1)
+    # s0 alone, without a negative: not AP 1.0
+    assert math.isnan(seen["mAP"]) and seen["num_labels_scored"] == 0
     ref = evaluate_scores(scores, labels, num_seen=3, top_k=[1], protocol="reference")
-    assert ref["seen"]["mAP"] == pytest.approx(0.5)  # the reference's: s0 AP 1 (no negative), s1 AP 0 (no positive)
+    # the reference's: s0 AP 1 (no negative), s1 AP 0 (no positive)
+    assert ref["seen"]["mAP"] == pytest.approx(0.5)
 
 
 def test_empty_negatives_give_no_ap_of_one() -> None:
-    """A dataset whose negatives are all missing: nothing is scorable, every label is counted, no AP 1.0 anywhere."""
+    """A dataset whose negatives are all missing: nothing is scorable, every label is counted, no AP
+    1.0 anywhere."""
     scores, labels = random_problem(60, 10, seed=3)
     labels[labels == -1] = 0
     res = evaluate_scores(scores, labels, num_seen=6, top_k=[3])

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qks_reference_impl import ours_to_reference, reference_scores
 
 from qks_pipeline.config import ModelConfig
-from qks_pipeline.model import QKS
+from qks_pipeline.stage_two.model import QKS
+from tests.qks_reference_impl import ours_to_reference, reference_scores
 
 CFG = ModelConfig(num_queries=3, num_layers=2, num_heads=2, ff_dim=12, dropout=0.1)
 D, E, T, C, B = 8, 6, 5, 7, 2
 
 
 def make_model(cfg: ModelConfig = CFG, seed: int = 0) -> QKS:
-    """A model whose every parameter, LayerNorms and biases included, is random (not the structured init)."""
+    """A model whose every parameter, LayerNorms and biases included, is random (not the structured
+    init)."""
     torch.manual_seed(seed)
     model = QKS(cfg, token_dim=D, embed_dim=E)
     with torch.no_grad():
@@ -33,7 +34,9 @@ def test_forward_matches_brute_force(keep_cls: bool) -> None:
     cfg = ModelConfig(**{**vars(CFG), "keep_cls": keep_cls})
     model = make_model(cfg)
     tokens, labels = inputs()
-    expected = reference_scores(ours_to_reference(model.state_dict()), tokens, labels, cfg.num_heads, keep_cls)
+    expected = reference_scores(
+        ours_to_reference(model.state_dict()), tokens, labels, cfg.num_heads, keep_cls
+    )
     with torch.no_grad():
         logits = model(tokens, labels)
     assert logits.shape == (B, C)
@@ -74,7 +77,9 @@ def test_float16_tokens_are_cast() -> None:
 
 
 def test_init_weights_and_projection() -> None:
-    model = QKS(ModelConfig(num_queries=4, num_layers=1, num_heads=2, ff_dim=16), token_dim=64, embed_dim=E)
+    model = QKS(
+        ModelConfig(num_queries=4, num_layers=1, num_heads=2, ff_dim=16), token_dim=64, embed_dim=E
+    )
     model.init_weights()
     lin = model.layers[0].cross_attn.key
     assert lin.weight.shape == (64, 64) and abs(lin.weight.std().item() - 0.02) < 0.004

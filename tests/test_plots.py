@@ -7,7 +7,7 @@ import csv
 import numpy as np
 from PIL import Image
 
-from qks_pipeline.plots import plot_per_label_ap, plot_training
+from qks_pipeline.stage_two.plots import plot_per_label_ap, plot_training
 
 
 def _write(path, rows):
@@ -19,12 +19,20 @@ def _write(path, rows):
 
 def _is_drawn_png(path) -> bool:
     img = np.asarray(Image.open(path).convert("L"))
-    return img.shape[0] > 200 and img.shape[1] > 400 and (img < 128).mean() > 0.005  # lines and text, not blank
+    # lines and text, not blank
+    return img.shape[0] > 200 and img.shape[1] > 400 and (img < 128).mean() > 0.005
 
 
 def test_training_curves_are_drawn_with_missing_values(tmp_path):
     rows = [
-        {"epoch": e, "loss": 5 - e, "lr": 1e-4, "val_mAP": 0.1 * e, "test_zsl_mAP": "", "score": 0.1 * e}
+        {
+            "epoch": e,
+            "loss": 5 - e,
+            "lr": 1e-4,
+            "val_mAP": 0.1 * e,
+            "test_zsl_mAP": "",
+            "score": 0.1 * e,
+        }
         for e in range(1, 4)
     ]
     _write(tmp_path / "log.csv", rows)
@@ -34,7 +42,10 @@ def test_training_curves_are_drawn_with_missing_values(tmp_path):
 
 def test_per_label_ap_skips_unscored_labels_and_limits_the_bars(tmp_path):
     rng = np.random.default_rng(0)
-    rows = [{"label": f"l{i}", "split": "seen" if i < 30 else "unseen", "ap": rng.random()} for i in range(100)]
+    rows = [
+        {"label": f"l{i}", "split": "seen" if i < 30 else "unseen", "ap": rng.random()}
+        for i in range(100)
+    ]
     rows.append({"label": "no negative", "split": "unseen", "ap": ""})
     _write(tmp_path / "ap.csv", rows)
     plot_per_label_ap(tmp_path / "ap.csv", tmp_path / "ap.png", most=10)

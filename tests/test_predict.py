@@ -1,5 +1,6 @@
-"""Tagging new images (`qks predict`, `Tagger`): agreement with the evaluation path, the label-embedding cache, the
-backbone check, outputs, and bad input. Built on the tiny open_clip model through the real extract and train paths."""
+"""Tagging new images (`qks predict`, `Tagger`): agreement with the evaluation path, the
+label-embedding cache, the backbone check, outputs, and bad input. Built on the tiny open_clip model
+through the real extract and train paths."""
 
 from __future__ import annotations
 
@@ -17,21 +18,22 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from tiny import embed_args, extract_args
 
-from qks_pipeline import predict as predict_module
-from qks_pipeline.backbone import file_sha256, load_backbone, visual_tokens
-from qks_pipeline.cache import open_inputs, read_label_embeddings
-from qks_pipeline.checkpoint import load as load_checkpoint
 from qks_pipeline.cli import main
 from qks_pipeline.cli.predict import find_images
 from qks_pipeline.config import ModelConfig, Params, TrainConfig
+from qks_pipeline.data.images import load_rgb
 from qks_pipeline.errors import QKSError
-from qks_pipeline.images import load_rgb
-from qks_pipeline.loader import open_loader
-from qks_pipeline.predict import TEMPLATES, Tagger, clean_labels, prompt_pool
-from qks_pipeline.scoring import model_scorer, score_rows
-from qks_pipeline.train import train
+from qks_pipeline.predict import tagger as predict_module
+from qks_pipeline.predict.tagger import TEMPLATES, Tagger, clean_labels, prompt_pool
+from qks_pipeline.stage_one.backbone import file_sha256, load_backbone, visual_tokens
+from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
+from qks_pipeline.stage_two.inputs import open_inputs
+from qks_pipeline.stage_two.loader import open_loader
+from qks_pipeline.stage_two.scoring import model_scorer, score_rows
+from qks_pipeline.stage_two.train import train
+from qks_pipeline.store.label_store import read_label_embeddings
+from tests.tiny import embed_args, extract_args
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -52,7 +54,8 @@ def label_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def run(sample_dataset, tiny_clip, tmp_path_factory):
-    """Train and test caches of the sample dataset (real extract path), label embeddings, a 2-epoch checkpoint."""
+    """Train and test caches of the sample dataset (real extract path), label embeddings, a 2-epoch
+    checkpoint."""
     root, ds = tmp_path_factory.mktemp("predict"), sample_dataset
     for split in ("train", "test"):
         _qks(*extract_args(ds, tiny_clip, root / f"{split}.zarr", split, shard_size=8))
@@ -79,7 +82,9 @@ def run(sample_dataset, tiny_clip, tmp_path_factory):
 @pytest.fixture
 def tagger(run, tiny_clip, sample_dataset) -> Tagger:
     config, weights = tiny_clip
-    return Tagger.load(run / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates)
+    return Tagger.load(
+        run / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates
+    )
 
 
 def _predict_args(run: Path, tiny_clip, sample_dataset, *extra: object) -> list[object]:
@@ -112,7 +117,8 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     model, config = load_checkpoint(run / "ckpt", CPU)
     inputs = open_inputs(run / "test.zarr", run / "labels.zarr", role="test")
     loader = open_loader(inputs.cache, batch_size=8, shuffle=False)
-    expected = score_rows(model_scorer(model, torch.from_numpy(inputs.embeddings)), loader, CPU)  # (N, C)
+    # (N, C)
+    expected = score_rows(model_scorer(model, torch.from_numpy(inputs.embeddings)), loader, CPU)
     paths = [sample_dataset.images / p for p in inputs.cache.paths[:][expected.rows]]
     got = tagger.predict(paths, inputs.label_names, top_k=3, batch_size=3)
     logits = np.stack([p.logits for p in got])  # (N, C)
@@ -120,13 +126,17 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     np.testing.assert_allclose(
         tagger.label_embeddings(inputs.label_names).numpy(), inputs.embeddings, rtol=1e-5, atol=1e-5
     )
-    # The cache stores tokens in float16: a relative rounding error of at most 2^-11 (4.9e-4) per element. The head
-    # (LayerNorms, softmax attention, a max over queries) does not amplify a small relative input error much, so we
-    # allow 4x that unit of the logits' spread (measured: about 5e-5 of it). Sigmoid scores: atol 1e-2 (issue #6).
+    # The cache stores tokens in float16: a relative rounding error of at most 2^-11 (4.9e-4) per
+    # element. The head (LayerNorms, softmax attention, a max over queries) does not amplify a small
+    # relative input error much, so we allow 4x that unit of the logits' spread (measured: about
+    # 5e-5 of it). Sigmoid scores: atol 1e-2 (issue #6).
     spread = float(expected.scores.std())
     np.testing.assert_allclose(logits, expected.scores, rtol=0, atol=2e-3 * spread)
-    np.testing.assert_allclose(np.stack([p.scores for p in got]), 1 / (1 + np.exp(-expected.scores)), atol=1e-2)
-    # Rounding our own tokens to float16 removes the only difference: then the two paths agree to float32 precision.
+    np.testing.assert_allclose(
+        np.stack([p.scores for p in got]), 1 / (1 + np.exp(-expected.scores)), atol=1e-2
+    )
+    # Rounding our own tokens to float16 removes the only difference: then the two paths agree to
+    # float32 precision.
     pixels = torch.stack([tagger.backbone.preprocess(load_rgb(p)) for p in paths])  # (N, 3, H, W)
     tokens = visual_tokens(tagger.backbone.model, pixels).half()  # (N, T, D)
     with torch.no_grad():
@@ -134,8 +144,11 @@ def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, 
     np.testing.assert_allclose(rounded, expected.scores, rtol=1e-4, atol=1e-4)
 
 
-def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, tiny_clip, sample_dataset, tmp_path):
-    """`labels.normalize: true` at stage one is recorded in the checkpoint, and predict embeds labels the same way."""
+def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(
+    run, tiny_clip, sample_dataset, tmp_path
+):
+    """`labels.normalize: true` at stage one is recorded in the checkpoint, and predict embeds
+    labels the same way."""
     config, weights = tiny_clip
     labels = tmp_path / "labels_normalised.zarr"
     _qks(*embed_args(sample_dataset, tiny_clip, labels, "labels.normalize=true"))
@@ -144,9 +157,21 @@ def test_a_head_trained_on_normalised_label_means_gets_them_at_prediction(run, t
         train=TrainConfig(epochs=1, batch_size=8, lr=1e-3, val_fraction=0.25),
     )
     train(
-        run / "train.zarr", labels, tmp_path / "ckpt", params=p, device="cpu", progress_bar=False, echo=lambda _: None
+        run / "train.zarr",
+        labels,
+        tmp_path / "ckpt",
+        params=p,
+        device="cpu",
+        progress_bar=False,
+        echo=lambda _: None,
     )
-    tagger = Tagger.load(tmp_path / "ckpt", "cpu", str(weights), model=str(config), templates=sample_dataset.templates)
+    tagger = Tagger.load(
+        tmp_path / "ckpt",
+        "cpu",
+        str(weights),
+        model=str(config),
+        templates=sample_dataset.templates,
+    )
     names, stored, _ = read_label_embeddings(labels)
     assert tagger.normalize_labels
     np.testing.assert_allclose(tagger.label_embeddings(names).numpy(), stored, rtol=1e-5, atol=1e-5)
@@ -160,20 +185,26 @@ def test_top_k_and_threshold_follow_the_scores(tagger, sample_dataset):
         order = np.argsort(-p.scores, kind="stable")
         assert [label for label, _ in p.top] == [labels[j] for j in order[:3]]
         assert [s for _, s in p.top] == sorted((s for _, s in p.top), reverse=True)
-        assert {label for label, _ in p.above} == {labels[j] for j in range(len(labels)) if p.scores[j] > 0.4}
+        assert {label for label, _ in p.above} == {
+            labels[j] for j in range(len(labels)) if p.scores[j] > 0.4
+        }
         assert p.scores_by_label[p.top[0][0]] == pytest.approx(p.scores.max())
-        np.testing.assert_allclose(p.scores, 1 / (1 + np.exp(-p.logits.astype(np.float64))), rtol=1e-6)
+        np.testing.assert_allclose(
+            p.scores, 1 / (1 + np.exp(-p.logits.astype(np.float64))), rtol=1e-6
+        )
 
 
 def test_in_memory_images_equal_files(tagger, sample_dataset):
     files = find_images([sample_dataset.images / "test"])[:3]
     from_files = tagger.predict(files, ["red", "circle"])
     in_memory = [Image.open(f) for f in files]
-    in_memory[0] = in_memory[0].convert("RGBA")  # converted back to RGB (alpha is opaque: the same pixels)
+    # converted back to RGB (alpha is opaque: the same pixels)
+    in_memory[0] = in_memory[0].convert("RGBA")
     from_memory = tagger.predict(in_memory, ["red", "circle"])
     for a, b in zip(from_files, from_memory, strict=True):
         np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
-    assert from_memory[1].image == str(files[1]) and from_memory[0].image == "<image 0>"  # PIL's file name, if any
+    # PIL's file name, if any
+    assert from_memory[1].image == str(files[1]) and from_memory[0].image == "<image 0>"
     assert tagger.predict([Image.new("RGB", (70, 50), "red")], ["red"])[0].image == "<image 0>"
 
 
@@ -201,7 +232,8 @@ def test_label_embeddings_are_cached_per_label(tagger, label_cache, monkeypatch)
     for f in label_cache.glob("*.npy"):  # damaged files are recomputed, not trusted
         f.write_bytes(b"garbage")
     np.testing.assert_allclose(tagger.label_embeddings(["red", "blue"]).numpy(), first, rtol=1e-6)
-    other = Tagger(**{**tagger.__dict__, "templates": ["a sketch of a {}."]})  # other templates: other keys
+    # other templates: other keys
+    other = Tagger(**{**tagger.__dict__, "templates": ["a sketch of a {}."]})
     assert not np.allclose(other.label_embeddings(["red"]).numpy(), first[:1])
     assert len(list(label_cache.glob("*.npy"))) == 4
 
@@ -209,7 +241,9 @@ def test_label_embeddings_are_cached_per_label(tagger, label_cache, monkeypatch)
 # ---------------------------------------------------------------- the CLI, outputs and bad input
 
 
-def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(run, tiny_clip, sample_dataset, tmp_path):
+def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(
+    run, tiny_clip, sample_dataset, tmp_path
+):
     images = tmp_path / "images"
     shutil.copytree(sample_dataset.images / "test", images)
     (images / "sub").mkdir()
@@ -244,27 +278,46 @@ def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(run, tiny_cli
     assert f"skipped {images / 'sub' / 'empty.jpg'}: empty file" in err
     assert "8 image(s) tagged with 4 labels, 2 skipped" in err
     records = _jsonl(out)
-    expected = sorted([p.name for p in sample_dataset.images.glob("test/*")] + ["junk.png", "sub/empty.jpg"])
+    expected = sorted(
+        [p.name for p in sample_dataset.images.glob("test/*")] + ["junk.png", "sub/empty.jpg"]
+    )
     assert [Path(r["image"]).relative_to(images).as_posix() for r in records] == expected
     skipped = {Path(r["image"]).name: r["skipped"] for r in records if "skipped" in r}
     assert skipped == {"junk.png": "not a readable image format", "empty.jpg": "empty file"}
     for r in records:
         if "skipped" not in r:
-            assert len(r["top"]) == 2 and {t["label"] for t in r["top"]} <= {"red", "green", "triangle", "blue"}
+            assert len(r["top"]) == 2 and {t["label"] for t in r["top"]} <= {
+                "red",
+                "green",
+                "triangle",
+                "blue",
+            }
             assert all(t["score"] > 0.3 for t in r["above_threshold"])
     rows = list(csv.DictReader(open(table)))
     tagged = [r for r in records if "skipped" not in r]
-    listed = sum(len({t["label"] for t in r["top"]} | {t["label"] for t in r["above_threshold"]}) for r in tagged)
+    listed = sum(
+        len({t["label"] for t in r["top"]} | {t["label"] for t in r["above_threshold"]})
+        for r in tagged
+    )
     assert len(rows) == listed + 2 and {r["skipped"] for r in rows} - {""} == set(skipped.values())
     first = next(r for r in rows if r["image"] == tagged[0]["image"] and r["rank"] == "1")
-    assert first["label"] == tagged[0]["top"][0]["label"] and float(first["score"]) == tagged[0]["top"][0]["score"]
+    assert (
+        first["label"] == tagged[0]["top"][0]["label"]
+        and float(first["score"]) == tagged[0]["top"][0]["score"]
+    )
     html = page.read_text()
-    assert html.count('<figure class="card"') == 8 and html.count('<figure class="card skipped"') == 2
+    assert (
+        html.count('<figure class="card"') == 8 and html.count('<figure class="card skipped"') == 2
+    )
 
 
 def test_cli_jsonl_to_stdout_with_all_scores(run, tiny_clip, sample_dataset):
     image = sorted((sample_dataset.images / "test").iterdir())[0]
-    out, _ = _qks(*_predict_args(run, tiny_clip, sample_dataset, "--labels", "red,blue", "--all-scores", image))
+    out, _ = _qks(
+        *_predict_args(
+            run, tiny_clip, sample_dataset, "--labels", "red,blue", "--all-scores", image
+        )
+    )
     (record,) = [json.loads(line) for line in out.splitlines()]
     assert set(record["scores"]) == {"red", "blue"} and record["image"] == str(image)
 
@@ -286,23 +339,36 @@ def test_label_lists(tmp_path):
         (["--labels-file", "EMPTY"], "the label list is empty"),
         (["--labels-file", "MISSING"], "label file not found"),
         (["--labels-file", "DIR"], "not a file (one label a line expected)"),
-        (["--labels", "red", "--labels-file", "EMPTY"], "give at most one of --labels and --labels-file"),
+        (
+            ["--labels", "red", "--labels-file", "EMPTY"],
+            "give at most one of --labels and --labels-file",
+        ),
     ],
 )
 def test_bad_label_options(run, tiny_clip, sample_dataset, tmp_path, options, message):
     (tmp_path / "empty.txt").write_text("\n  \n")
     options = [
-        {"EMPTY": str(tmp_path / "empty.txt"), "MISSING": str(tmp_path / "nope.txt"), "DIR": str(tmp_path)}.get(o, o)
+        {
+            "EMPTY": str(tmp_path / "empty.txt"),
+            "MISSING": str(tmp_path / "nope.txt"),
+            "DIR": str(tmp_path),
+        }.get(o, o)
         for o in options
     ]
-    result = CliRunner().invoke(main, list(map(str, _predict_args(run, tiny_clip, sample_dataset, *options, "x.jpg"))))
+    result = CliRunner().invoke(
+        main, list(map(str, _predict_args(run, tiny_clip, sample_dataset, *options, "x.jpg")))
+    )
     assert result.exit_code in (1, 2) and message in result.output
 
 
 def test_labels_file_with_duplicates(run, tiny_clip, sample_dataset, tmp_path):
     (tmp_path / "labels.txt").write_text("red\nblue\n\nred\n")
     image = sorted((sample_dataset.images / "test").iterdir())[0]
-    out, err = _qks(*_predict_args(run, tiny_clip, sample_dataset, "--labels-file", tmp_path / "labels.txt", image))
+    out, err = _qks(
+        *_predict_args(
+            run, tiny_clip, sample_dataset, "--labels-file", tmp_path / "labels.txt", image
+        )
+    )
     assert "duplicate label(s) removed: red" in err
     assert sorted(t["label"] for t in json.loads(out)["top"]) == ["blue", "red"]
 
@@ -316,7 +382,9 @@ def _error(args: list[object]) -> str:
 
 
 def test_missing_or_broken_checkpoint(run, tiny_clip, sample_dataset, tmp_path):
-    base = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test")
+    base = _predict_args(
+        run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test"
+    )
     at = base.index("--checkpoint") + 1
     for ckpt, message in [
         (tmp_path / "nope", "checkpoint directory not found"),
@@ -341,17 +409,23 @@ def test_a_different_backbone_is_refused_naming_both(run, tiny_clip, sample_data
     with pytest.raises(QKSError) as e:
         Tagger.load(run / "ckpt", "cpu", str(tmp_path / "other.pt"), model=str(config))
     message = str(e.value.message)
-    trained = json.loads((run / "ckpt" / "config.json").read_text())["fingerprint"]["weights_sha256"]
+    trained = json.loads((run / "ckpt" / "config.json").read_text())["fingerprint"][
+        "weights_sha256"
+    ]
     assert "backbone mismatch" in message and "differs in weights_sha256" in message
     assert trained[:12] in message and file_sha256(tmp_path / "other.pt")[:12] in message
-    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test")
+    args = _predict_args(
+        run, tiny_clip, sample_dataset, "--labels", "red", sample_dataset.images / "test"
+    )
     args[args.index("--pretrained") + 1] = tmp_path / "other.pt"
     assert "backbone mismatch" in _error(args)
 
 
-def test_the_checkpoint_finds_its_locally_saved_backbone_and_labels_with_no_flag(run, sample_dataset):
-    """`qks predict --checkpoint DIR IMAGE`: the backbone files recorded at training (config file, weights file), and
-    the labels it was trained on."""
+def test_the_checkpoint_finds_its_locally_saved_backbone_and_labels_with_no_flag(
+    run, sample_dataset
+):
+    """`qks predict --checkpoint DIR IMAGE`: the backbone files recorded at training (config file,
+    weights file), and the labels it was trained on."""
     image = sample_dataset.images / "test" / "img000.jpg"
     out, _ = _qks("predict", "--checkpoint", run / "ckpt", image)
     record = json.loads(out)
@@ -371,15 +445,24 @@ def _moved(run: Path, tmp_path: Path, **source: str) -> Path:
 
 def test_backbone_files_not_where_recorded_are_asked_for_in_one_line(run, tiny_clip, tmp_path):
     config, weights = tiny_clip
-    ckpt = _moved(run, tmp_path, model=str(tmp_path / "gone.json"), pretrained=str(tmp_path / "gone.pt"))
-    with pytest.raises(QKSError, match=r"model config TinyCLIP-test.json .* is not at .*gone.json'; give .* --model"):
+    ckpt = _moved(
+        run, tmp_path, model=str(tmp_path / "gone.json"), pretrained=str(tmp_path / "gone.pt")
+    )
+    with pytest.raises(
+        QKSError,
+        match=r"model config TinyCLIP-test.json .* is not at .*gone.json'; give .* --model",
+    ):
         Tagger.load(ckpt, "cpu")
-    with pytest.raises(QKSError, match=r"weights file \(sha256 \w+\) is not at .*gone.pt'; give .* --pretrained"):
+    with pytest.raises(
+        QKSError, match=r"weights file \(sha256 \w+\) is not at .*gone.pt'; give .* --pretrained"
+    ):
         Tagger.load(ckpt, "cpu", model=str(config))
     changed = tmp_path / "changed.pt"  # the recorded path holds other weights now
     state = torch.load(weights, weights_only=True)
     torch.save(state | {"visual.proj": state["visual.proj"] + 1}, changed)
-    with pytest.raises(QKSError, match="backbone mismatch.*give the original with --model / --pretrained"):
+    with pytest.raises(
+        QKSError, match="backbone mismatch.*give the original with --model / --pretrained"
+    ):
         Tagger.load(_moved(run, tmp_path, pretrained=str(changed)), "cpu")
 
 
@@ -389,7 +472,9 @@ def test_exported_clip_weights_beside_the_checkpoint_are_found(run, tiny_clip, t
     shutil.copy(weights, ckpt / "clip_weights.pt")  # where `qks import-checkpoint` puts them
     loaded = Tagger.load(ckpt, "cpu").backbone.model.state_dict()
     expected = load_backbone(str(config), str(weights)).model.state_dict()
-    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in loaded)
+    assert loaded.keys() == expected.keys() and all(
+        torch.equal(loaded[k], expected[k]) for k in loaded
+    )
 
 
 def test_find_images_walks_sorted_and_keeps_missing_files(tmp_path):
@@ -409,17 +494,33 @@ def test_find_images_walks_sorted_and_keeps_missing_files(tmp_path):
         find_images([tmp_path / "empty"])
 
 
-def test_every_image_unreadable_is_an_error_after_writing_the_record(run, tiny_clip, sample_dataset, tmp_path):
+def test_every_image_unreadable_is_an_error_after_writing_the_record(
+    run, tiny_clip, sample_dataset, tmp_path
+):
     (tmp_path / "bad.jpg").write_bytes(b"junk")
     out = tmp_path / "p.jsonl"
-    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red", "--out", out, tmp_path / "bad.jpg")
+    args = _predict_args(
+        run, tiny_clip, sample_dataset, "--labels", "red", "--out", out, tmp_path / "bad.jpg"
+    )
     assert "no image could be read" in CliRunner().invoke(main, list(map(str, args))).output
-    assert _jsonl(out) == [{"image": str(tmp_path / "bad.jpg"), "skipped": "not a readable image format"}]
+    assert _jsonl(out) == [
+        {"image": str(tmp_path / "bad.jpg"), "skipped": "not a readable image format"}
+    ]
 
 
 def test_a_closed_pipe_ends_predict_quietly(run, sample_dataset):
-    """`qks predict ... | head -1`: the reader goes away; no error and no traceback, SIGPIPE's status as Unix tools."""
-    cmd = [sys.executable, "-m", "qks_pipeline.cli", "predict", "--checkpoint", str(run / "ckpt"), "--labels", "red"]
+    """`qks predict ... | head -1`: the reader goes away; no error and no traceback, SIGPIPE's
+    status as Unix tools."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "qks_pipeline.cli",
+        "predict",
+        "--checkpoint",
+        str(run / "ckpt"),
+        "--labels",
+        "red",
+    ]
     cmd += ["--templates", str(sample_dataset.templates), "--device", "cpu", "--no-progress"]
     cmd += [str(sample_dataset.images / "test")]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -429,43 +530,67 @@ def test_a_closed_pipe_ends_predict_quietly(run, sample_dataset):
     assert proc.returncode == 141 and stderr.decode().strip() == ""
 
 
-def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_them(run, sample_dataset, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored: the limit is process-wide
+def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_them(
+    run, sample_dataset, monkeypatch
+):
+    # restored: the limit is process-wide
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     image = sample_dataset.images / "test" / "img000.jpg"
     pixels = Image.open(image).width * Image.open(image).height
-    base = ["--checkpoint", run / "ckpt", "--labels", "red", "--templates", sample_dataset.templates, "--device", "cpu"]
+    base = [
+        "--checkpoint",
+        run / "ckpt",
+        "--labels",
+        "red",
+        "--templates",
+        sample_dataset.templates,
+        "--device",
+        "cpu",
+    ]
     base += ["--no-progress", image]
-    result = CliRunner().invoke(main, ["predict", *map(str, base), "--max-pixels", str(pixels // 2)])
+    result = CliRunner().invoke(
+        main, ["predict", *map(str, base), "--max-pixels", str(pixels // 2)]
+    )
     reason = f"decompression bomb: {pixels:,} pixels, above the limit of {pixels // 2:,} (raise it with --max-pixels)"
     assert json.loads(result.stdout) == {"image": str(image), "skipped": reason}
     out, _ = _qks("predict", *base, "--max-pixels", pixels)
-    assert [t["label"] for t in json.loads(out)["top"]] == ["red"]  # tagged at a limit of exactly its size
+    # tagged at a limit of exactly its size
+    assert [t["label"] for t in json.loads(out)["top"]] == ["red"]
 
 
 def test_the_head_and_ranking_run_in_float32_under_autocast(tagger, sample_dataset, monkeypatch):
-    """With --amp only the backbone runs in reduced precision; bfloat16 autocast on the CPU stands in for CUDA's."""
+    """With --amp only the backbone runs in reduced precision; bfloat16 autocast on the CPU stands
+    in for CUDA's."""
     files = [sample_dataset.images / "test" / "img000.jpg"]
     label_emb = tagger.label_embeddings(["red", "blue"])
     pixels = torch.stack([tagger.backbone.preprocess(load_rgb(f)) for f in files])
-    cpu_autocast = lambda device, dtype: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)  # noqa: E731
+    cpu_autocast = lambda device, dtype: torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=dtype is not None
+    )  # noqa: E731
     monkeypatch.setattr(predict_module, "autocast", cpu_autocast)
     amp = Tagger(**{**tagger.__dict__, "amp": True})
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = visual_tokens(tagger.backbone.model, pixels)  # (1, T, D) in bfloat16
     with torch.no_grad():
-        expected = tagger.head(tokens.float(), label_emb)  # (1, 2) the head in float32 on those tokens
+        # (1, 2) the head in float32 on those tokens
+        expected = tagger.head(tokens.float(), label_emb)
     got = amp.logits(pixels, label_emb)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def test_another_template_pool_than_the_checkpoints_is_refused_in_one_line(run, tiny_clip, sample_dataset, tmp_path):
+def test_another_template_pool_than_the_checkpoints_is_refused_in_one_line(
+    run, tiny_clip, sample_dataset, tmp_path
+):
     (tmp_path / "pool.txt").write_text("a sketch of a {}.\n")
     args = [
-        a for a in _predict_args(run, tiny_clip, sample_dataset, "--labels", "red") if a != sample_dataset.templates
+        a
+        for a in _predict_args(run, tiny_clip, sample_dataset, "--labels", "red")
+        if a != sample_dataset.templates
     ]
     args.remove("--templates")
     line = _error([*args, "--templates", tmp_path / "pool.txt", "x.jpg"])
     assert (
-        "labels embedded otherwise than the checkpoint's (num_templates 1 vs 3" in line and "--templates FILE" in line
+        "labels embedded otherwise than the checkpoint's (num_templates 1 vs 3" in line
+        and "--templates FILE" in line
     )

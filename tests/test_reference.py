@@ -1,5 +1,5 @@
-"""Importing reference-layout checkpoints: the Q-Former reproduces a brute-force forward on the raw tensors, and the
-CLIP part round-trips through open_clip's real loading path."""
+"""Importing reference-layout checkpoints: the Q-Former reproduces a brute-force forward on the raw
+tensors, and the CLIP part round-trips through open_clip's real loading path."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from qks_reference_impl import random_reference_state, reference_scores
 from safetensors.torch import save_file
 
 from qks_pipeline.config import ModelConfig
 from qks_pipeline.errors import QKSError
-from qks_pipeline.model import QKS
-from qks_pipeline.reference import export_clip_weights, load_reference_checkpoint
+from qks_pipeline.stage_two.authors_checkpoint import export_clip_weights, load_reference_checkpoint
+from qks_pipeline.stage_two.model import QKS
+from tests.qks_reference_impl import random_reference_state, reference_scores
 
 HEADS, QUERIES, LAYERS, FF = 2, 3, 2, 16
 TINY = "QKSReferenceTestTiny"
@@ -25,7 +25,8 @@ TINY_CFG = {
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-D, E = TINY_CFG["vision_cfg"]["width"], TINY_CFG["embed_dim"]  # Q-Former width = ViT width, as in the reference
+# Q-Former width = ViT width, as in the reference
+D, E = TINY_CFG["vision_cfg"]["width"], TINY_CFG["embed_dim"]
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,20 @@ def save(obj: object, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["plain", "module", "state_dict", "model+module", "safetensors"])
-def test_import_reproduces_brute_force(raw: dict[str, torch.Tensor], tmp_path: Path, layout: str) -> None:
+def test_import_reproduces_brute_force(
+    raw: dict[str, torch.Tensor], tmp_path: Path, layout: str
+) -> None:
     prefixed = {f"module.{k}": v for k, v in raw.items()}
     path = {
         "plain": lambda: save(raw, tmp_path / "a.pth"),
         "module": lambda: save(prefixed, tmp_path / "a.pth"),
         "state_dict": lambda: save({"state_dict": raw, "epoch": 3}, tmp_path / "a.pth"),
-        "model+module": lambda: save({"model": prefixed, "optimizer": {"lr": 1e-5}}, tmp_path / "a.pth"),
-        "safetensors": lambda: save_file(raw, tmp_path / "a.safetensors") or tmp_path / "a.safetensors",
+        "model+module": lambda: save(
+            {"model": prefixed, "optimizer": {"lr": 1e-5}}, tmp_path / "a.pth"
+        ),
+        "safetensors": lambda: (
+            save_file(raw, tmp_path / "a.safetensors") or tmp_path / "a.safetensors"
+        ),
     }[layout]()
     qks_state, clip_state, fields = load_reference_checkpoint(path)
     assert fields == {"num_queries": QUERIES, "num_layers": LAYERS, "ff_dim": FF}
@@ -77,21 +84,29 @@ def test_clip_export_round_trips_through_open_clip(
 ) -> None:
     ckpt = save(raw, tmp_path / "ref.pth")
     qks_state, clip_state, _ = load_reference_checkpoint(ckpt)
-    torch.testing.assert_close(clip_state["visual.proj"], raw["proj"])  # the trained projection, documented choice
+    # the trained projection, documented choice
+    torch.testing.assert_close(clip_state["visual.proj"], raw["proj"])
     image = torch.randn(1, 3, 32, 32)
     for name in ("clip.pt", "clip.safetensors"):
         export_clip_weights(clip_state, tmp_path / name)
-        model, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(tmp_path / name))
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            TINY, pretrained=str(tmp_path / name)
+        )
         loaded = model.state_dict()
         assert set(loaded) == set(tiny_clip_state)
         for key, value in tiny_clip_state.items():
-            torch.testing.assert_close(loaded[key], raw["proj"] if key == "visual.proj" else value, atol=0, rtol=0)
+            torch.testing.assert_close(
+                loaded[key], raw["proj"] if key == "visual.proj" else value, atol=0, rtol=0
+            )
         with torch.no_grad():
-            torch.testing.assert_close(model.encode_image(image), _pooled_cls(model, image) @ raw["proj"])
+            torch.testing.assert_close(
+                model.encode_image(image), _pooled_cls(model, image) @ raw["proj"]
+            )
 
 
 def _pooled_cls(model: open_clip.model.CLIP, image: torch.Tensor) -> torch.Tensor:
-    """The pre-projection CLS token after ln_post (the vision tower with its projection switched off)."""
+    """The pre-projection CLS token after ln_post (the vision tower with its projection switched
+    off)."""
     proj, model.visual.proj = model.visual.proj, None
     try:
         return model.visual(image)
@@ -106,7 +121,9 @@ def test_checkpoint_without_clip(raw: dict[str, torch.Tensor], tmp_path: Path) -
 
 
 def test_incomplete_qformer_is_refused(raw: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    broken = {k: v for k, v in raw.items() if k != "net.encoder.layer.1.crossattention.self.key.weight"}
+    broken = {
+        k: v for k, v in raw.items() if k != "net.encoder.layer.1.crossattention.self.key.weight"
+    }
     with pytest.raises(QKSError, match="layers.1.cross_attn.key.weight"):
         load_reference_checkpoint(save(broken, tmp_path / "b.pth"))
 
@@ -131,7 +148,9 @@ def test_missing_or_foreign_file(tmp_path: Path) -> None:
         load_reference_checkpoint(save({"weight": torch.zeros(3)}, tmp_path / "other.pth"))
 
 
-def test_keys_outside_the_layout_are_ignored_with_a_warning(raw: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_keys_outside_the_layout_are_ignored_with_a_warning(
+    raw: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
     path = save(raw | {"label_emb": torch.zeros(4, E)}, tmp_path / "w.pth")
     with pytest.warns(UserWarning, match="ignoring 1 key.*label_emb"):
         qks_state, _, _ = load_reference_checkpoint(path)

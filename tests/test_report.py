@@ -1,4 +1,5 @@
-"""The HTML report: self-contained (data-URI thumbnails, no network), escaped, and rendered by headless Chromium."""
+"""The HTML report: self-contained (data-URI thumbnails, no network), escaped, and rendered by
+headless Chromium."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qks_pipeline.predict import Prediction, rank
-from qks_pipeline.report import THUMBNAIL_SIZE, render_html, write_html
+from qks_pipeline.predict.html_page import THUMBNAIL_SIZE, render_html, write_html
+from qks_pipeline.predict.tagger import Prediction, rank
 
 LABELS = ["red", "green", "fish & <chips>", "<script>alert(1)</script>", "blue"]
 RED = (230, 20, 20)
@@ -23,9 +24,15 @@ WINDOW = (1000, 700)
 
 
 def _predictions(tmp_path: Path) -> tuple[list[Prediction], list[Path]]:
-    """Three readable images (one with a name that needs escaping) and one skipped, with made-up logits."""
+    """Three readable images (one with a name that needs escaping) and one skipped, with made-up
+    logits."""
     rng = np.random.default_rng(0)
-    files = [tmp_path / "red.png", tmp_path / "wide 'a&b'.jpg", tmp_path / "tall.png", tmp_path / "broken.jpg"]
+    files = [
+        tmp_path / "red.png",
+        tmp_path / "wide 'a&b'.jpg",
+        tmp_path / "tall.png",
+        tmp_path / "broken.jpg",
+    ]
     Image.new("RGB", (300, 200), RED).save(files[0])
     Image.fromarray(rng.integers(0, 255, (120, 500, 3), dtype=np.uint8)).save(files[1])
     Image.new("RGB", (90, 400), (20, 200, 40)).save(files[2])
@@ -35,7 +42,11 @@ def _predictions(tmp_path: Path) -> tuple[list[Prediction], list[Path]]:
         logits = rng.normal(0, 2, len(LABELS)).astype(np.float32)
         top, above, scores = rank(LABELS, logits, 3, 0.5)
         out.append(Prediction(str(f), LABELS, scores, logits, top, above))
-    out.append(Prediction(str(files[3]), LABELS, None, None, [], [], skipped="corrupt (cannot identify image)"))
+    out.append(
+        Prediction(
+            str(files[3]), LABELS, None, None, [], [], skipped="corrupt (cannot identify image)"
+        )
+    )
     return out, files
 
 
@@ -75,7 +86,9 @@ def _parse(html: str) -> _Cards:
 
 def test_page_is_self_contained_and_escaped(tmp_path):
     predictions, files = _predictions(tmp_path)
-    html = write_html(tmp_path / "r.html", predictions, threshold=0.5, subtitle="checkpoint <x>").read_text()
+    html = write_html(
+        tmp_path / "r.html", predictions, threshold=0.5, subtitle="checkpoint <x>"
+    ).read_text()
     assert not re.search(r"(https?:)?//[a-z]", html.replace("file://", ""))  # no external reference
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "fish &amp; &lt;chips&gt;" in html and "checkpoint &lt;x&gt;" in html
@@ -99,12 +112,16 @@ def test_sources_may_be_in_memory_images(tmp_path):
     blue = Image.new("RGBA", (40, 40), (0, 0, 255, 255))
     html = render_html(predictions[:1], threshold=0.5, sources=[blue])
     thumb = Image.open(io.BytesIO(base64.b64decode(_parse(html).sources[0].split(",", 1)[1])))
-    assert thumb.size == (40, 40) and np.abs(np.subtract(thumb.getpixel((20, 20)), (0, 0, 255))).max() < 10
+    assert (
+        thumb.size == (40, 40)
+        and np.abs(np.subtract(thumb.getpixel((20, 20)), (0, 0, 255))).max() < 10
+    )
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium chromium-driver)"
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install -y chromium chromium-driver)",
 )
 
 
@@ -120,7 +137,9 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         "--disable-sync",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90, check=True)
+    return subprocess.run(
+        [CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=90, check=True
+    )
 
 
 @needs_chromium
@@ -132,7 +151,9 @@ def test_chromium_renders_every_image_and_its_tags(tmp_path):
     assert list(rendered.cards) == [p.image for p in predictions]
     for p in predictions[:3]:
         assert rendered.cards[p.image] == [label for label, _ in p.top]
-    assert len(rendered.sources) == 3 and all(s.startswith("data:image/jpeg;base64,") for s in rendered.sources)
+    assert len(rendered.sources) == 3 and all(
+        s.startswith("data:image/jpeg;base64,") for s in rendered.sources
+    )
     assert "corrupt (cannot identify image)" in dom
 
 

@@ -1,6 +1,8 @@
-"""Stores on object storage: extract into S3 (a local moto server), inspect, resume and train from there.
+"""Stores on object storage: extract into S3 (a local moto server), inspect, resume and train from
+there.
 
-The server binds 127.0.0.1 on a free port; s3fs finds it through AWS_ENDPOINT_URL (botocore's own variable).
+The server binds 127.0.0.1 on a free port; s3fs finds it through AWS_ENDPOINT_URL (botocore's own
+variable).
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import embed_args, extract_args, qks, train_args
 from zarr.core.sync import sync as zarr_sync
 
-from qks_pipeline.cache import open_cache
+from qks_pipeline.store.features import open_cache
+from tests.tiny import embed_args, extract_args, qks, train_args
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -30,7 +32,8 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; the AWS environment points s3fs at it. Yields the filesystem."""
+    """A moto S3 server on 127.0.0.1 with one bucket; the AWS environment points s3fs at it. Yields
+    the filesystem."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -40,7 +43,8 @@ def s3():
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were made with
+        # instances remember the endpoint they were made with
+        s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         fs.mkdir(BUCKET)
         yield fs
@@ -49,8 +53,8 @@ def s3():
 
 
 def _close_sessions() -> None:
-    """Close the HTTP sessions of the s3fs instances this module made, then forget them. Left to the garbage collector,
-    zarr's (asynchronous, on zarr's event loop) is reported unclosed at exit."""
+    """Close the HTTP sessions of the s3fs instances this module made, then forget them. Left to the
+    garbage collector, zarr's (asynchronous, on zarr's event loop) is reported unclosed at exit."""
     for fs in list(s3fs.S3FileSystem._cache.values()):
         if getattr(fs, "_s3creator", None) is None:
             continue
@@ -70,10 +74,14 @@ def _objects(s3, prefix: str) -> dict[str, bytes]:
 
 
 def _local_files(store: Path) -> dict[str, bytes]:
-    return {p.relative_to(store).as_posix(): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(store).as_posix(): p.read_bytes() for p in store.rglob("*") if p.is_file()
+    }
 
 
-def _train(tmp_path: Path, train: str | Path, labels: str | Path, out: str) -> dict[str, torch.Tensor]:
+def _train(
+    tmp_path: Path, train: str | Path, labels: str | Path, out: str
+) -> dict[str, torch.Tensor]:
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(PARAMS))
     qks(*train_args(train, labels, tmp_path / out, params))
@@ -93,12 +101,18 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
     assert "OK (4 shards, 16 images, 0 skipped)" in qks("cache", "verify", url)
 
     s3.rm(f"{BUCKET}/train.zarr/done/00001.json")
-    with caplog.at_level(logging.INFO, logger="werkzeug"):  # the server logs every request it serves
+    # the server logs every request it serves
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
         assert "5 images in 1 shard(s)" in _extract(sample_dataset, tiny_clip, url)
-    puts = {m[1] for m in re.finditer(r'"PUT /qks/train\.zarr/(\S+) HTTP', "\n".join(caplog.messages))}
+    puts = {
+        m[1] for m in re.finditer(r'"PUT /qks/train\.zarr/(\S+) HTTP', "\n".join(caplog.messages))
+    }
     assert puts == {"tokens/c/1/0/0/0", "valid/c/1", "done/00001.json"}  # the missing shard only
     cache = open_cache(url)
-    assert len(cache.done_shards()) == cache.num_shards and _objects(s3, f"{BUCKET}/train.zarr") == local
+    assert (
+        len(cache.done_shards()) == cache.num_shards
+        and _objects(s3, f"{BUCKET}/train.zarr") == local
+    )
 
     h5 = tmp_path / "train.h5"  # HDF5 interop: export from S3, import back to another URL
     qks("cache", "export-hdf5", url, h5)
@@ -109,7 +123,8 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
     from_s3 = _train(tmp_path, url, labels_url, "run_s3")
     from_disk = _train(tmp_path, tmp_path / "local.zarr", labels_url, "run_local")
     assert from_s3.keys() == from_disk.keys()
-    for key in from_s3:  # the zarr reader on S3 feeds training exactly what TensorStore reads from disk
+    # the zarr reader on S3 feeds training exactly what TensorStore reads from disk
+    for key in from_s3:
         assert torch.equal(from_s3[key], from_disk[key]), key
 
 
@@ -117,6 +132,11 @@ def test_missing_stores_buckets_and_filesystems_are_one_clear_error(s3, sample_d
     out = qks("cache", "info", f"s3://{BUCKET}/nothing.zarr", expect=1)
     assert f"Error: s3://{BUCKET}/nothing.zarr: no feature cache here" in out
     out = _extract(sample_dataset, tiny_clip, "s3://no-such-bucket/train.zarr", expect=1)
-    assert "cannot open a store here (FileNotFoundError: The specified bucket does not exist)" in out
+    assert (
+        "cannot open a store here (FileNotFoundError: The specified bucket does not exist)" in out
+    )
     out = qks("cache", "info", "nosuchfs://bucket/train.zarr", expect=1)
-    assert "Error: nosuchfs://bucket/train.zarr: cannot open this URL: Protocol not known: nosuchfs" in out
+    assert (
+        "Error: nosuchfs://bucket/train.zarr: cannot open this URL: Protocol not known: nosuchfs"
+        in out
+    )

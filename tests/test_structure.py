@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (no circles, lazy imports included), click only at the CLI edge, the
-formatter never switched off, and every document the code cites is in the repository."""
+"""The package's shape: imports flow one way (no circles, lazy imports included), click only at the
+CLI edge, the formatter never switched off, and every document the code cites is in the repository.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +8,36 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "qks_pipeline"
+from tests.import_graph import PACKAGE, REPO, package_imports
+
+# The layers, lowest first: a module imports only from its own layer and those below. The package's
+# own __init__ (the public API, loaded lazily) stands above them all.
+LAYERS = [
+    "qks_pipeline",  # the root modules: errors, config, devices, atomic writes
+    "qks_pipeline.data",
+    "qks_pipeline.store",
+    "qks_pipeline.stage_one",
+    "qks_pipeline.stage_two",
+    "qks_pipeline.predict",
+    "qks_pipeline.index",
+    "qks_pipeline.cli",
+]
 
 
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:
-    """(package modules imported anywhere in the file, top-level names of third-party imports)."""
-    own, external = set(), set()
-    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(
-                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
-                )
-            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] != "qks_pipeline":
-                external.add(name.split(".")[0])
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name != _module_name(path):
-                own.add(name)
-    return own, external
+def layer(module: str) -> int:
+    """The index in LAYERS of the deepest layer that holds `module`."""
+    return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
 
 
 def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    pairs = {name: _imports(path, set(files)) for name, path in files.items()}
-    # importing a package runs its __init__, but `from pkg import sub` does not make pkg depend on its children
-    graph = {name: {m for m in own if not name.startswith(m + ".")} for name, (own, _) in pairs.items()}
-    return graph, {name: external for name, (_, external) in pairs.items()}
+    imports = package_imports()
+    # importing a package runs its __init__, but `from pkg import sub` does not make pkg depend on
+    # its children
+    graph = {
+        name: {m for m in found.every if not name.startswith(m + ".")}
+        for name, found in imports.items()
+    }
+    return graph, {name: found.external for name, found in imports.items()}
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -79,17 +69,42 @@ def test_the_cycle_finder_finds_a_lazy_import_circle():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_imports_flow_down_the_layers():
+    graph, _ = _graph()
+    upward = [
+        f"{module} imports {target}"
+        for module, targets in sorted(graph.items())
+        if module != "qks_pipeline"
+        for target in sorted(targets)
+        if target != "qks_pipeline" and layer(target) > layer(module)
+    ]
+    assert upward == []
+
+
+def test_the_root_holds_at_most_twelve_modules():
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= 12, root
+
+
 def test_only_the_cli_imports_click():
     _, external = _graph()
-    outside = sorted(m for m, names in external.items() if "click" in names and not m.startswith("qks_pipeline.cli"))
+    outside = sorted(
+        m
+        for m, names in external.items()
+        if "click" in names and not m.startswith("qks_pipeline.cli")
+    )
     assert outside == []
 
 
 def test_the_formatter_is_never_switched_off():
-    """No Python file of the repository (outside hidden folders such as .venv) turns ruff format off, for a line
-    (fmt: skip) or a block (fmt: off)."""
+    """No Python file of the repository (outside hidden folders such as .venv) turns ruff format
+    off, for a line (fmt: skip) or a block (fmt: off)."""
     switch = re.compile(r"#\s*fmt:\s*(skip|off)\b")
-    files = [p for p in REPO.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(REPO).parts)]
+    files = [
+        p
+        for p in REPO.rglob("*.py")
+        if not any(part.startswith(".") for part in p.relative_to(REPO).parts)
+    ]
     skipped = [str(p.relative_to(REPO)) for p in files if switch.search(p.read_text())]
     assert skipped == []
 
@@ -100,3 +115,15 @@ def test_every_cited_document_is_in_the_repository():
         cited |= {(path, m) for m in re.findall(r"[\w./-]+\.md\b", path.read_text())}
     missing = [f"{p.relative_to(REPO)}: {m}" for p, m in sorted(cited) if not (REPO / m).exists()]
     assert missing == []
+
+
+def test_no_two_public_names_clash():
+    """A public function or class is defined once in the package, so a name says which one it is."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            is_definition = isinstance(node, (ast.FunctionDef, ast.ClassDef))
+            if is_definition and not node.name.startswith("_"):
+                defined.setdefault(node.name, []).append(str(path.relative_to(REPO)))
+    clashes = {name: paths for name, paths in defined.items() if len(paths) > 1}
+    assert clashes == {}

@@ -1,4 +1,5 @@
-"""Training from the cache: it learns, it resumes exactly, it refuses mismatched inputs, it reports test selection."""
+"""Training from the cache: it learns, it resumes exactly, it refuses mismatched inputs, it reports
+test selection."""
 
 from __future__ import annotations
 
@@ -17,30 +18,42 @@ import torch
 import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
-from qks_reference_impl import reference_step
 from safetensors.torch import load_file
-from synthetic import make_synthetic
-from tiny import train_args
 
-from qks_pipeline.cache import create_cache, make_fingerprint
 from qks_pipeline.cli import main
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
 from qks_pipeline.errors import QKSError
-from qks_pipeline.evaluate import SELECTED_ON_TEST
-from qks_pipeline.loader import open_loader
-from qks_pipeline.train import make_session, open_inputs, score_epoch, train, train_epoch, train_step
+from qks_pipeline.stage_two.evaluate import SELECTED_ON_TEST
+from qks_pipeline.stage_two.loader import open_loader
+from qks_pipeline.stage_two.train import (
+    make_session,
+    open_inputs,
+    score_epoch,
+    train,
+    train_epoch,
+    train_step,
+)
+from qks_pipeline.store.features import create_cache
+from qks_pipeline.store.fingerprint import make_fingerprint
+from qks_pipeline.store.synthetic import make_synthetic
+from tests.qks_reference_impl import reference_step
+from tests.tiny import train_args
 
 TINY_MODEL = ModelConfig(num_queries=4, num_layers=2, num_heads=4, ff_dim=64)
 
 
 def params(**train: object) -> Params:
     cfg = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "val_fraction": 0.25} | train
-    return Params(model=TINY_MODEL, train=TrainConfig(**cfg), evaluate=EvaluateConfig(batch_size=64))
+    return Params(
+        model=TINY_MODEL, train=TrainConfig(**cfg), evaluate=EvaluateConfig(batch_size=64)
+    )
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("train"), num_train=128, num_test=64, invalid_train=(5, 70))
+    return make_synthetic(
+        tmp_path_factory.mktemp("train"), num_train=128, num_test=64, invalid_train=(5, 70)
+    )
 
 
 def quiet(**kw):
@@ -91,13 +104,23 @@ def test_resume_equals_uninterrupted(data, tmp_path, scheduler):
     p = params(epochs=3, scheduler=scheduler)
     train(data.train, data.labels, tmp_path / "straight", params=p, **quiet())
     with pytest.raises(Killed):  # dies right after epoch 1's checkpoint
-        train(data.train, data.labels, tmp_path / "resumed", params=p, **quiet(on_epoch_end=_kill_after(1)))
+        train(
+            data.train,
+            data.labels,
+            tmp_path / "resumed",
+            params=p,
+            **quiet(on_epoch_end=_kill_after(1)),
+        )
     lines: list[str] = []
-    progress = train(data.train, data.labels, tmp_path / "resumed", params=p, **quiet(echo=lines.append))
+    progress = train(
+        data.train, data.labels, tmp_path / "resumed", params=p, **quiet(echo=lines.append)
+    )
     assert any(line.startswith("resuming") for line in lines) and progress.epoch == 3
     for name in ("last.safetensors", "best.safetensors"):
         assert_same_weights(tmp_path / "straight" / name, tmp_path / "resumed" / name)
-    logs = [list(csv.DictReader(open(tmp_path / d / "train_log.csv"))) for d in ("straight", "resumed")]
+    logs = [
+        list(csv.DictReader(open(tmp_path / d / "train_log.csv"))) for d in ("straight", "resumed")
+    ]
     assert [(r["loss"], r["lr"], r["val_mAP"]) for r in logs[0]] == [
         (r["loss"], r["lr"], r["val_mAP"]) for r in logs[1]
     ]
@@ -106,17 +129,30 @@ def test_resume_equals_uninterrupted(data, tmp_path, scheduler):
 def test_more_epochs_continue_and_no_resume_restarts(data, tmp_path):
     out = tmp_path / "run"
     train(data.train, data.labels, out, params=params(epochs=1, scheduler="none"), **quiet())
-    progress = train(data.train, data.labels, out, params=params(epochs=2, scheduler="none"), **quiet())
+    progress = train(
+        data.train, data.labels, out, params=params(epochs=2, scheduler="none"), **quiet()
+    )
     assert progress.epoch == 2 and len(progress.log) == 2
     with pytest.raises(QKSError, match="train.lr"):
-        train(data.train, data.labels, out, params=params(epochs=2, lr=1e-4, scheduler="none"), **quiet())
-    progress = train(data.train, data.labels, out, params=params(epochs=1, lr=1e-4), resume=False, **quiet())
+        train(
+            data.train,
+            data.labels,
+            out,
+            params=params(epochs=2, lr=1e-4, scheduler="none"),
+            **quiet(),
+        )
+    progress = train(
+        data.train, data.labels, out, params=params(epochs=1, lr=1e-4), resume=False, **quiet()
+    )
     assert progress.epoch == 1
 
 
 def test_early_stopping(data, tmp_path):
-    progress = train(data.train, data.labels, tmp_path, params=params(epochs=6, lr=0.0, early_stop=2), **quiet())
-    assert progress.stopped_early and progress.epoch == 3 and progress.best_epoch == 1  # lr 0: nothing improves
+    progress = train(
+        data.train, data.labels, tmp_path, params=params(epochs=6, lr=0.0, early_stop=2), **quiet()
+    )
+    # lr 0: nothing improves
+    assert progress.stopped_early and progress.epoch == 3 and progress.best_epoch == 1
 
 
 def test_selection_on_test_is_reported(data, tmp_path):
@@ -124,30 +160,59 @@ def test_selection_on_test_is_reported(data, tmp_path):
         train(data.train, data.labels, tmp_path, params=params(selection="test"), **quiet())
     lines: list[str] = []
     p = params(epochs=1, selection="test")
-    progress = train(data.train, data.labels, tmp_path, params=p, test_path=data.test, **quiet(echo=lines.append))
-    assert progress.log[0]["metric"] == "test_zsl_mAP+f1@3+f1@5" and 0 <= progress.log[0]["test_zsl_mAP"] <= 1
+    progress = train(
+        data.train, data.labels, tmp_path, params=p, test_path=data.test, **quiet(echo=lines.append)
+    )
+    assert (
+        progress.log[0]["metric"] == "test_zsl_mAP+f1@3+f1@5"
+        and 0 <= progress.log[0]["test_zsl_mAP"] <= 1
+    )
     assert sum(SELECTED_ON_TEST in line for line in lines) >= 2  # at the start and at the end
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["selection"] == "test" and "TEST set" in config["selection_note"]
 
 
 def test_stale_or_incomplete_inputs_are_refused(data, tmp_path):
-    other = make_synthetic(tmp_path / "other", num_train=16, num_test=16, backbone={"model": "ViT-L-14"})
+    other = make_synthetic(
+        tmp_path / "other", num_train=16, num_test=16, backbone={"model": "ViT-L-14"}
+    )
     with pytest.raises(QKSError, match=r"label store vs .*backbone.model is 'ViT-L-14'"):
         train(data.train, other.labels, tmp_path / "a", params=params(), **quiet())
     with pytest.raises(QKSError, match=r"test vs training store.*backbone.model is 'ViT-L-14'"):
-        train(data.train, data.labels, tmp_path / "a", params=params(), test_path=other.test, **quiet())
-    shape = {"token_shape": (10, 32), "num_views": 1, "shard_size": 8, "visual_proj": torch.zeros(32, 16).numpy()}
+        train(
+            data.train,
+            data.labels,
+            tmp_path / "a",
+            params=params(),
+            test_path=other.test,
+            **quiet(),
+        )
+    shape = {
+        "token_shape": (10, 32),
+        "num_views": 1,
+        "shard_size": 8,
+        "visual_proj": torch.zeros(32, 16).numpy(),
+    }
     rows = {"paths": [str(i) for i in range(16)], "manifest_index": torch.arange(16).numpy()}
-    labels = {"label_names": data.label_names, "num_seen": data.num_seen, "labels": torch.zeros(16, 12).char().numpy()}
+    labels = {
+        "label_names": data.label_names,
+        "num_seen": data.num_seen,
+        "labels": torch.zeros(16, 12).char().numpy(),
+    }
     fingerprint = make_fingerprint({"model": "synthetic"})
-    empty = create_cache(tmp_path / "empty.zarr", fingerprint=fingerprint, **shape, **rows, **labels)
+    empty = create_cache(
+        tmp_path / "empty.zarr", fingerprint=fingerprint, **shape, **rows, **labels
+    )
     with pytest.raises(QKSError, match="incomplete: 2 of 2 shards"):
         train(empty.path, data.labels, tmp_path / "b", params=params(), **quiet())
 
 
 def _write_params(path: Path, p: Params) -> Path:
-    path.write_text(yaml.safe_dump({k: dataclasses.asdict(getattr(p, k)) for k in ("model", "train", "evaluate")}))
+    path.write_text(
+        yaml.safe_dump(
+            {k: dataclasses.asdict(getattr(p, k)) for k in ("model", "train", "evaluate")}
+        )
+    )
     return path
 
 
@@ -168,26 +233,40 @@ def test_sigkill_then_rerun_equals_uninterrupted(data, tmp_path):
     cfg = _write_params(tmp_path / "params.yaml", params(epochs=12, scheduler="cosine"))
 
     def command(out: Path) -> list[str]:
-        return [str(Path(sys.executable).parent / "qks"), *train_args(data.train, data.labels, out, cfg)]
+        return [
+            str(Path(sys.executable).parent / "qks"),
+            *train_args(data.train, data.labels, out, cfg),
+        ]
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run(command(tmp_path / "straight"), check=True, capture_output=True, env=env)
-    proc = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        command(tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
     log = tmp_path / "killed" / "train_log.csv"
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(log.read_text().splitlines()) < 13, "the run finished before the kill: nothing was tested"
+    assert len(log.read_text().splitlines()) < 13, (
+        "the run finished before the kill: nothing was tested"
+    )
     subprocess.run(command(tmp_path / "killed"), check=True, capture_output=True, env=env)
-    assert_same_weights(tmp_path / "straight" / "last.safetensors", tmp_path / "killed" / "last.safetensors")
-    assert_same_weights(tmp_path / "straight" / "best.safetensors", tmp_path / "killed" / "best.safetensors")
+    assert_same_weights(
+        tmp_path / "straight" / "last.safetensors", tmp_path / "killed" / "last.safetensors"
+    )
+    assert_same_weights(
+        tmp_path / "straight" / "best.safetensors", tmp_path / "killed" / "best.safetensors"
+    )
 
 
 def test_one_and_three_steps_equal_the_reference_step(data):
-    """qks's step (session, loss, AdamW) against the reference's step written independently, float64, dropout 0."""
-    p = dataclasses.replace(params(lr=1e-3, weight_decay=0.05), model=dataclasses.replace(TINY_MODEL, dropout=0.0))
+    """qks's step (session, loss, AdamW) against the reference's step written independently,
+    float64, dropout 0."""
+    p = dataclasses.replace(
+        params(lr=1e-3, weight_decay=0.05), model=dataclasses.replace(TINY_MODEL, dropout=0.0)
+    )
     s = make_session(p, open_inputs(data.train, data.labels, None), torch.device("cpu"))
     s.model.double()
     emb_seen = s.emb[: s.num_seen].double()
@@ -196,7 +275,9 @@ def test_one_and_three_steps_equal_the_reference_step(data):
     state: dict = {}
     for step, batch in zip(range(3), s.train_loader.epoch(0), strict=False):
         ours = train_step(s, batch.tokens, batch.labels, emb_seen).item() / len(batch.labels)
-        theirs = reference_step(ref, (batch.tokens, emb_seen, batch.labels), TINY_MODEL.num_heads, state, 1e-3, 0.05)
+        theirs = reference_step(
+            ref, (batch.tokens, emb_seen, batch.labels), TINY_MODEL.num_heads, state, 1e-3, 0.05
+        )
         assert ours == pytest.approx(theirs, rel=1e-12)
         if step in (0, 2):
             worst = max((v - ref[k]).abs().max().item() for k, v in s.model.named_parameters())
@@ -205,21 +286,26 @@ def test_one_and_three_steps_equal_the_reference_step(data):
 
 
 def _zsl_map(scores: torch.Tensor, labels: torch.Tensor, unseen: slice) -> float:
-    """Mean over unseen labels of AP over the annotated (+1 / -1) entries, on images with an unseen positive."""
+    """Mean over unseen labels of AP over the annotated (+1 / -1) entries, on images with an unseen
+    positive."""
     scores, labels = scores[:, unseen], labels[:, unseen]
     keep = (labels == 1).any(dim=1)
     aps = []
     for s, y in zip(scores[keep].T, labels[keep].T, strict=True):
-        y = y[y != 0][s[y != 0].argsort(descending=True)] == 1  # annotated entries, best score first
+        # annotated entries, best score first
+        y = y[y != 0][s[y != 0].argsort(descending=True)] == 1
         if y.any():
             aps.append((y.cumsum(0)[y] / (torch.nonzero(y)[:, 0] + 1)).mean().item())
     return sum(aps) / len(aps)
 
 
 def test_qks_trained_on_seen_labels_beats_clip_on_unseen_labels(tmp_path):
-    """The method's claim on synthetic data whose label evidence lives in the patch tokens (CLS weight 0.05): queries
-    trained on 16 seen labels transfer to 8 unseen ones better than CLIP's zero-shot CLS score."""
-    d = make_synthetic(tmp_path, num_train=192, num_test=128, num_seen=16, num_unseen=8, cls_weight=0.05)
+    """The method's claim on synthetic data whose label evidence lives in the patch tokens (CLS
+    weight 0.05): queries trained on 16 seen labels transfer to 8 unseen ones better than CLIP's
+    zero-shot CLS score."""
+    d = make_synthetic(
+        tmp_path, num_train=192, num_test=128, num_seen=16, num_unseen=8, cls_weight=0.05
+    )
     model = ModelConfig(num_queries=4, num_layers=2, num_heads=4, ff_dim=64, dropout=0.0)
     p = Params(model=model, train=TrainConfig(epochs=20, batch_size=16, lr=3e-4, val_fraction=0.0))
     inputs = open_inputs(d.train, d.labels, d.test)
@@ -231,7 +317,8 @@ def test_qks_trained_on_seen_labels_beats_clip_on_unseen_labels(tmp_path):
     s.model.eval()
     with torch.no_grad():
         ours = s.model(batch.tokens, emb)  # (N, C)
-    clip = F.normalize(batch.tokens[:, 0].float() @ proj, dim=1) @ F.normalize(emb, dim=1).T  # (N, C)
+    # (N, C)
+    clip = F.normalize(batch.tokens[:, 0].float() @ proj, dim=1) @ F.normalize(emb, dim=1).T
     unseen = slice(d.num_seen, None)
     ours_map, clip_map = _zsl_map(ours, batch.labels, unseen), _zsl_map(clip, batch.labels, unseen)
     assert ours_map > clip_map + 0.1, (ours_map, clip_map)

@@ -1,5 +1,5 @@
-"""The tiny assets every test shares: a tiny randomly initialised open_clip model saved to a local weights file (so the
-real loading code runs) and the toy vocabulary of the sample images."""
+"""The tiny assets every test shares: a tiny randomly initialised open_clip model saved to a local
+weights file (so the real loading code runs) and the toy vocabulary of the sample images."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ class TinyClip(NamedTuple):
 
 
 def make_tiny_clip(directory: Path, seed: int = 0, config: Path = TINY_CONFIG) -> TinyClip:
-    """A tiny randomly initialised open_clip model (seeded) saved to `directory`; load it through the real path:
-    `load_backbone(str(config), str(weights))`."""
+    """A tiny randomly initialised open_clip model (seeded) saved to `directory`; load it through
+    the real path: `load_backbone(str(config), str(weights))`."""
     import open_clip
     import torch
 
@@ -32,10 +32,23 @@ def make_tiny_clip(directory: Path, seed: int = 0, config: Path = TINY_CONFIG) -
     return TinyClip(config, weights)
 
 
-def extract_args(data, clip: TinyClip, out: Path, split: str = "train", **settings: object) -> list[str]:
-    """`qks extract` arguments for a tiny model on the CPU, decoding in the main process. `data` has `.dataset` and
-    `.images` (a dataset directory and its image root); `settings` are `extract.KEY=VALUE` overrides."""
-    args = ["extract", "--dataset", data.dataset, "--split", split, "--images", data.images, "--out", out]
+def extract_args(
+    data, clip: TinyClip, out: Path, split: str = "train", **settings: object
+) -> list[str]:
+    """`qks extract` arguments for a tiny model on the CPU, decoding in the main process. `data` has
+    `.dataset` and `.images` (a dataset directory and its image root); `settings` are
+    `extract.KEY=VALUE` overrides."""
+    args = [
+        "extract",
+        "--dataset",
+        data.dataset,
+        "--split",
+        split,
+        "--images",
+        data.images,
+        "--out",
+        out,
+    ]
     args += ["--model", clip[0], "--pretrained", clip[1], "--device", "cpu"]
     for key, value in {"workers": 0, **settings}.items():
         args += ["--set", f"extract.{key}={value}"]
@@ -43,8 +56,8 @@ def extract_args(data, clip: TinyClip, out: Path, split: str = "train", **settin
 
 
 def embed_args(data, clip: TinyClip, out: Path, *settings: str) -> list[str]:
-    """`qks embed-labels` arguments for a tiny model on the CPU; `data` has `.dataset` and `.templates`; `settings`
-    are `SECTION.KEY=VALUE` overrides."""
+    """`qks embed-labels` arguments for a tiny model on the CPU; `data` has `.dataset` and
+    `.templates`; `settings` are `SECTION.KEY=VALUE` overrides."""
     args = ["embed-labels", "--dataset", data.dataset, "--templates", data.templates, "--out", out]
     args += ["--model", clip[0], "--pretrained", clip[1], "--device", "cpu"]
     return [str(a) for a in args + [arg for s in settings for arg in ("--set", s)]]

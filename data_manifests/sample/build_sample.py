@@ -1,10 +1,11 @@
 """Rebuild the bundled sample dataset from the Debian packages openclipart-svg and openclipart-png.
 
-Labels are the authors' own tags: the keywords in each SVG's RDF metadata (`<dc:subject>`) plus the words of its
-title (`<dc:title>` of the `cc:Work`). Tags are lower-cased, split into words, singularised, mapped through a small
-explicit synonym/translation table, kept only if they are in an allow-list of concrete nouns, and closed under a small
-"is-a" table (a dog is a mammal is an animal). Pictures with a deny-listed word (icon, flag, sign, symbol, map, ...) in
-their tags, title or file name, and pictures whose SVG metadata does not declare public domain, are left out. Every
+Labels are the authors' own tags: the keywords in each SVG's RDF metadata (`<dc:subject>`) plus the
+words of its title (`<dc:title>` of the `cc:Work`). Tags are lower-cased, split into words,
+singularised, mapped through a small explicit synonym/translation table, kept only if they are in an
+allow-list of concrete nouns, and closed under a small "is-a" table (a dog is a mammal is an
+animal). Pictures with a deny-listed word (icon, flag, sign, symbol, map, ...) in their tags, title
+or file name, and pictures whose SVG metadata does not declare public domain, are left out. Every
 vocabulary label an image does not carry is written as a verified negative (see README.md).
 
 Run from the repository root: `.venv/bin/python data_manifests/sample/build_sample.py`.
@@ -30,12 +31,19 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from qks_pipeline.manifest import Record, read_manifest, read_vocabulary, write_labels, write_manifest  # noqa: E402
+from qks_pipeline.data.manifest import (
+    Record,
+    read_manifest,
+    read_vocabulary,
+    write_labels,
+    write_manifest,
+)  # noqa: E402
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 PNG_ROOT = Path("/usr/share/openclipart/png")
 OUT_DIR = Path(__file__).resolve().parent
-Image.MAX_IMAGE_PIXELS = 300_000_000  # a few openclipart PNGs are 10k x 16k renders of small drawings
+# a few openclipart PNGs are 10k x 16k renders of small drawings
+Image.MAX_IMAGE_PIXELS = 300_000_000
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Vocabulary tables
@@ -91,7 +99,8 @@ def _table(text: str) -> dict[str, str]:
     return out
 
 
-# Word -> label: obvious synonyms, hyponyms folded into a label, and the Italian/French words common in the titles.
+# Word -> label: obvious synonyms, hyponyms folded into a label, and the Italian/French words common
+# in the titles.
 SYNONYMS = _table(
     """
     animal: animale animali
@@ -275,9 +284,10 @@ PARENTS = _table(
 )
 PARENTS["teddy bear"] = "toy"
 
-# A label named by an image's tags is dropped when the tags also carry one of these words (before the is-a closure):
-# a hot dog is no dog, a teddy bear no bear, a dolphin no fish, a hat in the "people" category no person, a lifebelt
-# in the "boating" category no boat, the "Little Boy" bomb no child.
+# A label named by an image's tags is dropped when the tags also carry one of these words (before
+# the is-a closure): a hot dog is no dog, a teddy bear no bear, a dolphin no fish, a hat in the
+# "people" category no person, a lifebelt in the "boating" category no boat, the "Little Boy" bomb
+# no child.
 _PEOPLE_VETO = {"bomb", "alien", "babybottle", "pin"}
 VETO = {
     "dog": {"hotdog"},
@@ -295,7 +305,8 @@ VETO = {
     "child": _PEOPLE_VETO,
 }
 
-# An image carrying any of these words is not a picture of a real-world thing (or is a UI element) and is left out.
+# An image carrying any of these words is not a picture of a real-world thing (or is a UI element)
+# and is left out.
 DENY = frozenset(
     """
     icon iconset appicon mimeicon mimetype filesystem application theme webpage button
@@ -307,7 +318,8 @@ DENY = frozenset(
     """.split()
 )
 
-# Titles naming a whole collection ("Clipart by Nicu Buculei - pear" on ten different fruits) give no labels.
+# Titles naming a whole collection ("Clipart by Nicu Buculei - pear" on ten different fruits) give
+# no labels.
 COLLECTION_TITLE = re.compile(r"clip ?arts?|collection|theme|iconset|s[iu]bmission", re.I)
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,7 +331,10 @@ _TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)
 _SUBJECT = re.compile(r"<dc:subject>(.*?)</dc:subject>", re.S)
 _LI = re.compile(r"<rdf:li>(.*?)</rdf:li>", re.S)
 _LICENSE = re.compile(r'<cc:license rdf:resource="([^"]*)"')
-PUBLIC_DOMAIN = {"http://web.resource.org/cc/PublicDomain", "http://creativecommons.org/licenses/publicdomain/"}
+PUBLIC_DOMAIN = {
+    "http://web.resource.org/cc/PublicDomain",
+    "http://creativecommons.org/licenses/publicdomain/",
+}
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -384,9 +399,12 @@ def labels_of(tokens: set[str]) -> set[str]:
 @dataclass
 class Picture:
     png: Path  # resolved path of the PNG
-    svgs: list[str] = field(default_factory=list)  # relative SVG paths (copies in several categories)
-    tokens: set[str] = field(default_factory=set)  # words of the keywords and of a non-collection title
-    words: set[str] = field(default_factory=set)  # every word, collection titles and file names included (deny-list)
+    # relative SVG paths (copies in several categories)
+    svgs: list[str] = field(default_factory=list)
+    # words of the keywords and of a non-collection title
+    tokens: set[str] = field(default_factory=set)
+    # every word, collection titles and file names included (deny-list)
+    words: set[str] = field(default_factory=set)
     public_domain: bool = True  # every SVG copy declares a public-domain licence
     labels: set[str] = field(default_factory=set)
     image: Image.Image | None = None
@@ -437,7 +455,8 @@ def keep(pic: Picture) -> bool:
 
 
 def render(png: Path, size: int) -> Image.Image | None:
-    """RGB square image: composited on white, cropped to its content, padded with white, resized to `size`."""
+    """RGB square image: composited on white, cropped to its content, padded with white, resized to
+    `size`."""
     with Image.open(png) as im:
         rgba = im.convert("RGBA")
     if max(rgba.size) > 4 * size:
@@ -460,11 +479,13 @@ def thumbnail(image: Image.Image) -> np.ndarray:
     return np.asarray(image.resize((32, 32), Image.Resampling.BOX), dtype=np.float32).ravel()
 
 
-def merge_duplicates(pics: list[Picture], tol: float = 0.5, same_name_tol: float = 8.0) -> list[Picture]:
+def merge_duplicates(
+    pics: list[Picture], tol: float = 0.5, same_name_tol: float = 8.0
+) -> list[Picture]:
     """Merge pictures that look the same; the first one keeps the tags of all.
 
-    Same means a mean absolute thumbnail difference below `tol`, or below `same_name_tol` for equal file names (one
-    drawing filed, and rendered slightly differently, in two categories).
+    Same means a mean absolute thumbnail difference below `tol`, or below `same_name_tol` for equal
+    file names (one drawing filed, and rendered slightly differently, in two categories).
     """
     out: list[Picture] = []
     thumbs = np.empty((len(pics), 32 * 32 * 3), dtype=np.float32)
@@ -485,8 +506,8 @@ def merge_duplicates(pics: list[Picture], tol: float = 0.5, same_name_tol: float
 
 
 def split_groups(pics: list[Picture], tol: float = 3.0) -> dict[str, str]:
-    """Picture name -> group name; near-identical pictures (variants, B&W copies) share a group so that they land on
-    the same side of the train/test split."""
+    """Picture name -> group name; near-identical pictures (variants, B&W copies) share a group so
+    that they land on the same side of the train/test split."""
     parent = list(range(len(pics)))
 
     def root(i: int) -> int:
@@ -516,16 +537,20 @@ def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
 
 
 def choose_vocabulary(pics: list[Picture], min_count: int) -> list[str]:
-    """Labels with at least `min_count` pictures, most frequent first; pictures keep only those labels."""
+    """Labels with at least `min_count` pictures, most frequent first; pictures keep only those
+    labels."""
     counts = Counter(label for pic in pics for label in pic.labels)
-    vocab = sorted((label for label, n in counts.items() if n >= min_count), key=lambda x: (-counts[x], x))
+    vocab = sorted(
+        (label for label, n in counts.items() if n >= min_count), key=lambda x: (-counts[x], x)
+    )
     for pic in pics:
         pic.labels &= set(vocab)
     return vocab
 
 
 def thin(pics: list[Picture], max_images: int, floor: int, seed: int) -> list[Picture]:
-    """Drop seeded-random pictures whose labels all have more than `floor` pictures, down to `max_images`."""
+    """Drop seeded-random pictures whose labels all have more than `floor` pictures, down to
+    `max_images`."""
     counts = Counter(label for pic in pics for label in pic.labels)
     dropped: set[str] = set()
     order = list(pics)
@@ -544,8 +569,8 @@ def split_labels(
 ) -> tuple[list[str], list[str]]:
     """Seeded random seen/unseen partition (each keeps the vocabulary's order).
 
-    Labels on more than `max_share` of the pictures (food, animal, person, ...) stay seen: an unseen label of that
-    size would empty much of the training set, whose pictures need a seen positive.
+    Labels on more than `max_share` of the pictures (food, animal, person, ...) stay seen: an unseen
+    label of that size would empty much of the training set, whose pictures need a seen positive.
     """
     counts = Counter(label for pic in pics for label in pic.labels)
     eligible = [v for v in vocab if counts[v] <= max_share * len(pics)]
@@ -559,9 +584,10 @@ def split_pictures(
 ) -> set[str]:
     """Grouped iterative stratification: names of the test pictures.
 
-    Groups (variants of a drawing, see `split_groups`) go to one side. Groups without a seen label go to test (training
-    could not use them). The others are placed rarest label first, each on the side whose per-label targets
-    (test: max(min_test, fraction * count)) are furthest from being met.
+    Groups (variants of a drawing, see `split_groups`) go to one side. Groups without a seen label
+    go to test (training could not use them). The others are placed rarest label first, each on the
+    side whose per-label targets (test: max(min_test, fraction * count)) are furthest from being
+    met.
     """
     groups: dict[str, list[Picture]] = defaultdict(list)
     group_of = split_groups(pics)
@@ -588,9 +614,15 @@ def split_pictures(
     test_names: set[str] = set()
     for key in order:
         members = groups[key]
-        labels = sorted({lab for p in members for lab in p.labels}, key=lambda lab: (counts[lab], lab))
-        # The group's rarest label decides; the sum over all its labels breaks ties, then a seeded coin.
-        by_rarest = (need(labels[:1], True), need(labels, True)), (need(labels[:1], False), need(labels, False))
+        labels = sorted(
+            {lab for p in members for lab in p.labels}, key=lambda lab: (counts[lab], lab)
+        )
+        # The group's rarest label decides; the sum over all its labels breaks ties, then a seeded
+        # coin.
+        by_rarest = (
+            (need(labels[:1], True), need(labels, True)),
+            (need(labels[:1], False), need(labels, False)),
+        )
         to_test = (
             not set(labels) & set(seen)
             or by_rarest[0] > by_rarest[1]
@@ -603,7 +635,8 @@ def split_pictures(
 
 
 def records(pics: Iterable[Picture], vocab: Sequence[str]) -> list[Record]:
-    """Positives over `vocab`; every other `vocab` label a verified negative; pictures without a positive dropped."""
+    """Positives over `vocab`; every other `vocab` label a verified negative; pictures without a
+    positive dropped."""
     out = []
     for pic in pics:
         pos = [DISPLAY.get(v, v) for v in vocab if v in pic.labels]
@@ -620,18 +653,39 @@ def records(pics: Iterable[Picture], vocab: Sequence[str]) -> list[Record]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--svg-root", type=Path, default=SVG_ROOT, help="openclipart-svg files (default: %(default)s)")
-    p.add_argument("--png-root", type=Path, default=PNG_ROOT, help="openclipart-png files (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=OUT_DIR, help="dataset directory (default: %(default)s)")
+    p.add_argument(
+        "--svg-root",
+        type=Path,
+        default=SVG_ROOT,
+        help="openclipart-svg files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--png-root",
+        type=Path,
+        default=PNG_ROOT,
+        help="openclipart-png files (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=OUT_DIR, help="dataset directory (default: %(default)s)"
+    )
     p.add_argument("--size", type=int, default=256, help="side of the square JPEGs in pixels")
     p.add_argument("--quality", type=int, default=85, help="JPEG quality")
     p.add_argument("--min-count", type=int, default=8, help="minimum pictures per label")
     p.add_argument("--min-test", type=int, default=3, help="minimum test positives per label")
-    p.add_argument("--max-images", type=int, default=900, help="thin frequent-label pictures down to this many")
-    p.add_argument("--thin-floor", type=int, default=30, help="thinning keeps every label above this many pictures")
+    p.add_argument(
+        "--max-images", type=int, default=900, help="thin frequent-label pictures down to this many"
+    )
+    p.add_argument(
+        "--thin-floor",
+        type=int,
+        default=30,
+        help="thinning keeps every label above this many pictures",
+    )
     p.add_argument("--test-fraction", type=float, default=0.3)
     p.add_argument("--unseen-fraction", type=float, default=0.25)
-    p.add_argument("--max-unseen-share", type=float, default=0.03, help="larger labels always stay seen")
+    p.add_argument(
+        "--max-unseen-share", type=float, default=0.03, help="larger labels always stay seen"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -648,7 +702,9 @@ def gather(args: argparse.Namespace) -> tuple[list[Picture], list[str]]:
     return thin(pics, args.max_images, args.thin_floor, args.seed), vocab
 
 
-def write_dataset(out: Path, pics: list[Picture], vocab: list[str], args: argparse.Namespace) -> None:
+def write_dataset(
+    out: Path, pics: list[Picture], vocab: list[str], args: argparse.Namespace
+) -> None:
     """Write the JPEGs, train.jsonl, test.jsonl, seen.txt and unseen.txt under `out`."""
     seen, unseen = split_labels(pics, vocab, args.unseen_fraction, args.max_unseen_share, args.seed)
     test_names = split_pictures(pics, seen, args.test_fraction, args.min_test, args.seed)
@@ -669,22 +725,29 @@ def write_dataset(out: Path, pics: list[Picture], vocab: list[str], args: argpar
 
 
 def label_counts(out: Path, pics: list[Picture]) -> dict[str, tuple[str, int, int, int]]:
-    """Label -> (seen/unseen, pictures carrying it in train + test, train positives, test positives)."""
+    """Label -> (seen/unseen, pictures carrying it in train + test, train positives, test
+    positives)."""
     seen, unseen = read_vocabulary(out)
     train, test = read_manifest(out / "train.jsonl"), read_manifest(out / "test.jsonl")
     kept = {r.image for r in train + test}
-    n_all = Counter(DISPLAY.get(lab, lab) for p in pics if f"images/{p.name}" in kept for lab in p.labels)
+    n_all = Counter(
+        DISPLAY.get(lab, lab) for p in pics if f"images/{p.name}" in kept for lab in p.labels
+    )
     n_train = Counter(label for r in train for label in r.positive)
     n_test = Counter(label for r in test for label in r.positive)
     kind = dict.fromkeys(seen, "seen") | dict.fromkeys(unseen, "unseen")
-    return {label: (kind[label], n_all[label], n_train[label], n_test[label]) for label in seen + unseen}
+    return {
+        label: (kind[label], n_all[label], n_train[label], n_test[label]) for label in seen + unseen
+    }
 
 
 def report(out: Path, counts: dict[str, tuple[str, int, int, int]]) -> None:
     """Print the per-label counts, the split sizes and the size of the written files."""
     n_train, n_test = (len(read_manifest(out / f)) for f in ("train.jsonl", "test.jsonl"))
     n_seen = sum(kind == "seen" for kind, *_ in counts.values())
-    print(f"labels: {n_seen} seen, {len(counts) - n_seen} unseen; images: {n_train} train, {n_test} test")
+    print(
+        f"labels: {n_seen} seen, {len(counts) - n_seen} unseen; images: {n_train} train, {n_test} test"
+    )
     print(f"  {'label':20s} {'kind':6s} {'images':>6s} {'train+':>6s} {'test+':>6s}")
     for label, (kind, n_all, n_tr, n_te) in counts.items():
         print(f"  {label:20s} {kind:6s} {n_all:6d} {n_tr:6d} {n_te:6d}")
@@ -692,10 +755,14 @@ def report(out: Path, counts: dict[str, tuple[str, int, int, int]]) -> None:
     print(f"images per label: min {min(n_all)}, max {max(n_all)}")
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix in {".jpg", ".jsonl", ".txt"}]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(files))).hexdigest()[:16]
-    print(f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB, content sha256 {digest}")
+    print(
+        f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB, content sha256 {digest}"
+    )
 
 
-def problems(counts: dict[str, tuple[str, int, int, int]], min_count: int, min_test: int) -> list[str]:
+def problems(
+    counts: dict[str, tuple[str, int, int, int]], min_count: int, min_test: int
+) -> list[str]:
     """Labels that break the sample's guarantees."""
     out = []
     for label, (kind, n_all, n_train, n_test) in counts.items():

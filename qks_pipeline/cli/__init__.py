@@ -1,4 +1,5 @@
-"""The `qks` command line: one click group; each area of the pipeline adds its commands from its own module."""
+"""The `qks` command line: one click group; each area of the pipeline adds its commands from its own
+module."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from qks_pipeline.errors import QKSError
 
 
 class QKSGroup(click.Group):
-    """The edge where library errors become click's one-line errors (exit 1): a `QKSError`, and an OSError that reaches
-    the top (a full disk, a read-only or unreadable path) named by its file."""
+    """The edge where library errors become click's one-line errors (exit 1): a `QKSError`, and an
+    OSError that reaches the top (a full disk, a read-only or unreadable path) named by its file."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,7 +24,9 @@ class QKSGroup(click.Group):
             raise click.ClickException(QKSError(e.strerror or str(e), e.filename).message) from None
 
 
-@click.group(cls=QKSGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
+@click.group(
+    cls=QKSGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120}
+)
 @click.version_option(package_name="qks_pipeline")
 def main() -> None:
     """QKS open-vocabulary multi-label classification on cached CLIP features.

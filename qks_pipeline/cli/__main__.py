@@ -1,4 +1,5 @@
-"""`python -m qks_pipeline.cli ...` runs `qks ...` (e.g. under `torchrun`, which starts a module on every rank)."""
+"""`python -m qks_pipeline.cli ...` runs `qks ...` (e.g. under `torchrun`, which starts a module on
+every rank)."""
 
 from qks_pipeline.cli import main
 

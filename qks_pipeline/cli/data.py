@@ -1,4 +1,5 @@
-"""Data commands: `qks import FORMAT` (published releases -> a dataset directory) and `qks manifest check`."""
+"""Data commands: `qks import FORMAT` (published releases -> a dataset directory) and `qks manifest
+check`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from typing import Any
 import click
 
 from qks_pipeline.cli.options import EXISTING_DIR, EXISTING_FILE, NEW_DIR
-from qks_pipeline.importers import import_manifest
-from qks_pipeline.importers.coco import import_coco
-from qks_pipeline.importers.hdf5 import LAYOUTS, import_hdf5
-from qks_pipeline.importers.nuswide import import_nuswide
-from qks_pipeline.importers.openimages import import_openimages
-from qks_pipeline.importers.reference_csv import NEGATIVES, import_reference_csv
-from qks_pipeline.manifest import DatasetReport, check_dataset, read_labels
+from qks_pipeline.data.importers import import_manifest
+from qks_pipeline.data.importers.coco import import_coco
+from qks_pipeline.data.importers.hdf5 import LAYOUTS, import_hdf5
+from qks_pipeline.data.importers.nuswide import import_nuswide
+from qks_pipeline.data.importers.openimages import import_openimages
+from qks_pipeline.data.importers.reference_csv import NEGATIVES, import_reference_csv
+from qks_pipeline.data.manifest import DatasetReport, check_dataset, read_labels
 
 
 def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
@@ -23,7 +24,9 @@ def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
 
 def choice(name: str, values: tuple[str, ...], text: str):
     """An option taking one of `values`, the first by default."""
-    return click.option(name, type=click.Choice(values), default=values[0], show_default=True, help=text)
+    return click.option(
+        name, type=click.Choice(values), default=values[0], show_default=True, help=text
+    )
 
 
 OUT = required("--out", "Dataset directory to write (train/test.jsonl, seen/unseen.txt).", NEW_DIR)
@@ -32,14 +35,16 @@ MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps 
 
 @click.group(name="import")
 def import_group() -> None:
-    """Write a dataset directory from a dataset's own published files (see data_manifests/README.md)."""
+    """Write a dataset directory from a dataset's own published files (see
+    data_manifests/README.md)."""
 
 
 @import_group.command("manifest")
 @required("--root", "A ready dataset directory (train/test.jsonl, seen/unseen.txt).", EXISTING_DIR)
 @OUT
 def manifest(**options: Path) -> None:
-    """A dataset directory already in this project's format (the bundled sample, your own): checked, then copied."""
+    """A dataset directory already in this project's format (the bundled sample, your own): checked,
+    then copied."""
     click.echo("\n".join(import_manifest(**options).lines()))
 
 
@@ -53,12 +58,22 @@ def nuswide(**options: Path) -> None:
 
 @import_group.command("openimages")
 @required("--root", "The Open Images release folder, or its 2018_04 subfolder.", EXISTING_DIR)
-@click.option("--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/[NN/]<id>.jpg).")
-@click.option("--train-split", default="train", show_default=True, help="Release split written as train.jsonl.")
-@click.option("--test-split", default="test", show_default=True, help="Release split written as test.jsonl.")
+@click.option(
+    "--images", type=EXISTING_DIR, help="Image root: locate each image (<split>/[NN/]<id>.jpg)."
+)
+@click.option(
+    "--train-split",
+    default="train",
+    show_default=True,
+    help="Release split written as train.jsonl.",
+)
+@click.option(
+    "--test-split", default="test", show_default=True, help="Release split written as test.jsonl."
+)
 @OUT
 def openimages(**options: Any) -> None:
-    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as display names."""
+    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as
+    display names."""
     click.echo("\n".join(import_openimages(**options).lines()))
 
 
@@ -67,14 +82,20 @@ def openimages(**options: Any) -> None:
 @required("--test-json", "Instances JSON of the test images.")
 @click.option("--unseen", help="Unseen category names, comma-separated.")
 @click.option("--unseen-file", type=EXISTING_FILE, help="Unseen category names, one a line.")
-@click.option("--train-prefix", default="", help="Prepended to train file names (e.g. 'train2017/').")
+@click.option(
+    "--train-prefix", default="", help="Prepended to train file names (e.g. 'train2017/')."
+)
 @click.option("--test-prefix", default="", help="Prepended to test file names (e.g. 'val2017/').")
 @OUT
 def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
     """COCO: categories present are positive, all others verified negatives."""
     if (unseen is None) == (unseen_file is None):
         raise click.UsageError("give exactly one of --unseen and --unseen-file")
-    names = read_labels(unseen_file) if unseen_file else [n.strip() for n in unseen.split(",") if n.strip()]
+    names = (
+        read_labels(unseen_file)
+        if unseen_file
+        else [n.strip() for n in unseen.split(",") if n.strip()]
+    )
     report = import_coco(unseen=names, unseen_source=str(unseen_file or "--unseen"), **options)
     click.echo("\n".join(report.lines()))
 
@@ -84,8 +105,16 @@ def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
 @required("--test-csv", "The reference's test CSV.")
 @required("--seen-file", "Seen labels, one a line.")
 @required("--unseen-file", "Unseen labels, one a line.")
-@click.option("--strip-prefix", default="", help="Removed from the start of every image_path (e.g. 'data/oi/').")
-@choice("--negatives", NEGATIVES, "listed: the CSV's negative columns; rest: every other label the split scores.")
+@click.option(
+    "--strip-prefix",
+    default="",
+    help="Removed from the start of every image_path (e.g. 'data/oi/').",
+)
+@choice(
+    "--negatives",
+    NEGATIVES,
+    "listed: the CSV's negative columns; rest: every other label the split scores.",
+)
 @OUT
 def reference_csv(**options: Any) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
@@ -99,7 +128,11 @@ def reference_csv(**options: Any) -> None:
 @required("--test-names", "Names of the test images, one a line.")
 @required("--seen-file", "The seen tags in the order of the -labels vectors.")
 @required("--unseen-file", "The 81 concepts in the order of the -labels_81 vectors.")
-@choice("--layout", LAYOUTS, "flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.")
+@choice(
+    "--layout",
+    LAYOUTS,
+    "flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.",
+)
 @OUT
 def hdf5(**options: Any) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""
@@ -113,10 +146,13 @@ def manifest_group() -> None:
 
 @manifest_group.command("check")
 @click.argument("dataset_dir", type=EXISTING_DIR)
-@click.option("--images", type=EXISTING_DIR, help="Image root: also open and verify every image file.")
+@click.option(
+    "--images", type=EXISTING_DIR, help="Image root: also open and verify every image file."
+)
 @click.pass_context
 def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
-    """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing or unreadable."""
+    """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing or
+    unreadable."""
     report = check_dataset(dataset_dir, images)
     click.echo("\n".join(report_lines(report)))
     if report.problems:
@@ -124,19 +160,28 @@ def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
 
 
 def report_lines(report: DatasetReport) -> list[str]:
-    """Counts per split, the scored labels without a positive or a negative, then the image problems."""
+    """Counts per split, the scored labels without a positive or a negative, then the image
+    problems."""
     out = [f"{report.dataset_dir}: {len(report.seen)} seen + {len(report.unseen)} unseen labels"]
     for name, s in report.splits.items():
         scope = "seen" if name == "train" else "seen + unseen"
         low, label = s.min_positives()
         out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scope} label")
         out.append(f"    fewest positives of a {scope} label: {low} ({label!r})")
-        for what, labels in (("positive", s.labels_without_positive()), ("negative", s.labels_without_negative())):
-            out.append(f"    {len(labels)} {scope} label(s) without a {what}" + (f": {labels[:10]}" if labels else ""))
+        for what, labels in (
+            ("positive", s.labels_without_positive()),
+            ("negative", s.labels_without_negative()),
+        ):
+            out.append(
+                f"    {len(labels)} {scope} label(s) without a {what}"
+                + (f": {labels[:10]}" if labels else "")
+            )
     if report.image_root is None:
         return out + ["image files not checked (no image root given)"]
     out.append(f"image files under {report.image_root}: {len(report.problems)} problem(s)")
-    out.extend(f"  {p.image}: {p.reason} ({p.manifest}:{p.line})" for p in report.problems[:MAX_LISTED])
+    out.extend(
+        f"  {p.image}: {p.reason} ({p.manifest}:{p.line})" for p in report.problems[:MAX_LISTED]
+    )
     if len(report.problems) > MAX_LISTED:
         out.append(f"  ... and {len(report.problems) - MAX_LISTED} more")
     return out

@@ -1,8 +1,8 @@
 """Options and parameter types that several commands share, each defined once.
 
-Hyperparameters have one override mechanism on every stage command: `--params params.yaml` then `--set
-SECTION.KEY=VALUE` (repeatable), both checked by `qks_pipeline.config`, which holds every default. Paths and the device,
-which people type daily, are plain options.
+Hyperparameters have one override mechanism on every stage command: `--params params.yaml` then
+`--set SECTION.KEY=VALUE` (repeatable), both checked by `qks_pipeline.config`, which holds every
+default. Paths and the device, which people type daily, are plain options.
 """
 
 from __future__ import annotations
@@ -12,24 +12,28 @@ from pathlib import Path
 import click
 
 from qks_pipeline.config import Params, load_params
-from qks_pipeline.storage import is_url, local_path
+from qks_pipeline.store.location import is_url, local_path
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-NEW_FILE = click.Path(dir_okay=False, path_type=Path)  # an output file: refused at once when a directory is given
-NEW_DIR = click.Path(file_okay=False, path_type=Path)  # an output directory: refused at once when a file is given
+# an output file: refused at once when a directory is given
+NEW_FILE = click.Path(dir_okay=False, path_type=Path)
+# an output directory: refused at once when a file is given
+NEW_DIR = click.Path(file_okay=False, path_type=Path)
 
 
 class StoreParam(click.ParamType):
-    """A store: a local directory (must exist when `exists`) or a URL such as s3://bucket/train.zarr (checked when the
-    store is opened)."""
+    """A store: a local directory (must exist when `exists`) or a URL such as s3://bucket/train.zarr
+    (checked when the store is opened)."""
 
     name = "store"
 
     def __init__(self, exists: bool = False):
         self.exists = exists
 
-    def convert(self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None) -> str | Path:
+    def convert(
+        self, value: str | Path, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str | Path:
         if is_url(value):
             return value
         path = click.Path(exists=self.exists, file_okay=False, path_type=Path)
@@ -38,11 +42,14 @@ class StoreParam(click.ParamType):
 
 STORE, EXISTING_STORE = StoreParam(), StoreParam(exists=True)
 
-DEVICE = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]")
+DEVICE = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]"
+)
 
 
 def params_options(sections: str):
-    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`; the command receives them as one `params: Params`."""
+    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`; the command receives them as one
+    `params: Params`."""
 
     def to_params(ctx: click.Context, _: click.Parameter, sets: tuple[str, ...]) -> Params:
         ctx.meta["qks.sets"] = sets  # what the user set by hand, for checks that only apply then
@@ -50,8 +57,15 @@ def params_options(sections: str):
 
     help_set = "Override one hyperparameter (repeatable), e.g. --set train.lr=3e-5."
     sets = click.option(
-        "--set", "params", multiple=True, metavar="SECTION.KEY=VALUE", callback=to_params, help=help_set
+        "--set",
+        "params",
+        multiple=True,
+        metavar="SECTION.KEY=VALUE",
+        callback=to_params,
+        help=help_set,
     )
     help_file = f"params.yaml (sections {sections}) [default: the built-in defaults]."
-    file = click.option("--params", "params_file", type=EXISTING_FILE, is_eager=True, help=help_file)
+    file = click.option(
+        "--params", "params_file", type=EXISTING_FILE, is_eager=True, help=help_file
+    )
     return lambda f: file(sets(f))

@@ -1,5 +1,5 @@
-"""`qks predict`: its inputs (label lists, image files and directories) and outputs (JSONL, CSV, HTML); the tagging
-itself is `qks_pipeline.predict.Tagger`."""
+"""`qks predict`: its inputs (label lists, image files and directories) and outputs (JSONL, CSV,
+HTML); the tagging itself is `qks_pipeline.predict.tagger.Tagger`."""
 
 from __future__ import annotations
 
@@ -24,19 +24,27 @@ MAX_PIXELS = "Larger images are skipped as decompression bombs (extract.max_pixe
 POSITIVE = click.IntRange(min=1)
 
 
-def read_label_file(path: Path) -> list[str]:
+def read_label_lines(path: Path) -> list[str]:
     """One label a line (UTF-8) as raw entries; `predict.clean_labels` tidies them."""
     if not path.is_file():
-        raise QKSError("label file not found" if not path.exists() else "not a file (one label a line expected)", path)
+        raise QKSError(
+            "label file not found"
+            if not path.exists()
+            else "not a file (one label a line expected)",
+            path,
+        )
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise QKSError(f"label file is not UTF-8 text ({e.reason} at byte {e.start})", path) from None
+        raise QKSError(
+            f"label file is not UTF-8 text ({e.reason} at byte {e.start})", path
+        ) from None
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by `inputs`: a file as given (one that does not exist too: it is reported as skipped), a
-    directory's image files sorted by their path under it, hidden ones (a leading '.' in the path) left out."""
+    """Image files named by `inputs`: a file as given (one that does not exist too: it is reported
+    as skipped), a directory's image files sorted by their path under it, hidden ones (a leading '.'
+    in the path) left out."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
@@ -46,24 +54,33 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
         files = sorted(p.relative_to(item).as_posix() for p in files)
         files = [item / p for p in files if not any(part.startswith(".") for part in Path(p).parts)]
         if not files:
-            raise QKSError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under this directory", item)
+            raise QKSError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under this directory", item
+            )
         found += files
     if not found:
         raise QKSError("no images given")
     return found
 
 
-def csv_rows(p: Any) -> list[dict[str, Any]]:
-    """Long format: one row per label in a prediction's top-K or above the threshold (rank over all labels); a skipped
-    image gets one row with its reason."""
+def prediction_csv_rows(p: Any) -> list[dict[str, Any]]:
+    """Long format: one row per label in a prediction's top-K or above the threshold (rank over all
+    labels); a skipped image gets one row with its reason."""
     if p.skipped is not None:
         return [{"image": p.image, "skipped": p.skipped}]
     top, above = {label for label, _ in p.top}, {label for label, _ in p.above}
     rows = []
-    for r, (label, score) in enumerate(sorted(p.scores_by_label.items(), key=lambda kv: -kv[1]), 1):  # stable: ties
+    # stable: ties
+    for r, (label, score) in enumerate(sorted(p.scores_by_label.items(), key=lambda kv: -kv[1]), 1):
         if label in top or label in above:  # keep label order, as `predict.rank` does
-            flags = {"in_top_k": int(label in top), "above_threshold": int(label in above), "skipped": ""}
-            rows.append({"image": p.image, "rank": r, "label": label, "score": round(score, 6), **flags})
+            flags = {
+                "in_top_k": int(label in top),
+                "above_threshold": int(label in above),
+                "skipped": "",
+            }
+            rows.append(
+                {"image": p.image, "rank": r, "label": label, "score": round(score, 6), **flags}
+            )
     return rows
 
 
@@ -81,40 +98,51 @@ def _output(path: Path) -> Iterator[TextIO]:
 
 def _labels(labels: str | None, labels_file: Path | None, checkpoint: Path) -> list[str]:
     """The labels given, else the ones the checkpoint was trained on (seen, then unseen)."""
-    from qks_pipeline.checkpoint import read_config
-    from qks_pipeline.predict import clean_labels
+    from qks_pipeline.predict.tagger import clean_labels
+    from qks_pipeline.stage_two.checkpoint import read_config
 
     if labels is not None and labels_file is not None:
         raise click.UsageError("give at most one of --labels and --labels-file")
     if labels is not None:
         raw = labels.split(",")
     elif labels_file is not None:
-        raw = read_label_file(labels_file)
+        raw = read_label_lines(labels_file)
     elif not (raw := read_config(checkpoint).get("label_names")):
-        raise click.UsageError("give --labels or --labels-file (the checkpoint records no label list)")
+        raise click.UsageError(
+            "give --labels or --labels-file (the checkpoint records no label list)"
+        )
     names, dropped = clean_labels(raw)
     if dropped:
-        click.echo(f"note: duplicate label(s) removed: {', '.join(dict.fromkeys(dropped))}", err=True)
+        click.echo(
+            f"note: duplicate label(s) removed: {', '.join(dict.fromkeys(dropped))}", err=True
+        )
     return names
 
 
 def _skip_note(name: str, reason: str) -> None:
     from tqdm import tqdm
 
-    tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)  # above the progress bar, not through it
+    # above the progress bar, not through it
+    tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
 
 
-def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_scores: bool, keep: bool):
-    """Stream the predictions into JSONL (and CSV). Returns (the predictions when `keep`, images, skipped)."""
+def _write(
+    predictions: Iterator[Any], out: Path, csv_path: Path | None, all_scores: bool, keep: bool
+):
+    """Stream the predictions into JSONL (and CSV). Returns (the predictions when `keep`, images,
+    skipped)."""
     kept, done, skipped = [], 0, 0
-    with _output(out) as jsonl, _output(csv_path) if csv_path else contextlib.nullcontext() as table:
+    with (
+        _output(out) as jsonl,
+        _output(csv_path) if csv_path else contextlib.nullcontext() as table,
+    ):
         writer = csv.DictWriter(table, CSV_FIELDS, lineterminator="\n") if table else None
         if writer:
             writer.writeheader()
         for p in predictions:
             jsonl.write(json.dumps(p.to_json(all_scores), ensure_ascii=False) + "\n")
             if writer:
-                writer.writerows(csv_rows(p))
+                writer.writerows(prediction_csv_rows(p))
             kept += [p] if keep else []
             done, skipped = done + 1, skipped + (p.skipped is not None)
         jsonl.flush()  # a closed pipe (`| head -1`) is found here, not at exit
@@ -123,51 +151,110 @@ def _write(predictions: Iterator[Any], out: Path, csv_path: Path | None, all_sco
 
 @click.command("predict")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A `qks train` output directory.")
-@click.option("--labels", help='Comma-separated labels, e.g. "dog, beach ball, sunset" [default: the trained ones].')
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A `qks train` output directory.",
+)
+@click.option(
+    "--labels",
+    help='Comma-separated labels, e.g. "dog, beach ball, sunset" [default: the trained ones].',
+)
 @click.option("--labels-file", type=click.Path(path_type=Path), help="Labels, one a line.")
-@click.option("--templates", type=EXISTING_FILE, help="Templates, one a line with '{}' [default: the checkpoint's].")
-@click.option("--top-k", default=5, show_default=True, type=POSITIVE, help="Labels listed per image.")
-@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Score to list above.")
-@click.option("--out", default="-", show_default=True, type=NEW_FILE, help="JSONL predictions ('-': stdout).")
+@click.option(
+    "--templates",
+    type=EXISTING_FILE,
+    help="Templates, one a line with '{}' [default: the checkpoint's].",
+)
+@click.option(
+    "--top-k", default=5, show_default=True, type=POSITIVE, help="Labels listed per image."
+)
+@click.option(
+    "--threshold",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Score to list above.",
+)
+@click.option(
+    "--out", default="-", show_default=True, type=NEW_FILE, help="JSONL predictions ('-': stdout)."
+)
 @click.option("--csv", "csv_path", type=NEW_FILE, help="Also write CSV (one row per listed label).")
-@click.option("--html", type=NEW_FILE, help="Also write a self-contained HTML page with thumbnails.")
+@click.option(
+    "--html", type=NEW_FILE, help="Also write a self-contained HTML page with thumbnails."
+)
 @click.option("--all-scores", is_flag=True, help="Add every label's score to each JSONL record.")
-@click.option("--batch-size", default=32, show_default=True, type=POSITIVE, help="Images per batch.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(min=0), help="Decoding processes.")
+@click.option(
+    "--batch-size", default=32, show_default=True, type=POSITIVE, help="Images per batch."
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Decoding processes.",
+)
 @DEVICE
-@click.option("--amp/--no-amp", default=False, show_default=True, help="float16 autocast of the backbone (CUDA).")
+@click.option(
+    "--amp/--no-amp",
+    default=False,
+    show_default=True,
+    help="float16 autocast of the backbone (CUDA).",
+)
 @click.option("--model", help="open_clip model name or config .json [default: the checkpoint's].")
-@click.option("--pretrained", help="CLIP weights file or open_clip tag [default: the checkpoint's].")
-@click.option("--max-pixels", default=ExtractConfig.max_pixels, show_default=True, type=POSITIVE, help=MAX_PIXELS)
+@click.option(
+    "--pretrained", help="CLIP weights file or open_clip tag [default: the checkpoint's]."
+)
+@click.option(
+    "--max-pixels",
+    default=ExtractConfig.max_pixels,
+    show_default=True,
+    type=POSITIVE,
+    help=MAX_PIXELS,
+)
 @click.option("--cache-dir", type=NEW_DIR, help="Label-embedding cache directory.")
-@click.option("--no-label-cache", is_flag=True, help="Do not read or write cached label embeddings.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar.")
+@click.option(
+    "--no-label-cache", is_flag=True, help="Do not read or write cached label embeddings."
+)
+@click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
+)
 def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, **o: Any) -> None:
-    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out, CSV and HTML optional.
+    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out, CSV and
+    HTML optional.
 
-    Each record lists the top-K labels with sigmoid scores and every label above the threshold; an unreadable image
-    is reported on stderr and recorded as skipped, and the others go on.
+    Each record lists the top-K labels with sigmoid scores and every label above the threshold; an
+    unreadable image is reported on stderr and recorded as skipped, and the others go on.
     """
-    from qks_pipeline.predict import Tagger
-    from qks_pipeline.report import write_html
+    from qks_pipeline.predict.html_page import write_html
+    from qks_pipeline.predict.tagger import Tagger
 
     names, files = _labels(labels, o["labels_file"], checkpoint), find_images(images)
     cache = False if o["no_label_cache"] else (o["cache_dir"] or True)
     how = {k: o[k] for k in ("model", "templates", "amp", "max_pixels")}
     tagger = Tagger.load(checkpoint, o["device"], o["pretrained"], cache_dir=cache, **how)
     run = {k: o[k] for k in ("batch_size", "workers", "progress")}
-    predictions = tagger.iter_predict(files, names, o["top_k"], o["threshold"], on_skip=_skip_note, **run)
+    predictions = tagger.iter_predict(
+        files, names, o["top_k"], o["threshold"], on_skip=_skip_note, **run
+    )
     outputs = (o["out"], o["csv_path"], o["html"])
     try:
-        kept, done, skipped = _write(predictions, *outputs[:2], o["all_scores"], keep=bool(o["html"]))
-    except BrokenPipeError:  # the reader of stdout went away (`| head -1`): SIGPIPE's status, quietly, as Unix tools
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        kept, done, skipped = _write(
+            predictions, *outputs[:2], o["all_scores"], keep=bool(o["html"])
+        )
+    # the reader of stdout went away (`| head -1`): SIGPIPE's status, quietly, as Unix tools
+    except BrokenPipeError:
+        # no second error when Python flushes at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
     if o["html"]:
         write_html(o["html"], kept, threshold=o["threshold"], subtitle=f"checkpoint {checkpoint}")
     where = ", ".join("stdout" if str(p) == "-" else str(p) for p in outputs if p is not None)
-    click.echo(f"{done - skipped} image(s) tagged with {len(names)} labels, {skipped} skipped -> {where}", err=True)
+    click.echo(
+        f"{done - skipped} image(s) tagged with {len(names)} labels, {skipped} skipped -> {where}",
+        err=True,
+    )
     if done == skipped:
         raise QKSError("no image could be read")
 

@@ -1,6 +1,8 @@
-"""Stage-one commands: `qks extract`, `qks embed-labels` and the `qks cache` group (info, verify, HDF5 interop).
+"""Stage-one commands: `qks extract`, `qks embed-labels` and the `qks cache` group (info, verify,
+HDF5 interop).
 
-Hyperparameters come from the `backbone` / `extract` / `labels` sections of `--params`, overridden by `--set`.
+Hyperparameters come from the `backbone` / `extract` / `labels` sections of `--params`, overridden
+by `--set`.
 """
 
 from __future__ import annotations
@@ -22,14 +24,18 @@ from qks_pipeline.cli.options import (
     params_options,
 )
 from qks_pipeline.config import Params
-from qks_pipeline.manifest import SPLITS
+from qks_pipeline.data.manifest import SPLITS
 
 
 def _backbone_options(f):
     f = params_options("backbone, extract, labels")(f)
     f = DEVICE(f)
-    f = click.option("--pretrained", help="open_clip pretrained tag or a local weights file [params: backbone].")(f)
-    return click.option("--model", help="open_clip model name or model-config .json [params: backbone].")(f)
+    f = click.option(
+        "--pretrained", help="open_clip pretrained tag or a local weights file [params: backbone]."
+    )(f)
+    return click.option(
+        "--model", help="open_clip model name or model-config .json [params: backbone]."
+    )(f)
 
 
 def _backbone(params: Params, model: str | None, pretrained: str | None):
@@ -41,40 +47,80 @@ def _log_setup() -> None:
     """Our own notes at INFO; open_clip's and dask's chatter only from WARNING up."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qks_pipeline").setLevel(logging.INFO)
-    dask.config.set({"logging.distributed": "warning"})  # read when --cluster imports dask.distributed
+    # read when --cluster imports dask.distributed
+    dask.config.set({"logging.distributed": "warning"})
 
 
 @click.command("extract")
 @click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory.")
 @click.option("--split", required=True, type=click.Choice(SPLITS))
-@click.option("--images", required=True, type=EXISTING_DIR, help="Image root the manifest's paths are relative to.")
-@click.option("--out", required=True, type=STORE, help="Zarr store to write (resumed when it exists): path or URL.")
+@click.option(
+    "--images",
+    required=True,
+    type=EXISTING_DIR,
+    help="Image root the manifest's paths are relative to.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=STORE,
+    help="Zarr store to write (resumed when it exists): path or URL.",
+)
 @_backbone_options
 @click.option("--strict", is_flag=True, help="An unreadable image is fatal instead of masked out.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the store even if it exists.")
-@click.option("--replace-stale", is_flag=True, help="Rebuild a store built differently; resume one built the same.")
+@click.option(
+    "--replace-stale",
+    is_flag=True,
+    help="Rebuild a store built differently; resume one built the same.",
+)
 @click.option(
     "--cluster",
     help="Run on dask: local:N (N worker processes; extract.workers = decoding threads per worker) or tcp://HOST:PORT "
     "(a running scheduler) [params: extract.cluster; '' = here].",
 )
 def extract_cmd(
-    dataset, split, images, out, params, device, pretrained, model, strict, overwrite, replace_stale, cluster
+    dataset,
+    split,
+    images,
+    out,
+    params,
+    device,
+    pretrained,
+    model,
+    strict,
+    overwrite,
+    replace_stale,
+    cluster,
 ) -> None:
-    """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an interruption.
+    """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an
+    interruption.
 
-    Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE` (see params.yaml).
+    Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE` (see
+    params.yaml).
     """
-    from qks_pipeline.distributed import OnCluster
-    from qks_pipeline.extract import InProcess, extract
+    from qks_pipeline.stage_one.cluster import OnCluster
+    from qks_pipeline.stage_one.extract import InProcess, extract
 
-    if split == "test" and any(s.startswith("extract.views=") for s in click.get_current_context().meta["qks.sets"]):
-        raise click.BadParameter("augmented views are for the train split only", param_hint="--set extract.views")
+    if split == "test" and any(
+        s.startswith("extract.views=") for s in click.get_current_context().meta["qks.sets"]
+    ):
+        raise click.BadParameter(
+            "augmented views are for the train split only", param_hint="--set extract.views"
+        )
     _log_setup()
     cluster = params.extract.cluster if cluster is None else cluster
     runner = OnCluster(cluster, device) if cluster else InProcess(device)
-    kwargs = dict(device=device, strict=strict, overwrite=overwrite, replace_stale=replace_stale, runner=runner)
-    result = extract(dataset, split, images, out, _backbone(params, model, pretrained), params.extract, **kwargs)
+    kwargs = dict(
+        device=device,
+        strict=strict,
+        overwrite=overwrite,
+        replace_stale=replace_stale,
+        runner=runner,
+    )
+    result = extract(
+        dataset, split, images, out, _backbone(params, model, pretrained), params.extract, **kwargs
+    )
     if result.computed:
         click.echo(
             f"{out}: {result.computed} images in {result.shards_written} shard(s), "
@@ -82,29 +128,45 @@ def extract_cmd(
         )
         busy = result.forward_seconds / result.loop_seconds if result.loop_seconds else 1.0
         if busy < 0.8 and result.loop_seconds > 30:  # a long run that waited on its input
-            click.echo(f"the forward pass was busy {busy:.0%} of the time: more extract.workers would help", err=True)
+            click.echo(
+                f"the forward pass was busy {busy:.0%} of the time: more extract.workers would help",
+                err=True,
+            )
     else:
         click.echo(f"{out}: already complete ({result.images} images), nothing to do")
     if skipped := result.skipped:
         lines = [f"{len(skipped)} unreadable image(s) masked out (valid=False):"]
         lines += [f"  {item['path']}: {item['reason']}" for item in skipped[:10]]
         if len(skipped) > 10:
-            lines.append(f"  ... and {len(skipped) - 10} more (`qks cache info` / the done markers list them all)")
+            lines.append(
+                f"  ... and {len(skipped) - 10} more (`qks cache info` / the done markers list them all)"
+            )
         click.echo("\n".join(lines), err=True)
 
 
 @click.command("embed-labels")
-@click.option("--dataset", required=True, type=EXISTING_DIR, help="Dataset manifest directory (seen.txt, unseen.txt).")
-@click.option("--templates", required=True, type=EXISTING_FILE, help="Prompt templates, one a line with '{}'.")
-@click.option("--out", required=True, type=STORE, help="Zarr store of the label embeddings: path or URL.")
+@click.option(
+    "--dataset",
+    required=True,
+    type=EXISTING_DIR,
+    help="Dataset manifest directory (seen.txt, unseen.txt).",
+)
+@click.option(
+    "--templates", required=True, type=EXISTING_FILE, help="Prompt templates, one a line with '{}'."
+)
+@click.option(
+    "--out", required=True, type=STORE, help="Zarr store of the label embeddings: path or URL."
+)
 @_backbone_options
 def embed_labels_cmd(dataset, templates, out, params, device, pretrained, model) -> None:
-    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates' text features
-    (`--set labels.normalize=true` L2-normalises each mean)."""
-    from qks_pipeline.extract import embed_labels
+    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates' text
+    features (`--set labels.normalize=true` L2-normalises each mean)."""
+    from qks_pipeline.stage_one.extract import embed_labels
 
     _log_setup()
-    embed_labels(dataset, templates, out, _backbone(params, model, pretrained), params.labels, device=device)
+    embed_labels(
+        dataset, templates, out, _backbone(params, model, pretrained), params.labels, device=device
+    )
     click.echo(f"{out}: label embeddings written")
 
 
@@ -117,7 +179,7 @@ def cache_group() -> None:
 @click.argument("store", type=EXISTING_STORE)
 def info_cmd(store: Path) -> None:
     """Shape, views, shards done, fingerprint summary, skipped images, size on disk."""
-    from qks_pipeline.cache import cache_summary, open_cache
+    from qks_pipeline.store.features import cache_summary, open_cache
 
     for key, value in cache_summary(open_cache(store)).items():
         click.echo(f"{key:>13}: {value}")
@@ -126,25 +188,32 @@ def info_cmd(store: Path) -> None:
 @cache_group.command("verify")
 @click.argument("store", type=EXISTING_STORE)
 def verify_cmd(store: Path) -> None:
-    """Check every shard: done marker, every chunk's crc32c (format version 2), valid rows consistent with the skipped
-    list. Exit 1 if not."""
-    from qks_pipeline.cache import open_cache, verify_cache
+    """Check every shard: done marker, every chunk's crc32c (format version 2), valid rows
+    consistent with the skipped list. Exit 1 if not."""
+    from qks_pipeline.store.features import open_cache
+    from qks_pipeline.store.verify import verify_cache
 
     cache = open_cache(store)
     if problems := verify_cache(cache):
-        click.echo("\n".join([f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]), err=True)
+        click.echo(
+            "\n".join([f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]),
+            err=True,
+        )
         raise SystemExit(1)
-    click.echo(f"{store}: OK ({cache.num_shards} shards, {cache.num_images} images, {len(cache.skipped())} skipped)")
+    click.echo(
+        f"{store}: OK ({cache.num_shards} shards, {cache.num_images} images, {len(cache.skipped())} skipped)"
+    )
 
 
 @cache_group.command("export-hdf5")
 @click.argument("store", type=EXISTING_STORE)
 @click.argument("out", type=NEW_FILE)
 def export_cmd(store: Path, out: Path) -> None:
-    """Write a complete store to one HDF5 file (features float16, labels, valid, paths, fingerprint)."""
-    from qks_pipeline.h5io import export_hdf5
+    """Write a complete store to one HDF5 file (features float16, labels, valid, paths,
+    fingerprint)."""
+    from qks_pipeline.store.hdf5 import export_hdf5_cache
 
-    click.echo(f"{export_hdf5(store, out)}: written")
+    click.echo(f"{export_hdf5_cache(store, out)}: written")
 
 
 @cache_group.command("import-hdf5")
@@ -153,9 +222,9 @@ def export_cmd(store: Path, out: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 def import_cmd(h5: Path, store: Path, overwrite: bool) -> None:
     """Rebuild a Zarr store from an HDF5 export (done markers included)."""
-    from qks_pipeline.h5io import import_hdf5
+    from qks_pipeline.store.hdf5 import import_hdf5_cache
 
-    cache = import_hdf5(h5, store, overwrite=overwrite)
+    cache = import_hdf5_cache(h5, store, overwrite=overwrite)
     click.echo(f"{store}: {cache.num_images} images imported")
 
 

@@ -1,8 +1,9 @@
-"""Reliability suite: fault injection (kills, full disks, concurrent writers, stale caches) and a bad-input corpus.
+"""Reliability suite: fault injection (kills, full disks, concurrent writers, stale caches) and a
+bad-input corpus.
 
-Cases marked `soak` (and `slow`) run many trials; they are skipped unless QKS_SOAK=1 is set or `-m soak` is given,
-so the default `pytest` run (CI) stays fast. Runs are separate processes (`harness.Runner`), forked from one warm
-process per session.
+Cases marked `soak` (and `slow`) run many trials; they are skipped unless QKS_SOAK=1 is set or `-m
+soak` is given, so the default `pytest` run (CI) stays fast. Runs are separate processes
+(`harness.Runner`), forked from one warm process per session.
 """
 
 from __future__ import annotations

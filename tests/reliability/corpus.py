@@ -1,11 +1,12 @@
-"""The bad-input corpus: malformed manifests (an independent oracle of the manifest format, and hypothesis strategies),
-corrupt and odd images, odd label files. Every case must give a correct result or one clear error line.
+"""The bad-input corpus: malformed manifests (an independent oracle of the manifest format, and
+hypothesis strategies), corrupt and odd images, odd label files. Every case must give a correct
+result or one clear error line.
 
-The manifest oracle follows data_manifests/README.md, not the implementation: UTF-8 (a leading BOM tolerated, as the
-label files tolerate it), one JSON object a line (universal newlines; blank lines skipped), keys image, positive and
-negative; `image` a relative '/'-separated path without '..' or surrounding spaces, encodable, without control
-characters; `positive`/`negative` lists of distinct non-empty strings that never share a label, or `"negative": "*"`;
-each image once.
+The manifest oracle follows data_manifests/README.md, not the implementation: UTF-8 (a leading BOM
+tolerated, as the label files tolerate it), one JSON object a line (universal newlines; blank lines
+skipped), keys image, positive and negative; `image` a relative '/'-separated path without '..' or
+surrounding spaces, encodable, without control characters; `positive`/`negative` lists of distinct
+non-empty strings that never share a label, or `"negative": "*"`; each image once.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def _image_ok(image: object) -> bool:
 
 
 def _labels(value: object) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value) or len(set(value)) != len(value):
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, str) and v for v in value)
+        or len(set(value)) != len(value)
+    ):
         raise Reject("labels")
     return tuple(value)
 
@@ -69,7 +74,8 @@ def _oracle_record(line: str) -> tuple[str, tuple[str, ...], tuple[str, ...] | s
 
 
 def manifest_oracle(data: bytes) -> list[tuple[str, tuple[str, ...], tuple[str, ...] | str]]:
-    """The records of a manifest file's bytes as (image, positive, negative or "*"); raises `Reject`."""
+    """The records of a manifest file's bytes as (image, positive, negative or "*"); raises
+    `Reject`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,9 +98,10 @@ def _as_tuple(rec) -> tuple[str, tuple[str, ...], tuple[str, ...] | str]:
 
 
 def check_read_manifest(path: Path, data: bytes) -> list[str]:
-    """`read_manifest` on `data` must agree with the oracle, or refuse with a QKSError naming the file."""
+    """`read_manifest` on `data` must agree with the oracle, or refuse with a QKSError naming the
+    file."""
+    from qks_pipeline.data.manifest import read_manifest
     from qks_pipeline.errors import QKSError
-    from qks_pipeline.manifest import read_manifest
 
     path.write_bytes(data)
     try:
@@ -106,7 +113,11 @@ def check_read_manifest(path: Path, data: bytes) -> list[str]:
     except QKSError as e:
         if not isinstance(expected, Reject):
             return [f"refused a valid manifest: {e.message}"]
-        return [] if e.message.startswith(str(path)) and "\n" not in e.message else [f"unclear: {e.message!r}"]
+        return (
+            []
+            if e.message.startswith(str(path)) and "\n" not in e.message
+            else [f"unclear: {e.message!r}"]
+        )
     except Exception as e:  # anything else reaches the user as a traceback
         return [f"{type(e).__name__} escaped: {str(e)[:100]}"]
     if isinstance(expected, Reject):
@@ -115,19 +126,26 @@ def check_read_manifest(path: Path, data: bytes) -> list[str]:
 
 
 def _check_verdict(records: list, test_images: set[str]) -> tuple[int | None, str]:
-    """(images `qks manifest check` must count in train.jsonl or None when it must refuse, the file a refusal names).
-    The check reads train.jsonl first: an image also in the test split is reported on test.jsonl's line."""
+    """(images `qks manifest check` must count in train.jsonl or None when it must refuse, the file
+    a refusal names). The check reads train.jsonl first: an image also in the test split is reported
+    on test.jsonl's line."""
     labels = {label for _, pos, neg in records for label in pos + (() if neg == "*" else neg)}
     if not records or not labels <= set(VOCAB):
         return None, "train.jsonl"
-    return (None, "test.jsonl") if {r[0] for r in records} & test_images else (len(records), "train.jsonl")
+    return (
+        (None, "test.jsonl")
+        if {r[0] for r in records} & test_images
+        else (len(records), "train.jsonl")
+    )
 
 
 def check_manifest_cli(dataset: Path, data: bytes) -> list[str]:
-    """`qks manifest check` on a dataset whose train.jsonl is `data`: exit 0 with the right image count, or exit 1
-    with one error line naming the right file; never an escaped exception."""
+    """`qks manifest check` on a dataset whose train.jsonl is `data`: exit 0 with the right image
+    count, or exit 1 with one error line naming the right file; never an escaped exception."""
     (dataset / "train.jsonl").write_bytes(data)
-    test_images = {json.loads(line)["image"] for line in (dataset / "test.jsonl").read_text().splitlines()}
+    test_images = {
+        json.loads(line)["image"] for line in (dataset / "test.jsonl").read_text().splitlines()
+    }
     try:
         expected, named = _check_verdict(manifest_oracle(data), test_images)
     except Reject:
@@ -136,29 +154,51 @@ def check_manifest_cli(dataset: Path, data: bytes) -> list[str]:
     if escaped is not None or code not in (0, 1) or "Traceback" in output:
         return [f"exit {code}, escaped {type(escaped).__name__}: {output[-200:]!r}"]
     if expected is None:
-        problems = error_problems(output, str(dataset / named)) if code == 1 else ["accepted a manifest it must refuse"]
+        problems = (
+            error_problems(output, str(dataset / named))
+            if code == 1
+            else ["accepted a manifest it must refuse"]
+        )
         return problems + ([] if len(output.strip().splitlines()) == 1 else ["more than one line"])
     if code != 0:
         return [f"refused a valid manifest: {output.strip()[:200]}"]
-    return [] if f"train: {expected} images," in output else [f"wrong count, {expected} expected: {output[:200]}"]
+    return (
+        []
+        if f"train: {expected} images," in output
+        else [f"wrong count, {expected} expected: {output[:200]}"]
+    )
 
 
 # ------------------------------------------------------------------------------------------- manifest strategies
-IMAGE_PATHS = st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True)  # valid, plain ASCII
+# valid, plain ASCII
+IMAGE_PATHS = st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True)
 
 
 def _record_dicts() -> st.SearchStrategy:
     label = st.sampled_from(VOCAB + ["", " red", "purple", "*", "red\n"])
-    forbidden = ["../x.jpg", "/abs.jpg", "a\\b.jpg", "C:/x.jpg", " a.jpg", "", "a\x00.jpg", "a\ud800.jpg", "a\nb.jpg"]
+    forbidden = [
+        "../x.jpg",
+        "/abs.jpg",
+        "a\\b.jpg",
+        "C:/x.jpg",
+        " a.jpg",
+        "",
+        "a\x00.jpg",
+        "a\ud800.jpg",
+        "a\nb.jpg",
+    ]
     image = st.one_of(IMAGE_PATHS, st.sampled_from([*forbidden, "é/ü.jpg"]), st.integers())
-    labels = st.one_of(st.lists(label, max_size=4), st.just("*"), st.none(), st.text(max_size=3), st.integers())
+    labels = st.one_of(
+        st.lists(label, max_size=4), st.just("*"), st.none(), st.text(max_size=3), st.integers()
+    )
     optional = {"positive": labels, "negative": labels, "extra": st.integers()}
     return st.fixed_dictionaries({"image": image}, optional=optional)
 
 
 @st.composite
 def _valid_record(draw) -> dict:
-    """A record the format allows, with labels from the vocabulary (so `manifest check` must accept it)."""
+    """A record the format allows, with labels from the vocabulary (so `manifest check` must accept
+    it)."""
     image = draw(IMAGE_PATHS)
     labels = draw(st.permutations(VOCAB))
     k = draw(st.integers(0, 3))
@@ -170,21 +210,33 @@ def _valid_record(draw) -> dict:
 def _line() -> st.SearchStrategy:
     valid = _valid_record().map(lambda d: json.dumps(d, ensure_ascii=draw_ascii(d)))
     json_line = _record_dicts().map(lambda d: json.dumps(d, ensure_ascii=False))
-    mangled = st.tuples(json_line, st.integers(0, 60), st.text(max_size=3)).map(lambda t: t[0][: t[1]] + t[2])
+    mangled = st.tuples(json_line, st.integers(0, 60), st.text(max_size=3)).map(
+        lambda t: t[0][: t[1]] + t[2]
+    )
     blank = ["", "   ", "\x0c", "\u2028"]  # blank, or a line break to str.splitlines
-    not_records = ["[]", "null", "{}", "1" * 5000, "[" * 3000, '{"image": "a.jpg",}', '{"image": "a.jpg"} trailing']
+    not_records = [
+        "[]",
+        "null",
+        "{}",
+        "1" * 5000,
+        "[" * 3000,
+        '{"image": "a.jpg",}',
+        '{"image": "a.jpg"} trailing',
+    ]
     junk = st.one_of(json_line, mangled, st.sampled_from(blank + not_records), st.text(max_size=20))
     return st.one_of(valid, valid, valid, valid, valid, valid, junk)
 
 
 def draw_ascii(record: dict) -> bool:
-    """Both spellings of non-ASCII text occur in real manifests: escaped (json.dumps' default) and raw UTF-8."""
+    """Both spellings of non-ASCII text occur in real manifests: escaped (json.dumps' default) and
+    raw UTF-8."""
     return len(record["image"]) % 2 == 0
 
 
 @st.composite
 def manifest_bytes(draw) -> bytes:
-    """A train.jsonl: JSON-ish lines joined by assorted newlines, sometimes with a BOM or a stray invalid byte."""
+    """A train.jsonl: JSON-ish lines joined by assorted newlines, sometimes with a BOM or a stray
+    invalid byte."""
     lines = draw(st.lists(_line(), max_size=6))
     text = "".join(line + draw(st.sampled_from(["\n", "\r\n", "\r", "\n\n"])) for line in lines)
     data = text.encode("utf-8", errors="surrogatepass")
@@ -192,7 +244,11 @@ def manifest_bytes(draw) -> bytes:
         data = b"\xef\xbb\xbf" + data
     if draw(st.sampled_from([False] * 15 + [True])):  # about one manifest in 16
         cut = draw(st.integers(0, len(data)))
-        data = data[:cut] + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80"])) + data[cut:]
+        data = (
+            data[:cut]
+            + draw(st.sampled_from([b"\xff", b"\xc3", b"\x00", b"\xed\xa0\x80"]))
+            + data[cut:]
+        )
     return data
 
 
@@ -221,16 +277,21 @@ NASTY_MANIFESTS: dict[str, bytes] = {
     "label both positive and negative": b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["red"]}\n',
     "unicode image path": '{"image": "dossier/été/日本.jpg", "positive": ["red"]}\n'.encode(),
     "decomposed label not in the vocabulary": '{"image": "x/1.jpg", "positive": ["re\u0301d"]}\n'.encode(),
-    "a 1 MB line": b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["' + b"g" * 1_000_000 + b'"]}\n',
+    "a 1 MB line": b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["'
+    + b"g" * 1_000_000
+    + b'"]}\n',
 }
 
 
 # ------------------------------------------------------------------------------------------------------- images
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims `width` x `height` and holds no pixels: a decompression bomb PIL must refuse."""
+    """A PNG that claims `width` x `height` and holds no pixels: a decompression bomb PIL must
+    refuse."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
@@ -254,8 +315,8 @@ def _save(root: Path, rel: str, write) -> None:
 
 
 def _odd_modes(root: Path) -> list[ImageCase]:
-    """Images in unusual modes, each with a plain RGB PNG of the pixels it must be read as (computed here, with
-    numpy, not with the library's conversion)."""
+    """Images in unusual modes, each with a plain RGB PNG of the pixels it must be read as (computed
+    here, with numpy, not with the library's conversion)."""
     from PIL import Image
 
     cases, pixels = [], _rgb(1)
@@ -276,7 +337,9 @@ def _odd_modes(root: Path) -> list[ImageCase]:
     cases.append(ImageCase("odd/palette.png", same_as="odd/palette_ref.png"))
     alpha = np.random.default_rng(5).integers(0, 256, (60, 60), dtype=np.uint16)
     rgba = np.concatenate([_rgb(6, (60, 60)), alpha[..., None].astype(np.uint8)], axis=2)
-    on_white = np.round((rgba[..., :3] * alpha[..., None] + 255 * (255 - alpha[..., None])) / 255).astype(np.uint8)
+    on_white = np.round(
+        (rgba[..., :3] * alpha[..., None] + 255 * (255 - alpha[..., None])) / 255
+    ).astype(np.uint8)
     _save(root, "odd/rgba.png", lambda p: Image.fromarray(rgba, "RGBA").save(p))
     _save(root, "odd/rgba_ref.png", lambda p: Image.fromarray(on_white).save(p))
     cases.append(ImageCase("odd/rgba.png", same_as="odd/rgba_ref.png"))
@@ -287,12 +350,18 @@ def _cmyk_and_gif(root: Path) -> list[ImageCase]:
     from PIL import Image
 
     cmyk = np.random.default_rng(7).integers(0, 256, (48, 64, 4), dtype=np.uint8)
-    _save(root, "odd/cmyk.tif", lambda p: Image.fromarray(cmyk, "CMYK").save(p))  # lossless, so pixels are exact
+    # lossless, so pixels are exact
+    _save(root, "odd/cmyk.tif", lambda p: Image.fromarray(cmyk, "CMYK").save(p))
     k = 255 - cmyk[..., 3:].astype(np.float64)
-    rgb = np.round((255 - cmyk[..., :3].astype(np.float64)) * k / 255).astype(np.uint8)  # PIL's CMYK -> RGB formula
+    # PIL's CMYK -> RGB formula
+    rgb = np.round((255 - cmyk[..., :3].astype(np.float64)) * k / 255).astype(np.uint8)
     _save(root, "odd/cmyk_ref.png", lambda p: Image.fromarray(rgb).save(p))
     frames = [Image.fromarray(_rgb(8 + i, (40, 40))).quantize(64) for i in range(3)]
-    _save(root, "odd/animated.gif", lambda p: frames[0].save(p, save_all=True, append_images=frames[1:]))
+    _save(
+        root,
+        "odd/animated.gif",
+        lambda p: frames[0].save(p, save_all=True, append_images=frames[1:]),
+    )
     _save(root, "odd/animated_ref.png", lambda p: frames[0].convert("RGB").save(p))
     tall = _rgb(11, (1, 3000))  # an extreme aspect ratio: 64 x 192,000 after the short-side resize
     _save(root, "odd/tall.png", lambda p: Image.fromarray(tall).save(p))
@@ -334,7 +403,8 @@ def _broken(root: Path) -> list[ImageCase]:
 
 
 def make_image_corpus(root: Path) -> list[ImageCase]:
-    """Write the odd and broken images under `root`; returns the cases (reference PNGs are cases too)."""
+    """Write the odd and broken images under `root`; returns the cases (reference PNGs are cases
+    too)."""
     cases = _odd_modes(root) + _broken(root)
     refs = {c.same_as for c in cases if c.same_as}
     return cases + [ImageCase(ref) for ref in sorted(refs)]
@@ -345,14 +415,16 @@ def write_corpus_dataset(dataset: Path, cases: list[ImageCase]) -> None:
     dataset.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"image": c.path, "positive": ["red"], "negative": "*"}) for c in cases]
     (dataset / "train.jsonl").write_text("\n".join(lines) + "\n")
-    (dataset / "test.jsonl").write_text(json.dumps({"image": "test/none.jpg", "positive": ["yellow"]}) + "\n")
+    (dataset / "test.jsonl").write_text(
+        json.dumps({"image": "test/none.jpg", "positive": ["yellow"]}) + "\n"
+    )
     (dataset / "seen.txt").write_text("\n".join(SEEN) + "\n")
     (dataset / "unseen.txt").write_text("\n".join(UNSEEN) + "\n")
 
 
 def check_extracted_corpus(store: Path, cases: list[ImageCase]) -> dict[str, str]:
     """Per case, what is wrong in the store `qks extract` wrote (empty dict: all correct)."""
-    from qks_pipeline.cache import open_cache
+    from qks_pipeline.store.features import open_cache
 
     cache = open_cache(store)
     paths, valid = list(cache.paths[:]), cache.valid[:]
@@ -364,11 +436,17 @@ def check_extracted_corpus(store: Path, cases: list[ImageCase]) -> dict[str, str
         i = row[c.path]
         if c.bad is not None:
             if valid[i] or c.bad not in reasons.get(c.path, ""):
-                wrong[c.path] = f"expected masked ({c.bad}), got valid={valid[i]} reason={reasons.get(c.path)!r}"
+                wrong[c.path] = (
+                    f"expected masked ({c.bad}), got valid={valid[i]} reason={reasons.get(c.path)!r}"
+                )
         elif not valid[i]:
             wrong[c.path] = f"must load, masked: {reasons.get(c.path)!r}"
-        elif c.same_as is not None and not np.allclose(tokens[i], tokens[row[c.same_as]], rtol=2e-3, atol=2e-3):
-            wrong[c.path] = f"tokens differ from {c.same_as}: max {np.abs(tokens[i] - tokens[row[c.same_as]]).max()}"
+        elif c.same_as is not None and not np.allclose(
+            tokens[i], tokens[row[c.same_as]], rtol=2e-3, atol=2e-3
+        ):
+            wrong[c.path] = (
+                f"tokens differ from {c.same_as}: max {np.abs(tokens[i] - tokens[row[c.same_as]]).max()}"
+            )
     return wrong
 
 
@@ -378,7 +456,11 @@ def check_listed_problems(output: str, cases: list[ImageCase], images: Path) -> 
     for c in cases:
         listed = f"{images / c.path}: " in output
         if listed != (c.bad is not None):
-            wrong[c.path] = "listed as a problem but loads" if listed else f"not listed, extraction masks it ({c.bad})"
+            wrong[c.path] = (
+                "listed as a problem but loads"
+                if listed
+                else f"not listed, extraction masks it ({c.bad})"
+            )
     return wrong
 
 
@@ -388,7 +470,8 @@ class LabelCase:
     name: str
     seen: bytes  # seen.txt
     unseen: bytes  # unseen.txt
-    expect: tuple[list[str], list[str]] | str  # the labels read, or what the one error line must contain
+    # the labels read, or what the one error line must contain
+    expect: tuple[list[str], list[str]] | str
 
 
 def _lines(*labels: str, sep: str = "\n") -> bytes:
@@ -410,9 +493,14 @@ LABEL_CASES = [
         (["red", "green", "blue"], ["yellow"]),
     ),
     LabelCase(
-        "CRLF and a BOM", b"\xef\xbb\xbfred\r\ngreen\r\nblue\r\n", b"yellow\r\n", (["red", "green", "blue"], ["yellow"])
+        "CRLF and a BOM",
+        b"\xef\xbb\xbfred\r\ngreen\r\nblue\r\n",
+        b"yellow\r\n",
+        (["red", "green", "blue"], ["yellow"]),
     ),
-    LabelCase("unicode, emoji and inner spaces", _lines(*UNI[:3]), _lines(*UNI[3:]), (UNI[:3], UNI[3:])),
+    LabelCase(
+        "unicode, emoji and inner spaces", _lines(*UNI[:3]), _lines(*UNI[3:]), (UNI[:3], UNI[3:])
+    ),
     LabelCase(
         "NFC and NFD spellings are two labels",
         _lines("café", "cafe\u0301"),
@@ -425,30 +513,39 @@ LABEL_CASES = [
     LabelCase("a label both seen and unseen", b"red\ngreen\n", b"green\n", "both seen and unseen"),
     LabelCase("empty file", b"\n \n", b"yellow\n", "empty"),
     LabelCase("Latin-1 bytes", "red\ncafé\n".encode("latin-1"), b"yellow\n", "UTF-8"),
-    LabelCase("a form feed inside a label", b"red\nx\x0cy\n", b"yellow\n", (["red", "x\x0cy"], ["yellow"])),
     LabelCase(
-        "a line separator inside a label", _lines("red", "a\u2028b"), b"yellow\n", (["red", "a\u2028b"], ["yellow"])
+        "a form feed inside a label", b"red\nx\x0cy\n", b"yellow\n", (["red", "x\x0cy"], ["yellow"])
+    ),
+    LabelCase(
+        "a line separator inside a label",
+        _lines("red", "a\u2028b"),
+        b"yellow\n",
+        (["red", "a\u2028b"], ["yellow"]),
     ),
 ]
 
 
 def write_label_dataset(dataset: Path, case: LabelCase) -> None:
-    """seen.txt/unseen.txt from the case, and manifests that use every label the case expects (or 'red')."""
+    """seen.txt/unseen.txt from the case, and manifests that use every label the case expects (or
+    'red')."""
     dataset.mkdir(parents=True, exist_ok=True)
     (dataset / "seen.txt").write_bytes(case.seen)
     (dataset / "unseen.txt").write_bytes(case.unseen)
     seen, unseen = case.expect if isinstance(case.expect, tuple) else (["red"], [])
     train = [{"image": f"train/{i}.jpg", "positive": [label]} for i, label in enumerate(seen)]
-    test = [{"image": f"test/{i}.jpg", "positive": [label]} for i, label in enumerate(seen + unseen)]
+    test = [
+        {"image": f"test/{i}.jpg", "positive": [label]} for i, label in enumerate(seen + unseen)
+    ]
     for name, records in (("train.jsonl", train), ("test.jsonl", test)):
         (dataset / name).write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def check_label_case(work: Path, case: LabelCase, clip: TinyClip | None = None) -> list[str]:
-    """`qks manifest check` and `qks import manifest` (and `embed-labels` with the tiny model `clip`, when given) on
-    the case: the labels read back exactly, or one error line naming the label file."""
-    from qks_pipeline.cache import read_label_embeddings
-    from qks_pipeline.manifest import read_vocabulary
+    """`qks manifest check` and `qks import manifest` (and `embed-labels` with the tiny model
+    `clip`, when given) on the case: the labels read back exactly, or one error line naming the
+    label file."""
+    from qks_pipeline.data.manifest import read_vocabulary
+    from qks_pipeline.store.label_store import read_label_embeddings
 
     dataset = work / "dataset"
     write_label_dataset(dataset, case)
@@ -467,11 +564,21 @@ def check_label_case(work: Path, case: LabelCase, clip: TinyClip | None = None) 
             problems.append(f"{what}: {type(escaped).__name__} escaped")
         elif isinstance(case.expect, str):
             names_file = "seen.txt" in output or "unseen.txt" in output
-            if code != 1 or case.expect not in output or not names_file or len(output.strip().splitlines()) != 1:
-                problems.append(f"{what}: exit {code}, {case.expect!r} and the file expected: {output.strip()[:150]!r}")
+            if (
+                code != 1
+                or case.expect not in output
+                or not names_file
+                or len(output.strip().splitlines()) != 1
+            ):
+                problems.append(
+                    f"{what}: exit {code}, {case.expect!r} and the file expected: {output.strip()[:150]!r}"
+                )
         elif code != 0:
             problems.append(f"{what}: refused: {output.strip()[:150]!r}")
-        elif what == "check" and f"{len(case.expect[0])} seen + {len(case.expect[1])} unseen labels" not in output:
+        elif (
+            what == "check"
+            and f"{len(case.expect[0])} seen + {len(case.expect[1])} unseen labels" not in output
+        ):
             problems.append(f"check: wrong counts: {output.splitlines()[0]!r}")
         elif what == "import" and read_vocabulary(work / "imported") != case.expect:
             problems.append(f"import: wrote {read_vocabulary(work / 'imported')}")
@@ -489,7 +596,9 @@ def label_outcome(work: Path, clip: TinyClip | None) -> Outcome:
         problems = check_label_case(work / f"case{i}", case, clip)
         for p in problems:
             outcome.note(f"{case.name}: {p}")
-        wrong = any("wrong" in p or "wrote" in p or "stored" in p or "refused" in p for p in problems)
+        wrong = any(
+            "wrong" in p or "wrote" in p or "stored" in p or "refused" in p for p in problems
+        )
         outcome.add(wrong=wrong, unclear=any("escaped" in p or "expected" in p for p in problems))
     return outcome
 
@@ -506,7 +615,8 @@ def _tally(outcome: Outcome, name: str, problems: list[str]) -> None:
 
 
 def manifest_outcome(work: Path, examples: int, seed: int = 0) -> Outcome:
-    """`read_manifest` and `qks manifest check` on every hand-picked manifest and on `examples` hypothesis ones."""
+    """`read_manifest` and `qks manifest check` on every hand-picked manifest and on `examples`
+    hypothesis ones."""
     from hypothesis import Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 
@@ -515,10 +625,16 @@ def manifest_outcome(work: Path, examples: int, seed: int = 0) -> Outcome:
     dataset.mkdir(parents=True, exist_ok=True)
     (dataset / "seen.txt").write_text("\n".join(SEEN) + "\n")
     (dataset / "unseen.txt").write_text("\n".join(UNSEEN) + "\n")
-    (dataset / "test.jsonl").write_text(json.dumps({"image": "t/1.jpg", "positive": ["red"]}) + "\n")
+    (dataset / "test.jsonl").write_text(
+        json.dumps({"image": "t/1.jpg", "positive": ["red"]}) + "\n"
+    )
 
     def one(name: str, data: bytes) -> None:
-        _tally(outcome, name, check_read_manifest(work / "m.jsonl", data) + check_manifest_cli(dataset, data))
+        _tally(
+            outcome,
+            name,
+            check_read_manifest(work / "m.jsonl", data) + check_manifest_cli(dataset, data),
+        )
 
     for name, data in NASTY_MANIFESTS.items():
         one(name, data)
@@ -534,12 +650,14 @@ def manifest_outcome(work: Path, examples: int, seed: int = 0) -> Outcome:
 
 
 def image_outcome(work: Path, clip: TinyClip) -> Outcome:
-    """Every corpus image through `qks extract` (masked with its reason, or read as its plain-RGB twin) and through
-    `qks manifest check --images` (listed exactly when extraction masks it)."""
+    """Every corpus image through `qks extract` (masked with its reason, or read as its plain-RGB
+    twin) and through `qks manifest check --images` (listed exactly when extraction masks it)."""
     outcome = Outcome("corrupt and odd images (extract, manifest check)")
     cases = make_image_corpus(work / "images")
     write_corpus_dataset(work / "dataset", cases)
-    code, output, escaped = cli(*extract_argv(ImageData(work / "dataset", work / "images"), clip, work / "s.zarr", 8))
+    code, output, escaped = cli(
+        *extract_argv(ImageData(work / "dataset", work / "images"), clip, work / "s.zarr", 8)
+    )
     if code != 0 or escaped is not None:
         outcome.note(f"extract failed: {output[-200:]!r}")
         outcome.add(unclear=True, ok=False)

@@ -1,4 +1,5 @@
-"""What the fault cases share: a tiny CLIP and image dataset, `qks` runs in separate processes, store comparison.
+"""What the fault cases share: a tiny CLIP and image dataset, `qks` runs in separate processes,
+store comparison.
 
 Runs are real processes that can be SIGKILLed. Two ways to start them (`Runner`):
 - "spawn": a fresh interpreter per run (`python -c "from qks_pipeline.cli import main; main()" ...`), exactly what a
@@ -29,7 +30,8 @@ from tests.tiny import SEEN, UNSEEN, TinyClip, extract_args
 SPAWN_CODE = "from qks_pipeline.cli import main; main()"
 ZYGOTE = Path(__file__).with_name("zygote.py")
 INSTRUMENTATION_FAILED = 99  # zygote.INSTRUMENTATION_FAILED
-# Files a killed or failed write leaves behind: zarr's `<key>.<uuid>.partial`, our `<name>.tmp<pid>`.
+# Files a killed or failed write leaves behind: zarr's `<key>.<uuid>.partial`, our
+# `<name>.tmp<pid>`.
 LITTER = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp\d+)$")
 
 
@@ -55,25 +57,33 @@ def _records(rng: np.random.Generator, split: str, n: int, images: Path) -> list
         rel = f"{split}/img{i:04d}.{'png' if i % 2 else 'jpg'}"
         (images / rel).parent.mkdir(parents=True, exist_ok=True)
         _random_image(rng).save(images / rel)
-        positive = sorted(rng.choice(SEEN + UNSEEN, size=int(rng.integers(1, 3)), replace=False).tolist())
+        positive = sorted(
+            rng.choice(SEEN + UNSEEN, size=int(rng.integers(1, 3)), replace=False).tolist()
+        )
         lines.append(json.dumps({"image": rel, "positive": positive, "negative": "*"}))
     return lines
 
 
 def make_image_data(root: Path, n_train: int, n_test: int = 8, seed: int = 0) -> ImageData:
-    """Random-colour noise images (JPEG and PNG, varied sizes), fully annotated with the compact negative form."""
+    """Random-colour noise images (JPEG and PNG, varied sizes), fully annotated with the compact
+    negative form."""
     rng = np.random.default_rng(seed)
     data = ImageData(root / "dataset", root / "images")
     data.dataset.mkdir(parents=True, exist_ok=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        (data.dataset / f"{split}.jsonl").write_text("\n".join(_records(rng, split, n, data.images)) + "\n")
+        (data.dataset / f"{split}.jsonl").write_text(
+            "\n".join(_records(rng, split, n, data.images)) + "\n"
+        )
     (data.dataset / "seen.txt").write_text("\n".join(SEEN) + "\n")
     (data.dataset / "unseen.txt").write_text("\n".join(UNSEEN) + "\n")
     return data
 
 
-def extract_argv(data: ImageData, clip: TinyClip, out: Path, shard_size: int, split: str = "train") -> list[str]:
-    """`qks extract` arguments for the tiny model on the CPU, decoding in the main process, 4 images a batch."""
+def extract_argv(
+    data: ImageData, clip: TinyClip, out: Path, shard_size: int, split: str = "train"
+) -> list[str]:
+    """`qks extract` arguments for the tiny model on the CPU, decoding in the main process, 4 images
+    a batch."""
     return extract_args(data, clip, out, split, batch_size=4, shard_size=shard_size)
 
 
@@ -92,7 +102,9 @@ class Run:
         if self.status is None:
             self.status = self.runner.poll(self)
             if self.status == INSTRUMENTATION_FAILED:
-                raise RuntimeError(f"test instrumentation found nothing to hook: {last_line(self.output)}")
+                raise RuntimeError(
+                    f"test instrumentation found nothing to hook: {last_line(self.output)}"
+                )
         return self.status
 
     def wait(self, timeout: float = 300.0) -> int:
@@ -116,7 +128,8 @@ class Run:
 
 
 class Runner:
-    """Starts `qks` runs in separate processes: `mode` "fork" (from a warm zygote) or "spawn" (fresh interpreter)."""
+    """Starts `qks` runs in separate processes: `mode` "fork" (from a warm zygote) or "spawn" (fresh
+    interpreter)."""
 
     def __init__(self, mode: str = "fork"):
         assert mode in ("fork", "spawn"), mode
@@ -140,20 +153,23 @@ class Runner:
         return json.loads(self._zygote.stdout.readline())
 
     def start(self, argv: list[str], log: Path, fsize: int | None = None, **hooks: object) -> Run:
-        """Start `qks ARGV` with stdout+stderr in `log`; `fsize`: RLIMIT_FSIZE in bytes (SIGXFSZ ignored).
-        `hooks`: test instrumentation (zygote.py): `slow_write` seconds of sleep after each whole-shard write,
-        `barrier` a path prefix where two runs meet before creating the store, `hold_replace` a gate path that pauses
-        the last step of store creation."""
+        """Start `qks ARGV` with stdout+stderr in `log`; `fsize`: RLIMIT_FSIZE in bytes (SIGXFSZ
+        ignored). `hooks`: test instrumentation (zygote.py): `slow_write` seconds of sleep after
+        each whole-shard write, `barrier` a path prefix where two runs meet before creating the
+        store, `hold_replace` a gate path that pauses the last step of store creation."""
         log.parent.mkdir(parents=True, exist_ok=True)
         hooks = {k: str(v) if isinstance(v, Path) else v for k, v in hooks.items() if v is not None}
         if self.mode == "fork":
             request = {"op": "run", "argv": argv, "log": str(log), "fsize": fsize, **hooks}
             run = Run(self, self._ask(request)["pid"], log)
         else:
-            entry = [str(ZYGOTE), "--hooks", json.dumps(hooks)] if hooks else ["-c", SPAWN_CODE]  # instrumented or not
+            # instrumented or not
+            entry = [str(ZYGOTE), "--hooks", json.dumps(hooks)] if hooks else ["-c", SPAWN_CODE]
             command = [sys.executable, *entry, *argv]
             with open(log, "w") as f:
-                popen = subprocess.Popen(command, stdout=f, stderr=STDOUT, env=_env(), preexec_fn=_limit_fsize(fsize))
+                popen = subprocess.Popen(
+                    command, stdout=f, stderr=STDOUT, env=_env(), preexec_fn=_limit_fsize(fsize)
+                )
             run = Run(self, popen.pid, log, popen)
         self._runs = [r for r in self._runs if r.status is None] + [run]
         return run
@@ -163,7 +179,9 @@ class Runner:
             return run.popen.poll()
         return self._ask({"op": "poll", "pid": run.pid})["status"]
 
-    def run(self, argv: list[str], log: Path, fsize: int | None = None, timeout: float = 300.0) -> Run:
+    def run(
+        self, argv: list[str], log: Path, fsize: int | None = None, timeout: float = 300.0
+    ) -> Run:
         """Start and wait."""
         run = self.start(argv, log, fsize)
         run.wait(timeout)
@@ -200,8 +218,9 @@ def _limit_fsize(fsize: int | None):
 
 # ------------------------------------------------------------------------------------------------------ error lines
 def error_problems(output: str, path_hint: str | None = None) -> list[str]:
-    """What is wrong with a failed command's output as a user-facing error: a traceback, no `Error:` line, or an
-    error line that does not name `path_hint`. Empty when the output ends in one clear line."""
+    """What is wrong with a failed command's output as a user-facing error: a traceback, no `Error:`
+    line, or an error line that does not name `path_hint`. Empty when the output ends in one clear
+    line."""
     problems = []
     if "Traceback (most recent call last)" in output:
         problems.append("traceback")
@@ -223,7 +242,9 @@ def store_files(root: Path) -> dict[str, bytes]:
     """Every file under `root`, by relative path."""
     if not root.exists():
         return {}
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 @dataclass
@@ -241,12 +262,17 @@ class TreeDiff:
         return not (self.missing or self.different or self.extra)
 
     def summary(self) -> str:
-        parts = [f"{k} {getattr(self, k)[:4]}" for k in ("missing", "different", "extra", "litter") if getattr(self, k)]
+        parts = [
+            f"{k} {getattr(self, k)[:4]}"
+            for k in ("missing", "different", "extra", "litter")
+            if getattr(self, k)
+        ]
         return "; ".join(parts) or "equal"
 
 
 def compare_trees(root: Path, reference: Path, skip: tuple[str, ...] = ()) -> TreeDiff:
-    """Compare every file under `root` with the same path under `reference`; `skip`: relative paths not compared."""
+    """Compare every file under `root` with the same path under `reference`; `skip`: relative paths
+    not compared."""
     here, ref = store_files(root), store_files(reference)
     diff = TreeDiff()
     for name in sorted(set(here) | set(ref)):
@@ -262,7 +288,8 @@ def compare_trees(root: Path, reference: Path, skip: tuple[str, ...] = ()) -> Tr
 
 
 def shard_keys(shard: int) -> list[str]:
-    """The files of one shard of a store written by `qks extract`: its done marker, token shard, valid chunk."""
+    """The files of one shard of a store written by `qks extract`: its done marker, token shard,
+    valid chunk."""
     return [f"done/{shard:05d}.json", f"tokens/c/{shard}/0/0/0", f"valid/c/{shard}"]
 
 
@@ -273,8 +300,9 @@ def markers(store: Path) -> dict[str, int]:
 
 
 def done_but_wrong(store: Path, reference: Path) -> list[str]:
-    """Whatever passes as finished in `store` yet differs from `reference`: metadata of an existing store, and the
-    files of every shard that has a done marker. Empty when everything marked done is right."""
+    """Whatever passes as finished in `store` yet differs from `reference`: metadata of an existing
+    store, and the files of every shard that has a done marker. Empty when everything marked done is
+    right."""
     if not (store / "zarr.json").exists():
         return []
     here = store_files(store)

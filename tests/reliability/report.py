@@ -1,13 +1,15 @@
-"""Run the reliability fault cases and print a table: fault injected, trials, survived, data lost, wrong results.
+"""Run the reliability fault cases and print a table: fault injected, trials, survived, data lost,
+wrong results.
 
     .venv/bin/python -m tests.reliability.report [--kills 20] [--train-kills 5] [--trials 4] [--pairs 10]
                                                  [--fuzz 200] [--spawn] [--work DIR] [--seed 0]
 
-Run it from the repository root. The cases are those of the tests beside it (the same functions: faults.py and
-corpus.py); what each count means is in faults.py's docstring. Runs are real processes that are SIGKILLed; by default
-they are forked from a warm process (fast); `--spawn` starts each as a fresh interpreter, as a user's shell does (about
-4.5 s more per run). Mounting the small tmpfs of the disk-full cases needs root; without it those rows say so. Exits 1
-when any trial lost data or gave a wrong result.
+Run it from the repository root. The cases are those of the tests beside it (the same functions:
+faults.py and corpus.py); what each count means is in faults.py's docstring. Runs are real processes
+that are SIGKILLed; by default they are forked from a warm process (fast); `--spawn` starts each as
+a fresh interpreter, as a user's shell does (about 4.5 s more per run). Mounting the small tmpfs of
+the disk-full cases needs root; without it those rows say so. Exits 1 when any trial lost data or
+gave a wrong result.
 """
 
 from __future__ import annotations
@@ -27,26 +29,39 @@ from tests.tiny import make_tiny_clip
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kills", type=int, default=20, help="SIGKILLs of qks extract (the extraction soak)")
+    p.add_argument(
+        "--kills", type=int, default=20, help="SIGKILLs of qks extract (the extraction soak)"
+    )
     p.add_argument("--train-kills", type=int, default=5, help="SIGKILLs of qks train")
-    p.add_argument("--trials", type=int, default=4, help="disk-full trials, for extraction and for checkpoints each")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=4,
+        help="disk-full trials, for extraction and for checkpoints each",
+    )
     p.add_argument("--pairs", type=int, default=10, help="pairs of simultaneous extractions")
     p.add_argument("--fuzz", type=int, default=200, help="hypothesis-generated manifests")
     p.add_argument("--spawn", action="store_true", help="start every run as a fresh interpreter")
-    p.add_argument("--work", type=Path, help="keep the runs here (default: a temporary directory, removed)")
+    p.add_argument(
+        "--work", type=Path, help="keep the runs here (default: a temporary directory, removed)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
 def _row(name: str, work: Path, make: Callable[[Path], faults.Outcome]) -> faults.Outcome:
-    """Run one case in its own directory; a case that cannot run here becomes a row with 0 trials and the reason."""
+    """Run one case in its own directory; a case that cannot run here becomes a row with 0 trials
+    and the reason."""
     start = time.monotonic()
     (work / name).mkdir(parents=True, exist_ok=True)
     try:
         outcome = make(work / name)
     except faults.Unavailable as e:
         outcome = faults.Outcome(name.replace("_", " "), notes=[f"not run: {e}"])
-    print(f"  {outcome.fault}: {outcome.trials} trials, {time.monotonic() - start:.0f} s", file=sys.stderr)
+    print(
+        f"  {outcome.fault}: {outcome.trials} trials, {time.monotonic() - start:.0f} s",
+        file=sys.stderr,
+    )
     return outcome
 
 
@@ -58,13 +73,25 @@ def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[faults
     s = args.seed
     fractions = faults.spread(args.trials, s)
     cases: list[tuple[str, Callable[[Path], faults.Outcome]]] = [
-        ("kill_extract", lambda w: faults.extraction_kills(runner, w, big, clip, args.kills, seed=s)),
-        ("kill_train", lambda w: faults.training_kills(runner, w, setup, args.train_kills, 6, seed=s)),
+        (
+            "kill_extract",
+            lambda w: faults.extraction_kills(runner, w, big, clip, args.kills, seed=s),
+        ),
+        (
+            "kill_train",
+            lambda w: faults.training_kills(runner, w, setup, args.train_kills, 6, seed=s),
+        ),
         ("disk_extract", lambda w: faults.disk_full_extraction(runner, w, small, clip, fractions)),
         ("fsize_extract", lambda w: faults.file_size_limit_extraction(runner, w, small, clip)),
-        ("disk_checkpoint", lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, fractions, True)),
+        (
+            "disk_checkpoint",
+            lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, fractions, True),
+        ),
         ("pairs", lambda w: faults.concurrent_extractions(runner, w, small, clip, args.pairs)),
-        ("pairs_together", lambda w: faults.concurrent_extractions(runner, w, small, clip, 5, barrier=True)),
+        (
+            "pairs_together",
+            lambda w: faults.concurrent_extractions(runner, w, small, clip, 5, barrier=True),
+        ),
         ("create_while_creating", lambda w: faults.create_while_creating(runner, w, small, clip)),
         ("replace_running", lambda w: faults.replace_while_running(runner, w, small, clip, other)),
         ("stale", lambda w: faults.stale_inputs(faults.make_stale_setup(w, small, clip, other))),
@@ -86,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     mode = "fresh interpreters" if args.spawn else "forked from a warm process"
-    print(f"\nqks reliability report ({mode}, seed {args.seed}, {time.monotonic() - start:.0f} s)\n")
+    print(
+        f"\nqks reliability report ({mode}, seed {args.seed}, {time.monotonic() - start:.0f} s)\n"
+    )
     print(faults.format_table(outcomes))
     return int(any(o.data_lost or o.wrong for o in outcomes))
 

@@ -1,5 +1,6 @@
-"""The bad-input corpus: malformed manifests (hypothesis and hand-picked), corrupt and odd images, odd label files.
-Every case gives a correct result or one clear error line naming the file; never a traceback or a wrong number."""
+"""The bad-input corpus: malformed manifests (hypothesis and hand-picked), corrupt and odd images,
+odd label files. Every case gives a correct result or one clear error line naming the file; never a
+traceback or a wrong number."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ from tests.reliability.harness import ImageData, extract_argv
 from tests.tiny import SEEN, UNSEEN
 
 FUZZ = settings(
-    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
@@ -34,7 +38,9 @@ def dataset(tmp_path):
     """A dataset directory with a valid test split and vocabulary; each case writes train.jsonl."""
     (tmp_path / "seen.txt").write_text("\n".join(SEEN) + "\n")
     (tmp_path / "unseen.txt").write_text("\n".join(UNSEEN) + "\n")
-    (tmp_path / "test.jsonl").write_text(json.dumps({"image": "t/1.jpg", "positive": ["red"]}) + "\n")
+    (tmp_path / "test.jsonl").write_text(
+        json.dumps({"image": "t/1.jpg", "positive": ["red"]}) + "\n"
+    )
     return tmp_path
 
 
@@ -66,8 +72,8 @@ def image_corpus(clip, tmp_path_factory):
 
 
 def test_odd_and_broken_images_through_extract(image_corpus, clip):
-    """Broken files are masked and recorded with their reason; odd modes and a PNG named .jpg load as the plain RGB
-    image of the same pixels; `qks cache verify` passes."""
+    """Broken files are masked and recorded with their reason; odd modes and a PNG named .jpg load
+    as the plain RGB image of the same pixels; `qks cache verify` passes."""
     root, cases = image_corpus
     data, store = ImageData(root / "dataset", root / "images"), root / "train.zarr"
     code, output, escaped = cli(*extract_argv(data, clip, store, 8))
@@ -90,8 +96,9 @@ def test_label_file(case, clip, tmp_path):
 
 @pytest.mark.parametrize("name", ["a\x00.jpg", "a\ud800.jpg"])
 def test_a_path_no_file_can_have_is_a_bad_image_not_a_crash(name, tmp_path):
-    """The manifest refuses such names; `load_rgb` (also used by `qks predict`) must not crash on one either."""
-    from qks_pipeline.images import BadImage, load_rgb
+    """The manifest refuses such names; `load_rgb` (also used by `qks predict`) must not crash on
+    one either."""
+    from qks_pipeline.data.images import BadImage, load_rgb
 
     with pytest.raises(BadImage, match="unreadable"):
         load_rgb(tmp_path / name)

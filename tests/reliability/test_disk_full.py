@@ -1,6 +1,6 @@
-"""A full disk (ENOSPC on a small tmpfs) or a file-size limit (EFBIG, RLIMIT_FSIZE) during extraction and during
-checkpoint writes: nothing is left that passes as complete, a rerun with space completes equal to a clean run, and
-the failure is reported as one clear line naming the path."""
+"""A full disk (ENOSPC on a small tmpfs) or a file-size limit (EFBIG, RLIMIT_FSIZE) during
+extraction and during checkpoint writes: nothing is left that passes as complete, a rerun with space
+completes equal to a clean run, and the failure is reported as one clear line naming the path."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def extraction(runner, images, clip, tmp_path_factory) -> list[Outcome]:
     work = tmp_path_factory.mktemp("diskfull")
     (work / "enospc").mkdir()
     (work / "efbig").mkdir()
-    enospc = _or_skip(lambda: disk_full_extraction(runner, work / "enospc", images, clip, [0.15, 0.7]))
+    enospc = _or_skip(
+        lambda: disk_full_extraction(runner, work / "enospc", images, clip, [0.15, 0.7])
+    )
     return [enospc, file_size_limit_extraction(runner, work / "efbig", images, clip)]
 
 

@@ -1,5 +1,6 @@
-"""SIGKILL `qks extract` at random moments; each rerun resumes and the final store equals an uninterrupted run's,
-every file byte for byte (token shards, valid, labels, paths, manifest_index, visual_proj, metadata, done markers)."""
+"""SIGKILL `qks extract` at random moments; each rerun resumes and the final store equals an
+uninterrupted run's, every file byte for byte (token shards, valid, labels, paths, manifest_index,
+visual_proj, metadata, done markers)."""
 
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ def test_sigkill_extraction_three_times_resumes_byte_for_byte(runner, images, cl
 
 
 def test_resume_clears_the_temporary_files_a_killed_run_left(images, clip, tmp_path):
-    """What a SIGKILL inside a write leaves: zarr's `<chunk>.<uuid>.partial` and a done marker's `.tmp<pid>`, with
-    that shard not marked done. The resumed store should equal a clean one, with no stray files (they hold up to a
-    whole shard each, ~310 MB at the default size, and change the DVC hash of the output)."""
+    """What a SIGKILL inside a write leaves: zarr's `<chunk>.<uuid>.partial` and a done marker's
+    `.tmp<pid>`, with that shard not marked done. The resumed store should equal a clean one, with
+    no stray files (they hold up to a whole shard each, ~310 MB at the default size, and change the
+    DVC hash of the output)."""
     clean, store = tmp_path / "clean.zarr", tmp_path / "killed.zarr"
     assert cli(*extract_argv(images, clip, clean, 4))[0] == 0
     shutil.copytree(clean, store)
     (store / "done/00002.json").unlink()
-    shutil.copy(clean / "tokens/c/2/0/0/0", store / "tokens/c/2/0/0/0.0123456789abcdef0123456789abcdef.partial")
+    shutil.copy(
+        clean / "tokens/c/2/0/0/0",
+        store / "tokens/c/2/0/0/0.0123456789abcdef0123456789abcdef.partial",
+    )
     (store / "done/00002.json.tmp4242").write_text('{"shard": 2')
     assert cli(*extract_argv(images, clip, store, 4))[0] == 0
     diff = compare_trees(store, clean)
@@ -36,7 +41,8 @@ def test_resume_clears_the_temporary_files_a_killed_run_left(images, clip, tmp_p
 @pytest.mark.slow
 @pytest.mark.soak
 def test_soak_twenty_kills_in_one_run(runner, clip, tmp_path):
-    """20 kills at random moments while one store of 160 images in shards of 2 (80 shards) is extracted."""
+    """20 kills at random moments while one store of 160 images in shards of 2 (80 shards) is
+    extracted."""
     data = make_image_data(tmp_path / "data", n_train=160)
     outcome = extraction_kills(runner, tmp_path / "run", data, clip, kills=20, seed=7)
     assert outcome.trials == 20 and outcome.rounds == 1
@@ -46,7 +52,8 @@ def test_soak_twenty_kills_in_one_run(runner, clip, tmp_path):
 @pytest.mark.slow
 @pytest.mark.soak
 def test_soak_kills_of_fresh_interpreters(images, clip, tmp_path):
-    """Five kills of `qks` started as fresh interpreters (not forked): the path a user's shell takes."""
+    """Five kills of `qks` started as fresh interpreters (not forked): the path a user's shell
+    takes."""
     with Runner("spawn") as spawn:
         outcome = extraction_kills(spawn, tmp_path, images, clip, kills=5, seed=3)
     assert outcome.clean, outcome.notes

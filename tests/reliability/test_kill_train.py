@@ -1,14 +1,15 @@
-"""SIGKILL `qks train` mid-epoch; each rerun resumes from the last checkpoint and, on the CPU with the same seed,
-ends with the same weights (safetensors bytes), config.json and log (timing columns aside) as an uninterrupted run."""
+"""SIGKILL `qks train` mid-epoch; each rerun resumes from the last checkpoint and, on the CPU with
+the same seed, ends with the same weights (safetensors bytes), config.json and log (timing columns
+aside) as an uninterrupted run."""
 
 from __future__ import annotations
 
 import pytest
 
-import qks_pipeline.train as training
+import qks_pipeline.stage_two.train as training
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
+from qks_pipeline.store.synthetic import make_synthetic
 from tests.reliability.faults import compare_runs, make_train_setup, training_kills
-from tests.synthetic import make_synthetic
 
 
 def test_sigkill_training_twice_resumes_to_the_same_weights(runner, tmp_path):
@@ -22,11 +23,13 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
 
 
-WRITERS = ("save_weights", "save_state", "write_csv", "atomic_write", "write_config")  # every file `train` writes
+# every file `train` writes
+WRITERS = ("save_weights", "save_state", "write_csv", "atomic_write", "write_config")
 
 
 def _kill_after_writes(monkeypatch: pytest.MonkeyPatch, die_after: int | None) -> list[str]:
-    """Count the checkpoint writes of a `train` call; raise Killed right after write number `die_after`."""
+    """Count the checkpoint writes of a `train` call; raise Killed right after write number
+    `die_after`."""
     calls: list[str] = []
 
     def counted(name: str, real):
@@ -44,9 +47,10 @@ def _kill_after_writes(monkeypatch: pytest.MonkeyPatch, die_after: int | None) -
 
 
 def test_a_kill_between_any_two_checkpoint_writes_of_the_final_epoch(tmp_path, monkeypatch):
-    """Die right after each of the last writes of a run (best, config, last weights, log, resume point, in whatever
-    order `_save_epoch` writes them): the same command again must end with the files of an uninterrupted run, never
-    with a run that looks complete but holds an older epoch's weights or log."""
+    """Die right after each of the last writes of a run (best, config, last weights, log, resume
+    point, in whatever order `_save_epoch` writes them): the same command again must end with the
+    files of an uninterrupted run, never with a run that looks complete but holds an older epoch's
+    weights or log."""
     data = make_synthetic(tmp_path / "data", num_train=64, num_test=32)
     params = Params(
         model=ModelConfig(num_queries=4, num_layers=1, num_heads=4, ff_dim=32),
@@ -65,7 +69,9 @@ def test_a_kill_between_any_two_checkpoint_writes_of_the_final_epoch(tmp_path, m
             with pytest.raises(Killed):
                 training.train(data.train, data.labels, out, **quiet)
         training.train(data.train, data.labels, out, **quiet)  # the same command again
-        assert compare_runs(out, tmp_path / "clean") == [], f"killed after write {k} ({calls[k - 1]})"
+        assert compare_runs(out, tmp_path / "clean") == [], (
+            f"killed after write {k} ({calls[k - 1]})"
+        )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""A cache built from other weights, another model config, another manifest or another format version is refused by
-train, evaluate and extract with one line naming the field that differs, and the refusal changes nothing."""
+"""A cache built from other weights, another model config, another manifest or another format
+version is refused by train, evaluate and extract with one line naming the field that differs, and
+the refusal changes nothing."""
 
 from __future__ import annotations
 
@@ -20,5 +21,7 @@ def test_stale_inputs_are_refused_naming_the_difference(setup):
     for case in cases:
         refused, unchanged, problems, line = run_stale_case(case)
         if not (refused and unchanged and not problems and case.field in line):
-            failed.append(f"{case.name}: refused={refused} unchanged={unchanged} {problems} {line!r}")
+            failed.append(
+                f"{case.name}: refused={refused} unchanged={unchanged} {problems} {line!r}"
+            )
     assert failed == []

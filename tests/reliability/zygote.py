@@ -1,19 +1,22 @@
-"""A warm process that forks `qks` command runs, so a fault case does not pay ~4.5 s of imports per run.
+"""A warm process that forks `qks` command runs, so a fault case does not pay ~4.5 s of imports per
+run.
 
 Protocol (one JSON object a line on stdin, one answer a line on stdout):
     {"op": "run", "argv": [...], "log": PATH, "fsize": BYTES|null, HOOK: VALUE...}  -> {"pid": N}
     {"op": "poll", "pid": N}                                                    -> {"status": CODE|null}
     {"op": "quit"}
 
-Each run is a forked child that executes the same click entry point as the `qks` script (`qks_pipeline.cli.main`),
-with stdout and stderr in `log`. `fsize` sets RLIMIT_FSIZE (SIGXFSZ ignored, so an oversized write fails with EFBIG).
-An unhandled exception prints its traceback and exits 1, as the interpreter would. The parent never runs a torch
-operation, so no thread pool exists at fork time. A killed child reports -signal.
+Each run is a forked child that executes the same click entry point as the `qks` script
+(`qks_pipeline.cli.main`), with stdout and stderr in `log`. `fsize` sets RLIMIT_FSIZE (SIGXFSZ
+ignored, so an oversized write fails with EFBIG). An unhandled exception prints its traceback and
+exits 1, as the interpreter would. The parent never runs a torch operation, so no thread pool exists
+at fork time. A killed child reports -signal.
 
-Hooks (test instrumentation, `instrument`): `slow_write` sleeps after each whole-shard write; `barrier` holds store
-creation until two runs reach it; `hold_replace` pauses the last step of store creation. A hook whose hook point is
-gone exits INSTRUMENTATION_FAILED, so no test passes or xfails on a hook that silently stopped applying.
-`python zygote.py --hooks JSON ARGV...` is one instrumented run in this process (the harness's "spawn" mode).
+Hooks (test instrumentation, `instrument`): `slow_write` sleeps after each whole-shard write;
+`barrier` holds store creation until two runs reach it; `hold_replace` pauses the last step of store
+creation. A hook whose hook point is gone exits INSTRUMENTATION_FAILED, so no test passes or xfails
+on a hook that silently stopped applying. `python zygote.py --hooks JSON ARGV...` is one
+instrumented run in this process (the harness's "spawn" mode).
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ import sys
 import time
 import traceback
 
-import qks_pipeline.evaluate  # noqa: F401  (heavy imports done once, before any fork)
-import qks_pipeline.extract  # noqa: F401
-import qks_pipeline.train  # noqa: F401
+import qks_pipeline.stage_one.extract  # noqa: F401
+import qks_pipeline.stage_two.evaluate  # noqa: F401  (heavy imports done once, before any fork)
+import qks_pipeline.stage_two.train  # noqa: F401
 from qks_pipeline.cli import main
 
 INSTRUMENTATION_FAILED = 99
 
 
 def slow_shard_writes(seconds: float) -> None:
-    """Sleep after every `Cache.write_shard`: widens the time between shards so a test can act while a run is busy."""
-    from qks_pipeline import cache
+    """Sleep after every `Cache.write_shard`: widens the time between shards so a test can act while
+    a run is busy."""
+    from qks_pipeline.store import features as cache
 
     write = cache.Cache.write_shard
 
@@ -49,9 +53,10 @@ def slow_shard_writes(seconds: float) -> None:
 
 
 def creation_barrier(path: str, parties: int = 2, timeout: float = 10.0) -> None:
-    """Hold `create_cache` until `parties` runs reach it (each touches `path.<pid>`), or `timeout`: two extractions
-    started together then create the store at the same moment, as they can by chance."""
-    from qks_pipeline import extract
+    """Hold `create_cache` until `parties` runs reach it (each touches `path.<pid>`), or `timeout`:
+    two extractions started together then create the store at the same moment, as they can by
+    chance."""
+    from qks_pipeline.stage_one import extract
 
     create = extract.create_cache
 
@@ -66,9 +71,9 @@ def creation_barrier(path: str, parties: int = 2, timeout: float = 10.0) -> None
 
 
 def hold_before_replace(gate: str) -> None:
-    """Pause the step that puts a newly built store in place (`Location.replace_with`) until `gate.go` exists;
-    `gate.held` tells the test the pause began."""
-    from qks_pipeline import storage
+    """Pause the step that puts a newly built store in place (`Location.replace_with`) until
+    `gate.go` exists; `gate.held` tells the test the pause began."""
+    from qks_pipeline.store import location as storage
 
     replace = storage.Location.replace_with
 
@@ -81,7 +86,11 @@ def hold_before_replace(gate: str) -> None:
     storage.Location.replace_with = held
 
 
-HOOKS = {"slow_write": slow_shard_writes, "barrier": creation_barrier, "hold_replace": hold_before_replace}
+HOOKS = {
+    "slow_write": slow_shard_writes,
+    "barrier": creation_barrier,
+    "hold_replace": hold_before_replace,
+}
 
 
 def instrument(req: dict) -> None:
@@ -111,7 +120,8 @@ def _child(req: dict) -> None:
         _redirect(req["log"])
         instrument(req)
         if req.get("fsize") is not None:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG
+            # an oversized write then fails with EFBIG
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (req["fsize"], req["fsize"]))
         main(args=req["argv"], prog_name="qks")
         code = 0

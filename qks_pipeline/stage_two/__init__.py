@@ -1,0 +1,3 @@
+"""Stage two, from the cache only: the QKS head (queries, Q-Former, projection), its losses, the
+loader, training (on one or several processes), scoring, metrics, evaluation, checkpoints and the
+authors' checkpoint import."""

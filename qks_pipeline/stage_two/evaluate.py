@@ -1,0 +1,266 @@
+"""Stage two, evaluation: score a test store with a trained QKS head (or CLIP zero-shot) and apply
+the protocol.
+
+Scores: the seen then the unseen labels over the test store's valid rows, in float32
+(`qks_pipeline.stage_two.scoring`); metrics: `metrics.evaluate_scores` under `evaluate.protocol`
+(docs/design.md, section 4), fractions in [0, 1]. The CLIP baseline (section 1) scores against one
+template's label embeddings (`evaluate.clip_labels: template`, the reference's `clip_eval.py`) or
+the prompt pool's (`pool`). The query-preference table counts, per label, which query gives its
+logit on its positive images (the paper's "knowledge sharing"). Memory, 5 bytes per (image, label):
+section 3.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from qks_pipeline.atomic import atomic_write, write_csv
+from qks_pipeline.config import EvaluateConfig
+from qks_pipeline.devices import resolve_device
+from qks_pipeline.errors import QKSError
+from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
+from qks_pipeline.stage_two.inputs import Inputs, open_inputs
+from qks_pipeline.stage_two.loader import CacheLoader, open_loader
+from qks_pipeline.stage_two.metrics import (
+    SELECTED_ON_TEST,
+    SETTINGS,
+    evaluate_scores,
+    reference_scores,
+)
+from qks_pipeline.stage_two.model import QKS
+from qks_pipeline.stage_two.scoring import Predictions, clip_scorer, model_scorer, score_rows
+from qks_pipeline.store.fingerprint import check_fingerprint
+from qks_pipeline.store.label_store import (
+    CLIP_EMBEDDINGS,
+    check_label_embedding,
+    check_label_names,
+    read_label_embeddings,
+)
+
+CLIP_BASELINE = "clip_zero_shot"
+
+
+def check_checkpoint(
+    inputs: Inputs, config: dict[str, Any], test_path: str | Path, labels_path: str | Path
+) -> None:
+    """Refuse a test store or label store that does not fit the checkpoint: backbone, seen labels,
+    template pool."""
+    check_fingerprint(
+        test_path,
+        {"backbone": inputs.backbone},
+        {"backbone": config["fingerprint"]},
+        "vs checkpoint",
+    )
+    if config.get("label_names") is not None:  # None: an imported reference checkpoint
+        seen, trained = (
+            inputs.label_names[: inputs.num_seen],
+            config["label_names"][: config["num_seen"]],
+        )
+        check_label_names(
+            test_path, seen, trained, "seen labels of the test store vs the checkpoint"
+        )
+    check_label_embedding(labels_path, inputs.label_embedding, config.get("label_embedding"))
+
+
+def query_preference(counts: np.ndarray, names: list[str], num_seen: int) -> list[dict[str, Any]]:
+    """Per label: over its positive images, how often each query gives the label's logit (counts (C,
+    Q))."""
+    table = []
+    for c, (name, n) in enumerate(zip(names, counts, strict=True)):
+        top, total = int(n.argmax()), int(n.sum())
+        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "positives": total}
+        row |= {"top_query": top if total else "", "top_share": n[top] / total if total else ""}
+        table.append(row | {f"q{q}": int(k) for q, k in enumerate(n)})
+    return table
+
+
+def per_label_table(
+    results: dict[str, dict[str, Any]], names: list[str], num_seen: int
+) -> list[dict[str, Any]]:
+    """Per label: AP in its own setting (seen or zsl) and in gzsl, what it lacks to be scored in
+    each (nothing, a positive, a negative, an annotation), and its positives and negatives among its
+    own setting's images."""
+    rows = []
+    for c, name in enumerate(names):
+        own, i = (results["seen"], c) if c < num_seen else (results["zsl"], c - num_seen)
+        gzsl = results["gzsl"]
+        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "ap": own["ap"][i]}
+        row |= {"ap_gzsl": gzsl["ap"][c], "lacks": own["lacks"][i], "lacks_gzsl": gzsl["lacks"][c]}
+        rows.append(row | {"positives": own["positives"][i], "negatives": own["negatives"][i]})
+    return rows
+
+
+# per-label arrays of a setting: the CSV's, not the JSON's
+PER_LABEL = ("ap", "lacks", "positives", "negatives")
+
+
+def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The metrics without the per-label arrays, NaN (undefined) as None (null: strict JSON for
+    DVC)."""
+    return {
+        s: {k: None if v != v else v for k, v in m.items() if k not in PER_LABEL}
+        for s, m in results.items()
+    }
+
+
+def label_warning(
+    results: dict[str, dict[str, Any]], protocol: str, per_label: str | Path | None
+) -> str | None:
+    """One line when labels lack a positive or a negative among the images that annotate them, else
+    None."""
+    counts = {
+        s: (m["labels_without_positive"], m["labels_without_negative"]) for s, m in results.items()
+    }
+    if not any(sum(c) for c in counts.values()):
+        return None
+    how = (
+        "counted as the reference does (AP 0 / AP 1)"
+        if protocol == "reference"
+        else "left out of every mAP"
+    )
+    where = f"named in {per_label}" if per_label else "named in the --per-label CSV"
+    shown = ", ".join(f"{s.upper()} {p}/{n}" for s, (p, n) in counts.items())
+    return f"labels without a positive / without a negative: {shown}; {how}; {where}"
+
+
+def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -> str:
+    """A readable table: one line per (setting, model), metrics in percent."""
+    cols = ["mAP"] + [f"{m}@{k}" for k in top_k for m in ("p", "r", "f1")]
+    width = max(len(name) for name in rows) + 2
+    lines = [
+        f"{'setting':<8}{'model':<{width}}"
+        + "".join(f"{c:>8}" for c in cols)
+        + f"{'images':>9}  (percent)"
+    ]
+    for setting in SETTINGS:
+        for name, results in rows.items():
+            m = results[setting]
+            vals = "".join(f"{100 * m[c]:>8.2f}" if m[c] == m[c] else f"{'-':>8}" for c in cols)
+            lines.append(f"{setting.upper():<8}{name:<{width}}{vals}{m['num_images']:>9}")
+    return "\n".join(lines)
+
+
+def format_query_preference(table: list[dict[str, Any]], num_queries: int) -> str:
+    """How the labels divide among the queries: per query, the labels it wins most often, seen and
+    unseen."""
+    lines = [
+        f"query preference ({num_queries} queries): labels whose logit comes most often from each query"
+    ]
+    for split in ("seen", "unseen"):
+        rows = [r for r in table if r["split"] == split and r["positives"] > 0]
+        if rows:
+            counts = np.bincount([r["top_query"] for r in rows], minlength=num_queries)
+            share = np.mean([r["top_share"] for r in rows])
+            wins = " ".join(f"q{q}:{n}" for q, n in enumerate(counts))
+            lines.append(
+                f"  {split:<7} {wins}  (top query's mean share of a label's positives {share:.2f})"
+            )
+    return "\n".join(lines)
+
+
+def _head(
+    model: QKS, inputs: Inputs, loader: CacheLoader, device: torch.device, protocol: str
+) -> tuple[Predictions, list[dict[str, Any]]]:
+    """The head's predictions (sigmoids under the reference protocol, which ranks them) and
+    query-preference table."""
+    scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(device), query_index=True)
+    pred = score_rows(scorer, loader, device, model.cfg.num_queries)
+    table = query_preference(pred.query_counts, inputs.label_names, inputs.num_seen)
+    if protocol == "reference":
+        reference_scores(pred.scores)  # in place: fp32 sigmoids
+    return pred, table
+
+
+def _clip(
+    inputs: Inputs, labels_path: str | Path, clip_labels: str, device: torch.device
+) -> tuple[str, Callable]:
+    """The CLIP baseline's label embeddings in words, and its scorer."""
+    if clip_labels == "template":
+        _, emb, attrs = read_label_embeddings(labels_path, CLIP_EMBEDDINGS)
+        how = f"one template, {attrs['clip_template']!r}, L2-normalised (the reference's clip_eval.py)"
+    else:
+        emb, how = (
+            inputs.embeddings,
+            f"the {inputs.label_embedding['num_templates']}-template pool's mean",
+        )
+    proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(device)  # (D, E)
+    return how, clip_scorer(proj, torch.from_numpy(emb).to(device))
+
+
+def evaluate(
+    test_path: str | Path,
+    labels_path: str | Path,
+    out: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    params: EvaluateConfig | None = None,
+    per_label: str | Path | None = None,
+    query_table: str | Path | None = None,
+    baseline: str | None = None,
+    device: str = "auto",
+    any_split: bool = False,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store (`any_split`: even
+    one that stage one made from a training split); write the metrics JSON and tables. Returns the
+    metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`, and with
+    both a checkpoint and `baseline="clip"` the baseline's settings and `clip_labels` under
+    `clip_zero_shot`."""
+    if checkpoint is None and baseline is None:
+        raise QKSError("nothing to evaluate: give --checkpoint, --baseline clip, or both")
+    params = params or EvaluateConfig()
+    dev = resolve_device(device)
+    model, config = load_checkpoint(checkpoint, dev) if checkpoint is not None else (None, None)
+    inputs = open_inputs(test_path, labels_path, role="test", any_split=any_split)
+    if config is not None:
+        check_checkpoint(inputs, config, test_path, labels_path)
+    loader = open_loader(
+        inputs.cache, batch_size=params.batch_size, shuffle=False, pin_memory=dev.type == "cuda"
+    )
+    metrics = partial(
+        evaluate_scores, num_seen=inputs.num_seen, top_k=params.top_k, protocol=params.protocol
+    )
+    # every metric is in [0, 1]
+    report: dict[str, Any] = {"units": "fraction", "protocol": params.protocol}
+    shown, pred = {}, None
+    if model is not None:
+        pred, table = _head(model, inputs, loader, dev, params.protocol)
+        write_csv(
+            query_table or Path(out).with_name(Path(out).stem + ".query_preference.csv"), table
+        )
+        shown["qks"] = metrics(pred.scores, pred.labels)
+        # what chose the checkpoint
+        selection = {k: config.get(k) for k in ("selection", "selection_note")}
+        report |= {"model": "qks", **selection, **summary(shown["qks"])}
+        if report["selection"] == "test":
+            report["warning"] = SELECTED_ON_TEST
+    if baseline is not None:
+        how, scorer = _clip(inputs, labels_path, params.clip_labels, dev)
+        clip_pred = score_rows(scorer, loader, dev, into=pred)  # the head's arrays, overwritten
+        shown["clip zero-shot"] = metrics(clip_pred.scores, clip_pred.labels)
+        clip = {"clip_labels": how, **summary(shown["clip zero-shot"])}
+        report |= (
+            {"model": CLIP_BASELINE, "selection": "none", **clip}
+            if model is None
+            else {CLIP_BASELINE: clip}
+        )
+    primary = next(iter(shown.values()))
+    if per_label is not None:
+        write_csv(per_label, per_label_table(primary, inputs.label_names, inputs.num_seen))
+    atomic_write(out, json.dumps(report, indent=2) + "\n")
+    echo(format_table(shown, params.top_k))
+    if model is not None:
+        echo(format_query_preference(table, model.cfg.num_queries))
+    for line in filter(
+        None, [label_warning(primary, params.protocol, per_label), report.get("warning")]
+    ):
+        echo(f"WARNING: {line}")
+    echo(f"metrics written to {out}")
+    return report

@@ -1,0 +1,271 @@
+"""The feature cache: one Zarr v3 store per split, written by stage one and read by stage two.
+
+Arrays, attributes and done markers: docs/design.md, section 2; the shard byte layout is read in
+`qks_pipeline.store.shard_reader`. A store is a local directory or an fsspec URL
+(`qks_pipeline.store.location`), so `Cache.path` is a Path or a URL string.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.store.fingerprint import READ_VERSIONS, describe_backbone
+from qks_pipeline.store.location import Location
+
+# a full disk, a quota, a file-size limit: a user error
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# The arrays every feature store holds (docs/design.md, section 2).
+ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
+
+
+@dataclass
+class Cache:
+    """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy)."""
+
+    path: Path | str  # a local directory, or an fsspec URL
+    group: zarr.Group
+
+    @functools.cached_property
+    def location(self) -> Location:
+        return Location.of(self.path)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The backbone and data the store was built from."""
+        return self.group.attrs["fingerprint"]
+
+    @property
+    def label_names(self) -> list[str]:
+        """Seen then unseen labels."""
+        return list(self.group.attrs["labels"])
+
+    @property
+    def num_seen(self) -> int:
+        return int(self.group.attrs["num_seen"])
+
+    @property
+    def shard_size(self) -> int:
+        """Images per shard."""
+        return int(self.group.attrs["shard_size"])
+
+    @property
+    def tokens(self) -> zarr.Array:
+        """(N, V, T, D) float16 visual tokens."""
+        return self.group["tokens"]
+
+    @property
+    def labels(self) -> zarr.Array:
+        """(N, C) int8: +1 positive, -1 negative, 0 unknown."""
+        return self.group["labels"]
+
+    @property
+    def valid(self) -> zarr.Array:
+        """(N,) bool: False for an unreadable image."""
+        return self.group["valid"]
+
+    @property
+    def paths(self) -> zarr.Array:
+        """(N,) the image of each row."""
+        return self.group["paths"]
+
+    @property
+    def manifest_index(self) -> zarr.Array:
+        """(N,) each row's line in the manifest."""
+        return self.group["manifest_index"]
+
+    @property
+    def visual_proj(self) -> zarr.Array:
+        """(D, E) float32: CLIP's visual projection."""
+        return self.group["visual_proj"]
+
+    @property
+    def num_images(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_views(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_rows(self, shard: int) -> slice:
+        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+
+    def num_rows(self, shards: Iterable[int]) -> int:
+        return sum(self.shard_rows(s).stop - self.shard_rows(s).start for s in shards)
+
+    def done_record(self, shard: int) -> dict[str, Any]:
+        """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [{"path",
+        "reason"}]}."""
+        return json.loads(self.location.read_text(_marker(shard)))
+
+    def done_shards(self) -> set[int]:
+        return {
+            int(name[: -len(".json")])
+            for name in self.location.list("done")
+            if name.endswith(".json")
+        }
+
+    def write_shard(
+        self, shard: int, tokens: np.ndarray, valid: np.ndarray, skipped: list[dict[str, str]]
+    ) -> None:
+        """Write one whole shard, then its done marker (the marker is the only proof of completion)."""
+        rows = self.shard_rows(shard)
+        n = rows.stop - rows.start
+        assert tokens.shape[0] == n and valid.shape == (n,), (tokens.shape, valid.shape, n)
+        record = {"shard": shard, "rows": [rows.start, rows.stop], "skipped": skipped}
+        try:
+            self.tokens[rows] = tokens.astype(np.float16, copy=False)
+            self.valid[rows] = valid
+            self.location.write_text(_marker(shard), json.dumps(record))
+        except OSError as e:  # the shard stays not done: a rerun redoes it
+            if e.errno not in NO_SPACE:
+                raise  # maybe transient (a network store): a cluster run retries it
+            raise QKSError(
+                f"cannot write shard {shard}: {e.strerror}", e.filename or self.path
+            ) from None
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Every image recorded as unreadable, over all finished shards."""
+        return [
+            image
+            for shard in sorted(self.done_shards())
+            for image in self.done_record(shard)["skipped"]
+        ]
+
+    def require_complete(self) -> None:
+        if missing := self.num_shards - len(self.done_shards()):
+            raise QKSError(
+                f"cache is incomplete: {missing} of {self.num_shards} shards not extracted; rerun extract",
+                self.path,
+            )
+
+
+def _marker(shard: int) -> str:
+    return f"done/{shard:05d}.json"
+
+
+def create_cache(
+    path: str | Path,
+    *,
+    fingerprint: dict[str, Any],
+    token_shape: tuple[int, int],
+    num_views: int,
+    shard_size: int,
+    label_names: list[str],
+    num_seen: int,
+    labels: np.ndarray | Callable[[int, int], np.ndarray],
+    paths: list[str],
+    manifest_index: np.ndarray,
+    visual_proj: np.ndarray,
+) -> Cache:
+    """Create an empty store (all metadata, no tokens), whole or not at all (`Location.building`).
+
+    `labels`: the (N, C) int8 matrix, or a function (start, stop) -> those rows, called a shard at a
+    time (it may not fit in memory: docs/design.md, section 2).
+    """
+    n, c = len(paths), len(label_names)
+    assert manifest_index.shape == (n,)
+    t, d = token_shape
+    shard = min(shard_size, max(n, 1))
+    with Location.of(path).building() as tmp:
+        group = tmp.open_group("w")
+        shape, shards = (n, num_views, t, d), (shard, num_views, t, d)
+        # after `bytes`: each inner chunk is its raw bytes then their crc32c
+        crc = [zarr.codecs.Crc32cCodec()]
+        group.create_array(
+            "tokens",
+            shape=shape,
+            dtype="float16",
+            chunks=(1, 1, t, d),
+            shards=shards,
+            compressors=crc,
+        )
+        group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
+        label_array = group.create_array(
+            "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c))
+        )
+        for start in range(0, n, shard):
+            stop = min(start + shard, n)
+            rows = labels(start, stop) if callable(labels) else labels[start:stop]
+            assert rows.shape == (stop - start, c), rows.shape
+            label_array[start:stop] = rows
+        group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(
+            paths, dtype=object
+        )
+        group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = (
+            manifest_index
+        )
+        write_float32(group, "visual_proj", visual_proj)
+        group.attrs.update(
+            fingerprint=fingerprint,
+            labels=list(label_names),
+            num_seen=int(num_seen),
+            shard_size=shard,
+        )
+        tmp.makedirs("done")
+    return open_cache(path, mode="r+")
+
+
+def write_float32(group: zarr.Group, name: str, a: np.ndarray) -> None:
+    """A small float32 array, one chunk."""
+    group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
+
+
+def open_cache(path: str | Path, mode: str = "r") -> Cache:
+    """Open a store written by `create_cache`; a missing or foreign store is one clear error."""
+    location = Location.of(path)
+    path = location.url
+    if not location.exists("zarr.json"):
+        raise QKSError("no feature cache here (run `qks extract` first)", path)
+    try:
+        group = location.open_group(mode)
+        version = group.attrs["fingerprint"]["format_version"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise QKSError(f"not a qks feature cache ({e})", path) from None
+    if version not in READ_VERSIONS:
+        raise QKSError(
+            f"cache format version {version}, this qks reads versions {READ_VERSIONS}; rebuild it",
+            path,
+        )
+    missing = [name for name in ARRAYS if name not in group]
+    if missing:
+        raise QKSError(
+            f"damaged feature cache: no {', '.join(missing)} array; rebuild it (--overwrite)", path
+        )
+    return Cache(path, group)
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of all files (objects) under `path`."""
+    return Location.of(path).size()
+
+
+def cache_summary(cache: Cache) -> dict[str, Any]:
+    """What `qks cache info` prints: shape, views, shards done/total, fingerprint summary, skipped
+    count, size."""
+    backbone, data = cache.fingerprint.get("backbone", {}), cache.fingerprint.get("data", {})
+    return {
+        "path": str(cache.path),
+        "tokens": f"{cache.tokens.dtype} {tuple(cache.tokens.shape)} (images, views, tokens, dim)",
+        "images": cache.num_images,
+        "views": cache.num_views,
+        "labels": f"{len(cache.label_names)} ({cache.num_seen} seen, {len(cache.label_names) - cache.num_seen} unseen)",
+        "shards": f"{len(cache.done_shards())}/{cache.num_shards} done, {cache.shard_size} images each",
+        "skipped": len(cache.skipped()),
+        "model": describe_backbone(backbone),
+        "data": ", ".join(f"{k}={str(v)[:16]}" for k, v in data.items()),
+        "size_on_disk": f"{cache.location.size() / 2**20:.1f} MiB",
+    }

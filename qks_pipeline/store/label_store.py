@@ -1,0 +1,89 @@
+"""The label store: label embeddings from the prompt pool, and the CLIP baseline's.
+
+Layout: docs/design.md, section 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.store.features import write_float32
+from qks_pipeline.store.fingerprint import READ_VERSIONS
+from qks_pipeline.store.location import Location
+
+# (C, E) the CLIP baseline's labels: one template, L2-normalised
+CLIP_EMBEDDINGS = "clip_embeddings"
+# how the labels were embedded: must match
+LABEL_EMBEDDING = ("normalize", "num_templates", "templates_sha256")
+
+
+def write_label_embeddings(
+    path: str | Path,
+    label_names: list[str],
+    embeddings: np.ndarray,
+    fingerprint: dict[str, Any],
+    clip_embeddings: np.ndarray | None = None,
+    **attrs: Any,
+) -> None:
+    """Store label embeddings (C, E) float32 (and the CLIP baseline's) with the label list and
+    backbone fingerprint."""
+    assert embeddings.shape[0] == len(label_names)
+    with Location.of(path).building() as tmp:
+        group = tmp.open_group("w")
+        write_float32(group, "embeddings", embeddings)
+        if clip_embeddings is not None:
+            write_float32(group, CLIP_EMBEDDINGS, clip_embeddings)
+        group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
+
+
+def read_label_embeddings(
+    path: str | Path, array: str = "embeddings"
+) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Return (label names, `array` (C, E) float32, attributes incl. `fingerprint`)."""
+    location = Location.of(path)
+    if not location.exists("zarr.json"):
+        raise QKSError("no label embeddings here (run `qks embed-labels` first)", location.url)
+    group = location.open_group("r")
+    attrs = dict(group.attrs)
+    if attrs.get("fingerprint", {}).get("format_version") not in READ_VERSIONS:
+        raise QKSError("label embeddings of another format version; rebuild them", location.url)
+    if array not in group:
+        raise QKSError(
+            f"the label store has no {array} (an older `qks embed-labels` made it); rerun it",
+            location.url,
+        )
+    return list(attrs["labels"]), group[array][:], attrs
+
+
+def check_label_names(path: str | Path, found: list[str], expected: list[str], what: str) -> None:
+    """Refuse a label list that is not the expected one, naming the first difference."""
+    if found == expected:
+        return
+    pairs = zip(found, expected, strict=False)
+    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(found), len(expected)))
+    a, b = (names[i] if i < len(names) else "<end>" for names in (found, expected))
+    raise QKSError(
+        f"{what}: label {i} is {a!r}, {b!r} expected ({len(found)} labels vs {len(expected)})", path
+    )
+
+
+def check_label_embedding(
+    path: str | Path, found: dict[str, Any], expected: dict[str, Any] | None
+) -> None:
+    """Refuse labels embedded otherwise than a checkpoint's (`expected`: its `label_embedding`;
+    None: not checked)."""
+    keys = [
+        k
+        for k in LABEL_EMBEDDING
+        if (expected or {}).get(k) is not None and found.get(k) != expected[k]
+    ]
+    if keys:
+        diffs = ", ".join(f"{k} {found.get(k)!r} vs {expected[k]!r}" for k in keys)
+        raise QKSError(
+            f"labels embedded otherwise than the checkpoint's ({diffs}); embed them with its pool",
+            path,
+        )

@@ -1,0 +1,205 @@
+"""Reading token rows out of a store: straight from the shard files where the layout allows, else
+through zarr.
+
+The shard layout: docs/design.md, section 2; why it is read directly, with `os.preadv`, and what
+checking costs: section
+3. `ShardReader` checks the index's checksum, that every entry lies in the file with the one possible length, and each
+sample's crc32c the first time it reads it; any damage is one `QKSError` naming the shard file and
+row. Other stores (other codecs, a URL) are read by TensorStore (a local store) or zarr-python:
+`ArrayReader`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import google_crc32c  # zarr's own crc32c dependency (docs/design.md, section 3)
+import numpy as np
+import tensorstore
+import zarr
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.store.location import Location
+
+ABSENT = np.uint64(2**64 - 1)  # (offset, nbytes) of an inner chunk never written
+BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+LAYOUTS = ([BYTES], [BYTES, {"name": "crc32c"}])  # the inner and the index codecs read directly
+# shard files kept open with their checked index (a batch spans at most two windows of 8 shards)
+OPEN_SHARDS = 64
+ADVISE = hasattr(os, "posix_fadvise")  # not on macOS
+
+
+class Reader(Protocol):
+    def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
+        """Put the tokens of each (row, view) pair into `out` (n, T, D) float16."""
+
+
+@dataclass
+class ShardReader:
+    """Reads a local store's token rows directly from its shard files."""
+
+    root: Path  # the tokens array's directory
+    separator: str  # of the chunk keys: "c/<shard>/0/0/0"
+    shard_shape: tuple[int, int]  # (S, V) inner chunks per shard
+    sample_bytes: int  # T x D x 2
+    chunk_crc: bool  # each inner chunk ends with its crc32c (format version 2)
+    index_crc: bool
+    index_at_start: bool
+    # check each chunk's crc32c the first time this reader reads it (where the store has them)
+    verify: bool = True
+    # shard -> file, path, offsets
+    _open: dict[int, tuple[Any, Path, np.ndarray]] = field(default_factory=dict)
+    # shard -> (S, V) bool: chunks verified so far
+    _checked: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def _load(self, shard: int, row: int) -> tuple[Any, Path, np.ndarray]:
+        """The open file of `shard` and its offsets (S, V) int64 (-1: absent), its index checked."""
+        s, v = self.shard_shape
+        path = self.root / self.separator.join(["c", str(shard), "0", "0", "0"])
+        if not path.exists():  # zarr writes no shard whose chunks are all absent
+            return None, path, np.full((s, v), -1, np.int64)
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed when evicted)
+        size, index_bytes = os.fstat(file.fileno()).st_size, s * v * 16
+        stored = index_bytes + 4 * self.index_crc
+        if size < stored:
+            raise QKSError(
+                f"row {row}: shard file of {size} bytes, shorter than its index (truncated)", path
+            )
+        raw = os.pread(file.fileno(), stored, 0 if self.index_at_start else size - stored)
+        if self.index_crc and google_crc32c.value(raw[:index_bytes]) != int.from_bytes(
+            raw[index_bytes:], "little"
+        ):
+            raise QKSError(
+                f"row {row}: shard index checksum mismatch (corrupt or truncated shard file)", path
+            )
+        # (S, V) each
+        offset, nbytes = (
+            np.frombuffer(raw, "<u8", count=s * v * 2).reshape(s, v, 2).transpose(2, 0, 1)
+        )
+        start, end = (stored, size) if self.index_at_start else (0, size - stored)
+        length, end = np.uint64(self.sample_bytes + 4 * self.chunk_crc), np.uint64(end)
+        # (end - offset) wraps around only where offset > end, which the second term already refuses
+        inside = (offset >= start) & (offset <= end) & (end - offset >= length)
+        bad = np.argwhere(
+            np.where(offset == ABSENT, nbytes != ABSENT, (nbytes != length) | ~inside)
+        )
+        if len(bad):
+            (r, view), what = (
+                bad[0],
+                f"offset {offset[tuple(bad[0])]}, {nbytes[tuple(bad[0])]} bytes",
+            )
+            message = (
+                f"index entry ({what}) outside the data or not {length} bytes (corrupt shard file)"
+            )
+            raise QKSError(f"row {shard * s + r} view {view}: {message}", path)
+        return file, path, np.where(offset == ABSENT, -1, offset.astype(np.int64))
+
+    def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
+        s, crc, verify = self.shard_shape[0], bytearray(4), self.chunk_crc and self.verify
+        # runs: [file, start, stop] to advise
+        chunks, runs, length = [], [], self.sample_bytes + 4 * self.chunk_crc
+        for row, view in zip(rows.tolist(), views.tolist(), strict=True):
+            shard = row // s
+            # most recently used last
+            self._open[shard] = self._open.pop(shard, None) or self._load(shard, row)
+            file, path, offsets = self._open[shard]
+            if shard not in self._checked:
+                self._checked[shard] = np.zeros(self.shard_shape, bool)
+            offset = int(offsets[row % s, view])
+            chunks.append((row, view, file, path, offset, self._checked[shard]))
+            if runs and runs[-1][0] is file and runs[-1][2] == offset:
+                runs[-1][2] += length  # contiguous chunks (rows in order): one advice
+            elif offset >= 0:
+                runs.append([file, offset, offset + length])
+        # the disk gets every read of the batch at once: a deep queue
+        for file, start, stop in runs if ADVISE else []:
+            os.posix_fadvise(file.fileno(), start, stop - start, os.POSIX_FADV_WILLNEED)
+        for sample, (row, view, file, path, offset, checked) in zip(out, chunks, strict=True):
+            if offset < 0:
+                sample[...] = 0  # an absent chunk holds the fill value
+                continue
+            check = verify and not checked[row % s, view]
+            if (
+                os.preadv(file.fileno(), [sample, crc][: 1 + check], offset)
+                != self.sample_bytes + 4 * check
+            ):
+                raise QKSError(
+                    f"row {row} view {view}: chunk cut short (truncated shard file)", path
+                )
+            if check and google_crc32c.value(sample) != int.from_bytes(crc, "little"):
+                raise QKSError(
+                    f"row {row} view {view}: chunk checksum mismatch (corrupt shard file)", path
+                )
+            checked[row % s, view] |= check
+        while len(self._open) > OPEN_SHARDS:  # close the least recently used
+            file = self._open.pop(next(iter(self._open)))[0]
+            if file is not None:
+                file.close()
+
+
+def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
+    """A direct reader for a local store whose tokens have the layout of docs/design.md, section 2,
+    else None."""
+    if not location.local or not hasattr(os, "preadv"):  # Windows has no preadv
+        return None
+    root = location.url / "tokens"
+    meta = json.loads((root / "zarr.json").read_text())
+    (codec, *others), keys = meta["codecs"], meta["chunk_key_encoding"]
+    config = codec.get("configuration", {})
+    inner, index = config.get("codecs"), config.get("index_codecs")
+    sharded = (
+        not others
+        and codec["name"] == "sharding_indexed"
+        and config["chunk_shape"] == [1, 1, *tokens.shape[2:]]
+    )
+    plain = (meta["data_type"], meta["fill_value"], keys["name"]) == ("float16", 0, "default")
+    if not (sharded and plain and inner in LAYOUTS and index in LAYOUTS):
+        return None
+    shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"][:2])
+    separator = keys.get("configuration", {}).get("separator", "/")
+    at_start = config.get("index_location", "end") == "start"
+    sample_bytes = int(np.prod(tokens.shape[2:])) * 2
+    return ShardReader(
+        root, separator, shard_shape, sample_bytes, len(inner) == 2, len(index) == 2, at_start
+    )
+
+
+@dataclass
+class ArrayReader:
+    """Token rows through TensorStore (a local store) or zarr-python (any store, including URLs)."""
+
+    array: Any  # a tensorstore.TensorStore or a zarr.Array of the tokens
+
+    def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
+        if not isinstance(self.array, zarr.Array):
+            # (n, T, D)
+            out[...] = self.array[tensorstore.d[0, 1].vindex[rows, views]].read().result()
+            return
+        # zarr's orthogonal selection: one call per view present
+        for view in np.unique(views).tolist():
+            pick = views == view
+            out[pick] = self.array.oindex[rows[pick], view]  # (n_view, T, D)
+
+
+def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -> Reader:
+    """The reader of a store's tokens. `backend`: "direct", "tensorstore" (local stores), "zarr", or
+    "auto": direct where the store allows, else TensorStore for a local store, else zarr-python (a
+    URL)."""
+    direct = shard_reader(location, tokens) if backend in ("auto", "direct") else None
+    if direct is not None:
+        return direct
+    if backend == "direct":
+        raise QKSError("the direct reader reads local uncompressed stores only", location.url)
+    if backend == "tensorstore" and not location.local:
+        raise QKSError(
+            "the tensorstore backend reads local stores only; use the zarr backend for a URL",
+            location.url,
+        )
+    if backend == "zarr" or not location.local:
+        return ArrayReader(tokens)
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(location.url / "tokens")}}
+    return ArrayReader(tensorstore.open(spec, read=True).result())
