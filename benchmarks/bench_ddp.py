@@ -1,5 +1,4 @@
-"""Data-parallel training throughput: samples/s with 1, 2, ... ranks (`train.nproc`), and the
-scaling efficiency.
+"""Data-parallel training throughput: samples/s with 1, 2, ... ranks (`train.nproc`), efficiency.
 
 Each run is a real `qks_pipeline.stage_two.train.train` over one synthetic cache (the global batch
 fixed; each rank takes batch / N of it), timed by the training loop itself (`samples_per_s` of
@@ -7,7 +6,8 @@ train_log.csv: the epoch's samples over its wall time, validation excluded); the
 out as warm-up. On the CPU every rank runs one thread (gloo); on CUDA each rank gets one GPU (NCCL),
 so pass at most the GPU count.
 
-Usage: .venv/bin/python -m benchmarks.bench_ddp [--nproc 1,2] [--device cpu] [--images 1024] [--tokens 50] [--dim 256]
+Usage: .venv/bin/python -m benchmarks.bench_ddp [--nproc 1,2] [--device cpu] [--images 1024]
+       [--tokens 50] [--dim 256]
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main() -> None:
         else f"CPU ({os.cpu_count()} cores)"
     )
     print(
-        f"{device}; {args.images} images x {args.tokens} tokens x {args.dim}, batch {args.batch_size}, "
-        f"{args.queries} queries, {args.layers} layers, {args.epochs} epochs (first left out)"
+        f"{device}; {args.images} images x {args.tokens} tokens x {args.dim}, "
+        f"batch {args.batch_size}, {args.queries} queries, {args.layers} layers, "
+        f"{args.epochs} epochs (first left out)"
     )
     base = rates[min(rates)] / min(rates)
     print(f"{'ranks':>5} {'samples/s':>10} {'speed-up':>9} {'efficiency':>10}")

@@ -15,7 +15,8 @@ cache stores), and from float32 vs float16 arithmetic (what autocast did to scor
 logit change relative to the largest logit, the images whose ranking changes, new ties, and the
 change of mAP; then the same on a head trained on synthetic data.
 
-Usage: .venv/bin/python -m benchmarks.bench_evaluate [--images 2000,5000] [--labels 7586] [--precision]
+Usage: .venv/bin/python -m benchmarks.bench_evaluate [--images 2000,5000] [--labels 7586]
+       [--precision]
        (issue 14's sizes: --images 5000,20000,80000)
 """
 
@@ -52,7 +53,8 @@ def write_inputs(root: Path, n: int, c: int) -> None:
     """A test store (n images, c labels: ~5 positives and ~10 negatives an image, the rest unknown),
     a label store and a tiny checkpoint."""
     rng = np.random.default_rng(0)
-    names, seen = [f"l{i}" for i in range(c)], c - UNSEEN
+    names = [f"l{i}" for i in range(c)]
+    seen = c - UNSEEN
 
     def labels(start: int, stop: int) -> np.ndarray:
         r = np.random.default_rng(start).random((stop - start, c), dtype=np.float32)
@@ -103,8 +105,7 @@ def write_inputs(root: Path, n: int, c: int) -> None:
 
 
 def _peak_rss() -> int:
-    """This process's peak resident set (VmHWM), bytes: unlike ru_maxrss, not inherited from the
-    parent over exec."""
+    """This process's peak RSS (VmHWM) in bytes; unlike ru_maxrss, not inherited over exec."""
     line = next(
         x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:")
     )
@@ -115,7 +116,8 @@ def measure(root: Path, head: bool) -> None:
     """The child process: evaluate once, print {rss_before, rss_peak (bytes), seconds} as JSON."""
     from qks_pipeline.stage_two.evaluate import evaluate
 
-    before, start = _peak_rss(), time.perf_counter()
+    before = _peak_rss()
+    start = time.perf_counter()
     how = {
         "checkpoint": root / "ckpt" if head else None,
         "baseline": "clip",
@@ -141,7 +143,8 @@ def memory(sizes: list[int], c: int, head: bool) -> None:
         f"qks evaluate ({what}; per-label CSV) at {c} labels ({c - UNSEEN} seen + {UNSEEN} unseen)"
     )
     print(
-        f"{'images':>8} {'peak RSS':>10} {'imports':>9} {'B/entry':>8} {'time':>8} {'before (issue 14)':>22}"
+        f"{'images':>8} {'peak RSS':>10} {'imports':>9} {'B/entry':>8} {'time':>8} "
+        f"{'before (issue 14)':>22}"
     )
     points = []
     for n in sizes:
@@ -168,12 +171,13 @@ def memory(sizes: list[int], c: int, head: bool) -> None:
         tb, ta = np.polyfit(n, sec, 1)
         m = OPEN_IMAGES_TEST
         print(
-            f"linear fit: RSS = {a / 1e9:.2f} GB + {b:.2f} B x images x labels; time = {ta:.1f} s + "
-            f"{tb * 1e3:.2f} ms x images"
+            f"linear fit: RSS = {a / 1e9:.2f} GB + {b:.2f} B x images x labels; "
+            f"time = {ta:.1f} s + {tb * 1e3:.2f} ms x images"
         )
         print(
-            f"Open Images test split ({m:,} images x {c:,} labels): ~{(a + b * m * c) / 1e9:.1f} GB peak RSS, "
-            f"~{(ta + tb * m) / 60:.0f} min (before: ~25 GB by issue 14's 26 B/entry)"
+            f"Open Images test split ({m:,} images x {c:,} labels): "
+            f"~{(a + b * m * c) / 1e9:.1f} GB peak RSS, ~{(ta + tb * m) / 60:.0f} min "
+            "(before: ~25 GB by issue 14's 26 B/entry)"
         )
 
 
@@ -184,7 +188,7 @@ def _map(logits: torch.Tensor, labels: np.ndarray) -> float:
 
 
 def precision(c: int, n: int = 256) -> None:
-    """float16 tokens and float16 arithmetic vs float32, on a tiny random head at ViT-B/16 widths."""
+    """float16 tokens and arithmetic vs float32, on a tiny random head at ViT-B/16 widths."""
     torch.manual_seed(0)
     head = QKS(ModelConfig(num_queries=12, num_layers=2), 768, 512).eval()
     tokens = torch.randn(n, 197, 768) * 0.5  # roughly CLIP ViT-B/16's post-ln_post token scale
@@ -195,9 +199,10 @@ def precision(c: int, n: int = 256) -> None:
         rows = {"float16 tokens (the cache)": head(tokens.half().float(), emb)}
         rows["float16 arithmetic (autocast)"] = head.half()(tokens.half(), emb.half()).float()
     top = ref.abs().max()
+    fp16_step = 2.0 ** (np.floor(np.log2(float(top))) - 10)
     print(
-        f"logit precision, {n} random images x {c} labels (largest |logit| {top:.1f}; fp16 step there "
-        f"{2.0 ** (np.floor(np.log2(float(top))) - 10):.4f})"
+        f"logit precision, {n} random images x {c} labels "
+        f"(largest |logit| {top:.1f}; fp16 step there {fp16_step:.4f})"
     )
     for name, got in rows.items():
         changed = (got.argsort(dim=1) != ref.argsort(dim=1)).any(dim=1).sum()
@@ -205,9 +210,11 @@ def precision(c: int, n: int = 256) -> None:
             len(r) - len(torch.unique(r)) for r in ref
         )
         delta = _map(got, labels) - _map(ref, labels)
+        change = float((got - ref).abs().max() / top)
         print(
-            f"  {name:<30} max |change| / max |logit| {float((got - ref).abs().max() / top):.1e}; images whose "
-            f"ranking changes {int(changed)}/{n}; new ties {ties}; mAP change {delta:+.1e}"
+            f"  {name:<30} max |change| / max |logit| {change:.1e}; "
+            f"images whose ranking changes {int(changed)}/{n}; new ties {ties}; "
+            f"mAP change {delta:+.1e}"
         )
 
 
@@ -239,10 +246,8 @@ def precision_trained() -> None:
             progress_bar=False,
             echo=lambda _: None,
         )
-        head, emb = (
-            load(Path(tmp) / "ck", torch.device("cpu"))[0],
-            torch.from_numpy(read_label_embeddings(data.labels)[1]),
-        )
+        head = load(Path(tmp) / "ck", torch.device("cpu"))[0]
+        emb = torch.from_numpy(read_label_embeddings(data.labels)[1])
         loader = open_loader(open_cache(data.test), batch_size=64, shuffle=False)
         f32 = score_rows(model_scorer(head, emb), loader, torch.device("cpu"))
         half = head.half()
@@ -251,7 +256,8 @@ def precision_trained() -> None:
     top = np.abs(f32.scores).max()
     shown = ", ".join(f"{s.upper()} {100 * a[s]['mAP']:.2f} -> {100 * b[s]['mAP']:.2f}" for s in a)
     print(
-        f"trained synthetic head (largest |logit| {top:.1f}), mAP float32 -> float16: {shown} (percent)"
+        f"trained synthetic head (largest |logit| {top:.1f}), "
+        f"mAP float32 -> float16: {shown} (percent)"
     )
 
 

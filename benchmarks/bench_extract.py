@@ -1,10 +1,10 @@
-"""Extraction throughput: the full stage-one path against the same model's pure forward pass, same
-run, same machine.
+"""Extraction throughput: the full stage-one path against the same model's pure forward pass.
 
-Full path: JPEG files on disk -> DataLoader workers (decode + CLIP preprocessing) -> forward ->
-float16 -> whole-shard Zarr writes and done markers (`qks_pipeline.stage_one.extract.extract`). Pure
-forward: `visual_tokens` on preprocessed tensors already in memory, same batch size. The ratio says
-how much of the forward pass's speed the input path keeps.
+Both in the same run, on the same machine. Full path: JPEG files on disk -> DataLoader workers
+(decode + CLIP preprocessing) -> forward -> float16 -> whole-shard Zarr writes and done markers
+(`qks_pipeline.stage_one.extract.extract`). Pure forward: `visual_tokens` on preprocessed tensors
+already in memory, same batch size. The ratio says how much of the forward pass's speed the input
+path keeps.
 
 The model has random weights (no pretrained weights can be downloaded here); speed does not depend
 on the values. Forward-only and full runs alternate and the best of each is compared, so a machine
@@ -12,8 +12,9 @@ shared with other work biases neither side. The share of the full run's loop tim
 forward pass is printed too: unlike the images/s figures it hardly depends on what else the machine
 is doing.
 
-    .venv/bin/python -m benchmarks.bench_extract                      # ViT-B-16, 48 images of
-    500x375 .venv/bin/python -m benchmarks.bench_extract --model ViT-B-32 --images 96
+    # ViT-B-16, 48 images of 500x375
+    .venv/bin/python -m benchmarks.bench_extract
+    .venv/bin/python -m benchmarks.bench_extract --model ViT-B-32 --images 96
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def make_dataset(root: Path, n: int, size: tuple[int, int]) -> tuple[Path, Path]
 
 
 def pure_forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """images/s of visual_tokens alone over in-memory preprocessed batches (after one warm-up
-    batch)."""
+    """images/s of visual_tokens alone on in-memory preprocessed batches (after a warm-up batch)."""
     visual_tokens(model, batches[0])
     start = time.perf_counter()
     for x in batches:
@@ -98,11 +98,15 @@ def main() -> None:
             batch_size=args.batch_size, workers=args.workers, shard_size=args.shard_size
         )
         backbone = BackboneConfig(args.model, "none")
-        forward, full, busy = [pure_forward(model, batches)], [], []
+        # images/s of each pure forward pass and of each full run; the full runs' forward share
+        forward = [pure_forward(model, batches)]
+        full = []
+        busy = []
         # forward, full, forward, full, ..., forward: both see the same drifting load
         for i in range(args.repeats):
+            out = Path(tmp) / f"out{i}.zarr"
             result = extract(
-                dataset, "train", images, Path(tmp) / f"out{i}.zarr", backbone, cfg, "cpu"
+                dataset, "train", images, out, backbone=backbone, cfg=cfg, device="cpu"
             )
             full.append(result.images_per_second)
             busy.append(result.forward_seconds / result.loop_seconds)
@@ -117,7 +121,8 @@ def main() -> None:
     print(f"full extraction (files -> store): {max(full):8.2f} images/s (best of {_fmt(full)})")
     print(f"ratio full / forward (best runs): {max(full) / max(forward):8.3f}")
     print(
-        f"share of the full runs' loop time inside the forward pass: {_fmt(busy)} (the rest: input waits, writes)"
+        f"share of the full runs' loop time inside the forward pass: {_fmt(busy)} "
+        "(the rest: input waits, writes)"
     )
 
 

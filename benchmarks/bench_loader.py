@@ -14,7 +14,8 @@ are made once and read an epoch a round: their first epoch checks each chunk's c
 not. "shuffled, first epoch" is a new loader every pass: what a first epoch costs (checksums,
 buffers allocated). No model: this is what the loader can deliver.
 
-Usage: .venv/bin/python -m benchmarks.bench_loader [--gb 1] [--rounds 5] [--batch-size 256] [--backend auto]
+Usage: .venv/bin/python -m benchmarks.bench_loader [--gb 1] [--rounds 5] [--batch-size 256]
+       [--backend auto]
 """
 
 from __future__ import annotations
@@ -69,10 +70,12 @@ def main() -> None:
         for f in sorted((store / "tokens" / "c").rglob("*"), key=lambda p: p.parts[-4:])
         if f.is_file()
     ]
-    n, kw = cache.num_images, {"batch_size": args.batch_size, "columns": slice(0, cache.num_seen)}
+    n = cache.num_images
+    kw = {"batch_size": args.batch_size, "columns": slice(0, cache.num_seen)}
     kw["backend"] = args.backend
     # used for every round
-    in_order, shuffled = open_loader(cache, shuffle=False, **kw), open_loader(cache, **kw)
+    in_order = open_loader(cache, shuffle=False, **kw)
+    shuffled = open_loader(cache, **kw)
     passes = {
         "raw sequential read": lambda r: raw_pass(files) or n,
         "loader, in order": lambda r: images(in_order, r),
@@ -85,7 +88,8 @@ def main() -> None:
     cpu = {key: [] for key in seconds}
     load = os.getloadavg()[0]
     print(
-        f"{store}: {n} images, {len(files)} shard files, batch {args.batch_size}, {args.backend}, load {load:.1f}"
+        f"{store}: {n} images, {len(files)} shard files, batch {args.batch_size}, {args.backend}, "
+        f"load {load:.1f}"
     )
     for r in range(args.rounds):
         raw_pass(files)  # warm
@@ -104,14 +108,15 @@ def main() -> None:
             flush=True,
         )
     for (name, cold), took in seconds.items():
-        rate, raw = n / np.median(took), np.array(seconds["raw sequential read", cold])
+        rate = n / np.median(took)
+        raw = np.array(seconds["raw sequential read", cold])
         # each round's pass against the same round's raw read
         ratio = np.median(raw / np.array(took))
         gib = rate * cache.tokens.nbytes / n / 2**30
         ms = 1e6 * np.median(cpu[name, cold]) / n  # CPU ms per 1,000 images
         print(
-            f"{'cold' if cold else 'warm'} {name:>20}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), {ratio:.2f} of raw; "
-            f"CPU {ms:.0f} ms per 1,000 images"
+            f"{'cold' if cold else 'warm'} {name:>20}: {rate:8,.0f} images/s ({gib:.2f} GiB/s), "
+            f"{ratio:.2f} of raw; CPU {ms:.0f} ms per 1,000 images"
         )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 

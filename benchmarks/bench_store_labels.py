@@ -1,5 +1,4 @@
-"""Peak memory of creating a store's label matrix at Open Images' vocabulary: whole matrix vs one
-shard at a time.
+"""Peak memory of a store's label matrix at Open Images' vocabulary: whole vs one shard at a time.
 
 `create_cache` takes the (N, C) int8 label matrix either whole or as a function of (start, stop)
 that stage one calls one shard at a time. This builds N synthetic manifest records over C labels (8
@@ -63,7 +62,8 @@ def run(mode: str, n: int, c: int, out: Path) -> None:
         visual_proj=np.zeros((768, 512), np.float32),
     )
     print(
-        f"{mode}: records {before:.0f} MiB, peak {peak_mib():.0f} MiB, growth {peak_mib() - before:.0f} MiB"
+        f"{mode}: records {before:.0f} MiB, peak {peak_mib():.0f} MiB, "
+        f"growth {peak_mib() - before:.0f} MiB"
     )
 
 

@@ -4,15 +4,19 @@ end-to-end way.
 Same run, same model (ViT-B/16 sizes: T=197, D=768, E=512; 12 queries, 7 layers), same step
 (`train.train_step`):
 
-1. cache-fed: steps on the batches of the real loader over a synthetic Zarr cache (random rows read from the shard
-   files, prefetch thread), timed from asking for the batch to the end of the step;
-2. in-memory: the same steps on batches indexed out of tensors already in RAM (the upper bound for any loader),
-   interleaved step by step with (1) so that both see the same load on this shared machine;
-3. end-to-end (what the reference does every step): JPEG decode + CLIP preprocessing + CLIP ViT-B/16 forward (random
-   weights, open_clip `ViT-B-16`, pretrained=None) + the head step; augmentation (RandAugment,
-   cutout) is left out, so this is a lower bound on the reference's cost.
+1. cache-fed: steps on the batches of the real loader over a synthetic Zarr cache (random rows
+   read from the shard files, prefetch thread), timed from asking for the batch to the end of the
+   step;
+2. in-memory: the same steps on batches indexed out of tensors already in RAM (the upper bound for
+   any loader), interleaved step by step with (1) so that both see the same load on this shared
+   machine;
+3. end-to-end (what the reference does every step): JPEG decode + CLIP preprocessing + CLIP
+   ViT-B/16 forward (random weights, open_clip `ViT-B-16`, pretrained=None) + the head step;
+   augmentation (RandAugment, cutout) is left out, so this is a lower bound on the reference's
+   cost.
 
-Usage: .venv/bin/python -m benchmarks.bench_train [--images 256] [--batch-size 16] [--rounds 2] [--threads N]
+Usage: .venv/bin/python -m benchmarks.bench_train [--images 256] [--batch-size 16] [--rounds 2]
+       [--threads N]
 """
 
 from __future__ import annotations
@@ -49,7 +53,11 @@ def interleaved_epoch(
     emb_seen = s.emb[: s.num_seen]
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(epoch))
     s.model.train()
-    batches, cache_s, memory_s, n = iter(s.train_loader.epoch(epoch)), 0.0, 0.0, 0
+    batches = iter(s.train_loader.epoch(epoch))
+    # seconds of cache-fed and of in-memory steps, samples so far
+    cache_s = 0.0
+    memory_s = 0.0
+    n = 0
     while True:
         start = time.perf_counter()
         batch = next(batches, None)
@@ -93,12 +101,14 @@ def end_to_end(
     from qks_pipeline.stage_one.backbone import load_backbone, visual_tokens
 
     loaded = load_backbone("ViT-B-16", "none")
-    clip, preprocess = loaded.model, loaded.preprocess
+    clip = loaded.model
+    preprocess = loaded.preprocess
     jpegs = jpeg_bytes(np.random.default_rng(0), batch)
     visual_tokens(
         clip, torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs[:2]])
     )
-    emb_seen, cost = s.emb[: s.num_seen], {"decode": 0.0, "clip": 0.0, "head": 0.0}
+    emb_seen = s.emb[: s.num_seen]
+    cost = {"decode": 0.0, "clip": 0.0, "head": 0.0}
     for i in range(batches):
         t0 = time.perf_counter()
         images = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpegs])
@@ -137,7 +147,8 @@ def setup(root: Path, images: int, batch_size: int) -> tuple[Session, torch.Tens
     bound = s.train_loader.memory_bound_bytes / 2**20
     mib = tokens.numel() * 2 / 2**20
     print(
-        f"cache: {images} images x 197 x 768 float16 ({mib:.0f} MiB), batch {batch_size}, 12 queries x 7 layers"
+        f"cache: {images} images x 197 x 768 float16 ({mib:.0f} MiB), batch {batch_size}, "
+        "12 queries x 7 layers"
     )
     print(f"loader: {type(s.train_loader.reader).__name__}, memory bound {bound:.0f} MiB")
     train_step(s, tokens[:4], labels[:4], s.emb[: s.num_seen])  # warm-up
@@ -163,14 +174,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         s, tokens, labels = setup(Path(tmp), args.images, args.batch_size)
         rates = [interleaved_epoch(s, tokens, labels, r) for r in range(args.rounds)]
         for r, (c, m) in enumerate(rates):
             print(
-                f"epoch {r + 1}: cache-fed {c:.2f} samples/s, in-memory {m:.2f} samples/s, ratio {c / m:.3f}"
+                f"epoch {r + 1}: cache-fed {c:.2f} samples/s, in-memory {m:.2f} samples/s, "
+                f"ratio {c / m:.3f}"
             )
     cac = len(rates) / sum(1 / c for c, _ in rates)  # total samples / total time
     mem = len(rates) / sum(1 / m for _, m in rates)
@@ -183,7 +196,8 @@ def main() -> None:
     total = e2e["decode"] + e2e["clip"] + e2e["head"]
     ms = {k: f"{1e3 * v:.1f} ms" for k, v in e2e.items()}
     print(
-        f"per sample: decode+preprocess {ms['decode']}, CLIP ViT-B/16 forward {ms['clip']}, head step {ms['head']}"
+        f"per sample: decode+preprocess {ms['decode']}, CLIP ViT-B/16 forward {ms['clip']}, "
+        f"head step {ms['head']}"
     )
     n = int(NUS_WIDE_TRAIN * 0.9)
     hours = n / 3600
@@ -191,10 +205,12 @@ def main() -> None:
         f"from the cache {args.images * cached:.1f} s, end-to-end {args.images * total:.1f} s"
     )
     print(
-        f"per epoch of {args.images} images: {per_epoch}; end-to-end / cache = {total / cached:.2f}x"
+        f"per epoch of {args.images} images: {per_epoch}; "
+        f"end-to-end / cache = {total / cached:.2f}x"
     )
     print(
-        f"NUS-WIDE epoch ({n} images) here: from the cache {hours * cached:.1f} h, end-to-end {hours * total:.1f} h"
+        f"NUS-WIDE epoch ({n} images) here: from the cache {hours * cached:.1f} h, "
+        f"end-to-end {hours * total:.1f} h"
     )
 
 

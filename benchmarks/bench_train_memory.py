@@ -7,8 +7,8 @@ iterates one shuffled training epoch with the real loader and reports the peak r
 against `CacheLoader.memory_bound_bytes` and the cache size. Page cache (the OS caching the store's
 file) is not RSS and is not counted.
 
-Usage: .venv/bin/python -m benchmarks.bench_train_memory [--gb 2] [--dir /tmp/qks_bench_memory] [--backend auto]
-       [--batch-size 64] [--prefetch 2]
+Usage: .venv/bin/python -m benchmarks.bench_train_memory [--gb 2] [--dir /tmp/qks_bench_memory]
+       [--backend auto] [--batch-size 64] [--prefetch 2]
 """
 
 from __future__ import annotations
@@ -83,7 +83,9 @@ def iterate(path: Path, batch_size: int, backend: str, prefetch: int) -> None:
     kw = {"columns": slice(0, cache.num_seen), "backend": backend, "prefetch": prefetch}
     loader = open_loader(cache, batch_size=batch_size, **kw)
     before = rss_mib()
-    start, n, checksum = time.perf_counter(), 0, 0.0
+    start = time.perf_counter()
+    n = 0
+    checksum = 0.0
     for batch in loader.epoch(0):
         n += len(batch.rows)
         checksum += float(batch.tokens[:, 0, 0].float().sum())  # touch the data
@@ -92,15 +94,18 @@ def iterate(path: Path, batch_size: int, backend: str, prefetch: int) -> None:
     assert n == loader.num_samples
     rate = f"{n / seconds:.0f} images/s, {n * T * D * 2 / seconds / 2**30:.2f} GiB/s"
     print(
-        f"backend {backend} ({type(loader.reader).__name__}): {n} images in {seconds:.1f} s ({rate})"
+        f"backend {backend} ({type(loader.reader).__name__}): "
+        f"{n} images in {seconds:.1f} s ({rate})"
     )
     bound = loader.memory_bound_bytes / 2**20
     print(
-        f"cache on disk {size_on_disk(path) / 2**30:.2f} GiB; loader bound {bound:.0f} MiB ((prefetch {prefetch} + 2) "
-        f"batches of {batch_size} + the labels of 2 windows of shards + 32 MiB)"
+        f"cache on disk {size_on_disk(path) / 2**30:.2f} GiB; loader bound {bound:.0f} MiB "
+        f"((prefetch {prefetch} + 2) batches of {batch_size} "
+        "+ the labels of 2 windows of shards + 32 MiB)"
     )
     print(
-        f"RSS before the epoch {before:.0f} MiB, peak {peak:.0f} MiB: growth {peak - before:.0f} MiB"
+        f"RSS before the epoch {before:.0f} MiB, peak {peak:.0f} MiB: "
+        f"growth {peak - before:.0f} MiB"
     )
 
 

@@ -11,6 +11,8 @@ The package, in the order the data flows (docs/design.md explains each step and 
     stage_two/  from the cache only: the QKS head, its losses, the loader, training, scoring,
                 metrics, evaluation, checkpoints
     predict/    tagging new images with any label list, and the HTML page of the results
+    index/      the query index: a collection's query outputs, stored once and scored against
+                any vocabulary (tag, search, a local web page, evaluation)
     cli/        the `qks` command line, the only place that knows click
 
 The root holds what every layer uses: `config` (params.yaml's sections), `errors`, `devices` and
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from qks_pipeline.config import Params, load_params
+    from qks_pipeline.index.index import Index
     from qks_pipeline.predict.tagger import Tagger
     from qks_pipeline.stage_one.extract import embed_labels, extract
     from qks_pipeline.stage_two.evaluate import evaluate
@@ -41,6 +44,7 @@ _EXPORTS = {
     "train": "qks_pipeline.stage_two.train",
     "evaluate": "qks_pipeline.stage_two.evaluate",
     "Tagger": "qks_pipeline.predict.tagger",
+    "Index": "qks_pipeline.index.index",
 }
 
 __all__ = sorted(_EXPORTS)

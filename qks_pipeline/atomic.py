@@ -1,5 +1,4 @@
-"""Files written whole or not at all: through a temporary name beside the target, fsynced, then
-renamed into place.
+"""Files written whole or not at all: to a temporary name beside the target, fsynced, renamed.
 
 A reader, a resumed run or DVC never sees half a file, and a failed write (a full disk, a kill in
 Python code) leaves no temporary file holding the space. The one mechanism for every file qks writes
@@ -19,8 +18,7 @@ from typing import Any, TextIO
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path (`.<name>.tmp<pid>`) to write; renamed to `path` when the block succeeds,
-    removed if not."""
+    """A temporary path (`.<name>.tmp<pid>`) to write, renamed to `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -32,11 +30,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to `path` atomically and durably; a failure (disk full) is an
-    OSError naming it."""
+    """Write `data` (text as UTF-8) to `path` atomically and durably; an OSError names `path`."""
     try:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:

@@ -127,6 +127,15 @@ class EvaluateConfig:
 
 
 @dataclass
+class IndexConfig:
+    # dtype of the stored query outputs z: fp16 halves the index (scores move by float16 rounding)
+    precision: Literal["fp16", "fp32"] = "fp16"
+    batch_size: int = 64  # images per head pass while building
+    # most labels one tag/search/serve call embeds (each with the whole prompt pool)
+    max_labels: int = 4096
+
+
+@dataclass
 class Params:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -134,6 +143,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
 
     def __post_init__(self) -> None:
         """An explicit `model.num_heads` that does not divide the backbone's width is refused here,
@@ -212,8 +222,16 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def load_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
-    """The defaults, updated by `params.yaml` (when given), then by `--set SECTION.KEY=VALUE`
-    overrides."""
+    """The hyperparameters of a run: the defaults, updated by a params file, then by overrides.
+
+    Args:
+        path: a params.yaml (one section per stage; `dataset` and `data` belong to the DVC
+            pipeline and are ignored here), or None for the defaults.
+        overrides: `SECTION.KEY=VALUE` strings, as `--set` takes them; VALUE is read as YAML.
+
+    Returns:
+        The checked `Params`; an unknown key or a value of the wrong type is a `QKSError`.
+    """
     raw = {}
     if path is not None:
         try:

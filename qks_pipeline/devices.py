@@ -1,5 +1,4 @@
-"""Where tensors run: the one reading of `--device`, and the one autocast (reduced precision on CUDA
-only)."""
+"""Where tensors run: the one reading of `--device`; the one autocast (reduced precision on GPU)."""
 
 from __future__ import annotations
 
@@ -30,6 +29,5 @@ AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Autocast to `dtype` on CUDA; a no-op (float32) when `dtype` is None or on the CPU."""
-    return torch.autocast(
-        device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"
-    )
+    enabled = dtype is not None and device.type == "cuda"
+    return torch.autocast(device.type, dtype=dtype, enabled=enabled)

@@ -1,5 +1,4 @@
-"""`python -m stages COMMAND ARGS...` = `qks COMMAND --params params.yaml ARGS...` (see
-stages/__init__.py)."""
+"""`python -m stages COMMAND ARGS...` = `qks COMMAND --params params.yaml ARGS...`."""
 
 import sys
 

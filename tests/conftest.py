@@ -27,8 +27,7 @@ TEMPLATES = ["a photo of a {}.", "a drawing of a {}.", "there is a {} in the sce
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads wait
-    on each other."""
+    """One intra-op thread: tiny models gain nothing from more, and on 2 busy cores they wait."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -51,11 +50,11 @@ class SampleDataset:
 
 
 def _draw(rng: np.random.Generator, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
-    """A noisy background with one or two coloured shapes; returns the image and its positive
-    labels."""
+    """A noisy background with one or two coloured shapes; returns the image and its positives."""
     w, h = size
     img = Image.fromarray(rng.integers(90, 160, (h, w, 3), dtype=np.uint8), "RGB")
-    draw, labels = ImageDraw.Draw(img), set()
+    draw = ImageDraw.Draw(img)
+    labels = set()
     for _ in range(int(rng.integers(1, 3))):
         colour = str(rng.choice(list(COLOURS)))
         shape = str(rng.choice(["circle", "square", "triangle"]))
@@ -89,8 +88,7 @@ def _write_split(root: Path, dataset: Path, split: str, n: int, rng: np.random.G
 
 @pytest.fixture(scope="session")
 def sample_dataset(tmp_path_factory: pytest.TempPathFactory) -> SampleDataset:
-    """24 small PNG/JPEG images of coloured shapes (16 train, 8 test), fully annotated, with a
-    vocabulary."""
+    """24 small PNG/JPEG images of shapes (16 train, 8 test), fully annotated, with a vocabulary."""
     base = tmp_path_factory.mktemp("sample")
     dataset, images = base / "dataset", base / "images"
     dataset.mkdir()

@@ -63,7 +63,9 @@ def read_imports(path: Path, modules: set[str]) -> Imports:
                 while name and name not in modules:
                     name = name.rpartition(".")[0]
                 if name and name != own_name:
-                    target = found.top if scope is None else found.in_function.setdefault(scope, set())
+                    target = (
+                        found.top if scope is None else found.in_function.setdefault(scope, set())
+                    )
                     target.add(name)
     return found
 

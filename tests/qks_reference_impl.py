@@ -51,8 +51,7 @@ def attention(sd: dict[str, Tensor], prefix: str, x: Tensor, ctx: Tensor, num_he
 def reference_scores(
     sd: dict[str, Tensor], tokens: Tensor, label_emb: Tensor, num_heads: int, keep_cls: bool = True
 ) -> Tensor:
-    """Per-query label scores (B, N, C) from a reference-layout state dict (keys `net.*`,
-    `query_tokens`, `proj`)."""
+    """Per-query label scores (B, N, C) from a state dict in the reference's key layout."""
     sd = {k: v.double() for k, v in sd.items()}
     tokens, label_emb = tokens.double(), label_emb.double()
     num_layers = len({k.split(".")[3] for k in sd if k.startswith("net.encoder.layer.")})
@@ -153,7 +152,7 @@ def random_reference_state(
     return sd
 
 
-# ------------------------------------------------------------------------------------------- the reference's training
+# ------------------------------------------------------------------------- the reference's training
 def reference_asl(
     x: Tensor, targets: Tensor, masked: bool = False, gamma_neg: float = 4.0, eps: float = 1e-5
 ) -> Tensor:
@@ -190,12 +189,12 @@ def reference_bce(x: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
 def reference_adamw(
     params: dict[str, Tensor], grads: dict[str, Tensor], state: dict, lr: float, wd: float
 ) -> None:
-    """One AdamW step (Loshchilov & Hutter; torch's defaults betas (0.9, 0.999), eps 1e-8), in place
-    on `params`."""
+    """One AdamW step in place on `params` (torch's defaults: betas (0.9, 0.999), eps 1e-8)."""
     b1, b2, eps = 0.9, 0.999, 1e-8
     state["t"] = t = state.get("t", 0) + 1
     for k, p in params.items():
-        m, v = state.get(("m", k), torch.zeros_like(p)), state.get(("v", k), torch.zeros_like(p))
+        m = state.get(("m", k), torch.zeros_like(p))
+        v = state.get(("v", k), torch.zeros_like(p))
         m = b1 * m + (1 - b1) * grads[k]
         v = b2 * v + (1 - b2) * grads[k] ** 2
         state[("m", k)], state[("v", k)] = m, v
@@ -211,8 +210,7 @@ def reference_step(
     lr: float,
     wd: float,
 ) -> float:
-    """The reference's training step on our-named float64 parameters: naive forward, max over
-    queries, ASL, AdamW."""
+    """The reference's step on our-named float64 parameters: naive forward, max, ASL, AdamW."""
     tokens, label_emb, targets = batch
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     # (B, C)

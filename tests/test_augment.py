@@ -1,5 +1,4 @@
-"""Augmented views on tiny images: seeded, different from the clean view, each component as
-configured."""
+"""Augmented views of tiny images: seeded, unlike the clean view, each component as configured."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ SIZE = (32, 32)
 
 
 def picture(width: int = 48, height: int = 40) -> Image.Image:
-    """A smooth gradient in 40-200 (so autocontrast and equalize change it) with a bright square
-    (not symmetric)."""
+    """A 40-200 gradient (so autocontrast and equalize change it) and a bright, lopsided square."""
     y, x = np.mgrid[0:height, 0:width]
     pixels = np.stack([40 + 160 * x / width, 40 + 160 * y / height, 120 + 0 * x], -1)
     pixels[5:15, 5:12] = 250
@@ -65,7 +63,8 @@ def test_a_view_differs_from_the_clean_image(augment):
 def test_cutout_area_is_as_configured(factor, side):
     """One rectangle in one colour: `side` x `side` pixels when it does not touch the border,
     clipped when it does."""
-    blank, areas = Image.new("RGB", (224, 224), (0, 0, 0)), []
+    blank = Image.new("RGB", (224, 224), (0, 0, 0))
+    areas = []
     for seed in range(300):
         changed = (as_array(cutout(blank, np.random.default_rng(seed), factor)) != 0).any(-1)
         rows, cols = np.flatnonzero(changed.any(1)), np.flatnonzero(changed.any(0))
@@ -93,7 +92,8 @@ def test_each_rand_augment_operation_changes_the_image_and_keeps_its_size(name):
 
 
 def test_rand_augment_applies_each_of_two_draws_with_probability_one_half():
-    img, unchanged = picture(), 0
+    img = picture()
+    unchanged = 0
     for seed in range(400):
         unchanged += np.array_equal(
             as_array(rand_augment(img, np.random.default_rng(seed))), as_array(img)

@@ -1,5 +1,4 @@
-"""The backbone: loading through the real open_clip path, visual tokens, label embeddings,
-fingerprint, refusals."""
+"""The backbone: real open_clip loading, visual tokens, label embeddings, fingerprint, refusals."""
 
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ def test_load_uses_the_weights_file_and_freezes(tiny, tiny_clip):
 
 
 def _manual_tokens(visual, images: torch.Tensor) -> torch.Tensor:
-    """conv1 -> CLS + positional embedding -> ln_pre -> transformer -> ln_post, written out by hand."""
+    """conv1 -> CLS + positions -> ln_pre -> transformer -> ln_post, written out by hand."""
     x = visual.conv1(images)  # (B, D, g, g)
     x = x.flatten(2).transpose(1, 2)  # (B, g*g, D)
     cls = visual.class_embedding.expand(x.shape[0], 1, -1)  # (B, 1, D)
@@ -68,10 +67,8 @@ def test_visual_tokens_match_a_manual_pass(tiny):
 
 def test_encode_labels_is_the_plain_mean_over_templates(tiny):
     model, tokenizer = tiny.model, tiny.tokenizer
-    labels, templates = (
-        ["cat", "red car", "tree"],
-        ["a photo of a {}.", "{} in the scene.", "a {}!"],
-    )
+    labels = ["cat", "red car", "tree"]
+    templates = ["a photo of a {}.", "{} in the scene.", "a {}!"]
     emb = encode_labels(model, tokenizer, labels, templates, batch_labels=2)
     assert emb.shape == (3, 32)
     with torch.no_grad():
@@ -118,8 +115,7 @@ def _closed_port() -> int:
 
 
 def test_unreachable_hub_fails_fast_in_one_line(tmp_path, sample_dataset):
-    """The default backbone (a download) with the hub at a closed local port: no real network is
-    touched."""
+    """The default backbone (a download) with the hub at a closed local port: no network touched."""
     env = os.environ | {
         "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
         "HF_HOME": str(tmp_path / "hf"),
@@ -187,8 +183,7 @@ def test_a_non_vit_tower_is_refused():
 
 
 def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_path):
-    """OpenAI's original .pt files are TorchScript archives of QuickGELU models; a traced tiny model
-    stands in."""
+    """OpenAI's .pt files are TorchScript QuickGELU models; a traced tiny model stands in."""
     model, tokenizer = tiny.model, tiny.tokenizer
     archive = tmp_path / "openai-style.pt"
     with warnings.catch_warnings():
@@ -206,7 +201,25 @@ def test_a_torchscript_archive_loads_as_a_quickgelu_model(tiny, tiny_clip, tmp_p
 
 
 def test_hub_log_lines_are_printed_once_under_the_cli_logging():
-    code = "import logging, qks_pipeline.stage_one.backbone; from qks_pipeline.cli.stage_one import _log_setup; _log_setup(); "
-    code += "logging.getLogger('huggingface_hub.file_download').warning('hub note')"
+    code = (
+        "import logging, qks_pipeline.stage_one.backbone; "
+        "from qks_pipeline.cli.stage_one import _log_setup; _log_setup(); "
+        "logging.getLogger('huggingface_hub.file_download').warning('hub note')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stderr.count("hub note") == 1, done.stderr
+
+
+def test_safetensors_alternatives_follow_open_clips_downloader():
+    """open_clip keeps its rule private; when it changes, this test names what to update."""
+    from open_clip import pretrained
+
+    from qks_pipeline.stage_one.backbone import safetensors_alternatives
+
+    private = getattr(pretrained, "_get_safe_alternatives", None)
+    if private is None:
+        pytest.skip("open_clip no longer has _get_safe_alternatives: check its download rule")
+    for file in ("open_clip_pytorch_model.bin", "model.bin", "model.pth", "model.safetensors"):
+        assert safetensors_alternatives(file) == list(private(file)), (
+            f"open_clip's safetensors rule changed for {file}: update safetensors_alternatives"
+        )

@@ -39,7 +39,8 @@ def _config(directory: Path, name: str) -> Path:
 def test_a_backbone_shape_runs_extract_train_evaluate_predict_with_the_default_model(
     name, sample_dataset, tmp_path
 ):
-    ds, (width, patch, size, _, heads) = sample_dataset, SHAPES[name]
+    ds = sample_dataset
+    width, patch, size, _, heads = SHAPES[name]
     clip = make_tiny_clip(tmp_path / "clip", config=_config(tmp_path, name))
     for split in ("train", "test"):
         qks(*extract_args(ds, clip, tmp_path / f"{split}.zarr", split))

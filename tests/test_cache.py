@@ -1,5 +1,4 @@
-"""The Zarr store layer: creation, whole-shard writes, done markers, fingerprints, verification,
-label embeddings."""
+"""The Zarr store: creation, shard writes, done markers, fingerprints, verify, label embeddings."""
 
 from __future__ import annotations
 
@@ -42,10 +41,12 @@ def _fill(cache, tokens, bad_rows=()):
     for shard in range(cache.num_shards):
         rows = cache.shard_rows(shard)
         valid = np.ones(rows.stop - rows.start, bool)
-        part, skipped = tokens[rows].copy(), []
+        part = tokens[rows].copy()
+        skipped = []
         for r in bad_rows:
             if rows.start <= r < rows.stop:
-                valid[r - rows.start], part[r - rows.start] = False, 0
+                valid[r - rows.start] = False
+                part[r - rows.start] = 0
                 skipped.append({"path": f"img{r}.jpg", "reason": "missing"})
         cache.write_shard(shard, part, valid, skipped)
 
@@ -135,8 +136,7 @@ def test_verify_finds_missing_markers_mismatches_and_damage(tmp_path):
 
 @pytest.mark.parametrize("kind", ["index", "truncated", "bit"])
 def test_verify_checks_every_chunk_and_names_shard_and_row(tmp_path, kind):
-    """A corrupt index, a truncated shard file, one flipped bit in one chunk: `cache verify` fails
-    naming each."""
+    """A corrupt index, a truncated shard, one flipped bit: `cache verify` fails, naming each."""
     cache, tokens = _store(tmp_path / "s.zarr")
     _fill(cache, tokens)
     path = cache.path / "tokens" / "c" / "1" / "0" / "0" / "0"

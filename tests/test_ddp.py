@@ -59,8 +59,7 @@ def assert_close_weights(a: Path, b: Path, atol: float) -> None:
 
 
 def test_ranks_read_disjoint_shares_of_the_same_batches(tmp_path):
-    """Each of 3 ranks reads its share of every global batch: together the one-process batch, row
-    for row."""
+    """3 ranks each read their share of every global batch: together the one-process batch."""
     cache = open_cache(
         make_synthetic(tmp_path, num_train=70, num_test=16, invalid_train=(3, 40)).train
     )

@@ -1,5 +1,4 @@
-"""Extraction on a dask cluster: the same store as the single-process path, resumable, one backbone
-load per worker."""
+"""Extraction on a dask cluster: the single-process store, resumable, one backbone load a worker."""
 
 from __future__ import annotations
 
@@ -20,7 +19,8 @@ from tests.tiny import extract_args, qks
 
 distributed = pytest.importorskip("distributed")
 
-SHARD_SIZE, VIEWS = 5, 1  # 16 train images: shards of 5, 5, 5, 1
+SHARD_SIZE = 5  # 16 train images: shards of 5, 5, 5, 1
+VIEWS = 1
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,7 @@ def _files(store: Path) -> dict[str, bytes]:
 
 
 def _backbone_calls(client) -> tuple[int, int]:
-    """(loads, uses) of the backbone over the workers' lifetime: misses and hits + misses of its
-    per-process memo."""
+    """(loads, uses) of the backbone on the workers: its per-process memo's misses, all calls."""
     infos = client.run(_backbone.cache_info).values()
     return sum(i.misses for i in infos), sum(i.hits + i.misses for i in infos)
 
@@ -185,7 +184,8 @@ def test_workers_with_a_gpu_resource_run_one_shard_at_a_time(sample_dataset, tin
         distributed.LocalCluster(n_workers=1, threads_per_worker=2, **local) as cluster,
         distributed.Client(cluster) as c,
     ):
-        running, stop = [], threading.Event()
+        running = []
+        stop = threading.Event()
 
         def watch() -> None:
             while not stop.is_set():
@@ -194,9 +194,16 @@ def test_workers_with_a_gpu_resource_run_one_shard_at_a_time(sample_dataset, tin
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            ds, out = sample_dataset, tmp_path / "gpu.zarr"
+            ds = sample_dataset
+            out = tmp_path / "gpu.zarr"
             result = extract(
-                ds.dataset, "train", ds.images, out, backbone, cfg, runner=OnCluster(c, "cpu")
+                ds.dataset,
+                "train",
+                ds.images,
+                out,
+                backbone=backbone,
+                cfg=cfg,
+                runner=OnCluster(c, "cpu"),
             )
         finally:
             stop.set()

@@ -344,9 +344,9 @@ def test_embed_labels_stores_the_clip_baselines_template(sample_dataset, tiny_cl
         sample_dataset.dataset,
         sample_dataset.templates,
         tmp_path / "l.zarr",
-        backbone,
-        LabelsConfig(),
-        "cpu",
+        backbone=backbone,
+        labels=LabelsConfig(),
+        device="cpu",
     )
     names, clip, attrs = read_label_embeddings(tmp_path / "l.zarr", CLIP_EMBEDDINGS)
     bb = load_backbone(str(config), str(weights))
@@ -402,8 +402,7 @@ def test_import_reference_checkpoint(tiny_clip, tmp_path):
 
 
 def test_selection_on_test_equals_the_reference_protocol(tmp_path):
-    """`selection: test` selects on what `evaluate.protocol: reference` reports: ZSL mAP + F1@3 +
-    F1@5."""
+    """`selection: test` selects on the `protocol: reference` metrics: ZSL mAP + F1@3 + F1@5."""
     data = make_synthetic(tmp_path, num_train=64, num_test=32)
     model = ModelConfig(num_queries=2, num_layers=1, num_heads=2, ff_dim=16)
     p = Params(
@@ -428,8 +427,7 @@ def test_selection_on_test_equals_the_reference_protocol(tmp_path):
 
 
 def test_two_evaluations_in_one_folder_keep_their_own_tables(run, tmp_path):
-    """The query-preference table is named after --out, and the per-label AP plot after the
-    per-label CSV."""
+    """The query table is named after --out, the per-label AP plot after the per-label CSV."""
     data, ckpt = run
     for name in ("a", "b"):
         args = _evaluate_args(ckpt, data.test, data.labels, tmp_path / f"{name}.json")

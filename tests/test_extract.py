@@ -1,5 +1,4 @@
-"""Stage one end to end: `qks extract` / `qks embed-labels` on the tiny model and dataset; bad
-images; resuming."""
+"""Stage one end to end: `qks extract` and `qks embed-labels`, tiny model; bad images; resuming."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ from tests.tiny import embed_args, extract_args, qks
 
 
 def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims a huge size but holds no pixels: a decompression bomb PIL must refuse at
-    open()."""
+    """A PNG that claims a huge size and holds no pixels: a decompression bomb PIL refuses."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -115,7 +113,8 @@ def _arrays(store: Path) -> dict[str, np.ndarray]:
 
 
 def test_store_holds_the_tokens_labels_and_order(sample_dataset, tiny_clip, tmp_path):
-    ds, out = sample_dataset, tmp_path / "train.zarr"
+    ds = sample_dataset
+    out = tmp_path / "train.zarr"
     _extract(ds, tiny_clip, out, "--set", "extract.batch_size=3")
     cache = open_cache(out)
     records = read_manifest(ds.dataset / "train.jsonl")
@@ -280,7 +279,8 @@ RESUME_SCRIPT = """
 import sys, time
 from qks_pipeline.store import features as cache
 write = cache.Cache.write_shard
-def slow_write(self, *args, **kwargs):  # widen the gap between shards so the test can kill in between
+# widen the gap between shards so the test can kill in between
+def slow_write(self, *args, **kwargs):
     write(self, *args, **kwargs)
     time.sleep(1.0)
 cache.Cache.write_shard = slow_write
@@ -349,8 +349,7 @@ def test_embed_labels_stores_seen_then_unseen(sample_dataset, tiny_clip, tmp_pat
 
 
 def test_compact_negatives_cover_the_split_labels_only(sample_dataset, tiny_clip, tmp_path):
-    """A train record with `"negative": "*"` is negative on every other seen label; unseen labels
-    stay unknown."""
+    """`"negative": "*"` makes every other seen label negative; unseen labels stay unknown."""
     ds = sample_dataset
     dataset = tmp_path / "dataset"
     shutil.copytree(ds.dataset, dataset)
@@ -381,6 +380,9 @@ def test_max_pixels_masks_larger_images_with_their_numbers(
     reasons = {s["path"]: s["reason"] for s in open_cache(tmp_path / "train.zarr").skipped()}
     larger = {p: w * h for p, (w, h) in sizes.items() if w * h > limit}
     assert reasons == {
-        p: f"decompression bomb: {n:,} pixels, above the limit of {limit:,} (raise it with --max-pixels)"
+        p: (
+            f"decompression bomb: {n:,} pixels, above the limit of {limit:,} "
+            "(raise it with --max-pixels)"
+        )
         for p, n in larger.items()
     }

@@ -36,8 +36,7 @@ def run(*args: object) -> tuple[int, str]:
 
 
 def dataset(out: Path) -> tuple[list[str], list[str], list[Record], list[Record]]:
-    """The dataset an importer wrote, with `"negative": "*"` spelled out over the split's scored
-    labels."""
+    """The dataset an importer wrote, `"negative": "*"` spelled out over the scored labels."""
     check_dataset(out)  # every importer's output passes the checker
     seen, unseen = read_labels(out / "seen.txt"), read_labels(out / "unseen.txt")
 
@@ -96,7 +95,8 @@ def nuswide_release(root: Path) -> Path:
 
 
 def test_nuswide(tmp_path):
-    root, out = nuswide_release(tmp_path / "nus"), tmp_path / "out"
+    root = nuswide_release(tmp_path / "nus")
+    out = tmp_path / "out"
     code, output = run("import", "nuswide", "--root", root, "--out", out)
     assert code == 0, output
     seen, unseen, train, test = dataset(out)
@@ -165,7 +165,8 @@ def change(root: Path, name: str, lines: list[str] | None) -> None:
     ],
 )
 def test_nuswide_bad_input(tmp_path, name, lines, message):
-    root, out = nuswide_release(tmp_path / "nus"), tmp_path / "out"
+    root = nuswide_release(tmp_path / "nus")
+    out = tmp_path / "out"
     change(root, name, lines)
     code, output = run("import", "nuswide", "--root", root, "--out", out)
     assert code == 1 and message.format(r=root) in output, output
@@ -217,8 +218,7 @@ OI_POOL = ["/m/x", "/m/u1", "/m/y", "/m/u2", "/m/u3"]
 
 
 def openimages_release(root: Path, pool: object = None) -> Path:
-    """A release in the real files' formats: the metadata in `root/2018_04` and the image-label CSVs
-    under it."""
+    """A release in the real formats: metadata in `root/2018_04`, the image-label CSVs under it."""
     meta = root / "2018_04"
     write(meta / "class-descriptions.csv", OI_DESCRIPTIONS, crlf=True)
     write(meta / "classes-trainable.txt", OI_TRAINABLE, crlf=True)
@@ -233,8 +233,7 @@ def openimages_release(root: Path, pool: object = None) -> Path:
 
 
 def openimages_images(root: Path) -> Path:
-    """Training images in the reference downloader's `train/NN/` layout (i7 never downloaded), test
-    images flat."""
+    """Train images in the downloader's `train/NN/` layout (i7 not downloaded), test images flat."""
     for rel in [
         "train/00/i1.jpg",
         "train/00/i4.jpg",
@@ -256,7 +255,8 @@ OI_UNSEEN = ["Ant", "Cat", "Flower (/m/u3)"]
 
 @pytest.mark.parametrize("folder", ["", "2018_04"])  # the release folder or its metadata folder
 def test_openimages(tmp_path, folder):
-    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    root = openimages_release(tmp_path / "oi")
+    out = tmp_path / "out"
     images = openimages_images(tmp_path / "images")
     code, output = run(
         "import", "openimages", "--root", root / folder, "--images", images, "--out", out
@@ -288,7 +288,8 @@ def test_openimages(tmp_path, folder):
 
 
 def test_openimages_without_images_keeps_flat_paths(tmp_path):
-    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    root = openimages_release(tmp_path / "oi")
+    out = tmp_path / "out"
     code, output = run("import", "openimages", "--root", root, "--out", out)
     assert code == 0, output
     assert [r.image for r in dataset(out)[2]] == ["train/i1.jpg", "train/i6.jpg", "train/i7.jpg"]
@@ -338,7 +339,8 @@ def test_openimages_matching_by_display_name_would_change():
 )
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_openimages_reads_the_pickled_mids_in_every_form(tmp_path, pool, protocol):
-    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    root = openimages_release(tmp_path / "oi")
+    out = tmp_path / "out"
     (root / "2018_04" / "unseen_labels.pkl").write_bytes(pickle.dumps(pool, protocol=protocol))
     code, output = run("import", "openimages", "--root", root, "--out", out)
     assert code == 0, output
@@ -365,9 +367,13 @@ class Runs:
 )
 def test_openimages_refuses_any_other_pickle(tmp_path, monkeypatch, pool, found):
     monkeypatch.chdir(tmp_path)
-    root, out = openimages_release(tmp_path / "oi", pool), tmp_path / "out"
+    root = openimages_release(tmp_path / "oi", pool)
+    out = tmp_path / "out"
     code, output = run("import", "openimages", "--root", root, "--out", out)
-    expected = f"{root / '2018_04' / 'unseen_labels.pkl'}: expected a pickled list or numpy array of MID strings; "
+    expected = (
+        f"{root / '2018_04' / 'unseen_labels.pkl'}: "
+        "expected a pickled list or numpy array of MID strings; "
+    )
     assert code == 1 and expected + found in output and len(output.strip().splitlines()) == 1, (
         output
     )
@@ -375,7 +381,8 @@ def test_openimages_refuses_any_other_pickle(tmp_path, monkeypatch, pool, found)
     assert_nothing_written(tmp_path, out)
 
 
-META, ANNOTATIONS = "2018_04", "2018_04/test/test-annotations-human-imagelabels.csv"
+META = "2018_04"
+ANNOTATIONS = "2018_04/test/test-annotations-human-imagelabels.csv"
 
 
 @pytest.mark.parametrize(
@@ -409,7 +416,8 @@ META, ANNOTATIONS = "2018_04", "2018_04/test/test-annotations-human-imagelabels.
     ],
 )
 def test_openimages_bad_input(tmp_path, name, lines, message):
-    root, out = openimages_release(tmp_path / "oi"), tmp_path / "out"
+    root = openimages_release(tmp_path / "oi")
+    out = tmp_path / "out"
     change(root, name, lines)
     code, output = run("import", "openimages", "--root", root, "--out", out)
     assert code == 1 and message in output, output
@@ -449,7 +457,8 @@ def coco_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_coco(tmp_path):
-    (train, test), out = coco_files(tmp_path), tmp_path / "out"
+    train, test = coco_files(tmp_path)
+    out = tmp_path / "out"
     args = [
         "import",
         "coco",
@@ -476,7 +485,8 @@ def test_coco(tmp_path):
 
 
 def test_coco_bad_input(tmp_path):
-    (train, test), out = coco_files(tmp_path), tmp_path / "out"
+    train, test = coco_files(tmp_path)
+    out = tmp_path / "out"
     code, output = run(
         "import",
         "coco",
@@ -561,9 +571,9 @@ def test_reference_csv(tmp_path):
 
 
 def test_reference_csv_without_negatives(tmp_path):
-    """Empty negative columns: said so; `--negatives rest` makes every other scored label of the
-    split negative."""
-    files, out = reference_files(tmp_path), tmp_path / "out"
+    """Empty negative columns are reported; `--negatives rest` makes the others negative."""
+    files = reference_files(tmp_path)
+    out = tmp_path / "out"
     write(
         files["--train-csv"],
         ["image_path,posi_labels,nega_labels", "tr/1.jpg,Bat,", "tr/2.jpg,hot dog|Cat,"],
@@ -594,14 +604,15 @@ def test_reference_csv_without_negatives(tmp_path):
 
 
 def test_reference_csv_bad_input(tmp_path):
-    files, out = reference_files(tmp_path), tmp_path / "out"
+    files = reference_files(tmp_path)
+    out = tmp_path / "out"
     args = [x for pair in files.items() for x in pair]
     code, output = run("import", "reference-csv", *args, "--strip-prefix", "other/", "--out", out)
-    assert (
-        code == 1
-        and f"{files['--train-csv']}:2: image path 'data/oi/train/00/i1.jpg' does not start with 'other/'"
-        in output
+    expected = (
+        f"{files['--train-csv']}:2: "
+        "image path 'data/oi/train/00/i1.jpg' does not start with 'other/'"
     )
+    assert code == 1 and expected in output
     write(files["--test-csv"], ["image_path,posi_labels,nega_labels", "data/oi/t/1.jpg,Cat|Dog,"])
     code, output = run("import", "reference-csv", *args, "--strip-prefix", "data/oi", "--out", out)
     assert (
@@ -654,7 +665,8 @@ def test_hdf5(tmp_path, test_width):
 
 
 def test_hdf5_bad_input(tmp_path):
-    args, out = hdf5_files(tmp_path, test_width=4), tmp_path / "out"
+    args = hdf5_files(tmp_path, test_width=4)
+    out = tmp_path / "out"
     code, output = run("import", "hdf5", *args, "--out", out)
     assert (
         code == 1 and "test_names.txt:1: " in output and "has 4 values, expected 3 or 5" in output

@@ -1,5 +1,4 @@
-"""The loader and the direct shard reader: equality with zarr-python, damage, coverage, determinism,
-views, memory."""
+"""The loader and the direct shard reader: zarr-python equality, damage, coverage, views, memory."""
 
 from __future__ import annotations
 
@@ -32,8 +31,7 @@ def data(tmp_path_factory):
 
 
 def _relayout(src, dst, serializer=None, compressors=None):
-    """A copy of the store `src` whose tokens are written again with other codecs (format version 1:
-    no crc32c)."""
+    """A copy of the store `src` with tokens rewritten in other codecs (version 1: no crc32c)."""
     shutil.copytree(src, dst)
     group = zarr.open_group(dst, mode="r+")
     tokens = group["tokens"][:]
@@ -100,8 +98,7 @@ def _shard_file(store, shard):
 
 
 def damage(store, kind: str, row: int = 70, view: int = 0):
-    """Damage the shard file holding `row`: its index, its length, or one bit of the chunk (row,
-    view)."""
+    """Damage the shard file holding `row`: its index, its length, or one bit of (row, view)."""
     path = _shard_file(store, row // S)
     raw = bytearray(path.read_bytes())
     # (offset, nbytes)
@@ -184,8 +181,7 @@ def test_deterministic_per_seed_and_epoch(data):
 
 
 def test_batches_are_random_rows_of_a_window_of_shards(data):
-    """A batch draws from all over its window (here the whole store: 4 shards), not from a run of
-    rows."""
+    """A batch draws from all over its window (here all 4 shards), not from a run of rows."""
     loader = _small(open_cache(data.train), batch_size=32)
     assert open_cache(data.train).num_shards <= WINDOW
     spans = [np.unique(b.rows // S).size for b in loader.epoch(0)]

@@ -1,5 +1,4 @@
-"""Losses against element-by-element hand computations on small tensors, and against the reference's
-formulas."""
+"""Losses against hand computations, element by element on small tensors, and the reference's."""
 
 from __future__ import annotations
 
@@ -45,8 +44,7 @@ REFERENCE = {
 
 @pytest.mark.parametrize("name", list(REFERENCE))
 def test_value_and_gradient_equal_the_reference_formulas(name: str) -> None:
-    """float64 logits over a wide range (saturated sigmoids included), targets +1 / -1 / 0; relative
-    difference 1e-6."""
+    """float64 logits, saturated sigmoids included; targets +1 / -1 / 0; relative tolerance 1e-6."""
     gen = torch.Generator().manual_seed(1)
     for _ in range(3):
         x = torch.randn(16, 37, generator=gen, dtype=torch.float64) * 4
@@ -62,8 +60,7 @@ def test_value_and_gradient_equal_the_reference_formulas(name: str) -> None:
 
 
 def test_asl_focusing_weight_carries_no_gradient() -> None:
-    """The reference detaches (1 - p_t)^gamma: same value as the gradient-flowing form, a different
-    gradient."""
+    """The reference detaches (1 - p_t)^gamma: the flowing form's value, another gradient."""
     x = LOGITS.double().requires_grad_()
     reference, flowing = make_loss("asl")(x, TARGETS), make_loss("asl_focus_grad")(x, TARGETS)
     g_ref, g_flow = torch.autograd.grad(reference, x)[0], torch.autograd.grad(flowing, x)[0]
@@ -120,8 +117,7 @@ def test_ranking_by_hand() -> None:
 
 
 def test_ranking_equals_the_all_pairs_computation_on_random_batches() -> None:
-    """The (B, P, C) computation against the plain (B, C, C) one over every pair, values and
-    gradients."""
+    """The (B, P, C) computation against the plain (B, C, C) one over all pairs, with gradients."""
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         x = torch.randn(8, 40, generator=gen)
@@ -168,8 +164,7 @@ def test_unknown_loss_lists_choices() -> None:
 
 @pytest.mark.parametrize("name", ["asl", "masl", "bce", "mbce", "ranking"])
 def test_half_precision_logits(name: str) -> None:
-    """Mixed-precision training hands float16 logits; the 1000-scaled sum must not overflow
-    float16's range."""
+    """Mixed precision hands float16 logits; the 1000-scaled sum must not overflow float16."""
     logits = torch.full((64, 300), -12.0)
     # every positive badly missed: a loss sum far above 65504
     targets = torch.ones(64, 300, dtype=torch.int8)

@@ -1,5 +1,4 @@
-"""Dataset directories: writing (all or nothing), checking, the CLI check, and every kind of bad
-input."""
+"""Dataset directories: writing (all or nothing), checking, the CLI check, every bad input."""
 
 from __future__ import annotations
 
@@ -48,8 +47,7 @@ TEST = [
 
 
 def make_dataset(path: Path) -> Path:
-    """The files as a person may write them (write_dataset would leave out the images without a
-    positive)."""
+    """The files as a person may write them (write_dataset drops images without a positive)."""
     path.mkdir()
     write_labels(path / "seen.txt", SEEN)
     write_labels(path / "unseen.txt", UNSEEN)
@@ -113,7 +111,8 @@ def write_images(root: Path) -> None:
 
 
 def test_check_dataset_collects_image_problems(tmp_path):
-    out, root = make_dataset(tmp_path / "ds"), tmp_path / "images"
+    out = make_dataset(tmp_path / "ds")
+    root = tmp_path / "images"
     write_images(root)
     (root / "a/2.jpg").unlink()
     (root / "c/4.jpg").write_bytes(b"not a jpeg")
@@ -125,7 +124,8 @@ def test_check_dataset_collects_image_problems(tmp_path):
 
 
 def test_cli_check_summary_and_exit_codes(tmp_path):
-    out, root = make_dataset(tmp_path / "ds"), tmp_path / "images"
+    out = make_dataset(tmp_path / "ds")
+    root = tmp_path / "images"
     write_images(root)
     ok = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
     assert ok.exit_code == 0, ok.output
@@ -244,8 +244,7 @@ def test_reading_with_the_vocabulary_refuses_unknown_labels(tmp_path):
 
 
 def test_negative_rest_round_trip_and_label_matrix(tmp_path):
-    """`"negative": "*"` makes every other scored label a verified negative, and nothing outside
-    that scope."""
+    """`"negative": "*"`: every other scored label a verified negative, nothing outside them."""
     seen, unseen = ["cat", "dog", "owl"], ["bee"]
     records = [Record("a.jpg", ("dog",), negative_rest=True), Record("b.jpg", ("owl",), ("cat",))]
     write_manifest(tmp_path / "train.jsonl", records)

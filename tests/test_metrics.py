@@ -51,7 +51,8 @@ def reference_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         entries = sorted(
             (-float(scores[i, c]), i, labels[i, c] == 1) for i in range(len(scores)) if labels[i, c]
         )
-        tp, total = 0, 0.0
+        tp = 0
+        total = 0.0
         for rank, (_, _, positive) in enumerate(entries, start=1):
             tp += positive
             total += tp / rank if positive else 0.0
@@ -62,7 +63,8 @@ def reference_ap(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def brute_prf(
     scores: np.ndarray, labels: np.ndarray, k: int, reference: bool
 ) -> tuple[float, float, float]:
-    tp, k = 0, min(k, scores.shape[1])  # K capped at the number of labels
+    tp = 0
+    k = min(k, scores.shape[1])  # K capped at the number of labels
     for s, y in zip(scores.tolist(), labels.tolist(), strict=True):
         tp += sum(y[j] == 1 for j in sorted(range(len(s)), key=lambda j: (-s[j], j))[:k])
     p, r = tp / (len(scores) * k), tp / int((labels == 1).sum())
@@ -76,8 +78,7 @@ def _same(a, b, tol: float = 1e-9) -> bool:
 
 @pytest.fixture(params=[None, 7], ids=["one-block", "tiny-blocks"])
 def blocks(request, monkeypatch):
-    """Run each test with the default block size and with blocks of a few entries (many blocks, one
-    label each)."""
+    """Each test with the default block size and with tiny blocks (many blocks, one label each)."""
     if request.param:
         monkeypatch.setattr(metrics, "BLOCK", request.param)
 
@@ -178,8 +179,7 @@ def test_filters_and_edge_cases_are_named() -> None:
 
 
 def test_empty_negatives_give_no_ap_of_one() -> None:
-    """A dataset whose negatives are all missing: nothing is scorable, every label is counted, no AP
-    1.0 anywhere."""
+    """All negatives missing: nothing is scorable, every label is counted, no AP of 1.0 anywhere."""
     scores, labels = random_problem(60, 10, seed=3)
     labels[labels == -1] = 0
     res = evaluate_scores(scores, labels, num_seen=6, top_k=[3])

@@ -14,8 +14,7 @@ D, E, T, C, B = 8, 6, 5, 7, 2
 
 
 def make_model(cfg: ModelConfig = CFG, seed: int = 0) -> QKS:
-    """A model whose every parameter, LayerNorms and biases included, is random (not the structured
-    init)."""
+    """A model whose every parameter, LayerNorms and biases too, is random (no structured init)."""
     torch.manual_seed(seed)
     model = QKS(cfg, token_dim=D, embed_dim=E)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The PNG plots: real images with content, drawn from the CSVs that training and evaluation write."""
+"""The PNG plots: real images with content, drawn from the CSVs of training and evaluation."""
 
 from __future__ import annotations
 

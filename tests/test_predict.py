@@ -54,9 +54,9 @@ def label_cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def run(sample_dataset, tiny_clip, tmp_path_factory):
-    """Train and test caches of the sample dataset (real extract path), label embeddings, a 2-epoch
-    checkpoint."""
-    root, ds = tmp_path_factory.mktemp("predict"), sample_dataset
+    """Train and test caches of the sample (real extract), label embeddings, a 2-epoch run."""
+    root = tmp_path_factory.mktemp("predict")
+    ds = sample_dataset
     for split in ("train", "test"):
         _qks(*extract_args(ds, tiny_clip, root / f"{split}.zarr", split, shard_size=8))
     _qks(*embed_args(ds, tiny_clip, root / "labels.zarr"))
@@ -110,7 +110,7 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# ---------------------------------------------------------------- agreement with stage one and evaluation
+# ---------------------------------------------------------- agreement with stage one and evaluation
 
 
 def test_scores_equal_the_evaluation_path_on_the_cached_test_split(run, tagger, sample_dataset):
@@ -551,7 +551,10 @@ def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_the
     result = CliRunner().invoke(
         main, ["predict", *map(str, base), "--max-pixels", str(pixels // 2)]
     )
-    reason = f"decompression bomb: {pixels:,} pixels, above the limit of {pixels // 2:,} (raise it with --max-pixels)"
+    reason = (
+        f"decompression bomb: {pixels:,} pixels, above the limit of {pixels // 2:,} "
+        "(raise it with --max-pixels)"
+    )
     assert json.loads(result.stdout) == {"image": str(image), "skipped": reason}
     out, _ = _qks("predict", *base, "--max-pixels", pixels)
     # tagged at a limit of exactly its size
@@ -559,14 +562,14 @@ def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_the
 
 
 def test_the_head_and_ranking_run_in_float32_under_autocast(tagger, sample_dataset, monkeypatch):
-    """With --amp only the backbone runs in reduced precision; bfloat16 autocast on the CPU stands
-    in for CUDA's."""
+    """With --amp only the backbone runs in low precision; CPU bfloat16 autocast plays CUDA's."""
     files = [sample_dataset.images / "test" / "img000.jpg"]
     label_emb = tagger.label_embeddings(["red", "blue"])
     pixels = torch.stack([tagger.backbone.preprocess(load_rgb(f)) for f in files])
-    cpu_autocast = lambda device, dtype: torch.autocast(
-        "cpu", dtype=torch.bfloat16, enabled=dtype is not None
-    )  # noqa: E731
+
+    def cpu_autocast(device, dtype):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None)
+
     monkeypatch.setattr(predict_module, "autocast", cpu_autocast)
     amp = Tagger(**{**tagger.__dict__, "amp": True})
     with torch.autocast("cpu", dtype=torch.bfloat16):

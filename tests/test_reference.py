@@ -105,8 +105,7 @@ def test_clip_export_round_trips_through_open_clip(
 
 
 def _pooled_cls(model: open_clip.model.CLIP, image: torch.Tensor) -> torch.Tensor:
-    """The pre-projection CLS token after ln_post (the vision tower with its projection switched
-    off)."""
+    """The CLS token after ln_post, unprojected (the vision tower's projection switched off)."""
     proj, model.visual.proj = model.visual.proj, None
     try:
         return model.visual(image)

@@ -1,5 +1,4 @@
-"""The HTML report: self-contained (data-URI thumbnails, no network), escaped, and rendered by
-headless Chromium."""
+"""The HTML report: self-contained (data-URI thumbnails), escaped, rendered by headless Chromium."""
 
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ WINDOW = (1000, 700)
 
 
 def _predictions(tmp_path: Path) -> tuple[list[Prediction], list[Path]]:
-    """Three readable images (one with a name that needs escaping) and one skipped, with made-up
-    logits."""
+    """Three readable images (one named with characters to escape), one skipped, made-up logits."""
     rng = np.random.default_rng(0)
     files = [
         tmp_path / "red.png",

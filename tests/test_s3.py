@@ -32,8 +32,7 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def s3():
-    """A moto S3 server on 127.0.0.1 with one bucket; the AWS environment points s3fs at it. Yields
-    the filesystem."""
+    """A moto S3 server on 127.0.0.1 with one bucket, s3fs pointed at it; yields the filesystem."""
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 from tests.import_graph import PACKAGE, REPO, package_imports
 
@@ -26,7 +25,9 @@ LAYERS = [
 
 def layer(module: str) -> int:
     """The index in LAYERS of the deepest layer that holds `module`."""
-    return max(i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + "."))
+    return max(
+        i for i, name in enumerate(LAYERS) if module == name or module.startswith(name + ".")
+    )
 
 
 def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -127,3 +128,29 @@ def test_no_two_public_names_clash():
                 defined.setdefault(node.name, []).append(str(path.relative_to(REPO)))
     clashes = {name: paths for name, paths in defined.items() if len(paths) > 1}
     assert clashes == {}
+
+
+def _normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_distribution_is_declared():
+    """What the package imports directly is in pyproject.toml (dependencies or an extra), not only
+    present because another package brought it."""
+    import sys
+    from importlib.metadata import packages_distributions
+
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + sum(project["optional-dependencies"].values(), [])
+    declared = {_normalised(re.split(r"[<>=!\[;\s]", r)[0]) for r in requirements}
+    _, external = _graph()
+    imported = set().union(*external.values()) - set(sys.stdlib_module_names)
+    distributions = packages_distributions()
+    undeclared = sorted(
+        f"{name} ({', '.join(distributions.get(name, ['not installed']))})"
+        for name in imported
+        if not declared & {_normalised(d) for d in distributions.get(name, [name])}
+    )
+    assert undeclared == []

@@ -1,5 +1,4 @@
-"""Training from the cache: it learns, it resumes exactly, it refuses mismatched inputs, it reports
-test selection."""
+"""Training from the cache: learns, resumes exactly, refuses mismatched inputs, test selection."""
 
 from __future__ import annotations
 
@@ -262,8 +261,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data, tmp_path):
 
 
 def test_one_and_three_steps_equal_the_reference_step(data):
-    """qks's step (session, loss, AdamW) against the reference's step written independently,
-    float64, dropout 0."""
+    """Our step (session, loss, AdamW) vs the reference's, written apart; float64, no dropout."""
     p = dataclasses.replace(
         params(lr=1e-3, weight_decay=0.05), model=dataclasses.replace(TINY_MODEL, dropout=0.0)
     )
@@ -286,8 +284,7 @@ def test_one_and_three_steps_equal_the_reference_step(data):
 
 
 def _zsl_map(scores: torch.Tensor, labels: torch.Tensor, unseen: slice) -> float:
-    """Mean over unseen labels of AP over the annotated (+1 / -1) entries, on images with an unseen
-    positive."""
+    """Mean over unseen labels of AP on the annotated entries of images with an unseen positive."""
     scores, labels = scores[:, unseen], labels[:, unseen]
     keep = (labels == 1).any(dim=1)
     aps = []
@@ -313,7 +310,8 @@ def test_qks_trained_on_seen_labels_beats_clip_on_unseen_labels(tmp_path):
     for epoch in range(p.train.epochs):
         train_epoch(s, epoch, progress_bar=False)
     batch = next(open_loader(inputs.test, batch_size=1000, shuffle=False).epoch(0))
-    proj, emb = torch.from_numpy(inputs.test.visual_proj[:]), torch.as_tensor(inputs.embeddings)
+    proj = torch.from_numpy(inputs.test.visual_proj[:])
+    emb = torch.as_tensor(inputs.embeddings)
     s.model.eval()
     with torch.no_grad():
         ours = s.model(batch.tokens, emb)  # (N, C)

@@ -30,14 +30,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from qks_pipeline.data.manifest import (
     Record,
     read_manifest,
     read_vocabulary,
     write_labels,
     write_manifest,
-)  # noqa: E402
+)
 
 SVG_ROOT = Path("/usr/share/openclipart/svg")
 PNG_ROOT = Path("/usr/share/openclipart/png")
@@ -45,9 +44,9 @@ OUT_DIR = Path(__file__).resolve().parent
 # a few openclipart PNGs are 10k x 16k renders of small drawings
 Image.MAX_IMAGE_PIXELS = 300_000_000
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vocabulary tables
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # Multi-word names joined into one token before splitting ("teddy bear" is a toy, not a bear).
 PHRASES = {
@@ -234,12 +233,14 @@ SYNONYMS = _table(
 # Concrete nouns that may become labels (before the minimum-count cut).
 ALLOWED = frozenset(
     """
-    animal mammal bird insect fish reptile dog cat horse bear pig cow sheep monkey elephant tiger lion dolphin whale
-    rabbit deer wolf penguin duck chicken eagle owl swan butterfly bee ant spider ladybug dragonfly frog lizard turtle
-    snake dinosaur
-    food fruit vegetable dessert drink apple lemon banana grape strawberry cherry pear pumpkin tomato potato carrot
-    pepper corn onion mushroom bread cake candy icecream pizza muffin pancake cheese egg meat hamburger sandwich coffee
-    tea milk wine beer juice cup glass bottle
+    animal mammal bird insect fish reptile
+    dog cat horse bear pig cow sheep monkey elephant tiger lion dolphin whale rabbit deer wolf
+    penguin duck chicken eagle owl swan butterfly bee ant spider ladybug dragonfly
+    frog lizard turtle snake dinosaur
+    food fruit vegetable dessert drink
+    apple lemon banana grape strawberry cherry pear pumpkin tomato potato carrot pepper corn onion
+    mushroom bread cake candy icecream pizza muffin pancake cheese egg meat hamburger sandwich
+    coffee tea milk wine beer juice cup glass bottle
     plant flower tree leaf cactus rose
     vehicle car truck boat airplane bicycle train bus motorcycle rocket tractor
     building house church tower castle lighthouse
@@ -260,7 +261,8 @@ DISPLAY = {"icecream": "ice cream", "instrument": "musical instrument", "lightbu
 PARENTS = _table(
     """
     animal: mammal bird insect fish reptile spider frog
-    mammal: dog cat horse bear pig cow sheep monkey elephant tiger lion dolphin whale rabbit deer wolf
+    mammal: dog cat horse bear pig cow sheep monkey elephant tiger lion dolphin whale
+    mammal: rabbit deer wolf
     bird: penguin duck chicken eagle owl swan
     insect: butterfly bee ant ladybug dragonfly
     reptile: lizard turtle snake dinosaur
@@ -310,10 +312,13 @@ VETO = {
 DENY = frozenset(
     """
     icon iconset appicon mimeicon mimetype filesystem application theme webpage button
-    flag signalflag semaphore sign roadsign symbol symboll simbolo simbol logo emblem badge award certificate
-    map mapsym coastline globe network networksym dvb voip weathersym musicsym flowchart diagram chart graph blueprint
+    flag signalflag semaphore sign roadsign symbol symboll simbolo simbol
+    logo emblem badge award certificate
+    map mapsym coastline globe network networksym dvb voip weathersym musicsym
+    flowchart diagram chart graph blueprint
     pattern border bordered frame flourish ornament texture wallpaper background gradient
-    text font letter alphabet number kanji arrow arrowshape shape geometry abstract magick callout jigsaw puzzle
+    text font letter alphabet number kanji
+    arrow arrowshape shape geometry abstract magick callout jigsaw puzzle
     smiley stickman card example tatoo tattoo folder rule bullethole pointer cursor powered pinout
     """.split()
 )
@@ -322,9 +327,9 @@ DENY = frozenset(
 # no labels.
 COLLECTION_TITLE = re.compile(r"clip ?arts?|collection|theme|iconset|s[iu]bmission", re.I)
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Metadata and tags
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 _WORK = re.compile(r"<cc:Work\b.*?</cc:Work>", re.S)
 _TITLE = re.compile(r"<dc:title>(.*?)</dc:title>", re.S)
@@ -391,9 +396,9 @@ def labels_of(tokens: set[str]) -> set[str]:
     return close_labels(n for n in named if n in ALLOWED and not (VETO.get(n, set()) & tokens))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Collecting pictures
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -449,14 +454,13 @@ def keep(pic: Picture) -> bool:
     return pic.public_domain and bool(pic.labels) and not (pic.words & DENY)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Images
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def render(png: Path, size: int) -> Image.Image | None:
-    """RGB square image: composited on white, cropped to its content, padded with white, resized to
-    `size`."""
+    """RGB square: on white, cropped to its content, padded with white, resized to `size`."""
     with Image.open(png) as im:
         rgba = im.convert("RGBA")
     if max(rgba.size) > 4 * size:
@@ -531,14 +535,13 @@ def jpeg_bytes(image: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Vocabulary and splits
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def choose_vocabulary(pics: list[Picture], min_count: int) -> list[str]:
-    """Labels with at least `min_count` pictures, most frequent first; pictures keep only those
-    labels."""
+    """Labels of at least `min_count` pictures, most frequent first; pictures keep only those."""
     counts = Counter(label for pic in pics for label in pic.labels)
     vocab = sorted(
         (label for label, n in counts.items() if n >= min_count), key=lambda x: (-counts[x], x)
@@ -549,8 +552,7 @@ def choose_vocabulary(pics: list[Picture], min_count: int) -> list[str]:
 
 
 def thin(pics: list[Picture], max_images: int, floor: int, seed: int) -> list[Picture]:
-    """Drop seeded-random pictures whose labels all have more than `floor` pictures, down to
-    `max_images`."""
+    """Drop seeded-random pictures whose labels all have over `floor` pictures, to `max_images`."""
     counts = Counter(label for pic in pics for label in pic.labels)
     dropped: set[str] = set()
     order = list(pics)
@@ -635,8 +637,7 @@ def split_pictures(
 
 
 def records(pics: Iterable[Picture], vocab: Sequence[str]) -> list[Record]:
-    """Positives over `vocab`; every other `vocab` label a verified negative; pictures without a
-    positive dropped."""
+    """Positives over `vocab`, the other `vocab` labels negative; drop pictures with no positive."""
     out = []
     for pic in pics:
         pos = [DISPLAY.get(v, v) for v in vocab if v in pic.labels]
@@ -646,9 +647,9 @@ def records(pics: Iterable[Picture], vocab: Sequence[str]) -> list[Record]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Main
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -725,8 +726,7 @@ def write_dataset(
 
 
 def label_counts(out: Path, pics: list[Picture]) -> dict[str, tuple[str, int, int, int]]:
-    """Label -> (seen/unseen, pictures carrying it in train + test, train positives, test
-    positives)."""
+    """Label -> (seen/unseen, pictures with it in train + test, train positives, test positives)."""
     seen, unseen = read_vocabulary(out)
     train, test = read_manifest(out / "train.jsonl"), read_manifest(out / "test.jsonl")
     kept = {r.image for r in train + test}
@@ -746,7 +746,8 @@ def report(out: Path, counts: dict[str, tuple[str, int, int, int]]) -> None:
     n_train, n_test = (len(read_manifest(out / f)) for f in ("train.jsonl", "test.jsonl"))
     n_seen = sum(kind == "seen" for kind, *_ in counts.values())
     print(
-        f"labels: {n_seen} seen, {len(counts) - n_seen} unseen; images: {n_train} train, {n_test} test"
+        f"labels: {n_seen} seen, {len(counts) - n_seen} unseen; "
+        f"images: {n_train} train, {n_test} test"
     )
     print(f"  {'label':20s} {'kind':6s} {'images':>6s} {'train+':>6s} {'test+':>6s}")
     for label, (kind, n_all, n_tr, n_te) in counts.items():
@@ -755,9 +756,8 @@ def report(out: Path, counts: dict[str, tuple[str, int, int, int]]) -> None:
     print(f"images per label: min {min(n_all)}, max {max(n_all)}")
     files = [p for p in out.rglob("*") if p.is_file() and p.suffix in {".jpg", ".jsonl", ".txt"}]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(files))).hexdigest()[:16]
-    print(
-        f"{len(files)} files, {sum(p.stat().st_size for p in files) / 1e6:.2f} MB, content sha256 {digest}"
-    )
+    megabytes = sum(p.stat().st_size for p in files) / 1e6
+    print(f"{len(files)} files, {megabytes:.2f} MB, content sha256 {digest}")
 
 
 def problems(

@@ -1,5 +1,4 @@
-"""`python -m qks_pipeline.cli ...` runs `qks ...` (e.g. under `torchrun`, which starts a module on
-every rank)."""
+"""`python -m qks_pipeline.cli ...` is `qks ...` (for `torchrun`: it starts a module per rank)."""
 
 from qks_pipeline.cli import main
 

@@ -1,10 +1,8 @@
-"""Data commands: `qks import FORMAT` (published releases -> a dataset directory) and `qks manifest
-check`."""
+"""Data commands: `qks import FORMAT` (published files -> a dataset directory), `qks manifest`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -19,6 +17,7 @@ from qks_pipeline.data.manifest import DatasetReport, check_dataset, read_labels
 
 
 def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
+    """A required option taking a path (an existing file by default)."""
     return click.option(name, type=kind, required=True, help=text)
 
 
@@ -30,30 +29,31 @@ def choice(name: str, values: tuple[str, ...], text: str):
 
 
 OUT = required("--out", "Dataset directory to write (train/test.jsonl, seen/unseen.txt).", NEW_DIR)
-MAX_LISTED = 20  # image problems printed by `manifest check`; the report keeps them all
+# image problems printed by `manifest check`; the report keeps them all
+MAX_LISTED = 20
 
 
 @click.group(name="import")
 def import_group() -> None:
-    """Write a dataset directory from a dataset's own published files (see
-    data_manifests/README.md)."""
+    """Write a dataset directory from a dataset's own published files
+    (see data_manifests/README.md)."""
 
 
 @import_group.command("manifest")
 @required("--root", "A ready dataset directory (train/test.jsonl, seen/unseen.txt).", EXISTING_DIR)
 @OUT
-def manifest(**options: Path) -> None:
-    """A dataset directory already in this project's format (the bundled sample, your own): checked,
-    then copied."""
-    click.echo("\n".join(import_manifest(**options).lines()))
+def manifest(root: Path, out: Path) -> None:
+    """A dataset directory already in this project's format (the bundled sample, your own):
+    checked, then copied."""
+    click.echo("\n".join(import_manifest(root, out).lines()))
 
 
 @import_group.command("nuswide")
 @required("--root", "The NUS-WIDE release folder (ImageList/, NUS_WID_Tags/, ...).", EXISTING_DIR)
 @OUT
-def nuswide(**options: Path) -> None:
+def nuswide(root: Path, out: Path) -> None:
     """NUS-WIDE: 925 seen tags, 81 unseen concepts, every label annotated."""
-    click.echo("\n".join(import_nuswide(**options).lines()))
+    click.echo("\n".join(import_nuswide(root, out).lines()))
 
 
 @import_group.command("openimages")
@@ -71,10 +71,15 @@ def nuswide(**options: Path) -> None:
     "--test-split", default="test", show_default=True, help="Release split written as test.jsonl."
 )
 @OUT
-def openimages(**options: Any) -> None:
-    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID, written as
-    display names."""
-    click.echo("\n".join(import_openimages(**options).lines()))
+def openimages(
+    root: Path, images: Path | None, train_split: str, test_split: str, out: Path
+) -> None:
+    """Open Images v4: 7,186 trainable (seen) and 400 unseen classes, matched by MID,
+    written as display names."""
+    report = import_openimages(
+        root, out, train_split=train_split, test_split=test_split, images=images
+    )
+    click.echo("\n".join(report.lines()))
 
 
 @import_group.command("coco")
@@ -87,16 +92,31 @@ def openimages(**options: Any) -> None:
 )
 @click.option("--test-prefix", default="", help="Prepended to test file names (e.g. 'val2017/').")
 @OUT
-def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
+def coco(
+    train_json: Path,
+    test_json: Path,
+    unseen: str | None,
+    unseen_file: Path | None,
+    train_prefix: str,
+    test_prefix: str,
+    out: Path,
+) -> None:
     """COCO: categories present are positive, all others verified negatives."""
     if (unseen is None) == (unseen_file is None):
         raise click.UsageError("give exactly one of --unseen and --unseen-file")
-    names = (
-        read_labels(unseen_file)
-        if unseen_file
-        else [n.strip() for n in unseen.split(",") if n.strip()]
+    if unseen_file:
+        names = read_labels(unseen_file)
+    else:
+        names = [n.strip() for n in unseen.split(",") if n.strip()]
+    report = import_coco(
+        train_json,
+        test_json,
+        names,
+        out,
+        train_prefix=train_prefix,
+        test_prefix=test_prefix,
+        unseen_source=str(unseen_file or "--unseen"),
     )
-    report = import_coco(unseen=names, unseen_source=str(unseen_file or "--unseen"), **options)
     click.echo("\n".join(report.lines()))
 
 
@@ -116,9 +136,26 @@ def coco(unseen: str | None, unseen_file: Path | None, **options: Any) -> None:
     "listed: the CSV's negative columns; rest: every other label the split scores.",
 )
 @OUT
-def reference_csv(**options: Any) -> None:
+def reference_csv(
+    train_csv: Path,
+    test_csv: Path,
+    seen_file: Path,
+    unseen_file: Path,
+    strip_prefix: str,
+    negatives: str,
+    out: Path,
+) -> None:
     """The reference implementation's preprocessed CSVs (labels joined by '|')."""
-    click.echo("\n".join(import_reference_csv(**options).lines()))
+    report = import_reference_csv(
+        train_csv,
+        test_csv,
+        seen_file,
+        unseen_file,
+        out,
+        strip_prefix=strip_prefix,
+        negatives=negatives,
+    )
+    click.echo("\n".join(report.lines()))
 
 
 @import_group.command("hdf5")
@@ -134,9 +171,21 @@ def reference_csv(**options: Any) -> None:
     "flickr: 'a_0001_23.jpg' -> 'Flickr/a/0001_23.jpg'; path: the name is the path.",
 )
 @OUT
-def hdf5(**options: Any) -> None:
+def hdf5(
+    train_h5: Path,
+    train_names: Path,
+    test_h5: Path,
+    test_names: Path,
+    seen_file: Path,
+    unseen_file: Path,
+    layout: str,
+    out: Path,
+) -> None:
     """BiAM/MKT-style HDF5 label files (NUS-WIDE)."""
-    click.echo("\n".join(import_hdf5(**options).lines()))
+    report = import_hdf5(
+        train_h5, train_names, test_h5, test_names, seen_file, unseen_file, out, layout=layout
+    )
+    click.echo("\n".join(report.lines()))
 
 
 @click.group(name="manifest")
@@ -151,8 +200,8 @@ def manifest_group() -> None:
 )
 @click.pass_context
 def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
-    """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing or
-    unreadable."""
+    """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing
+    or unreadable."""
     report = check_dataset(dataset_dir, images)
     click.echo("\n".join(report_lines(report)))
     if report.problems:
@@ -160,28 +209,27 @@ def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
 
 
 def report_lines(report: DatasetReport) -> list[str]:
-    """Counts per split, the scored labels without a positive or a negative, then the image
-    problems."""
+    """Counts per split, the scored labels without a positive or a negative, image problems."""
     out = [f"{report.dataset_dir}: {len(report.seen)} seen + {len(report.unseen)} unseen labels"]
     for name, s in report.splits.items():
         scope = "seen" if name == "train" else "seen + unseen"
         low, label = s.min_positives()
         out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scope} label")
         out.append(f"    fewest positives of a {scope} label: {low} ({label!r})")
-        for what, labels in (
-            ("positive", s.labels_without_positive()),
-            ("negative", s.labels_without_negative()),
-        ):
-            out.append(
-                f"    {len(labels)} {scope} label(s) without a {what}"
-                + (f": {labels[:10]}" if labels else "")
-            )
+        without = {
+            "positive": s.labels_without_positive(),
+            "negative": s.labels_without_negative(),
+        }
+        for what, labels in without.items():
+            line = f"    {len(labels)} {scope} label(s) without a {what}"
+            if labels:
+                line += f": {labels[:10]}"
+            out.append(line)
     if report.image_root is None:
         return out + ["image files not checked (no image root given)"]
     out.append(f"image files under {report.image_root}: {len(report.problems)} problem(s)")
-    out.extend(
-        f"  {p.image}: {p.reason} ({p.manifest}:{p.line})" for p in report.problems[:MAX_LISTED]
-    )
+    for p in report.problems[:MAX_LISTED]:
+        out.append(f"  {p.image}: {p.reason} ({p.manifest}:{p.line})")
     if len(report.problems) > MAX_LISTED:
         out.append(f"  ... and {len(report.problems) - MAX_LISTED} more")
     return out

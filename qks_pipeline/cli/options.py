@@ -23,8 +23,10 @@ NEW_DIR = click.Path(file_okay=False, path_type=Path)
 
 
 class StoreParam(click.ParamType):
-    """A store: a local directory (must exist when `exists`) or a URL such as s3://bucket/train.zarr
-    (checked when the store is opened)."""
+    """A store: a local directory (must exist when `exists`) or a URL (checked when opened).
+
+    A URL is s3://bucket/train.zarr and the like.
+    """
 
     name = "store"
 
@@ -40,7 +42,8 @@ class StoreParam(click.ParamType):
         return path.convert(str(local_path(value)), param, ctx)
 
 
-STORE, EXISTING_STORE = StoreParam(), StoreParam(exists=True)
+STORE = StoreParam()
+EXISTING_STORE = StoreParam(exists=True)
 
 DEVICE = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA when present) | cpu | cuda[:N]"
@@ -48,11 +51,11 @@ DEVICE = click.option(
 
 
 def params_options(sections: str):
-    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`; the command receives them as one
-    `params: Params`."""
+    """`--params FILE` and repeatable `--set SECTION.KEY=VALUE`: one `params: Params` argument."""
 
     def to_params(ctx: click.Context, _: click.Parameter, sets: tuple[str, ...]) -> Params:
-        ctx.meta["qks.sets"] = sets  # what the user set by hand, for checks that only apply then
+        # what the user set by hand, for checks that only apply then
+        ctx.meta["qks.sets"] = sets
         return load_params(ctx.params.pop("params_file", None), sets)
 
     help_set = "Override one hyperparameter (repeatable), e.g. --set train.lr=3e-5."

@@ -1,5 +1,7 @@
-"""`qks predict`: its inputs (label lists, image files and directories) and outputs (JSONL, CSV,
-HTML); the tagging itself is `qks_pipeline.predict.tagger.Tagger`."""
+"""`qks predict`: its inputs (label lists, image files and directories) and outputs.
+
+The outputs are JSONL, CSV and HTML; the tagging itself is `qks_pipeline.predict.tagger.Tagger`.
+"""
 
 from __future__ import annotations
 
@@ -26,33 +28,31 @@ POSITIVE = click.IntRange(min=1)
 
 def read_label_lines(path: Path) -> list[str]:
     """One label a line (UTF-8) as raw entries; `predict.clean_labels` tidies them."""
+    if not path.exists():
+        raise QKSError("label file not found", path)
     if not path.is_file():
-        raise QKSError(
-            "label file not found"
-            if not path.exists()
-            else "not a file (one label a line expected)",
-            path,
-        )
+        raise QKSError("not a file (one label a line expected)", path)
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
-        raise QKSError(
-            f"label file is not UTF-8 text ({e.reason} at byte {e.start})", path
-        ) from None
+        message = f"label file is not UTF-8 text ({e.reason} at byte {e.start})"
+        raise QKSError(message, path) from None
 
 
 def find_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Image files named by `inputs`: a file as given (one that does not exist too: it is reported
-    as skipped), a directory's image files sorted by their path under it, hidden ones (a leading '.'
-    in the path) left out."""
+    """Image files named by `inputs`.
+
+    A file as given (one that does not exist too: it is reported as skipped); a directory's image
+    files sorted by their path under it, hidden ones (a leading '.' in the path) left out.
+    """
     found: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
             found.append(item)
             continue
         files = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        files = sorted(p.relative_to(item).as_posix() for p in files)
-        files = [item / p for p in files if not any(part.startswith(".") for part in Path(p).parts)]
+        names = sorted(p.relative_to(item).as_posix() for p in files)
+        files = [item / name for name in names if not _hidden(name)]
         if not files:
             raise QKSError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under this directory", item
@@ -63,24 +63,37 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+def _hidden(name: str) -> bool:
+    """Whether a relative path has a part with a leading '.'."""
+    return any(part.startswith(".") for part in Path(name).parts)
+
+
 def prediction_csv_rows(p: Any) -> list[dict[str, Any]]:
-    """Long format: one row per label in a prediction's top-K or above the threshold (rank over all
-    labels); a skipped image gets one row with its reason."""
+    """Long format: a row per label in a prediction's top-K or above the threshold.
+
+    The rank is over all labels; a skipped image gets one row with its reason.
+    """
     if p.skipped is not None:
         return [{"image": p.image, "skipped": p.skipped}]
-    top, above = {label for label, _ in p.top}, {label for label, _ in p.above}
+    top = {label for label, _ in p.top}
+    above = {label for label, _ in p.above}
+    # sorted is stable: ties keep label order, as `predict.rank` does
+    ranked = sorted(p.scores_by_label.items(), key=lambda kv: -kv[1])
     rows = []
-    # stable: ties
-    for r, (label, score) in enumerate(sorted(p.scores_by_label.items(), key=lambda kv: -kv[1]), 1):
-        if label in top or label in above:  # keep label order, as `predict.rank` does
-            flags = {
+    for r, (label, score) in enumerate(ranked, 1):
+        if label not in top and label not in above:
+            continue
+        rows.append(
+            {
+                "image": p.image,
+                "rank": r,
+                "label": label,
+                "score": round(score, 6),
                 "in_top_k": int(label in top),
                 "above_threshold": int(label in above),
                 "skipped": "",
             }
-            rows.append(
-                {"image": p.image, "rank": r, "label": label, "score": round(score, 6), **flags}
-            )
+        )
     return rows
 
 
@@ -107,15 +120,16 @@ def _labels(labels: str | None, labels_file: Path | None, checkpoint: Path) -> l
         raw = labels.split(",")
     elif labels_file is not None:
         raw = read_label_lines(labels_file)
-    elif not (raw := read_config(checkpoint).get("label_names")):
-        raise click.UsageError(
-            "give --labels or --labels-file (the checkpoint records no label list)"
-        )
+    else:
+        raw = read_config(checkpoint).get("label_names")
+        if not raw:
+            raise click.UsageError(
+                "give --labels or --labels-file (the checkpoint records no label list)"
+            )
     names, dropped = clean_labels(raw)
     if dropped:
-        click.echo(
-            f"note: duplicate label(s) removed: {', '.join(dict.fromkeys(dropped))}", err=True
-        )
+        repeated = ", ".join(dict.fromkeys(dropped))
+        click.echo(f"note: duplicate label(s) removed: {repeated}", err=True)
     return names
 
 
@@ -128,10 +142,11 @@ def _skip_note(name: str, reason: str) -> None:
 
 def _write(
     predictions: Iterator[Any], out: Path, csv_path: Path | None, all_scores: bool, keep: bool
-):
-    """Stream the predictions into JSONL (and CSV). Returns (the predictions when `keep`, images,
-    skipped)."""
-    kept, done, skipped = [], 0, 0
+) -> tuple[list[Any], int, int]:
+    """Stream the predictions into JSONL (and CSV); return (kept if `keep`, images, skipped)."""
+    kept = []
+    done = 0
+    skipped = 0
     with (
         _output(out) as jsonl,
         _output(csv_path) if csv_path else contextlib.nullcontext() as table,
@@ -143,9 +158,12 @@ def _write(
             jsonl.write(json.dumps(p.to_json(all_scores), ensure_ascii=False) + "\n")
             if writer:
                 writer.writerows(prediction_csv_rows(p))
-            kept += [p] if keep else []
-            done, skipped = done + 1, skipped + (p.skipped is not None)
-        jsonl.flush()  # a closed pipe (`| head -1`) is found here, not at exit
+            if keep:
+                kept.append(p)
+            done += 1
+            skipped += p.skipped is not None
+        # a closed pipe (`| head -1`) is found here, not at exit
+        jsonl.flush()
     return kept, done, skipped
 
 
@@ -220,9 +238,31 @@ def _write(
 @click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar."
 )
-def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, **o: Any) -> None:
-    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out, CSV and
-    HTML optional.
+def predict_cmd(
+    images: tuple[str, ...],
+    checkpoint: Path,
+    labels: str | None,
+    labels_file: Path | None,
+    templates: Path | None,
+    top_k: int,
+    threshold: float,
+    out: Path,
+    csv_path: Path | None,
+    html: Path | None,
+    all_scores: bool,
+    batch_size: int,
+    workers: int,
+    device: str,
+    amp: bool,
+    model: str | None,
+    pretrained: str | None,
+    max_pixels: int,
+    cache_dir: Path | None,
+    no_label_cache: bool,
+    progress: bool,
+) -> None:
+    """Tag IMAGES (files, or directories walked for image files) with any labels; JSONL out,
+    CSV and HTML optional.
 
     Each record lists the top-K labels with sigmoid scores and every label above the threshold; an
     unreadable image is reported on stderr and recorded as skipped, and the others go on.
@@ -230,29 +270,48 @@ def predict_cmd(images: tuple[str, ...], checkpoint: Path, labels: str | None, *
     from qks_pipeline.predict.html_page import write_html
     from qks_pipeline.predict.tagger import Tagger
 
-    names, files = _labels(labels, o["labels_file"], checkpoint), find_images(images)
-    cache = False if o["no_label_cache"] else (o["cache_dir"] or True)
-    how = {k: o[k] for k in ("model", "templates", "amp", "max_pixels")}
-    tagger = Tagger.load(checkpoint, o["device"], o["pretrained"], cache_dir=cache, **how)
-    run = {k: o[k] for k in ("batch_size", "workers", "progress")}
-    predictions = tagger.iter_predict(
-        files, names, o["top_k"], o["threshold"], on_skip=_skip_note, **run
+    names = _labels(labels, labels_file, checkpoint)
+    files = find_images(images)
+    # the label-embedding cache: a directory, True for the default one, False for none
+    label_cache = False if no_label_cache else (cache_dir or True)
+    tagger = Tagger.load(
+        checkpoint,
+        device,
+        pretrained,
+        model=model,
+        templates=templates,
+        cache_dir=label_cache,
+        amp=amp,
+        max_pixels=max_pixels,
     )
-    outputs = (o["out"], o["csv_path"], o["html"])
+    predictions = tagger.iter_predict(
+        files,
+        names,
+        top_k,
+        threshold,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+        on_skip=_skip_note,
+    )
     try:
-        kept, done, skipped = _write(
-            predictions, *outputs[:2], o["all_scores"], keep=bool(o["html"])
-        )
+        kept, done, skipped = _write(predictions, out, csv_path, all_scores, keep=bool(html))
     # the reader of stdout went away (`| head -1`): SIGPIPE's status, quietly, as Unix tools
     except BrokenPipeError:
         # no second error when Python flushes at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
-    if o["html"]:
-        write_html(o["html"], kept, threshold=o["threshold"], subtitle=f"checkpoint {checkpoint}")
-    where = ", ".join("stdout" if str(p) == "-" else str(p) for p in outputs if p is not None)
+    if html:
+        write_html(html, kept, threshold=threshold, subtitle=f"checkpoint {checkpoint}")
+    _summarize(done, skipped, len(names), [out, csv_path, html])
+
+
+def _summarize(done: int, skipped: int, num_labels: int, outputs: list[Path | None]) -> None:
+    """One line on stderr: images tagged and skipped, and where the outputs went."""
+    written = [path for path in outputs if path is not None]
+    where = ", ".join("stdout" if str(path) == "-" else str(path) for path in written)
     click.echo(
-        f"{done - skipped} image(s) tagged with {len(names)} labels, {skipped} skipped -> {where}",
+        f"{done - skipped} image(s) tagged with {num_labels} labels, {skipped} skipped -> {where}",
         err=True,
     )
     if done == skipped:

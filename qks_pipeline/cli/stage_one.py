@@ -1,6 +1,6 @@
-"""Stage-one commands: `qks extract`, `qks embed-labels` and the `qks cache` group (info, verify,
-HDF5 interop).
+"""Stage-one commands: `qks extract`, `qks embed-labels` and the `qks cache` group.
 
+The `qks cache` group shows, verifies, exports to HDF5 and imports from HDF5 a feature store.
 Hyperparameters come from the `backbone` / `extract` / `labels` sections of `--params`, overridden
 by `--set`.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import dask
@@ -23,11 +24,15 @@ from qks_pipeline.cli.options import (
     STORE,
     params_options,
 )
-from qks_pipeline.config import Params
+from qks_pipeline.config import BackboneConfig, Params
 from qks_pipeline.data.manifest import SPLITS
+
+if TYPE_CHECKING:
+    from qks_pipeline.stage_one.extract import ExtractResult
 
 
 def _backbone_options(f):
+    """The options that choose the backbone: --params/--set, --device, --pretrained, --model."""
     f = params_options("backbone, extract, labels")(f)
     f = DEVICE(f)
     f = click.option(
@@ -38,8 +43,13 @@ def _backbone_options(f):
     )(f)
 
 
-def _backbone(params: Params, model: str | None, pretrained: str | None):
-    given = {k: v for k, v in {"model": model, "pretrained": pretrained}.items() if v is not None}
+def _backbone(params: Params, model: str | None, pretrained: str | None) -> BackboneConfig:
+    """The `backbone` section, with --model and --pretrained where given."""
+    given = {}
+    if model is not None:
+        given["model"] = model
+    if pretrained is not None:
+        given["pretrained"] = pretrained
     return dataclasses.replace(params.backbone, **given)
 
 
@@ -76,70 +86,83 @@ def _log_setup() -> None:
 )
 @click.option(
     "--cluster",
-    help="Run on dask: local:N (N worker processes; extract.workers = decoding threads per worker) or tcp://HOST:PORT "
-    "(a running scheduler) [params: extract.cluster; '' = here].",
+    help="Run on dask: local:N (N worker processes; extract.workers = decoding threads per "
+    "worker) or tcp://HOST:PORT (a running scheduler) [params: extract.cluster; '' = here].",
 )
 def extract_cmd(
-    dataset,
-    split,
-    images,
-    out,
-    params,
-    device,
-    pretrained,
-    model,
-    strict,
-    overwrite,
-    replace_stale,
-    cluster,
+    dataset: Path,
+    split: str,
+    images: Path,
+    out: str | Path,
+    params: Params,
+    device: str,
+    pretrained: str | None,
+    model: str | None,
+    strict: bool,
+    overwrite: bool,
+    replace_stale: bool,
+    cluster: str | None,
 ) -> None:
-    """Cache the frozen CLIP visual tokens of one split (stage one). Rerun to resume after an
-    interruption.
+    """Cache the frozen CLIP visual tokens of one split (stage one).
+    Rerun to resume after an interruption.
 
-    Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE` (see
-    params.yaml).
+    Settings such as views, precision, batch and shard size: `--set extract.KEY=VALUE`
+    (see params.yaml).
     """
     from qks_pipeline.stage_one.cluster import OnCluster
     from qks_pipeline.stage_one.extract import InProcess, extract
 
-    if split == "test" and any(
-        s.startswith("extract.views=") for s in click.get_current_context().meta["qks.sets"]
-    ):
+    sets = click.get_current_context().meta["qks.sets"]
+    if split == "test" and any(s.startswith("extract.views=") for s in sets):
         raise click.BadParameter(
             "augmented views are for the train split only", param_hint="--set extract.views"
         )
     _log_setup()
-    cluster = params.extract.cluster if cluster is None else cluster
+    if cluster is None:
+        cluster = params.extract.cluster
     runner = OnCluster(cluster, device) if cluster else InProcess(device)
-    kwargs = dict(
+    backbone = _backbone(params, model, pretrained)
+    result = extract(
+        dataset,
+        split,
+        images,
+        out,
+        backbone=backbone,
+        cfg=params.extract,
         device=device,
         strict=strict,
         overwrite=overwrite,
         replace_stale=replace_stale,
         runner=runner,
     )
-    result = extract(
-        dataset, split, images, out, _backbone(params, model, pretrained), params.extract, **kwargs
-    )
+    _report_extraction(out, result)
+
+
+def _report_extraction(out: str | Path, result: ExtractResult) -> None:
+    """What an extraction did: its speed, an idle forward pass, the images it masked out."""
     if result.computed:
         click.echo(
             f"{out}: {result.computed} images in {result.shards_written} shard(s), "
             f"{result.images_per_second:.1f} images/s; store has {result.images} images"
         )
         busy = result.forward_seconds / result.loop_seconds if result.loop_seconds else 1.0
-        if busy < 0.8 and result.loop_seconds > 30:  # a long run that waited on its input
+        # a long run that waited on its input
+        if busy < 0.8 and result.loop_seconds > 30:
             click.echo(
-                f"the forward pass was busy {busy:.0%} of the time: more extract.workers would help",
+                f"the forward pass was busy {busy:.0%} of the time: "
+                "more extract.workers would help",
                 err=True,
             )
     else:
         click.echo(f"{out}: already complete ({result.images} images), nothing to do")
-    if skipped := result.skipped:
+    skipped = result.skipped
+    if skipped:
         lines = [f"{len(skipped)} unreadable image(s) masked out (valid=False):"]
         lines += [f"  {item['path']}: {item['reason']}" for item in skipped[:10]]
         if len(skipped) > 10:
             lines.append(
-                f"  ... and {len(skipped) - 10} more (`qks cache info` / the done markers list them all)"
+                f"  ... and {len(skipped) - 10} more "
+                "(`qks cache info` / the done markers list them all)"
             )
         click.echo("\n".join(lines), err=True)
 
@@ -158,15 +181,22 @@ def extract_cmd(
     "--out", required=True, type=STORE, help="Zarr store of the label embeddings: path or URL."
 )
 @_backbone_options
-def embed_labels_cmd(dataset, templates, out, params, device, pretrained, model) -> None:
-    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates' text
-    features (`--set labels.normalize=true` L2-normalises each mean)."""
+def embed_labels_cmd(
+    dataset: Path,
+    templates: Path,
+    out: str | Path,
+    params: Params,
+    device: str,
+    pretrained: str | None,
+    model: str | None,
+) -> None:
+    """Encode seen then unseen labels with the prompt pool: the plain mean of the templates'
+    text features (`--set labels.normalize=true` L2-normalises each mean)."""
     from qks_pipeline.stage_one.extract import embed_labels
 
     _log_setup()
-    embed_labels(
-        dataset, templates, out, _backbone(params, model, pretrained), params.labels, device=device
-    )
+    backbone = _backbone(params, model, pretrained)
+    embed_labels(dataset, templates, out, backbone=backbone, labels=params.labels, device=device)
     click.echo(f"{out}: label embeddings written")
 
 
@@ -194,23 +224,21 @@ def verify_cmd(store: Path) -> None:
     from qks_pipeline.store.verify import verify_cache
 
     cache = open_cache(store)
-    if problems := verify_cache(cache):
-        click.echo(
-            "\n".join([f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]),
-            err=True,
-        )
+    problems = verify_cache(cache)
+    if problems:
+        lines = [f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]
+        click.echo("\n".join(lines), err=True)
         raise SystemExit(1)
-    click.echo(
-        f"{store}: OK ({cache.num_shards} shards, {cache.num_images} images, {len(cache.skipped())} skipped)"
-    )
+    counts = f"{cache.num_shards} shards, {cache.num_images} images"
+    click.echo(f"{store}: OK ({counts}, {len(cache.skipped())} skipped)")
 
 
 @cache_group.command("export-hdf5")
 @click.argument("store", type=EXISTING_STORE)
 @click.argument("out", type=NEW_FILE)
 def export_cmd(store: Path, out: Path) -> None:
-    """Write a complete store to one HDF5 file (features float16, labels, valid, paths,
-    fingerprint)."""
+    """Write a complete store to one HDF5 file
+    (features float16, labels, valid, paths, fingerprint)."""
     from qks_pipeline.store.hdf5 import export_hdf5_cache
 
     click.echo(f"{export_hdf5_cache(store, out)}: written")

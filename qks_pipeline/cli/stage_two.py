@@ -1,11 +1,12 @@
-"""Stage-two commands: `qks train`, `qks evaluate` and `qks import-checkpoint`. CLIP is never loaded
-by the first two.
+"""Stage-two commands: `qks train`, `qks evaluate` and `qks import-checkpoint`.
 
-Hyperparameters come from `--params` (sections `model`, `train`, `evaluate`); paths from the command
-line.
+CLIP is never loaded by the first two. Hyperparameters come from `--params` (sections `model`,
+`train`, `evaluate`); paths from the command line.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -18,6 +19,7 @@ from qks_pipeline.cli.options import (
     NEW_FILE,
     params_options,
 )
+from qks_pipeline.config import Params
 
 ANY_SPLIT = click.option(
     "--any-split",
@@ -60,10 +62,19 @@ ANY_SPLIT = click.option(
 )
 @ANY_SPLIT
 def train_cmd(
-    train_cache, labels, out, test_cache, params, device, resume, progress, nproc, any_split
+    train_cache: str | Path,
+    labels: str | Path,
+    out: Path,
+    test_cache: str | Path | None,
+    params: Params,
+    device: str,
+    resume: bool,
+    progress: bool,
+    nproc: int | None,
+    any_split: bool,
 ) -> None:
-    """Train the QKS head from the feature cache (stage two). Rerun the same command to resume after
-    a kill.
+    """Train the QKS head from the feature cache (stage two).
+    Rerun the same command to resume after a kill.
 
     Writes best/last checkpoints, config.json, train_log.csv and its plot train_curves.png into OUT.
     """
@@ -71,11 +82,20 @@ def train_cmd(
     from qks_pipeline.stage_two.plots import plot_training
     from qks_pipeline.stage_two.train import train
 
-    params.train.nproc = nproc or params.train.nproc
-    kwargs = dict(
-        test_path=test_cache, device=device, resume=resume, progress_bar=progress, echo=click.echo
+    if nproc is not None:
+        params.train.nproc = nproc
+    train(
+        train_cache,
+        labels,
+        out,
+        params=params,
+        test_path=test_cache,
+        device=device,
+        resume=resume,
+        progress_bar=progress,
+        any_split=any_split,
+        echo=click.echo,
     )
-    train(train_cache, labels, out, params=params, any_split=any_split, **kwargs)
     plot_training(out / LOG, out / "train_curves.png")
 
 
@@ -86,7 +106,13 @@ def train_cmd(
     help="A `qks train` (or `qks import-checkpoint`) output directory.",
 )
 @click.option(
-    "--test-cache", required=True, type=EXISTING_STORE, help="Test feature store (stage one)."
+    "--test-cache", type=EXISTING_STORE, help="Test feature store (stage one); or give --index."
+)
+@click.option(
+    "--index",
+    type=EXISTING_STORE,
+    help="A query index of the test store (`qks index`): the head's scores without its forward "
+    "pass; instead of --checkpoint and --test-cache.",
 )
 @click.option(
     "--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one)."
@@ -95,12 +121,14 @@ def train_cmd(
 @click.option(
     "--per-label",
     type=NEW_FILE,
-    help="CSV per label: AP, what it lacks to be scored, positives, negatives; and its plot beside it (.png).",
+    help="CSV per label: AP, what it lacks to be scored, positives, negatives; "
+    "and its plot beside it (.png).",
 )
 @click.option(
     "--query-preference",
     type=NEW_FILE,
-    help="CSV: per label, how often each query wins on its positives [default: OUT's name + .query_preference.csv].",
+    help="CSV: per label, how often each query wins on its positives "
+    "[default: OUT's name + .query_preference.csv].",
 )
 @click.option(
     "--baseline",
@@ -111,30 +139,56 @@ def train_cmd(
 @DEVICE
 @ANY_SPLIT
 def evaluate_cmd(
-    checkpoint,
-    test_cache,
-    labels,
-    out,
-    per_label,
-    query_preference,
-    baseline,
-    params,
-    device,
-    any_split,
-):
-    """Score the test cache on seen + unseen labels; write ZSL / GZSL / seen metrics and the
-    query-preference table."""
+    checkpoint: Path | None,
+    test_cache: str | Path | None,
+    index: str | Path | None,
+    labels: str | Path,
+    out: Path,
+    per_label: Path | None,
+    query_preference: Path | None,
+    baseline: str | None,
+    params: Params,
+    device: str,
+    any_split: bool,
+) -> None:
+    """Score the test cache on seen + unseen labels; write ZSL / GZSL / seen metrics
+    and the query-preference table."""
+    from qks_pipeline.index.evaluation import evaluate_index
     from qks_pipeline.stage_two.evaluate import evaluate
 
-    tables = dict(per_label=per_label, query_table=query_preference)
-    kwargs = dict(
-        checkpoint=checkpoint,
-        baseline=baseline,
-        device=device,
-        any_split=any_split,
-        echo=click.echo,
-    )
-    evaluate(test_cache, labels, out, params=params.evaluate, **tables, **kwargs)
+    if index is not None and (checkpoint or test_cache or baseline):
+        raise click.UsageError(
+            "--index holds the head's outputs and the test labels: give it without --checkpoint, "
+            "--test-cache and --baseline"
+        )
+    if index is None and test_cache is None:
+        raise click.UsageError("Missing option '--test-cache' (or give --index).")
+    if index is not None:
+        evaluate_index(
+            index,
+            labels,
+            out,
+            params=params.evaluate,
+            per_label=per_label,
+            query_table=query_preference,
+            device=device,
+            any_split=any_split,
+            echo=click.echo,
+        )
+    else:
+        evaluate(
+            test_cache,
+            labels,
+            out,
+            checkpoint=checkpoint,
+            params=params.evaluate,
+            per_label=per_label,
+            query_table=query_preference,
+            baseline=baseline,
+            device=device,
+            any_split=any_split,
+            echo=click.echo,
+        )
     if per_label is not None:
         from qks_pipeline.stage_two.plots import plot_per_label_ap
 
@@ -166,21 +220,35 @@ def evaluate_cmd(
 @click.option(
     "--run-args",
     type=EXISTING_FILE,
-    help="The run's saved arguments (JSON or YAML, options by name): `rmcls: true` there means --no-cls.",
+    help="The run's saved arguments (JSON or YAML, options by name): "
+    "`rmcls: true` there means --no-cls.",
 )
 @click.option(
     "--trust-pickle", is_flag=True, help="Unpickle arbitrary objects (only for a trusted file)."
 )
-def import_checkpoint_cmd(file, out, model, num_heads, no_cls, run_args, trust_pickle) -> None:
-    """Convert an authors' QKS checkpoint for `qks evaluate` (and export its CLIP weights for `qks
-    extract`)."""
+def import_checkpoint_cmd(
+    file: Path,
+    out: Path,
+    model: str,
+    num_heads: int,
+    no_cls: bool,
+    run_args: Path | None,
+    trust_pickle: bool,
+) -> None:
+    """Convert an authors' QKS checkpoint for `qks evaluate`
+    (and export its CLIP weights for `qks extract`)."""
     from qks_pipeline.stage_two.authors_checkpoint import import_checkpoint, removed_cls
 
-    keep_cls = not (no_cls or (run_args is not None and removed_cls(run_args)))
-    kwargs = dict(
-        num_heads=num_heads, keep_cls=keep_cls, trust_pickle=trust_pickle, echo=click.echo
+    removed = no_cls or (run_args is not None and removed_cls(run_args))
+    import_checkpoint(
+        file,
+        out,
+        model=model,
+        num_heads=num_heads,
+        keep_cls=not removed,
+        trust_pickle=trust_pickle,
+        echo=click.echo,
     )
-    import_checkpoint(file, out, model=model, **kwargs)
 
 
-COMMANDS = [train_cmd, evaluate_cmd, import_checkpoint_cmd]
+COMMANDS: list[click.Command] = [train_cmd, evaluate_cmd, import_checkpoint_cmd]

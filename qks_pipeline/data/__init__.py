@@ -1,2 +1,1 @@
-"""Datasets: manifests (which image has which labels), the importers of published datasets, image
-decoding."""
+"""Datasets: manifests (which image has which labels), importers of published datasets, images."""

@@ -1,6 +1,9 @@
-"""Robust image loading for stage one: every readable image becomes RGB (the conversions, and where
-they differ from the authors' `convert("RGB")`: docs/design.md, section 4), every unreadable one
-raises `BadImage` with a short reason, which extraction records while masking the image out."""
+"""Robust image loading for stage one.
+
+Every readable image becomes RGB (the conversions, and where they differ from the authors'
+`convert("RGB")`: docs/design.md, section 4); every unreadable one raises `BadImage` with a short
+reason, which extraction records while masking the image out.
+"""
 
 from __future__ import annotations
 
@@ -24,9 +27,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB by the rules of docs/design.md, section 4."""
     if img.mode == "RGB":
         return img
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode == "P" and "transparency" in img.info
-    ):
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+    if has_alpha or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         # transparent pixels go on white
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -39,15 +41,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
         x = x / 257.0  # 65535 -> 255
     elif np.nanmax(x, initial=0.0) <= 1.0:
         x = x * 255.0
-    return Image.fromarray(np.clip(np.nan_to_num(x), 0, 255).round().astype(np.uint8), "L").convert(
-        "RGB"
-    )
+    gray = np.clip(np.nan_to_num(x), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(gray, "L").convert("RGB")
 
 
 def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
-    """Decode an image file fully and return it as RGB; BadImage when it is missing, empty,
-    truncated, corrupt or larger than `max_pixels`, Pillow's decompression-bomb limit for this
-    process (`extract.max_pixels`; None: as is)."""
+    """Decode an image file fully and return it as RGB.
+
+    Raises BadImage when it is missing, empty, truncated, corrupt or larger than `max_pixels`,
+    Pillow's decompression-bomb limit for this process (`extract.max_pixels`; None: as is).
+    """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -71,8 +74,8 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
                 return to_rgb(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             # Pillow names the size (and twice the limit for an error)
-            size = re.search(r"\((\d+) pixels\)", str(e))
-            size = f"{int(size[1]):,} pixels" if size else str(e)
+            match = re.search(r"\((\d+) pixels\)", str(e))
+            size = f"{int(match[1]):,} pixels" if match else str(e)
             limit = f"the limit of {Image.MAX_IMAGE_PIXELS:,}"
             raise BadImage(
                 f"decompression bomb: {size}, above {limit} (raise it with --max-pixels)"
@@ -82,6 +85,5 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
         # PIL raises OSError, SyntaxError, ValueError, EOFError... for broken files
         except Exception as e:
             text = " ".join(str(e).split()) or type(e).__name__
-            raise BadImage(
-                f"{'truncated' if 'truncated' in text else 'corrupt'} ({text})"
-            ) from None
+            kind = "truncated" if "truncated" in text else "corrupt"
+            raise BadImage(f"{kind} ({text})") from None

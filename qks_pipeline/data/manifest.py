@@ -1,7 +1,8 @@
-"""Dataset manifests, the pipeline's only input format (data_manifests/README.md): a dataset
-directory holds `train.jsonl`, `test.jsonl` (one `{"image": ..., "positive": [...], "negative":
-[...]}` a line; labels not listed are unknown) and `seen.txt`, `unseen.txt` (one label a line,
-disjoint).
+"""Dataset manifests, the pipeline's only input format (data_manifests/README.md).
+
+A dataset directory holds `train.jsonl`, `test.jsonl` (one
+`{"image": ..., "positive": [...], "negative": [...]}` a line; labels not listed are unknown) and
+`seen.txt`, `unseen.txt` (one label a line, disjoint).
 
 The rules live in one place, `check_vocabulary` and `Validator`: reading, writing (`write_dataset`)
 and `qks manifest check` (`check_dataset`) all apply them.
@@ -28,7 +29,8 @@ from qks_pipeline.data.images import BadImage, load_rgb
 from qks_pipeline.errors import QKSError
 
 SPLITS = ("train", "test")
-ALL_OTHERS = "*"  # the JSON value of "negative" that sets `Record.negative_rest`
+# the JSON value of "negative" that sets `Record.negative_rest`
+ALL_OTHERS = "*"
 # what errors="surrogateescape" turns a byte that is not UTF-8 into
 UNDECODABLE = re.compile("[\udc80-\udcff]")
 # left by a JSON escape such as "\\ud800": no file can be named so
@@ -37,28 +39,29 @@ UNPAIRED = re.compile("[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Record:
-    image: str  # path relative to the image root, with '/' separators
+    # path relative to the image root, with '/' separators
+    image: str
     positive: tuple[str, ...] = field(default=())
     negative: tuple[str, ...] = field(default=())
-    # `"negative": "*"` in JSON: every label the split is scored on (train: seen; test: seen +
-    # unseen) that is not positive is a verified negative. Fully annotated datasets (NUS-WIDE, COCO)
-    # would otherwise repeat ~1,000 names on every line (about 1.5 GB for NUS-WIDE's train
-    # manifest).
+    # `"negative": "*"` in JSON: every label the split is scored on (train: seen; test: seen and
+    # unseen) that is not positive is a verified negative. Fully annotated datasets (NUS-WIDE,
+    # COCO) would otherwise repeat ~1,000 names on every line (1.5 GB for NUS-WIDE's train split).
     negative_rest: bool = False
 
 
 def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> list[str]:
-    """The labels a split is scored on (and that `"negative": "*"` covers): train seen only, test
-    seen + unseen."""
-    return list(seen) if split == "train" else list(seen) + list(unseen)
+    """The labels a split is scored on (and `"negative": "*"` covers): train seen, test all."""
+    if split == "train":
+        return list(seen)
+    return list(seen) + list(unseen)
 
 
 def check_image_path(image: str) -> str | None:
-    """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None when it
-    is."""
+    """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None."""
     if not image.strip() or image != image.strip():
         return "'image' must be a non-empty path without surrounding spaces"
-    if any(ord(c) < 32 or ord(c) == 127 for c in image) or UNPAIRED.search(image):
+    has_control = any(ord(c) < 32 or ord(c) == 127 for c in image)
+    if has_control or UNPAIRED.search(image):
         return f"image {image!r} must not contain control characters or unpaired surrogates"
     if image.startswith("/") or "\\" in image or ":" in image.split("/")[0]:
         return f"image {image!r} must be a relative path with '/' separators"
@@ -70,20 +73,18 @@ def check_image_path(image: str) -> str | None:
 def check_vocabulary(
     seen: Sequence[str], unseen: Sequence[str], seen_file: Path, unseen_file: Path
 ) -> None:
-    """Each label list non-empty, one line per label, no label twice; no label both seen and unseen.
+    """Check two label lists: each non-empty, a label a line, none twice, none both seen and unseen.
+
     Errors name `seen_file` or `unseen_file` (a dataset's seen.txt and unseen.txt, or an importer's
-    sources)."""
+    sources).
+    """
     for path, labels in ((seen_file, seen), (unseen_file, unseen)):
         if not labels:
             raise QKSError("no labels", path)
-        if bad := [
-            label
-            for label in labels
-            if not label or label != label.strip() or {"\n", "\r"} & set(label)
-        ]:
-            raise QKSError(
-                f"label {bad[0]!r} must be non-empty, one line, without surrounding spaces", path
-            )
+        for label in labels:
+            if not label or label != label.strip() or {"\n", "\r"} & set(label):
+                problem = "must be non-empty, one line, without surrounding spaces"
+                raise QKSError(f"label {label!r} {problem}", path)
         if twice := sorted(label for label, n in Counter(labels).items() if n > 1):
             raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
     if both := sorted(set(seen) & set(unseen)):
@@ -91,9 +92,11 @@ def check_vocabulary(
 
 
 class Validator:
-    """The rules of a record, across the manifests of one dataset: a valid image path, listed once
-    in the dataset, no label twice in a list nor both positive and negative, and (when the
-    vocabulary is known) only its labels."""
+    """The rules of a record, across the manifests of one dataset.
+
+    A valid image path, listed once in the dataset, no label twice in a list nor both positive and
+    negative, and (when the vocabulary is known) only its labels.
+    """
 
     def __init__(self, vocabulary: Collection[str] | None = None):
         self.vocabulary = None if vocabulary is None else set(vocabulary)
@@ -114,10 +117,11 @@ class Validator:
                 return f"'{key}' lists a label twice"
         if both := set(rec.positive) & set(rec.negative):
             return f"label(s) both positive and negative: {sorted(both)}"
-        if self.vocabulary is not None and (
-            unknown := (set(rec.positive) | set(rec.negative)) - self.vocabulary
-        ):
-            return f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {sorted(unknown)[:5]}"
+        if self.vocabulary is not None:
+            unknown = (set(rec.positive) | set(rec.negative)) - self.vocabulary
+            if unknown:
+                listed = sorted(unknown)[:5]
+                return f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {listed}"
         if rec.image in self.first:
             where, first = self.first[rec.image]
             if where == path:
@@ -130,12 +134,17 @@ class Validator:
 class SplitSummary:
     """What one split holds, counted as its records pass the validator."""
 
-    scored: list[str]  # the labels this split is scored on: seen for train, seen + unseen for test
+    # the labels this split is scored on: seen for train, seen + unseen for test
+    scored: list[str]
     images: int = 0
-    no_positive: int = 0  # images without a positive among `scored`
-    positives: Counter = field(default_factory=Counter)  # label -> images where it is positive
-    negatives: Counter = field(default_factory=Counter)  # label -> images listing it as negative
-    rest: int = 0  # images with `"negative": "*"`
+    # images without a positive among `scored`
+    no_positive: int = 0
+    # label -> images where it is positive
+    positives: Counter = field(default_factory=Counter)
+    # label -> images listing it as negative
+    negatives: Counter = field(default_factory=Counter)
+    # images with `"negative": "*"`
+    rest: int = 0
     # label -> those of them where it is positive
     rest_positives: Counter = field(default_factory=Counter)
 
@@ -158,8 +167,7 @@ class SplitSummary:
         return self.negatives[label] + self.rest - self.rest_positives[label]
 
     def min_positives(self) -> tuple[int, str]:
-        """The fewest positive images of a scored label, and that label (the first such in label
-        order)."""
+        """The fewest positive images of a scored label, and that label (the first in order)."""
         label = min(self.scored, key=lambda name: self.positives[name])
         return self.positives[label], label
 
@@ -178,11 +186,15 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def iter_lines(path: str | Path, what: str, aligned: bool = False) -> Iterator[tuple[int, str]]:
-    """Yield (line number, line) of the non-blank lines of a UTF-8 text file (BOM, CRLF, CR allowed;
-    '\\x0c', '\\x85', '\\u2028' end no line: a label may hold them). `aligned`: the n-th line
-    belongs to the n-th item of another file, so an empty line followed by more data is an error (it
-    would shift every later line against its partner)."""
-    path, blank = require_file(path, what), None
+    """Yield (line number, line) of the non-blank lines of a UTF-8 text file.
+
+    A BOM, CRLF and CR are allowed; '\\x0c', '\\x85', '\\u2028' end no line (a label may hold
+    them). `aligned`: the n-th line belongs to the n-th item of another file, so an empty line
+    followed by more data is an error (it would shift every later line against its partner).
+    """
+    path = require_file(path, what)
+    # the first blank line
+    blank = None
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for i, text in enumerate(f, 1):
             if bad := UNDECODABLE.search(text):
@@ -203,7 +215,9 @@ def read_lines(
     path: str | Path, what: str, aligned: bool = False, unique: bool = True
 ) -> list[str]:
     """The stripped lines of `iter_lines`; with `unique`, a line repeated is an error."""
-    out, first = [], {}
+    out = []
+    # value -> its first line
+    first = {}
     for i, text in iter_lines(path, what, aligned):
         value = text.strip()
         if unique and value in first:
@@ -224,7 +238,7 @@ def write_labels(path: str | Path, labels: Sequence[str]) -> None:
 
 
 def lines_sha256(lines: Sequence[str]) -> str:
-    """sha256 of the lines joined by newlines: how a template pool or a vocabulary is fingerprinted."""
+    """sha256 of the lines joined by newlines: the fingerprint of a template pool or vocabulary."""
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -237,9 +251,11 @@ def read_templates(path: str | Path) -> list[str]:
 
 def read_vocabulary(dataset_dir: str | Path) -> tuple[list[str], list[str]]:
     """Seen and unseen labels of a dataset directory, checked by `check_vocabulary`."""
-    files = Path(dataset_dir) / "seen.txt", Path(dataset_dir) / "unseen.txt"
-    seen, unseen = read_labels(files[0]), read_labels(files[1])
-    check_vocabulary(seen, unseen, *files)
+    seen_file = Path(dataset_dir) / "seen.txt"
+    unseen_file = Path(dataset_dir) / "unseen.txt"
+    seen = read_labels(seen_file)
+    unseen = read_labels(unseen_file)
+    check_vocabulary(seen, unseen, seen_file, unseen_file)
     return seen, unseen
 
 
@@ -263,7 +279,9 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
     rest = obj.get("negative") == ALL_OTHERS
     lists = []
     for key in ("positive", "negative"):
-        value = [] if key == "negative" and rest else obj.get(key, [])
+        value = obj.get(key, [])
+        if key == "negative" and rest:
+            value = []
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise QKSError(f"'{key}' must be a list of non-empty strings", path, line)
         # interned: the same ~1,000 names on every line
@@ -274,9 +292,9 @@ def _parse_record(text: str, path: Path, line: int) -> Record:
 def iter_manifest(
     path: str | Path, validator: Validator | None = None
 ) -> Iterator[tuple[int, Record]]:
-    """Yield (line number, record) of a JSONL manifest, each checked by `validator` (default: no
-    vocabulary)."""
-    path, validator = Path(path), validator or Validator()
+    """Yield (line number, record) of a JSONL manifest, each checked by `validator`."""
+    path = Path(path)
+    validator = validator or Validator()
     for i, text in iter_lines(path, "manifest"):
         rec = _parse_record(text, path, i)
         validator.check(rec, path, i)
@@ -290,7 +308,8 @@ def read_manifest(path: str | Path, vocabulary: Collection[str] | None = None) -
 
 def _record_line(r: Record) -> str:
     negative = ALL_OTHERS if r.negative_rest else list(r.negative)
-    return json.dumps({"image": r.image, "positive": list(r.positive), "negative": negative}) + "\n"
+    record = {"image": r.image, "positive": list(r.positive), "negative": negative}
+    return json.dumps(record) + "\n"
 
 
 def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
@@ -300,11 +319,18 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
 def label_matrix(
     records: Sequence[Record], vocabulary: Sequence[str], rest: Sequence[str] | None = None
 ) -> np.ndarray:
-    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown, for records validated against
-    `vocabulary`; `rest`: the labels that `"negative": "*"` makes negative (`scored_labels` of the
-    split; default: `vocabulary`)."""
+    """(N, C) int8: +1 positive, -1 verified negative, 0 unknown.
+
+    Args:
+        records: records validated against `vocabulary`.
+        vocabulary: the C labels, in column order.
+        rest: the labels that `"negative": "*"` makes negative (`scored_labels` of the split;
+            default: `vocabulary`).
+    """
     index = {label: j for j, label in enumerate(vocabulary)}
-    rest_columns = [index[label] for label in (vocabulary if rest is None else rest)]
+    if rest is None:
+        rest = vocabulary
+    rest_columns = [index[label] for label in rest]
     out = np.zeros((len(records), len(vocabulary)), dtype=np.int8)
     for i, rec in enumerate(records):
         if rec.negative_rest:
@@ -320,22 +346,23 @@ def write_dataset(
     unseen: Sequence[str],
     splits: Mapping[str, Iterable[Record]],
 ) -> dict[str, SplitSummary]:
-    """Write a dataset directory, all or nothing (streamed into a temporary sibling, renamed into
-    `out_dir` when every file is complete); returns the summary of each split's records. A record
-    without a positive among its split's scored labels is counted, not written: the reference drops
-    such images from training, and evaluation never scores them."""
+    """Write a dataset directory, all or nothing; returns the summary of each split's records.
+
+    The files are streamed into a temporary sibling, renamed into `out_dir` when every file is
+    complete. A record without a positive among its split's scored labels is counted, not written:
+    the reference drops such images from training, and evaluation never scores them.
+    """
     out_dir = Path(out_dir)
     check_vocabulary(seen, unseen, out_dir / "seen.txt", out_dir / "unseen.txt")
-    validator, summaries = Validator(list(seen) + list(unseen)), {}
+    validator = Validator(list(seen) + list(unseen))
+    summaries = {}
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         for name, records in splits.items():
-            final, summary = (
-                out_dir / f"{name}.jsonl",
-                SplitSummary(scored_labels(name, seen, unseen)),
-            )
+            final = out_dir / f"{name}.jsonl"
+            summary = SplitSummary(scored_labels(name, seen, unseen))
             with open(tmp / final.name, "w", encoding="utf-8") as f:
                 for line, rec in enumerate(records, 1):
                     validator.check(rec, final, line)
@@ -367,32 +394,36 @@ class DatasetReport:
     seen: list[str]
     unseen: list[str]
     splits: dict[str, SplitSummary]
-    image_root: Path | None = None  # None: image files were not checked
+    # None: image files were not checked
+    image_root: Path | None = None
     # image files that are missing or unreadable
     problems: list[Problem] = field(default_factory=list)
 
 
 def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
-    """Validate a dataset directory and count what it holds. A broken file raises QKSError; problems
-    of image files (with `image_root`) are collected in the report instead, so one run lists them
-    all."""
+    """Validate a dataset directory and count what it holds.
+
+    A broken file raises QKSError; problems of image files (with `image_root`) are collected in the
+    report instead, so one run lists them all.
+    """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise QKSError("dataset directory not found", dataset_dir)
     seen, unseen = read_vocabulary(dataset_dir)
-    report = DatasetReport(
-        dataset_dir, seen, unseen, {}, None if image_root is None else Path(image_root)
-    )
+    report = DatasetReport(dataset_dir, seen, unseen, {})
+    if image_root is not None:
+        report.image_root = Path(image_root)
     validator = Validator(seen + unseen)
     for split in SPLITS:
         path = dataset_dir / f"{split}.jsonl"
-        summary = report.splits[split] = SplitSummary(scored_labels(split, seen, unseen))
+        summary = SplitSummary(scored_labels(split, seen, unseen))
+        report.splits[split] = summary
         for line, rec in iter_manifest(path, validator):
             summary.add(rec)
             if report.image_root is None:
                 continue
-            # decoded fully, as extraction does: PIL's verify() misses truncated JPEGs and moderate
-            # bombs
+            # decoded fully, as extraction does: PIL's verify() misses truncated JPEGs and
+            # moderate bombs
             try:
                 load_rgb(report.image_root / rec.image)
             except BadImage as e:

@@ -1,2 +1,1 @@
-"""Using a trained head on new images: the tagger (CLIP + head, labels embedded on demand) and its
-HTML page."""
+"""A trained head on new images: the tagger (CLIP + head, labels embedded on demand), its page."""

@@ -1,5 +1,4 @@
-"""A self-contained HTML page of predictions: one card per image with its thumbnail, top labels and
-scores.
+"""A self-contained HTML page of predictions: a card per image with its thumbnail, labels, scores.
 
 Thumbnails are embedded as base64 JPEG data URIs and the styles inline; a Content-Security-Policy
 forbids every other source, so the page opens offline and never touches the network. All text is
@@ -20,7 +19,8 @@ from qks_pipeline.atomic import atomic_write
 from qks_pipeline.data.images import BadImage, load_rgb, to_rgb
 from qks_pipeline.predict.tagger import ImageInput, Prediction
 
-THUMBNAIL_SIZE = 256  # longest side of an embedded thumbnail, pixels
+# longest side of an embedded thumbnail, pixels
+THUMBNAIL_SIZE = 256
 JPEG_QUALITY = 85
 TITLE = "QKS predictions"
 
@@ -29,15 +29,18 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; background: #f4f5f7; 
 h1 { font-size: 20px; margin: 0 0 4px; }
 .meta { color: #555; margin: 0 0 16px; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 16px; }
-.card { margin: 0; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002; overflow: hidden; }
-.thumb { display: flex; align-items: center; justify-content: center; height: 200px; background: #e8eaee; }
+.card { margin: 0; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002; \
+overflow: hidden; }
+.thumb { display: flex; align-items: center; justify-content: center; height: 200px; \
+background: #e8eaee; }
 .thumb img { max-width: 100%; max-height: 200px; }
 .thumb.none { color: #a33; font-weight: 600; }
 figcaption { padding: 8px 12px 12px; }
 .name { font-weight: 600; word-break: break-all; margin-bottom: 6px; }
 .reason { color: #a33; margin: 0; }
 ol.tags { list-style: none; margin: 0; padding: 0; }
-.tag { position: relative; display: flex; justify-content: space-between; padding: 2px 6px; margin: 2px 0; }
+.tag { position: relative; display: flex; justify-content: space-between; padding: 2px 6px; \
+margin: 2px 0; }
 .tag .bar { position: absolute; left: 0; top: 0; bottom: 0; background: #dfe6f3; z-index: 0; }
 .tag.above .bar { background: #b9e0c2; }
 .tag .label, .tag .score { position: relative; z-index: 1; }
@@ -48,10 +51,12 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def _thumbnail(source: ImageInput) -> str:
-    """The thumbnail's <div>: the image as a JPEG data URI fitting THUMBNAIL_SIZE (never enlarged),
-    or the reason it cannot be shown."""
+    """The thumbnail's <div>: a JPEG data URI within THUMBNAIL_SIZE, or why it cannot be shown."""
     try:
-        thumb = to_rgb(source).copy() if isinstance(source, Image.Image) else load_rgb(source)
+        if isinstance(source, Image.Image):
+            thumb = to_rgb(source).copy()
+        else:
+            thumb = load_rgb(source)
     except BadImage as e:
         return f'<div class="thumb none">{escape(e.reason)}</div>'
     thumb.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BICUBIC)
@@ -62,12 +67,12 @@ def _thumbnail(source: ImageInput) -> str:
 
 
 def card(p: Prediction, source: ImageInput, threshold: float) -> str:
-    """One image's <figure>: thumbnail, name, and its top labels (those above the threshold
-    highlighted)."""
+    """One image's <figure>: thumbnail, name, top labels (those above the threshold highlighted)."""
     name = f'<div class="name">{escape(p.image)}</div>'
     if p.skipped is not None:
-        body = f'<div class="thumb none">skipped</div><figcaption>{name}<p class="reason">{escape(p.skipped)}</p>'
-        return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figcaption></figure>'
+        reason = f'<p class="reason">{escape(p.skipped)}</p>'
+        body = f'<div class="thumb none">skipped</div><figcaption>{name}{reason}</figcaption>'
+        return f'<figure class="card skipped" data-image="{escape(p.image)}">{body}</figure>'
     items = []
     for label, score in p.top:
         cls = "tag above" if score > threshold else "tag"
@@ -76,11 +81,12 @@ def card(p: Prediction, source: ImageInput, threshold: float) -> str:
         items.append(f'<li class="{cls}">{bar}{text}</li>')
     shown = {label for label, _ in p.top}
     extra = [label for label, _ in p.above if label not in shown]
-    more = (
-        f'<p class="more">also above {threshold:g}: {escape(", ".join(extra))}</p>' if extra else ""
-    )
+    more = ""
+    if extra:
+        more = f'<p class="more">also above {threshold:g}: {escape(", ".join(extra))}</p>'
     caption = f'<figcaption>{name}<ol class="tags">{"".join(items)}</ol>{more}</figcaption>'
-    return f'<figure class="card" data-image="{escape(p.image)}">{_thumbnail(source)}{caption}</figure>'
+    figure = f'<figure class="card" data-image="{escape(p.image)}">'
+    return f"{figure}{_thumbnail(source)}{caption}</figure>"
 
 
 def render_html(
@@ -90,14 +96,25 @@ def render_html(
     sources: Sequence[ImageInput] | None = None,
     subtitle: str = "",
 ) -> str:
-    """The page of `Tagger.predict`'s predictions: labels scored above `threshold` highlighted,
-    thumbnails from `sources` (paths or PIL images aligned with `predictions`; default: each
-    prediction's path), `subtitle` one line."""
-    sources = sources if sources is not None else [Path(p.image) for p in predictions]
+    """The page of `Tagger.predict`'s predictions.
+
+    Args:
+        predictions: what `Tagger.predict` returned.
+        threshold: labels scored above it are highlighted.
+        sources: the images (paths or PIL images) aligned with `predictions`, for the thumbnails;
+            default: each prediction's path.
+        subtitle: one line shown under the title.
+    """
+    if sources is None:
+        sources = [Path(p.image) for p in predictions]
     skipped = sum(p.skipped is not None for p in predictions)
     labels = predictions[0].labels if predictions else []
-    meta = f"{len(predictions)} images ({skipped} skipped), {len(labels)} labels, threshold {threshold:g}"
-    cards = "\n".join(card(p, s, threshold) for p, s in zip(predictions, sources, strict=True))
+    meta = (
+        f"{len(predictions)} images ({skipped} skipped), {len(labels)} labels, "
+        f"threshold {threshold:g}"
+    )
+    pairs = zip(predictions, sources, strict=True)
+    cards = "\n".join(card(p, source, threshold) for p, source in pairs)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -119,7 +136,15 @@ def render_html(
 """
 
 
-def write_html(path: str | Path, predictions: Sequence[Prediction], **kwargs) -> Path:
-    """Write `render_html(predictions, **kwargs)` to `path` (atomically); returns the path."""
-    atomic_write(path, render_html(predictions, **kwargs))
+def write_html(
+    path: str | Path,
+    predictions: Sequence[Prediction],
+    *,
+    threshold: float,
+    sources: Sequence[ImageInput] | None = None,
+    subtitle: str = "",
+) -> Path:
+    """Write `render_html`'s page to `path` (atomically); returns the path."""
+    page = render_html(predictions, threshold=threshold, sources=sources, subtitle=subtitle)
+    atomic_write(path, page)
     return Path(path)

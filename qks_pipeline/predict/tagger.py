@@ -1,5 +1,4 @@
-"""Open-vocabulary tagging of new images with a trained QKS head: CLIP tokens -> Q-Former -> any
-label list.
+"""Open-vocabulary tagging of new images: CLIP tokens -> a trained Q-Former -> any label list.
 
 The backbone is the one the checkpoint records, checked by its fingerprint. Images get its own
 preprocessing (the clean view of stage one) and labels stage one's `encode_labels`, so scores equal
@@ -48,10 +47,15 @@ def prompt_pool() -> list[str]:
 
 
 def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(unique labels in first-seen order, the repeats dropped): labels stripped, inner whitespace
-    collapsed (CLIP's tokenizer does too), blanks dropped; none left is an error."""
-    unique, dropped = {}, []
-    for label in (" ".join(str(raw).split()) for raw in labels):
+    """(unique labels in first-seen order, the repeats dropped); none left is an error.
+
+    Labels are stripped, inner whitespace collapsed (CLIP's tokenizer does too), blanks dropped.
+    """
+    # an ordered set
+    unique = {}
+    dropped = []
+    for raw in labels:
+        label = " ".join(str(raw).split())
         if label in unique:
             dropped.append(label)
         elif label:
@@ -62,19 +66,21 @@ def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def default_cache_dir() -> Path:
-    """$QKS_CACHE_DIR/label_embeddings, else $XDG_CACHE_HOME/qks/..., else
-    ~/.cache/qks/label_embeddings."""
+    """$QKS_CACHE_DIR, else $XDG_CACHE_HOME/qks, else ~/.cache/qks; then /label_embeddings."""
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(os.environ.get("QKS_CACHE_DIR") or Path(cache) / "qks") / "label_embeddings"
+    root = os.environ.get("QKS_CACHE_DIR") or Path(cache) / "qks"
+    return Path(root) / "label_embeddings"
 
 
 def label_key(
     fingerprint: dict[str, Any], label: str, templates: Sequence[str], normalize: bool
 ) -> str:
-    """The cache key of one label's embedding: sha256 of (backbone fingerprint, label, templates,
-    normalize)."""
-    blob = {"backbone": fingerprint, "label": label, "templates": lines_sha256(templates)}
-    blob = json.dumps(blob | ({"normalize": True} if normalize else {}), sort_keys=True)
+    """One label embedding's cache key: sha256 of (backbone, label, templates, normalize)."""
+    identity = {"backbone": fingerprint, "label": label, "templates": lines_sha256(templates)}
+    # keys made before `normalize` existed stay valid
+    if normalize:
+        identity["normalize"] = True
+    blob = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -84,9 +90,9 @@ def _read_cached(path: Path, dim: int) -> np.ndarray | None:
         emb = np.load(path, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    return (
-        emb if emb.shape == (dim,) and emb.dtype == np.float32 and np.isfinite(emb).all() else None
-    )
+    if emb.shape != (dim,) or emb.dtype != np.float32 or not np.isfinite(emb).all():
+        return None
+    return emb
 
 
 @dataclass
@@ -103,25 +109,24 @@ class Prediction:
 
     @property
     def scores_by_label(self) -> dict[str, float]:
-        return (
-            {}
-            if self.scores is None
-            else {k: float(v) for k, v in zip(self.labels, self.scores, strict=True)}
-        )
+        if self.scores is None:
+            return {}
+        return {k: float(v) for k, v in zip(self.labels, self.scores, strict=True)}
 
     def to_json(self, all_scores: bool = False) -> dict[str, Any]:
-        """The JSONL record: image, top, above_threshold (lists of {label, score}), or image and
-        skipped."""
+        """The JSONL record: image, top, above_threshold ([{label, score}]), or image, skipped."""
         if self.skipped is not None:
             return {"image": self.image, "skipped": self.skipped}
-        top, above = (
-            [{"label": label, "score": round(score, 6)} for label, score in pairs]
-            for pairs in (self.top, self.above)
-        )
+        top = _scored(self.top)
+        above = _scored(self.above)
         out = {"image": self.image, "top": top, "above_threshold": above}
         if all_scores:
             out["scores"] = {k: round(v, 6) for k, v in self.scores_by_label.items()}
         return out
+
+
+def _scored(pairs: list[tuple[str, float]]) -> list[dict[str, Any]]:
+    return [{"label": label, "score": round(score, 6)} for label, score in pairs]
 
 
 def rank(
@@ -136,8 +141,7 @@ def rank(
 
 
 class _Images(Dataset):
-    """index -> (index, preprocessed image (3, H, W), reason); an unreadable image gives zeros and a
-    reason."""
+    """index -> (index, preprocessed image (3, H, W), reason); unreadable: zeros and a reason."""
 
     def __init__(
         self,
@@ -146,12 +150,10 @@ class _Images(Dataset):
         shape: tuple[int, ...],
         max_pixels: int,
     ):
-        self.items, self.preprocess, self.shape, self.max_pixels = (
-            items,
-            preprocess,
-            shape,
-            max_pixels,
-        )
+        self.items = items
+        self.preprocess = preprocess
+        self.shape = shape
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -159,16 +161,48 @@ class _Images(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
         item = self.items[i]
         try:
-            img = to_rgb(item) if isinstance(item, Image.Image) else load_rgb(item, self.max_pixels)
+            if isinstance(item, Image.Image):
+                img = to_rgb(item)
+            else:
+                img = load_rgb(item, self.max_pixels)
             return i, self.preprocess(img), ""
         except BadImage as e:
             return i, torch.zeros(self.shape), e.reason
 
 
+def _template_pool(
+    directory: Path, config: dict[str, Any], templates: Sequence[str] | str | Path | None
+) -> list[str]:
+    """The prompt pool to embed labels with: `templates`, else the checkpoint's, else ours.
+
+    A pool other than the one the checkpoint's labels were embedded with is refused.
+    """
+    if isinstance(templates, (str, Path)):
+        templates = read_templates(templates)
+    trained = config.get("label_embedding") or {}
+    if templates is not None:
+        pool = list(templates)
+    else:
+        pool = trained.get("templates") or prompt_pool()
+    # check the pool only
+    found = trained | {"num_templates": len(pool), "templates_sha256": lines_sha256(pool)}
+    try:
+        check_label_embedding(directory, found, trained)
+    except QKSError as e:
+        raise QKSError(f"{e.message} (--templates FILE: the pool it was trained with)") from None
+    return pool
+
+
+def _image_name(item: ImageInput, i: int) -> str:
+    """A prediction's image: the path as given, else the PIL image's file name or "<image i>"."""
+    if isinstance(item, Image.Image):
+        return getattr(item, "filename", "") or f"<image {i}>"
+    return str(item)
+
+
 @dataclass
 class Tagger:
-    """CLIP + a trained QKS head, ready to tag images with any label list. Build it with
-    `Tagger.load`."""
+    """CLIP + a trained QKS head, ready to tag images with any label list; see `Tagger.load`."""
 
     backbone: Backbone  # the checkpoint's, checked by its fingerprint
     head: QKS
@@ -193,45 +227,47 @@ class Tagger:
         amp: bool = False,
         max_pixels: int = ExtractConfig.max_pixels,
     ) -> Tagger:
-        """Load the checkpoint's head and the backbone it records, and check that they belong
-        together.
+        """Load the checkpoint's head and the backbone it records; check they belong together.
 
         Args:
             checkpoint_dir: a `qks train` (or `qks import-checkpoint`) output directory.
             device: auto (CUDA when present) | cpu | cuda[:N].
-            pretrained, model: the backbone's weights (file or open_clip tag) and model (name or config .json), when
-                not where the checkpoint says.
-            templates: the prompt templates (a list, or a file one a line); default: those the checkpoint's labels were
-                embedded with (else `prompt_pool()`). Another pool is refused.
-            cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk cache.
+            pretrained: the backbone's weights (file or open_clip tag), when not where the
+                checkpoint says.
+            model: the backbone's model (name or config .json), when not where the checkpoint
+                says.
+            templates: the prompt templates (a list, or a file one a line); default: those the
+                checkpoint's labels were embedded with (else `prompt_pool()`). Another pool is
+                refused.
+            cache_dir: of label embeddings; True: `default_cache_dir()`; None or False: no disk
+                cache.
             amp: float16 autocast for the backbone on CUDA (ignored on the CPU).
             max_pixels: larger images are skipped as decompression bombs.
         """
-        directory, dev = Path(checkpoint_dir), resolve_device(device)
+        directory = Path(checkpoint_dir)
+        dev = resolve_device(device)
         # before CLIP: a broken checkpoint fails fast
         head, config = checkpoint.load(directory, dev)
-        backbone = load_backbone(
-            *checkpoint.backbone_args(directory, config, model, pretrained), dev
-        )
+        backbone_args = checkpoint.backbone_args(directory, config, model, pretrained)
+        backbone = load_backbone(*backbone_args, dev)
         checkpoint.check_backbone(directory, config["fingerprint"], backbone.fingerprint)
-        if isinstance(templates, (str, Path)):
-            templates = read_templates(templates)
-        trained = config.get("label_embedding") or {}
-        pool = (
-            list(templates) if templates is not None else trained.get("templates") or prompt_pool()
+        pool = _template_pool(directory, config, templates)
+        if cache_dir is True:
+            cache_dir = default_cache_dir()
+        elif cache_dir:
+            cache_dir = Path(cache_dir)
+        else:
+            cache_dir = None
+        return cls(
+            backbone=backbone,
+            head=head,
+            config=config,
+            templates=pool,
+            device=dev,
+            amp=amp,
+            cache_dir=cache_dir,
+            max_pixels=max_pixels,
         )
-        # check the pool only
-        found = trained | {"num_templates": len(pool), "templates_sha256": lines_sha256(pool)}
-        try:
-            check_label_embedding(directory, found, trained)
-        except QKSError as e:
-            raise QKSError(
-                f"{e.message} (--templates FILE: the pool it was trained with)"
-            ) from None
-        cache_dir = (
-            default_cache_dir() if cache_dir is True else (Path(cache_dir) if cache_dir else None)
-        )
-        return cls(backbone, head, config, pool, dev, amp, cache_dir, max_pixels)
 
     @property
     def normalize_labels(self) -> bool:
@@ -239,41 +275,67 @@ class Tagger:
         return bool((self.config.get("label_embedding") or {}).get("normalize", False))
 
     def label_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
-        """(C, E) float32 on the device, as stage one's `encode_labels` makes them: from the disk
-        cache when there, else encoded and cached (atomically, for concurrent taggers; an unwritable
-        cache is reported and skipped)."""
-        dim, normalize, bb = int(self.head.proj.shape[1]), self.normalize_labels, self.backbone
-        keys = [label_key(bb.fingerprint, label, self.templates, normalize) for label in labels]
-        files = [self.cache_dir / f"{key}.npy" for key in keys] if self.cache_dir else []
-        found = {i: e for i, f in enumerate(files) if (e := _read_cached(f, dim)) is not None}
-        if missing := [i for i in range(len(labels)) if i not in found]:
+        """(C, E) float32 on the device, as stage one's `encode_labels` makes them.
+
+        From the disk cache when there, else encoded and cached (atomically, for concurrent taggers;
+        an unwritable cache is reported and skipped).
+        """
+        files = self._cache_files(labels)
+        dim = int(self.head.proj.shape[1])
+        # label index -> (E,)
+        found = {}
+        for i, file in enumerate(files):
+            emb = _read_cached(file, dim)
+            if emb is not None:
+                found[i] = emb
+        missing = [i for i in range(len(labels)) if i not in found]
+        if missing:
+            model = self.backbone.model
+            tokenizer = self.backbone.tokenizer
             texts = [labels[i] for i in missing]
+            normalize = self.normalize_labels
             # (M, E)
             emb = encode_labels(
-                bb.model, bb.tokenizer, texts, self.templates, normalize, device=self.device
+                model, tokenizer, texts, self.templates, normalize, device=self.device
             )
             found |= dict(zip(missing, emb.numpy(), strict=True))
-            try:
-                for i in missing if files else []:
-                    with atomic_path(files[i]) as tmp, open(tmp, "wb") as f:
-                        np.save(f, found[i])
-            except OSError as e:
-                log.warning(
-                    "label-embedding cache %s not writable (%s); continuing without it",
-                    self.cache_dir,
-                    e,
-                )
+            if files:
+                self._write_cache([files[i] for i in missing], [found[i] for i in missing])
         # (C, E)
-        return torch.from_numpy(np.stack([found[i] for i in range(len(labels))])).to(self.device)
+        stacked = np.stack([found[i] for i in range(len(labels))])
+        return torch.from_numpy(stacked).to(self.device)
+
+    def _cache_files(self, labels: Sequence[str]) -> list[Path]:
+        """Each label's file in the disk cache; none without a cache."""
+        if not self.cache_dir:
+            return []
+        fingerprint = self.backbone.fingerprint
+        normalize = self.normalize_labels
+        keys = [label_key(fingerprint, label, self.templates, normalize) for label in labels]
+        return [self.cache_dir / f"{key}.npy" for key in keys]
+
+    def _write_cache(self, files: list[Path], embeddings: list[np.ndarray]) -> None:
+        """Save embeddings to the disk cache, each atomically; an unwritable cache is a warning."""
+        try:
+            for file, emb in zip(files, embeddings, strict=True):
+                with atomic_path(file) as tmp, open(tmp, "wb") as f:
+                    np.save(f, emb)
+        except OSError as e:
+            log.warning(
+                "label-embedding cache %s not writable (%s); continuing without it",
+                self.cache_dir,
+                e,
+            )
 
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
-        """Preprocessed images (B, 3, H, W) and label embeddings (C, E) -> logits (B, C) float32 on
-        the CPU."""
+        """Images (B, 3, H, W), preprocessed, and label embeddings (C, E) -> CPU logits (B, C)."""
+        pixels = pixels.to(self.device, non_blocking=True)
         with autocast(self.device, torch.float16 if self.amp else None):
             # (B, T, D)
-            tokens = visual_tokens(self.backbone.model, pixels.to(self.device, non_blocking=True))
-        return self.head(tokens.float(), label_emb.float()).float().cpu()  # (B, C)
+            tokens = visual_tokens(self.backbone.model, pixels)
+        # (B, C) float32
+        return self.head(tokens.float(), label_emb.float()).float().cpu()
 
     def iter_predict(
         self,
@@ -287,34 +349,29 @@ class Tagger:
         progress: bool = False,
         on_skip: Callable[[str, str], None] | None = None,
     ) -> Iterator[Prediction]:
-        """Like `predict`, yielding each batch's predictions as soon as they are computed (for long
-        runs)."""
+        """Like `predict`, yielding each batch's predictions as soon as they are computed."""
         if top_k < 1:
             raise QKSError(f"top_k must be at least 1, got {top_k}")
         names, dropped = clean_labels(labels)
         if dropped:
             log.warning("duplicate label(s) removed: %s", ", ".join(dict.fromkeys(dropped)))
-        label_emb = self.label_embeddings(names)  # (C, E)
+        # (C, E)
+        label_emb = self.label_embeddings(names)
         size = self.backbone.fingerprint["preprocess"]["size"]
         data = _Images(images, self.backbone.preprocess, (3, *size), self.max_pixels)
-        loader = DataLoader(
-            data, batch_size, num_workers=workers, pin_memory=self.device.type == "cuda"
-        )
+        pin_memory = self.device.type == "cuda"
+        loader = DataLoader(data, batch_size, num_workers=workers, pin_memory=pin_memory)
         with tqdm(total=len(images), unit="img", desc="predict", disable=not progress) as bar:
-            for index, pixels, reasons in loader:  # (B,), (B, 3, H, W), B reasons
+            # (B,), (B, 3, H, W), B reasons
+            for index, pixels, reasons in loader:
                 ok = [j for j, r in enumerate(reasons) if not r]
-                logits = (
-                    self.logits(pixels[ok], label_emb).numpy() if ok else np.zeros((0, len(names)))
-                )
+                if ok:
+                    logits = self.logits(pixels[ok], label_emb).numpy()
+                else:
+                    logits = np.zeros((0, len(names)))
                 row = dict(zip(ok, logits, strict=True))
                 for j, i in enumerate(index.tolist()):
-                    item = images[i]
-                    in_memory = isinstance(item, Image.Image)
-                    name = (
-                        (getattr(item, "filename", "") or f"<image {i}>")
-                        if in_memory
-                        else str(item)
-                    )
+                    name = _image_name(images[i], i)
                     if reasons[j]:
                         if on_skip is not None:
                             on_skip(name, reasons[j])
@@ -330,10 +387,32 @@ class Tagger:
         labels: Sequence[str],
         top_k: int = 5,
         threshold: float = 0.5,
-        **kwargs: Any,
+        *,
+        batch_size: int = 32,
+        workers: int = 0,
+        progress: bool = False,
+        on_skip: Callable[[str, str], None] | None = None,
     ) -> list[Prediction]:
-        """One prediction per image (paths or PIL images), in input order: the `top_k` labels, best
-        first, and every label scored above `threshold`; unreadable files come back with `skipped`
-        set. `kwargs`: batch_size, workers (decoding processes), progress (a tqdm bar),
-        on_skip(name, reason)."""
-        return list(self.iter_predict(images, labels, top_k, threshold, **kwargs))
+        """One prediction per image, in input order; an unreadable file comes back `skipped`.
+
+        Args:
+            images: paths or PIL images.
+            labels: any label list (stripped, repeats dropped).
+            top_k: how many of the best labels each prediction lists, best first.
+            threshold: each prediction also lists every label scored above it.
+            batch_size: images a forward pass.
+            workers: image-decoding processes.
+            progress: show a tqdm bar.
+            on_skip: called with (name, reason) for each unreadable image.
+        """
+        predictions = self.iter_predict(
+            images,
+            labels,
+            top_k,
+            threshold,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            on_skip=on_skip,
+        )
+        return list(predictions)

@@ -1,7 +1,8 @@
-"""Augmented views for `extract.views` > 0, drawn from `extract.augment`: `reference` (default), the
-authors' training transform, or `crop_flip`, a random resized crop and a horizontal flip. What each
-draws, and why RandAugment is written out here: docs/design.md, section 1. Every draw comes from one
-numpy Generator, so a view is fixed by its seed.
+"""Augmented views for `extract.views` > 0, drawn from `extract.augment`.
+
+`reference` (default) is the authors' training transform; `crop_flip` a random resized crop and a
+horizontal flip. What each draws, and why RandAugment is written out here: docs/design.md,
+section 1. Every draw comes from one numpy Generator, so a view is fixed by its seed.
 """
 
 from __future__ import annotations
@@ -13,22 +14,25 @@ from PIL import Image, ImageEnhance, ImageOps
 AUGMENTS = ("reference", "crop_flip")
 # the reference's CutoutPIL(cutout_factor=0.5): side of the rectangle / side of the image
 CUTOUT_FACTOR = 0.5
-# crop_flip: area and aspect-ratio ranges (most labels stay)
-CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
+# crop_flip's ranges of area and aspect ratio (most labels stay)
+CROP_SCALE = (0.5, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 FILL = (128, 128, 128)  # RandAugment's fill of uncovered pixels
-# RandAugment's magnitude of each operation at indices 0-9 (index 0 is never drawn), as the package
-# tabulates them.
+# RandAugment's PIL enhancers
+ENHANCE = {
+    "Color": ImageEnhance.Color,
+    "Contrast": ImageEnhance.Contrast,
+    "Sharpness": ImageEnhance.Sharpness,
+    "Brightness": ImageEnhance.Brightness,
+}
+# each operation's magnitude at indices 0-9, as RandAugment tabulates them (0 is never drawn)
 RANGES = {name: np.linspace(0, 0.3, 10) for name in ("ShearX", "ShearY")}
 RANGES |= {name: np.linspace(0, 150 / 331, 10) for name in ("TranslateX", "TranslateY")}
-RANGES |= {
-    name: np.linspace(0.0, 0.9, 10) for name in ("Color", "Contrast", "Sharpness", "Brightness")
-}
+RANGES |= {name: np.linspace(0.0, 0.9, 10) for name in ENHANCE}
 RANGES |= {"Rotate": np.linspace(0, 30, 10), "Solarize": np.linspace(256, 0, 10)}
 RANGES |= {"Posterize": np.round(np.linspace(8, 4, 10)).astype(int)}
 RANGES |= {"Cutout": np.round(np.linspace(0, 20, 10)).astype(int)}  # side in pixels
-ENHANCE = {
-    name: getattr(ImageEnhance, name) for name in ("Color", "Contrast", "Sharpness", "Brightness")
-}
+# in the package's order: a draw picks an index into it
 OPERATIONS = [
     "Invert",
     "Cutout",
@@ -38,8 +42,14 @@ OPERATIONS = [
     "ShearX",
     "TranslateX",
     "TranslateY",
+    "ShearY",
+    "Rotate",
+    "Equalize",
+    "Contrast",
+    "Color",
+    "Solarize",
+    "Brightness",
 ]
-OPERATIONS += ["ShearY", "Rotate", "Equalize", "Contrast", "Color", "Solarize", "Brightness"]
 
 
 def fill_box(
@@ -54,23 +64,29 @@ def fill_box(
 def cutout(
     img: Image.Image, rng: np.random.Generator, factor: float = CUTOUT_FACTOR
 ) -> Image.Image:
-    """CutoutPIL: a rectangle of `factor` x each side (+1: PIL's rectangle includes both ends)
-    centred on a uniform pixel, clipped at the border, in one uniform random colour. (The reference
-    names PIL's width `h`; on the square crop it is given, that changes nothing.)"""
+    """CutoutPIL: a rectangle of `factor` x each side in one uniform random colour.
+
+    The rectangle (+1: PIL's rectangle includes both ends) is centred on a uniform pixel and clipped
+    at the border. (The reference names PIL's width `h`; on the square crop it is given, that
+    changes nothing.)
+    """
     w, h = img.size
-    half_w, half_h = int(factor * w + 0.5) // 2, int(factor * h + 0.5) // 2
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    half_w = int(factor * w + 0.5) // 2
+    half_h = int(factor * h + 0.5) // 2
+    cy = int(rng.integers(h))
+    cx = int(rng.integers(w))
     colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-    return fill_box(
-        img, max(cx - half_w, 0), max(cy - half_h, 0), cx + half_w + 1, cy + half_h + 1, colour
-    )
+    left = max(cx - half_w, 0)
+    top = max(cy - half_h, 0)
+    return fill_box(img, left, top, cx + half_w + 1, cy + half_h + 1, colour)
 
 
 def rand_operation(
     img: Image.Image, name: str, magnitude: int, rng: np.random.Generator
 ) -> Image.Image:
-    """One RandAugment operation at a magnitude index 1-9; a signed magnitude takes a random sign."""
-    v, sign = RANGES.get(name, np.zeros(10))[magnitude], float(rng.choice([-1, 1]))
+    """One RandAugment operation at magnitude index 1-9; a signed magnitude takes a random sign."""
+    v = RANGES.get(name, np.zeros(10))[magnitude]
+    sign = float(rng.choice([-1, 1]))
     if name in ENHANCE:
         return ENHANCE[name](img).enhance(1 + v * sign)
     if name.startswith("Shear"):
@@ -87,15 +103,15 @@ def rand_operation(
         )
     if name == "Rotate":  # counter-clockwise only, as the package does; the corners get FILL
         rotated = img.convert("RGBA").rotate(v)
-        return Image.composite(
-            rotated, Image.new("RGBA", rotated.size, (128,) * 4), rotated
-        ).convert(img.mode)
-    # a gray square of v pixels centred on a uniform pixel, clipped at the border
+        background = Image.new("RGBA", rotated.size, (128,) * 4)
+        return Image.composite(rotated, background, rotated).convert(img.mode)
     if name == "Cutout":
-        cx, cy = int(rng.integers(img.size[0])), int(rng.integers(img.size[1]))
-        return fill_box(
-            img, max(cx - v // 2, 0), max(cy - v // 2, 0), cx + v // 2, cy + v // 2, (125, 122, 113)
-        )
+        # a gray square of v pixels centred on a uniform pixel, clipped at the border
+        cx = int(rng.integers(img.size[0]))
+        cy = int(rng.integers(img.size[1]))
+        half = v // 2
+        gray = (125, 122, 113)
+        return fill_box(img, max(cx - half, 0), max(cy - half, 0), cx + half, cy + half, gray)
     if name == "Posterize":
         return ImageOps.posterize(img, int(v))
     if name == "Solarize":
@@ -110,7 +126,8 @@ def rand_operation(
 def rand_augment(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Two (operation, magnitude 1-9) pairs drawn uniformly, each applied with p 0.5."""
     for _ in range(2):
-        name, magnitude = OPERATIONS[int(rng.integers(len(OPERATIONS)))], int(rng.integers(1, 10))
+        name = OPERATIONS[int(rng.integers(len(OPERATIONS)))]
+        magnitude = int(rng.integers(1, 10))
         if rng.random() < 0.5:
             img = rand_operation(img, name, magnitude, rng)
     return img
@@ -121,14 +138,16 @@ def _flip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random resized crop, drawn as torchvision's RandomResizedCrop draws
-    it."""
+    """(top, left, h, w) of a random resized crop, as torchvision's RandomResizedCrop draws it."""
     for _ in range(10):
         target = width * height * rng.uniform(*CROP_SCALE)
         ratio = np.exp(rng.uniform(np.log(CROP_RATIO[0]), np.log(CROP_RATIO[1])))
-        w, h = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
+        w = round(np.sqrt(target * ratio))
+        h = round(np.sqrt(target / ratio))
         if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
     side = min(width, height)  # fallback: the central square
     return (height - side) // 2, (width - side) // 2, side, side
 
@@ -144,11 +163,10 @@ def augmented_view(
     mode = TF.InterpolationMode(interpolation)
     if augment == "crop_flip":
         top, left, h, w = crop_box(img.width, img.height, rng)
-        return _flip(
-            TF.resized_crop(img, top, left, h, w, list(size), interpolation=mode, antialias=True),
-            rng,
-        )
+        view = TF.resized_crop(img, top, left, h, w, list(size), interpolation=mode, antialias=True)
+        return _flip(view, rng)
     assert augment == "reference", augment
-    # CLIP's crop
-    view = TF.center_crop(TF.resize(img, min(size), interpolation=mode, antialias=True), list(size))
+    # CLIP's resize and centre crop, then cutout, flip and RandAugment
+    view = TF.resize(img, min(size), interpolation=mode, antialias=True)
+    view = TF.center_crop(view, list(size))
     return rand_augment(_flip(cutout(view, rng), rng), rng)

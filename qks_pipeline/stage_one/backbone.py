@@ -1,6 +1,8 @@
-"""The frozen CLIP backbone (open_clip) of stage one and predict: loading, fingerprint, visual
-tokens (`ln_post`'s output over all tokens, CLS first, before the visual projection) and label
-embeddings (docs/design.md, sections 1-2)."""
+"""The frozen CLIP backbone (open_clip) of stage one and predict (docs/design.md, sections 1-2).
+
+Loading, fingerprint, visual tokens (`ln_post`'s output over all tokens, CLS first, before the
+visual projection) and label embeddings.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ import open_clip
 import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import logging as hub_logging
-from open_clip.pretrained import _get_safe_alternatives
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import VisionTransformer
 from open_clip.utils import to_2tuple
 
@@ -68,6 +71,7 @@ class Weights:
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, read in 16 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -76,8 +80,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def resolve_model_name(model: str) -> tuple[str, str | None]:
-    """Model name, plus the sha256 of its config when `model` is a path to an open_clip config JSON
-    (registered)."""
+    """Model name, and the sha256 of its config when `model` is an open_clip config JSON.
+
+    A config file is registered with open_clip under its stem.
+    """
     if model.endswith(".json"):
         path = Path(model)
         if not path.is_file():
@@ -90,14 +96,17 @@ def resolve_model_name(model: str) -> tuple[str, str | None]:
         return path.stem, file_sha256(path)
     if model not in open_clip.list_models():
         raise QKSError(
-            f"unknown open_clip model {model!r} (a name from open_clip.list_models() or a config .json)"
+            f"unknown open_clip model {model!r} "
+            "(a name from open_clip.list_models() or a config .json)"
         )
     return model, None
 
 
 def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
-    """The open_clip tag whose download URL names this file's hash (OpenAI's and LAION's URLs do),
-    if any."""
+    """The open_clip tag (and its config) whose download URL names this file's hash, if any.
+
+    OpenAI's and LAION's URLs do.
+    """
     for tag in open_clip.list_pretrained_tags_by_model(name):
         cfg = open_clip.get_pretrained_cfg(name, tag)
         url = cfg.get("url", "")
@@ -107,9 +116,11 @@ def _tag_of_file(name: str, sha256: str) -> tuple[str | None, dict[str, Any]]:
 
 
 def _unreachable(url: str) -> str | None:
-    """Why the server at `url` does not answer one request within `HUB_TIMEOUT_S`, name lookup
-    included; None if it answers. The request runs in a daemon thread: a resolver that hangs cannot
-    hold the caller longer."""
+    """Why the server at `url` does not answer one request within `HUB_TIMEOUT_S`; None if it does.
+
+    The time includes the name lookup. The request runs in a daemon thread: a resolver that hangs
+    cannot hold the caller longer.
+    """
     why = [f"no answer within {HUB_TIMEOUT_S} s"]
 
     def probe() -> None:
@@ -129,36 +140,45 @@ def _unreachable(url: str) -> str | None:
     return why[0]
 
 
+def safetensors_alternatives(file: str) -> list[str]:
+    """The safetensors files that open_clip's downloader prefers to the hub weights file `file`."""
+    if file == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME]
+    if file.endswith((".bin", ".pth")):
+        return [file[:-4] + ".safetensors"]
+    return []
+
+
 def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
-    """The weights file of an open_clip tag: from the download caches, else downloaded after one
-    check (at most `HUB_TIMEOUT_S`) that the server answers; offline, one line saying how to use a
-    local file instead."""
+    """The weights file of an open_clip tag.
+
+    From the download caches, else downloaded after one check (at most `HUB_TIMEOUT_S`) that the
+    server answers; offline, one line saying how to use a local file instead.
+    """
     repo, file = os.path.split(cfg.get("hf_hub", ""))
     file = file or "open_clip_pytorch_model.bin"
-    cached = (
-        [try_to_load_from_cache(repo, f) for f in (*_get_safe_alternatives(file), file)]
-        if repo
-        else []
-    )
-    if path := next((p for p in cached if isinstance(p, str)), None):
-        return path
+    if repo:
+        names = (*safetensors_alternatives(file), file)
+        cached = [try_to_load_from_cache(repo, f) for f in names]
+        if path := next((p for p in cached if isinstance(p, str)), None):
+            return path
     url = constants.ENDPOINT if repo else cfg.get("url", "")
-    quick = (
-        f" with backbone.model {name}-quickgelu"
-        if cfg.get("quick_gelu") and "quickgelu" not in name
-        else ""
-    )
+    quick = ""
+    if cfg.get("quick_gelu") and "quickgelu" not in name:
+        quick = f" with backbone.model {name}-quickgelu"
     failed = f"cannot download the '{tag}' weights of {name}"
-    hint = f"download them where there is internet and set backbone.pretrained (--pretrained) to the file{quick}"
-    # open_clip's
-    in_url_cache = not repo and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
-    why = (
-        "HF_HUB_OFFLINE is set"
-        if constants.HF_HUB_OFFLINE
-        else None
-        if in_url_cache
-        else _unreachable(url)
+    hint = (
+        "download them where there is internet and set backbone.pretrained (--pretrained) "
+        f"to the file{quick}"
     )
+    # open_clip's own cache of weights downloaded from a URL
+    in_url_cache = not repo and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE is set"
+    elif in_url_cache:
+        why = None
+    else:
+        why = _unreachable(url)
     if why:
         raise QKSError(f"{failed} ({url} unreachable: {why}); {hint}")
     try:
@@ -168,34 +188,45 @@ def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
 
 
 def resolve_weights(name: str, pretrained: str | None) -> Weights:
-    """`pretrained` (an open_clip tag or a local file) as a local file and facts. A tag, or a file
-    recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript archive), brings its
-    activation (QuickGELU for OpenAI's) and preprocessing; other QuickGELU files need a `-quickgelu`
-    model name (ViT-B-16-quickgelu), as in open_clip."""
+    """`pretrained` (an open_clip tag or a local file) as a local file and facts about it.
+
+    A tag, or a file recognisably a tag's (its sha256 in the tag's URL, or an OpenAI TorchScript
+    archive), brings its activation (QuickGELU for OpenAI's) and preprocessing; other QuickGELU
+    files need a `-quickgelu` model name (ViT-B-16-quickgelu), as in open_clip.
+    """
     if pretrained is None or pretrained.lower() in NO_WEIGHTS:
-        return Weights(None, "none", None, None)
+        return Weights(path=None, source="none", tag=None, sha256=None)
     if cfg := open_clip.get_pretrained_cfg(name, pretrained):
-        path, tag = _download(name, pretrained, cfg), pretrained
-        source, sha, quick_gelu = tag, file_sha256(path), bool(cfg.get("quick_gelu"))
+        tag = pretrained
+        path = _download(name, tag, cfg)
+        source = tag
+        sha = file_sha256(path)
+        quick_gelu = bool(cfg.get("quick_gelu"))
     elif Path(pretrained).is_file():
-        path = source = str(Path(pretrained).resolve())
+        path = str(Path(pretrained).resolve())
+        source = path
         sha = file_sha256(path)
         tag, cfg = _tag_of_file(name, sha)
-        # OpenAI's TorchScript files all are
+        # the tag says so, or OpenAI's TorchScript files (all QuickGELU)
         quick_gelu = bool(cfg.get("quick_gelu")) or _is_torchscript(path)
     else:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise QKSError(
-            f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) nor a file"
+            f"pretrained {pretrained!r} is neither an open_clip tag of {name} (tags: {tags}) "
+            "nor a file"
         )
     return Weights(
-        path, source, tag, sha, quick_gelu, {k: cfg[k] for k in PREPROCESS_KEYS if k in cfg}
+        path=path,
+        source=source,
+        tag=tag,
+        sha256=sha,
+        quick_gelu=quick_gelu,
+        preprocess={k: cfg[k] for k in PREPROCESS_KEYS if k in cfg},
     )
 
 
 def _is_torchscript(path: str) -> bool:
-    """OpenAI's original .pt files are TorchScript archives, which torch.load(weights_only=True)
-    refuses."""
+    """Whether `path` is a TorchScript archive (OpenAI's .pt files), which torch.load refuses."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -208,7 +239,8 @@ def check_supported(model: torch.nn.Module, name: str) -> None:
     if not isinstance(visual, VisionTransformer):
         kind = type(visual).__name__
         raise QKSError(
-            f"model {name}: vision tower {kind} is not an open_clip VisionTransformer (timm/ResNet towers)"
+            f"model {name}: vision tower {kind} is not an open_clip VisionTransformer "
+            "(timm/ResNet towers)"
         )
     if visual.attn_pool is not None:
         raise QKSError(
@@ -220,38 +252,41 @@ def check_supported(model: torch.nn.Module, name: str) -> None:
         )
     if visual.proj is None:
         raise QKSError(
-            f"model {name}: the vision tower has no projection (visual.proj) to initialise stage two"
+            f"model {name}: the vision tower has no projection (visual.proj) "
+            "to initialise stage two"
         )
 
 
+def _torchscript_state(path: str) -> dict[str, torch.Tensor]:
+    """The weights of an OpenAI TorchScript archive, without its entries that are not weights."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's files need it
+        warnings.simplefilter("ignore", FutureWarning)
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        state.pop(key, None)
+    return state
+
+
 def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
-    kwargs = {"force_quick_gelu": weights.quick_gelu} | {
-        f"image_{k}": v for k, v in weights.preprocess.items()
-    }
+    """The open_clip model with `weights` (seeded random without a file) and its preprocess."""
+    kwargs = {f"image_{k}": v for k, v in weights.preprocess.items()}
+    kwargs["force_quick_gelu"] = weights.quick_gelu
+    create = partial(open_clip.create_model_and_transforms, name, **kwargs)
     try:
         if weights.path is None:
             # the same random weights on every run (resumable extraction)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                return open_clip.create_model_and_transforms(name, pretrained=None, **kwargs)[::2]
-        if not _is_torchscript(weights.path):
-            return open_clip.create_model_and_transforms(name, pretrained=weights.path, **kwargs)[
-                ::2
-            ]
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=None, **kwargs
-        )
-        with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's files need it
-            warnings.simplefilter("ignore", FutureWarning)
-            state = torch.jit.load(weights.path, map_location="cpu").state_dict()
-        for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not weights
-            state.pop(key, None)
-        model.load_state_dict(state, strict=True)
-        return model, preprocess
+                model, _, preprocess = create(pretrained=None)
+        elif not _is_torchscript(weights.path):
+            model, _, preprocess = create(pretrained=weights.path)
+        else:
+            model, _, preprocess = create(pretrained=None)
+            model.load_state_dict(_torchscript_state(weights.path), strict=True)
     except (RuntimeError, KeyError, ValueError, OSError) as e:
-        raise QKSError(
-            f"could not load {name} weights: {' '.join(str(e).split())}", weights.path
-        ) from None
+        why = " ".join(str(e).split())
+        raise QKSError(f"could not load {name} weights: {why}", weights.path) from None
+    return model, preprocess
 
 
 def _fingerprint(
@@ -261,13 +296,13 @@ def _fingerprint(
     token layout; JSON-normalised, as a store's attributes read back (tuples become lists)."""
     pp = clip.visual.preprocess_cfg
     preprocess = {k: pp[k] for k in PREPROCESS_KEYS} | {"size": to_2tuple(pp["size"])}
+    model_quick_gelu = bool(open_clip.get_model_config(name).get("quick_gelu", False))
     fingerprint = {
         "model": name,
         "model_config_sha256": config_sha,
-        "pretrained": weights.tag if weights.tag else (None if weights.path is None else "file"),
+        "pretrained": weights.tag or (None if weights.path is None else "file"),
         "weights_sha256": weights.sha256 if weights.path else "random-seed-0",
-        "quick_gelu": weights.quick_gelu
-        or bool(open_clip.get_model_config(name).get("quick_gelu", False)),
+        "quick_gelu": weights.quick_gelu or model_quick_gelu,
         "preprocess": preprocess,
         "tokens": TOKEN_LAYOUT,
         "token_shape": list(token_shape(clip)),
@@ -279,9 +314,11 @@ def _fingerprint(
 def load_backbone(
     model: str = "ViT-B-16", pretrained: str | None = "openai", device: str | torch.device = "cpu"
 ) -> Backbone:
-    """A frozen fp32 open_clip model in eval mode, with its fingerprint and source. `model` is an
-    open_clip name or model-config JSON; `pretrained` an open_clip tag, a local weights file, or
-    "none" (seeded random weights)."""
+    """A frozen fp32 open_clip model in eval mode, with its fingerprint and source.
+
+    `model` is an open_clip name or model-config JSON; `pretrained` an open_clip tag, a local
+    weights file, or "none" (seeded random weights).
+    """
     name, config_sha = resolve_model_name(model)
     weights = resolve_weights(name, pretrained)
     if weights.path is None:
@@ -312,9 +349,10 @@ def token_shape(clip: torch.nn.Module) -> tuple[int, int]:
 def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Preprocessed images (B, 3, H, W) -> visual tokens (B, T, D) (docs/design.md, section 1)."""
     visual = clip.visual
-    saved = visual.output_tokens, visual.proj
+    saved = (visual.output_tokens, visual.proj)
     # the tower returns (pre-projection CLS, patch tokens)
-    visual.output_tokens, visual.proj = True, None
+    visual.output_tokens = True
+    visual.proj = None
     try:
         cls, patches = visual(images)  # (B, D), (B, T-1, D)
     finally:
@@ -332,9 +370,11 @@ def encode_labels(
     batch_labels: int = 16,
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
-    """Prompt-pool label embeddings (C, E) float32 on the CPU (docs/design.md, section 1): the mean
-    of every template (one '{}' each) filled with the label, L2-normalised only with `normalize`;
-    `batch_labels` per text batch."""
+    """Prompt-pool label embeddings (C, E) float32 on the CPU (docs/design.md, section 1).
+
+    A label's embedding is the mean of every template (one '{}' each) filled with the label,
+    L2-normalised only with `normalize`; `batch_labels` labels per text batch.
+    """
     out = []
     for start in range(0, len(labels), batch_labels):
         chunk = labels[start : start + batch_labels]

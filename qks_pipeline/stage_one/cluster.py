@@ -1,6 +1,7 @@
-"""Stage one on a dask cluster (`extract.extract(..., runner=OnCluster(cluster))`, `qks extract
---cluster`): one task and one writer per shard; the store is byte for byte the single-process run's,
-and resumable the same way.
+"""Stage one on a dask cluster: one task and one writer per shard.
+
+`extract.extract(..., runner=OnCluster(cluster))`, or `qks extract --cluster`. The store is byte for
+byte the single-process run's, and resumable the same way.
 
 Each worker loads the backbone once per process, checks it against the store's fingerprint, decodes
 its shard's images in threads (a dask worker, a daemon process, cannot start DataLoader processes)
@@ -56,9 +57,11 @@ CONNECT_TIMEOUT_S = 30
 
 @contextlib.contextmanager
 def connect(cluster: str | Any) -> Iterator[Any]:
-    """A `distributed.Client` for `cluster`: "local:N" (a LocalCluster of N processes, 1 thread
-    each, closed on exit), a scheduler address ("tcp://host:8786"), or a Client (used as it is, left
-    open)."""
+    """A `distributed.Client` for `cluster`.
+
+    `cluster` is "local:N" (a LocalCluster of N processes, 1 thread each, closed on exit), a
+    scheduler address ("tcp://host:8786"), or a Client (used as it is, left open).
+    """
     if Client is None:
         raise QKSError("a cluster run needs dask.distributed: pip install distributed")
     if not isinstance(cluster, str):
@@ -73,7 +76,8 @@ def connect(cluster: str | Any) -> Iterator[Any]:
             yield client
     elif "://" not in cluster:
         raise QKSError(
-            f"--cluster must be local:N or a scheduler address such as tcp://HOST:8786, got {cluster!r}"
+            "--cluster must be local:N or a scheduler address such as tcp://HOST:8786, "
+            f"got {cluster!r}"
         )
     else:
         try:
@@ -85,8 +89,10 @@ def connect(cluster: str | Any) -> Iterator[Any]:
 
 
 def local_cluster(workers: int) -> Any:
-    """N worker processes with one thread each, on 127.0.0.1, without dask's MALLOC_TRIM_THRESHOLD_
-    (docs/design.md, section 3)."""
+    """N worker processes with one thread each, on 127.0.0.1.
+
+    Without dask's MALLOC_TRIM_THRESHOLD_ (docs/design.md, section 3).
+    """
     where = {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, **where)
@@ -94,8 +100,7 @@ def local_cluster(workers: int) -> Any:
 
 @dataclass(frozen=True)
 class ShardJob:
-    """What a worker needs besides the shard number; views, seed and precision it reads from the
-    store."""
+    """What a worker needs besides the shard number (views, seed, precision: from the store)."""
 
     store: str  # absolute local path, or URL
     images_root: str  # absolute
@@ -118,9 +123,11 @@ class ShardDone:
 def _decoded_batches(
     dataset: ImageViews, batches: list[list[int]], threads: int
 ) -> Iterator[ImageBatch]:
-    """`batches` of rows decoded by `threads` threads (PIL and torch release the GIL), at most two
-    batches ahead; 0 threads: in line. Collated as a DataLoader collates, so the forward pass sees
-    the same tensors."""
+    """`batches` of rows decoded by `threads` threads, at most two batches ahead.
+
+    PIL and torch release the GIL; 0 threads decode in line. Collated as a DataLoader collates, so
+    the forward pass sees the same tensors.
+    """
     if threads == 0:
         yield from (default_collate([dataset[row] for row in rows]) for rows in batches)
         return
@@ -141,7 +148,7 @@ def _backbone(model: str, pretrained: str, device: str) -> Backbone:
 
 
 def run_shard(shard: int, job: ShardJob) -> ShardDone:
-    """The task: compute and write one shard on this worker, decoding in `job.cfg.workers` threads."""
+    """The task: compute and write one shard here, decoding in `job.cfg.workers` threads."""
     try:
         cache = open_cache(job.store, mode="r+")
         backbone = _backbone(job.model, job.pretrained, job.device)
@@ -159,20 +166,18 @@ def run_shard(shard: int, job: ShardJob) -> ShardDone:
             )
         forward = Forward(backbone.model, device, precision)
         dataset = make_dataset(cache, Path(job.images_root), backbone, job.cfg.max_pixels)
-        batches = _decoded_batches(
-            dataset, shard_batches(cache, [shard], job.cfg.batch_size), job.cfg.workers
-        )
+        rows = shard_batches(cache, [shard], job.cfg.batch_size)
+        batches = _decoded_batches(dataset, rows, job.cfg.workers)
         out = shard_tokens(cache, shard, batches, dataset, forward, job.strict)
         cache.write_shard(shard, *out)
     except QKSError as e:
-        return ShardDone(0, 0.0, e.message)
-    return ShardDone(len(out[1]), forward.seconds)
+        return ShardDone(rows=0, forward_seconds=0.0, error=e.message)
+    return ShardDone(rows=len(out[1]), forward_seconds=forward.seconds)
 
 
 @dataclass
 class OnCluster:
-    """The runner of `extract.extract` that computes the shards on a dask cluster, one task per
-    shard."""
+    """The runner of `extract.extract` that computes the shards on a dask cluster, a task each."""
 
     # "local:N", a scheduler address ("tcp://host:8786"), or a `distributed.Client` (`connect`)
     cluster: str | Any
@@ -184,8 +189,10 @@ class OnCluster:
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[torch.device]:
-        """Yields the device the workers resolve `device` to: they must agree, as it decides the
-        store's precision."""
+        """Yields the device the workers resolve `device` to; they must agree on its type.
+
+        The device decides the store's precision.
+        """
         with connect(self.cluster) as self.client:
             try:
                 self.client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
@@ -193,12 +200,12 @@ class OnCluster:
                 raise QKSError(
                     f"the dask cluster has no workers (waited {CONNECT_TIMEOUT_S} s)"
                 ) from None
-            found = {
-                device.type for device in self.client.run(resolve_device, self.device).values()
-            }
+            resolved = self.client.run(resolve_device, self.device).values()
+            found = {device.type for device in resolved}
             if len(found) != 1:
                 raise QKSError(
-                    f"the dask workers resolve --device {self.device} differently: {', '.join(sorted(found))}"
+                    f"the dask workers resolve --device {self.device} differently: "
+                    f"{', '.join(sorted(found))}"
                 )
             yield torch.device(found.pop())
 
@@ -220,37 +227,52 @@ class OnCluster:
         if not shards:
             return 0.0
         store = cache.path if is_url(cache.path) else str(Path(cache.path).resolve())
-        model, pretrained = backbone.source["model"], backbone.source["pretrained"]
-        job = ShardJob(store, str(images.resolve()), model, pretrained, self.device, cfg, strict)
+        job = ShardJob(
+            store=store,
+            images_root=str(images.resolve()),
+            model=backbone.source["model"],
+            pretrained=backbone.source["pretrained"],
+            device=self.device,
+            cfg=cfg,
+            strict=strict,
+        )
         info = self.client.scheduler_info()["workers"].values()
         workers = max(1, len(info))
-        # started --resources GPU=1
+        # workers started with --resources GPU=1 run one task at a time
         gpu = {"GPU": 1} if any("GPU" in w.get("resources", {}) for w in info) else None
         log.info("extracting %d shard(s) on %d dask worker(s)", len(shards), workers)
         futures = self.client.map(
             run_shard, shards, job=job, retries=self.retries, pure=False, resources=gpu
         )
-        shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
-        seconds, failures = 0.0, []
         with progress_bar(cache.num_rows(shards)) as bar:
-            try:
-                for future in as_completed(futures):
-                    try:
-                        done = future.result()
-                    # raised by the task after its retries; a lost worker is a KilledWorker
-                    except Exception as e:
-                        done = ShardDone(
-                            0, 0.0, f"{type(e).__name__}: {e} (after {self.retries} retries)"
-                        )
-                    if done.error:
-                        failures.append(f"shard {shard_of[future.key]}: {done.error}")
-                    bar.update(done.rows)
-                    seconds += done.forward_seconds
-            except BaseException:  # an interrupt
-                self.client.cancel(futures)
-                raise
+            seconds, failures = self._wait(futures, shards, bar)
         if failures:
             more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-            done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done (rerun to resume)"
-            raise QKSError(f"{done}: {'; '.join(failures[:3])}{more}")
+            done = f"{len(failures)} of {len(shards)} shard(s) failed, the others are done"
+            raise QKSError(f"{done} (rerun to resume): {'; '.join(failures[:3])}{more}")
         return seconds / workers
+
+    def _wait(self, futures: list, shards: list[int], bar: Any) -> tuple[float, list[str]]:
+        """Each task's outcome as it completes: the forward-pass seconds summed, and the failures.
+
+        An interrupt cancels the tasks (those already running finish their shard).
+        """
+        shard_of = {future.key: shard for future, shard in zip(futures, shards, strict=True)}
+        seconds = 0.0
+        failures = []
+        try:
+            for future in as_completed(futures):
+                try:
+                    done = future.result()
+                except Exception as e:
+                    # raised by the task after its retries; a lost worker is a KilledWorker
+                    error = f"{type(e).__name__}: {e} (after {self.retries} retries)"
+                    done = ShardDone(rows=0, forward_seconds=0.0, error=error)
+                if done.error:
+                    failures.append(f"shard {shard_of[future.key]}: {done.error}")
+                bar.update(done.rows)
+                seconds += done.forward_seconds
+        except BaseException:  # an interrupt
+            self.client.cancel(futures)
+            raise
+        return seconds, failures

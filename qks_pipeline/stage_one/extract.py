@@ -1,5 +1,6 @@
-"""Stage one: the frozen CLIP vision tower's tokens of a manifest's images, stored once in a Zarr
-store; the label vocabulary encoded with the prompt pool once (`embed_labels`).
+"""Stage one: the frozen CLIP vision tower's tokens of a manifest's images, stored once in Zarr.
+
+The label vocabulary is encoded with the prompt pool once too (`embed_labels`).
 
 A shard is the unit of work: `shard_tokens` turns the batches of one shard into its tokens, written
 whole, then marked done; a rerun computes only the shards not done, and equals an uninterrupted run.
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,7 @@ class ExtractResult:
     computed: int  # images computed by this call (0 when the store was already complete)
     shards_written: int
     loop_seconds: float  # decoding, forward passes and shard writes only
-    # inside the forward pass (incl. copies to and from the device); the rest is input wait
+    # time inside the forward pass (incl. copies to and from the device); the rest is input wait
     forward_seconds: float
     skipped: list[dict[str, str]]  # every unreadable image of the store
 
@@ -78,8 +80,7 @@ class ExtractResult:
 
 
 def effective_precision(precision: str, device: torch.device) -> str:
-    """fp16/bf16 autocast runs only on a GPU; on the CPU it falls back to fp32 (the reference) with
-    a warning."""
+    """`precision` where it can run: fp16/bf16 autocast on a GPU only, else fp32 with a warning."""
     if precision != "fp32" and device.type != "cuda":
         log.warning("precision %s is GPU-only; extracting in fp32 on %s", precision, device)
         return "fp32"
@@ -87,9 +88,12 @@ def effective_precision(precision: str, device: torch.device) -> str:
 
 
 class ViewMaker:
-    """PIL image -> (V, 3, H, W): view 0 is the model's own preprocess, views 1.. are drawn from
-    `augment` (`qks_pipeline.stage_one.augmentation`), each seeded by (seed, manifest line, view) so
-    a rerun, a resumed run or another worker draws the same views."""
+    """PIL image -> (V, 3, H, W): view 0 is the model's own preprocess, views 1.. augmented ones.
+
+    The augmented views are drawn from `augment` (`qks_pipeline.stage_one.augmentation`), each
+    seeded by (seed, manifest line, view), so a rerun, a resumed run or another worker draws the
+    same views.
+    """
 
     def __init__(
         self,
@@ -99,9 +103,13 @@ class ViewMaker:
         seed: int,
         augment: str,
     ):
-        self.preprocess, self.views, self.seed, self.augment = preprocess, views, seed, augment
+        self.preprocess = preprocess
+        self.views = views
+        self.seed = seed
+        self.augment = augment
         self.size = tuple(to_2tuple(preprocess_cfg["size"]))
-        self.mean, self.std = list(preprocess_cfg["mean"]), list(preprocess_cfg["std"])
+        self.mean = list(preprocess_cfg["mean"])
+        self.std = list(preprocess_cfg["std"])
         self.interpolation = preprocess_cfg["interpolation"]
 
     @property
@@ -118,19 +126,16 @@ class ViewMaker:
 
 
 class ImageViews(Dataset):
-    """Store rows -> (row, views (V, 3, H, W), reason); an unreadable image gives zeros and a
-    non-empty reason."""
+    """Store rows -> (row, views (V, 3, H, W), reason); an unreadable image: zeros and a reason."""
 
     def __init__(
         self, root: Path, paths: list[str], keys: np.ndarray, make_views: ViewMaker, max_pixels: int
     ):
-        self.root, self.paths, self.keys, self.make_views, self.max_pixels = (
-            root,
-            paths,
-            keys,
-            make_views,
-            max_pixels,
-        )
+        self.root = root  # the images' root directory
+        self.paths = paths  # each row's image, relative to `root`
+        self.keys = keys  # each row's manifest line: the seed of its views
+        self.make_views = make_views
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -166,8 +171,10 @@ CLIP_TEMPLATE = "There is a {} in the scene"
 def data_fingerprint(
     manifest: Path, split: str, seen: list[str], unseen: list[str], cfg: ExtractConfig
 ) -> dict:
-    """What besides the backbone determines a store's content (`cfg.precision`: the one the forward
-    passes run at)."""
+    """What besides the backbone determines a store's content.
+
+    `cfg.precision` must be the one the forward passes run at (`effective_precision`).
+    """
     return {
         "manifest_sha256": file_sha256(manifest),
         "vocabulary_sha256": lines_sha256(seen + ["|"] + unseen),
@@ -185,17 +192,21 @@ class Forward:
     """Batches of views -> float16 tokens on the CPU, under autocast when asked (GPU only)."""
 
     def __init__(self, clip: torch.nn.Module, device: torch.device, precision: str):
-        self.clip, self.device, self.dtype = clip, device, AMP_DTYPES[precision]
+        self.clip = clip
+        self.device = device
+        self.dtype = AMP_DTYPES[precision]
         # time spent here: loop time minus this is what the input path failed to hide
         self.seconds = 0.0
 
     def __call__(self, views: torch.Tensor) -> np.ndarray:
-        start, (b, v) = time.perf_counter(), views.shape[:2]
+        """Views (B, V, 3, H, W) -> tokens (B, V, T, D) float16."""
+        start = time.perf_counter()
+        b, v = views.shape[:2]
         x = views.flatten(0, 1).to(self.device, non_blocking=True)  # (B * V, 3, H, W)
         with autocast(self.device, self.dtype):
             tokens = visual_tokens(self.clip, x)  # (B * V, T, D)
-        # (B, V, T, D)
-        out = tokens.float().view(b, v, *tokens.shape[1:]).cpu().numpy().astype(np.float16)
+        tokens = tokens.float().view(b, v, *tokens.shape[1:])  # (B, V, T, D)
+        out = tokens.cpu().numpy().astype(np.float16)
         self.seconds += time.perf_counter() - start
         return out
 
@@ -213,21 +224,23 @@ def shard_tokens(
     strict: bool,
     progress: Callable[[int], object] = lambda n: None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """One shard's (tokens (S, V, T, D) float16, valid (S,), skipped) from the batches covering its
-    rows, as `Cache.write_shard` takes them. Unreadable images are skipped (valid False, tokens
-    zero), or fatal with `strict`."""
+    """One shard's tokens (S, V, T, D) float16, valid (S,) and skipped images, from its batches.
+
+    The batches cover the shard's rows; the result is what `Cache.write_shard` takes. Unreadable
+    images are skipped (valid False, tokens zero), or fatal with `strict`.
+    """
     rows_of_shard = cache.shard_rows(shard)
     n = rows_of_shard.stop - rows_of_shard.start
-    tokens, valid, skipped = (
-        np.zeros((n, *cache.tokens.shape[1:]), np.float16),
-        np.zeros(n, bool),
-        [],
-    )
+    tokens = np.zeros((n, *cache.tokens.shape[1:]), np.float16)
+    valid = np.zeros(n, bool)
+    skipped = []
     covered = 0
     for rows, views, reasons in batches:
         rows = rows.numpy()
-        local, ok = rows - rows_of_shard.start, np.array([not r for r in reasons])
-        for row, reason in zip(rows[~ok], np.asarray(reasons, dtype=object)[~ok], strict=True):
+        local = rows - rows_of_shard.start  # (b,) rows within the shard
+        ok = np.array([not r for r in reasons])
+        why = np.asarray(reasons, dtype=object)[~ok]
+        for row, reason in zip(rows[~ok], why, strict=True):
             if strict:
                 raise QKSError(
                     f"unreadable image: {reason} (--strict)", dataset.root / dataset.paths[row]
@@ -243,11 +256,9 @@ def shard_tokens(
 
 
 def progress_bar(total: int) -> tqdm:
-    """images/s and ETA; redrawn every second on a terminal, a line every 30 s in a log (DVC, batch
-    jobs)."""
-    return tqdm(
-        total=total, unit="img", desc="extract", mininterval=1 if sys.stderr.isatty() else 30
-    )
+    """images/s and ETA: redrawn every second on a terminal, a line every 30 s in a log (DVC)."""
+    interval = 1 if sys.stderr.isatty() else 30
+    return tqdm(total=total, unit="img", desc="extract", mininterval=interval)
 
 
 def make_dataset(
@@ -255,51 +266,74 @@ def make_dataset(
 ) -> ImageViews:
     """The store's rows as images to decode, with the views and seed its fingerprint records."""
     data = cache.fingerprint["data"]
-    # stores before `augment`: crop_flip
-    views, augment = cache.num_views - 1, data.get("augment", "crop_flip")
     make_views = ViewMaker(
-        backbone.preprocess, backbone.model.visual.preprocess_cfg, views, int(data["seed"]), augment
+        backbone.preprocess,
+        backbone.model.visual.preprocess_cfg,
+        views=cache.num_views - 1,
+        seed=int(data["seed"]),
+        augment=data.get("augment", "crop_flip"),  # stores before `augment`: crop_flip
     )
-    return ImageViews(
-        images_root, list(cache.paths[:]), cache.manifest_index[:], make_views, max_pixels
-    )
+    paths = list(cache.paths[:])
+    return ImageViews(images_root, paths, cache.manifest_index[:], make_views, max_pixels)
+
+
+def _resume(
+    out: str | Path,
+    location: Location,
+    fingerprint: dict[str, Any],
+    *,
+    overwrite: bool,
+    replace_stale: bool,
+) -> Cache | None:
+    """The store at `out` if it was built the same way (minus what interrupted writes left), else
+    None: build a new one. A store built differently is refused unless `replace_stale`."""
+    if not location.holds_store() or overwrite:
+        return None
+    cache = open_cache(out, mode="r+")
+    if cache.fingerprint == fingerprint:
+        if removed := location.remove_interrupted_writes():
+            log.info(
+                "removed %d file(s) left by interrupted writes, e.g. %s", len(removed), removed[0]
+            )
+        return cache
+    if not replace_stale:
+        hint = "--overwrite or --replace-stale rebuilds it"
+        check_fingerprint(location.url, cache.fingerprint, fingerprint, "feature cache", hint=hint)
+    log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
+    return None
 
 
 def _open_store(
-    out: str | Path, dataset: Path, split: str, backbone: Backbone, cfg: ExtractConfig, **how: bool
+    out: str | Path,
+    dataset: Path,
+    split: str,
+    backbone: Backbone,
+    cfg: ExtractConfig,
+    *,
+    overwrite: bool,
+    replace_stale: bool,
 ) -> Cache:
-    """Resume the store `out` if built the same way (removing what interrupted writes left), else
-    refuse it or build a new one (`extract`). A path holding anything else is never replaced. The
-    caller holds `Location.writer_lock`."""
-    manifest, location = dataset / f"{split}.jsonl", Location.of(out)
+    """Resume the store `out` (`_resume`), or build a new one: labels, paths, CLIP's projection.
+
+    A path holding anything else is never replaced. The caller holds `Location.writer_lock`.
+    """
+    manifest = dataset / f"{split}.jsonl"
+    location = Location.of(out)
     seen, unseen = read_vocabulary(dataset)
     records = read_manifest(manifest, seen + unseen)
     data = data_fingerprint(manifest, split, seen, unseen, cfg)
     fingerprint = make_fingerprint(backbone.fingerprint, data)
-    if location.holds_store() and not how["overwrite"]:
-        cache = open_cache(out, mode="r+")
-        if cache.fingerprint == fingerprint:
-            if removed := location.remove_interrupted_writes():
-                log.info(
-                    "removed %d file(s) left by interrupted writes, e.g. %s",
-                    len(removed),
-                    removed[0],
-                )
-            return cache
-        if not how["replace_stale"]:
-            hint = "--overwrite or --replace-stale rebuilds it"
-            check_fingerprint(
-                location.url, cache.fingerprint, fingerprint, "feature cache", hint=hint
-            )
-        log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
-    order = (
-        np.random.default_rng(cfg.seed).permutation(len(records))
-        if cfg.shuffle
-        else np.arange(len(records))
-    )
+    cache = _resume(out, location, fingerprint, overwrite=overwrite, replace_stale=replace_stale)
+    if cache is not None:
+        return cache
+    if cfg.shuffle:
+        order = np.random.default_rng(cfg.seed).permutation(len(records))
+    else:
+        order = np.arange(len(records))
     rest = scored_labels(split, seen, unseen)
 
-    def labels(start: int, stop: int) -> np.ndarray:  # one shard's rows at a time: bounded memory
+    def labels(start: int, stop: int) -> np.ndarray:
+        # one shard's rows at a time: bounded memory
         return label_matrix([records[i] for i in order[start:stop]], seen + unseen, rest=rest)
 
     return create_cache(
@@ -319,15 +353,18 @@ def _open_store(
 
 @dataclass
 class InProcess:
-    """The default runner of `extract`: the shards computed in this process. A runner connects
-    (yielding the forward passes' device), says where the client loads the backbone, and runs the
-    shards."""
+    """The default runner of `extract`: the shards computed in this process.
+
+    A runner connects (yielding the forward passes' device), says where the client loads the
+    backbone (`loads_here`), and runs the shards.
+    """
 
     device: str = "auto"
     loads_here = True  # the forward passes use the client's backbone
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[torch.device]:
+        """Yields the device the forward passes run on."""
         self.resolved = resolve_device(self.device)
         yield self.resolved
 
@@ -340,8 +377,10 @@ class InProcess:
         cfg: ExtractConfig,
         strict: bool,
     ) -> float:
-        """Compute and write `shards` at the store's precision, each written while the next one is
-        computed. Returns the forward-pass seconds."""
+        """Compute and write `shards` at the store's precision; returns the forward-pass seconds.
+
+        A thread writes each shard while the next one is computed.
+        """
         if not shards:
             return 0.0
         forward = Forward(backbone.model, self.resolved, cache.fingerprint["data"]["precision"])
@@ -358,9 +397,9 @@ class InProcess:
             ThreadPoolExecutor(max_workers=1) as writer,
             progress_bar(cache.num_rows(shards)) as bar,
         ):
-            for shard, batches in itertools.groupby(
-                loader, key=lambda batch: int(batch[0][0]) // cache.shard_size
-            ):
+            # a batch never crosses a shard boundary: its first row's shard is the batch's
+            by_shard = itertools.groupby(loader, key=lambda b: int(b[0][0]) // cache.shard_size)
+            for shard, batches in by_shard:
                 out = shard_tokens(cache, shard, batches, dataset, forward, strict, bar.update)
                 if pending is not None:
                     # at most one shard in flight: bounded memory, errors surface here
@@ -376,6 +415,7 @@ def extract(
     split: str,
     images_root: str | Path,
     out: str | Path,
+    *,
     backbone: BackboneConfig,
     cfg: ExtractConfig,
     device: str = "auto",
@@ -384,19 +424,32 @@ def extract(
     replace_stale: bool = False,
     runner: Any = None,
 ) -> ExtractResult:
-    """Extract (or resume extracting) the visual tokens of one split of a dataset into the store
-    `out`.
+    """Extract (or resume extracting) the visual tokens of one split of a dataset into a store.
 
     A store with the same fingerprint is resumed; one built differently is refused unless
     `overwrite` (always rebuild) or `replace_stale` (rebuild only when it differs: what a DVC stage
     wants). A second writer of a local store is refused.
 
     Args:
-        out: a local directory or an fsspec URL (`qks_pipeline.store.location`). device: where the
-        forward passes run in this process (a runner resolves its own). runner: `InProcess(device)`
-        (the default), or `qks_pipeline.stage_one.cluster.OnCluster` (a dask cluster).
+        dataset_dir: The dataset's manifest directory (`{split}.jsonl`, seen.txt, unseen.txt).
+        split: "train" or "test"; the test split stores the clean view only.
+        images_root: The directory the manifest's image paths are relative to.
+        out: The store: a local directory or an fsspec URL (`qks_pipeline.store.location`).
+        backbone: The `backbone` section of params.yaml: the open_clip model and its weights.
+        cfg: The `extract` section of params.yaml: views, batches, shards, precision, workers.
+        device: Where the forward passes run in this process (a runner resolves its own).
+        strict: Fail on an unreadable image instead of masking it out (valid False).
+        overwrite: Rebuild the store whatever it holds.
+        replace_stale: Rebuild the store only when it was built differently.
+        runner: `InProcess(device)` (the default), or `qks_pipeline.stage_one.cluster.OnCluster`
+            (a dask cluster).
+
+    Returns:
+        What the call did: the store's images, those computed now, the shards written, the loop's
+        and the forward passes' seconds, and every unreadable image of the store.
     """
-    dataset_dir, images_root = Path(dataset_dir), Path(images_root)
+    dataset_dir = Path(dataset_dir)
+    images_root = Path(images_root)
     if split not in SPLITS:
         raise QKSError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if not images_root.is_dir():
@@ -416,10 +469,16 @@ def extract(
         )
         todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
         start = time.perf_counter()
-        forward_seconds = runner.run(cache, todo, bb, images_root, cfg, strict)
-    seconds = time.perf_counter() - start
+        forward_seconds = runner.run(
+            cache, todo, backbone=bb, images=images_root, cfg=cfg, strict=strict
+        )
     return ExtractResult(
-        cache.num_images, cache.num_rows(todo), len(todo), seconds, forward_seconds, cache.skipped()
+        images=cache.num_images,
+        computed=cache.num_rows(todo),
+        shards_written=len(todo),
+        loop_seconds=time.perf_counter() - start,
+        forward_seconds=forward_seconds,
+        skipped=cache.skipped(),
     )
 
 
@@ -427,24 +486,34 @@ def embed_labels(
     dataset_dir: str | Path,
     templates: str | Path,
     out: str | Path,
+    *,
     backbone: BackboneConfig,
     labels: LabelsConfig,
     device: str = "auto",
 ) -> Path:
-    """Encode the dataset's seen then unseen labels with the prompt pool and with the CLIP
-    baseline's template (docs/design.md, section 1), and store both."""
+    """Encode the dataset's labels with the prompt pool and with the CLIP baseline's template.
+
+    Both embeddings, of the seen then the unseen labels (docs/design.md, section 1), go into one
+    label store, with what a checkpoint needs to embed new labels the same way.
+
+    Args:
+        dataset_dir: The dataset's manifest directory (seen.txt, unseen.txt).
+        templates: The prompt pool: a text file, one template with '{}' a line.
+        out: The label store: a local directory or an fsspec URL.
+        backbone: The `backbone` section of params.yaml: the open_clip model and its weights.
+        labels: The `labels` section of params.yaml (`normalize`).
+        device: Where the text tower runs: "auto", "cpu", "cuda" or "cuda:N".
+
+    Returns:
+        `out`, as a Path.
+    """
     seen, unseen = read_vocabulary(dataset_dir)
     pool = read_templates(templates)
     dev = resolve_device(device)
     bb = load_backbone(backbone.model, backbone.pretrained, dev)
-    # (C, E)
-    emb = encode_labels(
-        bb.model, bb.tokenizer, seen + unseen, pool, normalize=labels.normalize, device=dev
-    )
-    # (C, E)
-    clip = encode_labels(
-        bb.model, bb.tokenizer, seen + unseen, [CLIP_TEMPLATE], normalize=True, device=dev
-    )
+    encode = partial(encode_labels, bb.model, bb.tokenizer, seen + unseen, device=dev)
+    emb = encode(pool, normalize=labels.normalize)  # (C, E)
+    clip = encode([CLIP_TEMPLATE], normalize=True)  # (C, E)
     write_label_embeddings(
         out,
         seen + unseen,

@@ -1,5 +1,4 @@
-"""Import the authors' published QKS checkpoints: the Q-Former head for `QKS`, and their CLIP
-weights for open_clip.
+"""Import the authors' published QKS checkpoints: the Q-Former head for `QKS`, CLIP for open_clip.
 
 The checkpoint's layout, and what the exported CLIP weights hold: docs/design.md, section 1. It may
 carry a `module.` prefix (DDP) and be wrapped in a top-level `state_dict` or `model` entry.
@@ -54,9 +53,12 @@ _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, Tensor]:
-    """The flat state dict of a `.safetensors` or `torch.save` file, unwrapped from
-    `state_dict`/`model`, without a `module.` prefix; `trust_pickle` unpickles arbitrary objects
-    (only for a trusted file), else only tensors and plain containers are read."""
+    """The flat state dict of a `.safetensors` or `torch.save` file.
+
+    Unwrapped from `state_dict`/`model`, without a `module.` prefix. `trust_pickle` unpickles
+    arbitrary objects (only for a trusted file); otherwise only tensors and plain containers are
+    read.
+    """
     path = Path(path)
     if not path.is_file():
         raise QKSError("checkpoint not found", path)
@@ -88,8 +90,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, T
 
 
 def _qformer_key(key: str) -> str | None:
-    """Our name for a reference `net.*` key (prefix removed); None for the weights the queries never
-    use."""
+    """Our name for a reference `net.*` key (prefix removed); None for weights the queries skip."""
     key = key.removeprefix("bert.")
     # BERT's pooler, if saved, reads a text CLS token the queries never produce
     if key.startswith("pooler."):
@@ -110,9 +111,11 @@ def _qformer_key(key: str) -> str | None:
 def _split(
     state: dict[str, Tensor], path: str | Path
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], list[str]]:
-    """Rename the Q-Former part to our names, strip `clip_model.` from the CLIP part, list keys
-    outside the layout."""
-    qks, clip, unknown, foreign = {}, {}, [], []
+    """Split a reference state dict: the Q-Former (our names), CLIP (open_clip's), foreign keys."""
+    qks = {}
+    clip = {}
+    unknown = []  # Q-Former keys our model has no place for
+    foreign = []  # keys outside the layout
     for key, value in state.items():
         if key in ("query_tokens", "proj"):
             qks[key] = value
@@ -134,14 +137,15 @@ def _split(
 
 
 def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
-    """num_queries, num_layers and ff_dim from the tensor shapes (not the number of heads: the
-    shapes do not tell), checked: every parameter of that `QKS` present with its shape."""
+    """num_queries, num_layers and ff_dim from the tensor shapes, checked.
+
+    Not the number of heads: the shapes do not tell. Every parameter of the `QKS` these fields build
+    must be present with its shape.
+    """
     for key in ("query_tokens", "proj", "layers.0.ffn.fc1.weight"):
         if key not in qks:
-            raise QKSError(
-                f"not a QKS checkpoint: no {key} (reference names: query_tokens, proj, net.encoder.*)",
-                path,
-            )
+            names = "query_tokens, proj, net.encoder.*"
+            raise QKSError(f"not a QKS checkpoint: no {key} (reference names: {names})", path)
     _, num_queries, dim = qks["query_tokens"].shape
     if qks["proj"].shape[0] != dim:
         raise QKSError(f"proj is {tuple(qks['proj'].shape)} but the queries are {dim} wide", path)
@@ -152,7 +156,8 @@ def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
         "ff_dim": qks["layers.0.ffn.fc1.weight"].shape[0],
     }
     with torch.device("meta"):  # shapes only, no memory and no initialisation cost
-        expected = QKS(ModelConfig(num_heads=1, **fields), *qks["proj"].shape).state_dict()
+        cfg = ModelConfig(num_heads=1, **fields)
+        expected = QKS(cfg, *qks["proj"].shape).state_dict()
     missing = sorted(set(expected) - set(qks))
     shapes = {k: (tuple(qks[k].shape), tuple(v.shape)) for k, v in expected.items() if k in qks}
     wrong = [f"{k} {got} != {want}" for k, (got, want) in shapes.items() if got != want]
@@ -167,10 +172,14 @@ def _infer_fields(qks: dict[str, Tensor], path: str | Path) -> dict[str, int]:
 def load_reference_checkpoint(
     path: str | Path, trust_pickle: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, int]]:
-    """An authors' checkpoint as the state dict for `QKS` (strict; `token_dim, embed_dim =
-    state["proj"].shape`), the CLIP state dict in open_clip layout (empty without `clip_model.*`;
-    `visual.proj` is the trained `proj`: docs/design.md, section 1), and the `ModelConfig` fields
-    the shapes tell (see `_infer_fields`)."""
+    """An authors' checkpoint as state dicts for `QKS` and open_clip.
+
+    Returns:
+        The state dict for `QKS` (strict; `token_dim, embed_dim = state["proj"].shape`), the CLIP
+        state dict in open_clip layout (empty without `clip_model.*`; `visual.proj` is the trained
+        `proj`: docs/design.md, section 1), and the `ModelConfig` fields the shapes tell
+        (`_infer_fields`).
+    """
     qks, clip, foreign = _split(read_checkpoint(path, trust_pickle), path)
     fields = _infer_fields(qks, path)
     if foreign:
@@ -185,9 +194,10 @@ def load_reference_checkpoint(
 
 
 def removed_cls(run_args: str | Path) -> bool:
-    """Whether the authors' run whose saved arguments `run_args` holds (JSON or YAML: its
-    command-line options by name) trained with `--rmcls`, so that its queries never saw the CLS
-    token."""
+    """Whether the authors' run trained with `--rmcls` (its queries never saw the CLS token).
+
+    `run_args` holds the run's saved arguments: its command-line options by name, in JSON or YAML.
+    """
     try:
         args = yaml.safe_load(Path(run_args).read_text())  # JSON is YAML too
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -198,9 +208,11 @@ def removed_cls(run_args: str | Path) -> bool:
 
 
 def export_clip_weights(clip_state: dict[str, Tensor], out_path: str | Path) -> None:
-    """Write CLIP weights (with `visual.proj`) that open_clip loads strictly (`.safetensors` when
-    the file name says so, else `torch.save`). Load them as `REFERENCE_MODEL` (docs/design.md,
-    section 1: QuickGELU)."""
+    """Write CLIP weights (with `visual.proj`) that open_clip loads strictly.
+
+    `.safetensors` when the file name says so, else `torch.save`. Load them as `REFERENCE_MODEL`
+    (docs/design.md, section 1: QuickGELU).
+    """
     # safetensors refuses shared storage
     state = {k: v.detach().contiguous().clone() for k, v in clip_state.items()}
     if Path(out_path).suffix == ".safetensors":
@@ -225,11 +237,13 @@ def import_checkpoint(
     trust_pickle: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """An authors' checkpoint as a checkpoint directory (`qks_pipeline.stage_two.checkpoint`) with
-    its CLIP weights, whose fingerprint only caches extracted with them (`--model {model}
-    --pretrained out/clip_weights.pt`) match. `keep_cls` is False for runs trained with the authors'
-    `--rmcls`: nothing in the weights tells."""
-    # CLIP, to fingerprint the exported weights
+    """An authors' checkpoint as a checkpoint directory (`qks_pipeline.stage_two.checkpoint`).
+
+    The directory holds its CLIP weights too; its fingerprint matches only caches extracted with
+    them (`--model {model} --pretrained out/clip_weights.pt`). `keep_cls` is False for runs trained
+    with the authors' `--rmcls`: nothing in the weights tells.
+    """
+    # stage one's CLIP loader, to fingerprint the exported weights
     from qks_pipeline.stage_one.backbone import load_backbone, token_shape
 
     out = Path(out)
@@ -240,9 +254,8 @@ def import_checkpoint(
         )
     token_dim, embed_dim = qks_state["proj"].shape
     try:
-        head = QKS(
-            ModelConfig(num_heads=num_heads, keep_cls=keep_cls, **fields), token_dim, embed_dim
-        )
+        cfg = ModelConfig(num_heads=num_heads, keep_cls=keep_cls, **fields)
+        head = QKS(cfg, token_dim, embed_dim)
     except QKSError as e:
         raise QKSError(f"{e.message} (--num-heads)", path) from None
     head.load_state_dict(qks_state, strict=True)
@@ -254,11 +267,13 @@ def import_checkpoint(
     described = (token_shape(backbone.model)[0], backbone.fingerprint, backbone.source)
     config = make_config(head, *described, selection="test", selection_note=note, source=str(path))
     write_config(out, config)
+    shape = f"{fields['num_queries']} queries, {fields['num_layers']} layers, {num_heads} heads"
     echo(
-        f"{out}: Q-Former ({fields['num_queries']} queries, {fields['num_layers']} layers, {num_heads} heads, "
-        f"{token_dim}->{embed_dim}) -> {BEST}; CLIP -> {CLIP_WEIGHTS}; {CONFIG}"
+        f"{out}: Q-Former ({shape}, {token_dim}->{embed_dim}) -> {BEST}; "
+        f"CLIP -> {CLIP_WEIGHTS}; {CONFIG}"
     )
     echo(
-        f"extract caches with: --model {model} --pretrained {out / CLIP_WEIGHTS}  (other caches are refused as stale)"
+        f"extract caches with: --model {model} --pretrained {out / CLIP_WEIGHTS}  "
+        "(other caches are refused as stale)"
     )
     return config

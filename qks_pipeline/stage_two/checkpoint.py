@@ -20,14 +20,12 @@ from qks_pipeline.errors import QKSError
 from qks_pipeline.stage_two.model import QKS
 from qks_pipeline.store.fingerprint import describe_backbone, differing_keys
 
-CONFIG, BEST, LAST, STATE, LOG = (
-    "config.json",
-    "best.safetensors",
-    "last.safetensors",
-    "last_state.pt",
-    "train_log.csv",
-)
-CLIP_WEIGHTS = "clip_weights.pt"
+CONFIG = "config.json"  # the model's settings, inputs and selection (`make_config`)
+BEST = "best.safetensors"  # the selected weights
+LAST = "last.safetensors"  # the last epoch's weights
+STATE = "last_state.pt"  # the resume point: optimizer, scheduler, scaler, progress
+LOG = "train_log.csv"  # one row per epoch
+CLIP_WEIGHTS = "clip_weights.pt"  # an imported authors' checkpoint's CLIP weights
 NOT_A_CHECKPOINT = "not found; is this a `qks train` output directory?"
 
 
@@ -46,8 +44,10 @@ def make_config(
     train_cache: str | None = None,
     source: str | None = None,
 ) -> dict[str, Any]:
-    """config.json, the one schema (docs/design.md, section 6); `selection_note` says in words what
-    selected it."""
+    """config.json, the one schema (docs/design.md, section 6).
+
+    `selection_note` says in words what selected the checkpoint.
+    """
     token_dim, embed_dim = model.proj.shape
     return {
         "model": asdict(model.cfg),
@@ -69,17 +69,21 @@ def make_config(
 
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
+    """Write config.json into `directory`, whole or not at all."""
     atomic_write(directory / CONFIG, json.dumps(config, indent=2) + "\n")
 
 
 def save_weights(model: QKS, path: Path) -> None:
+    """The model's weights as safetensors at `path`, whole or not at all."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, safetensors.torch.save(tensors))
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
-    """config.json of a checkpoint directory, refused in one line when missing, broken or without a
-    fingerprint."""
+    """config.json of a checkpoint directory, refused in one line when missing or broken.
+
+    A config without a backbone fingerprint is not a `qks train` config: refused too.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise QKSError("checkpoint directory not found", directory)
@@ -101,7 +105,8 @@ def load(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, An
     weights = Path(directory) / BEST
     if not weights.is_file():
         raise QKSError(NOT_A_CHECKPOINT, weights)
-    model = QKS(ModelConfig(**config["model"]), config["token_dim"], config["embed_dim"])
+    cfg = ModelConfig(**config["model"])
+    model = QKS(cfg, config["token_dim"], config["embed_dim"])
     try:
         model.load_state_dict(safetensors.torch.load_file(weights))
     except RuntimeError as e:
@@ -114,11 +119,14 @@ def load(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, An
 def backbone_args(
     directory: Path, config: dict[str, Any], model: str | None, pretrained: str | None
 ) -> tuple[str, str]:
-    """The (model, pretrained) of `load_backbone` that rebuild the checkpoint's backbone: the ones
-    given, else the source it records when those files still exist (their hashes are checked after
-    loading, `check_backbone`), else an exported `clip_weights.pt` beside it; otherwise one line
-    naming the flag to pass."""
-    fp, source = config["fingerprint"], config.get("backbone_source") or {}
+    """The (model, pretrained) of `load_backbone` that rebuild the checkpoint's backbone.
+
+    The ones given, else the source it records when those files still exist (their hashes are
+    checked after loading, `check_backbone`), else an exported `clip_weights.pt` beside it;
+    otherwise one line naming the flag to pass.
+    """
+    fp = config["fingerprint"]
+    source = config.get("backbone_source") or {}
     where = directory / CONFIG
     if model is None:
         model = source.get("model") or fp["model"]
@@ -128,7 +136,8 @@ def backbone_args(
                 f"the backbone's {what} is not at {model!r}; give its path with --model", where
             )
     if pretrained is None:
-        recorded, tag = source.get("pretrained"), fp.get("pretrained")
+        recorded = source.get("pretrained")
+        tag = fp.get("pretrained")
         # an open_clip tag (open_clip finds or downloads the file), or None: seeded random weights
         if tag != "file":
             pretrained = str(tag or "none")
@@ -146,12 +155,11 @@ def backbone_args(
 
 
 def check_backbone(directory: Path, expected: dict[str, Any], loaded: dict[str, Any]) -> None:
-    """Refuse a backbone other than the one the checkpoint was trained on, naming both and the flags
-    to fix it."""
+    """Refuse a backbone other than the checkpoint's, naming both and the flags that fix it."""
     if diffs := [key for key, _, _ in differing_keys(expected, loaded)]:
         raise QKSError(
-            f"backbone mismatch: the checkpoint was trained on {describe_backbone(expected)}, but the loaded "
-            f"backbone is {describe_backbone(loaded)} (differs in {', '.join(diffs)}); give the "
-            "original with --model / --pretrained",
+            f"backbone mismatch: the checkpoint was trained on {describe_backbone(expected)}, "
+            f"but the loaded backbone is {describe_backbone(loaded)} "
+            f"(differs in {', '.join(diffs)}); give the original with --model / --pretrained",
             directory / CONFIG,
         )

@@ -1,5 +1,4 @@
-"""Data-parallel training on PyTorch's own engine: torch.distributed, DistributedDataParallel, the
-elastic launcher.
+"""Data-parallel training on torch.distributed, DistributedDataParallel and the elastic launcher.
 
 How to launch (`--nproc N`, or torchrun across nodes), and how the ranks share each global batch so
 that the gradient equals one process's: README.md, "Several GPUs". A launched process finds RANK /
@@ -34,7 +33,7 @@ def setup(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    # rank 0 validates alone meanwhile
+    # a long timeout: the other ranks wait while rank 0 validates alone
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return device
 
@@ -57,25 +56,23 @@ def total(t: torch.Tensor) -> torch.Tensor:
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """`model` in DistributedDataParallel (gradients averaged over the ranks) when several ranks
-    run."""
+    """`model` in DistributedDataParallel (gradients averaged over the ranks) if several run."""
     if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
 
 def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """One rank's work (module level, so that the launcher can pickle it); the error file records an
-    exception."""
+    """One rank's work, at module level for the launcher to pickle; errors go to the error file."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
     try:
@@ -86,37 +83,39 @@ def _call(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
 
 
 def launch(nproc: int, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """Run `fn(**kwargs)` in `nproc` local ranks through the elastic launcher; returns rank 0's
-    result. A failing rank ends the run: QKSError naming the first failing rank and its cause (the
-    exception's last line, or the signal)."""
+    """Run `fn(**kwargs)` in `nproc` local ranks (the elastic launcher); returns rank 0's result.
+
+    A failing rank ends the run: QKSError naming the first failing rank and its cause (the
+    exception's last line, or the signal).
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    # failures: the one line below
+    # a failure is reported by the one line raised below, not by the launcher's log
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    run = {
-        "run_id": uuid.uuid4().hex,
-        "rdzv_backend": "c10d",
-        "rdzv_endpoint": "localhost:0",
-        "max_restarts": 0,
-    }
     config = LaunchConfig(
-        1, 1, nproc, monitor_interval=0.2, start_method="spawn", shutdown_timeout=5, **run
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=uuid.uuid4().hex,
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+        shutdown_timeout=5,
     )
     try:
         return elastic_launch(config, _call)(fn, kwargs)[0]
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        message = (
-            failure.message.get("message", "")
-            if isinstance(failure.message, dict)
-            else failure.message
-        )
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
         lines = str(message).strip().splitlines()
-        # a user error reads as it would in one process
-        cause = (
-            lines[-1].removeprefix(f"{QKSError.__name__}: ")
-            if lines
-            else f"exit code {failure.exitcode}"
-        )
+        if lines:
+            # a user error reads as it would in one process
+            cause = lines[-1].removeprefix(f"{QKSError.__name__}: ")
+        else:
+            cause = f"exit code {failure.exitcode}"
         raise QKSError(f"training rank {rank} of {nproc} failed: {cause}") from None

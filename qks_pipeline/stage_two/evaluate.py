@@ -1,13 +1,12 @@
-"""Stage two, evaluation: score a test store with a trained QKS head (or CLIP zero-shot) and apply
-the protocol.
+"""Stage two, evaluation: score a test store with a QKS head or CLIP zero-shot; apply the protocol.
 
 Scores: the seen then the unseen labels over the test store's valid rows, in float32
 (`qks_pipeline.stage_two.scoring`); metrics: `metrics.evaluate_scores` under `evaluate.protocol`
 (docs/design.md, section 4), fractions in [0, 1]. The CLIP baseline (section 1) scores against one
 template's label embeddings (`evaluate.clip_labels: template`, the reference's `clip_eval.py`) or
 the prompt pool's (`pool`). The query-preference table counts, per label, which query gives its
-logit on its positive images (the paper's "knowledge sharing"). Memory, 5 bytes per (image, label):
-section 3.
+logit on its positive images (the paper's "knowledge sharing"). Memory (section 3): 5 bytes per
+image and label.
 """
 
 from __future__ import annotations
@@ -45,55 +44,61 @@ from qks_pipeline.store.label_store import (
 )
 
 CLIP_BASELINE = "clip_zero_shot"
+# the query-preference table's default name: the metrics JSON's stem + this
+QUERY_TABLE = ".query_preference.csv"
 
 
 def check_checkpoint(
     inputs: Inputs, config: dict[str, Any], test_path: str | Path, labels_path: str | Path
 ) -> None:
-    """Refuse a test store or label store that does not fit the checkpoint: backbone, seen labels,
-    template pool."""
+    """Refuse a test or label store unfit for the checkpoint: backbone, seen labels, templates."""
     check_fingerprint(
         test_path,
         {"backbone": inputs.backbone},
         {"backbone": config["fingerprint"]},
         "vs checkpoint",
     )
-    if config.get("label_names") is not None:  # None: an imported reference checkpoint
-        seen, trained = (
-            inputs.label_names[: inputs.num_seen],
-            config["label_names"][: config["num_seen"]],
-        )
-        check_label_names(
-            test_path, seen, trained, "seen labels of the test store vs the checkpoint"
-        )
+    # None: an imported reference checkpoint
+    if config.get("label_names") is not None:
+        seen = inputs.label_names[: inputs.num_seen]
+        trained = config["label_names"][: config["num_seen"]]
+        what = "seen labels of the test store vs the checkpoint"
+        check_label_names(test_path, seen, trained, what)
     check_label_embedding(labels_path, inputs.label_embedding, config.get("label_embedding"))
 
 
 def query_preference(counts: np.ndarray, names: list[str], num_seen: int) -> list[dict[str, Any]]:
-    """Per label: over its positive images, how often each query gives the label's logit (counts (C,
-    Q))."""
+    """Per label: over its positive images, how often each query gives its logit; counts (C, Q)."""
     table = []
     for c, (name, n) in enumerate(zip(names, counts, strict=True)):
-        top, total = int(n.argmax()), int(n.sum())
+        top = int(n.argmax())
+        total = int(n.sum())
         row = {"label": name, "split": "seen" if c < num_seen else "unseen", "positives": total}
-        row |= {"top_query": top if total else "", "top_share": n[top] / total if total else ""}
-        table.append(row | {f"q{q}": int(k) for q, k in enumerate(n)})
+        row["top_query"] = top if total else ""
+        row["top_share"] = n[top] / total if total else ""
+        row |= {f"q{q}": int(k) for q, k in enumerate(n)}
+        table.append(row)
     return table
 
 
 def per_label_table(
     results: dict[str, dict[str, Any]], names: list[str], num_seen: int
 ) -> list[dict[str, Any]]:
-    """Per label: AP in its own setting (seen or zsl) and in gzsl, what it lacks to be scored in
-    each (nothing, a positive, a negative, an annotation), and its positives and negatives among its
-    own setting's images."""
+    """Per label: AP in its own setting (seen or zsl) and in gzsl, and what it lacks there.
+
+    What a label lacks to be scored in a setting: nothing, a positive, a negative or an annotation.
+    Its positives and negatives count among its own setting's images.
+    """
+    gzsl = results["gzsl"]
     rows = []
     for c, name in enumerate(names):
-        own, i = (results["seen"], c) if c < num_seen else (results["zsl"], c - num_seen)
-        gzsl = results["gzsl"]
-        row = {"label": name, "split": "seen" if c < num_seen else "unseen", "ap": own["ap"][i]}
+        seen = c < num_seen
+        own = results["seen"] if seen else results["zsl"]
+        i = c if seen else c - num_seen  # the label's column in its own setting
+        row = {"label": name, "split": "seen" if seen else "unseen", "ap": own["ap"][i]}
         row |= {"ap_gzsl": gzsl["ap"][c], "lacks": own["lacks"][i], "lacks_gzsl": gzsl["lacks"][c]}
-        rows.append(row | {"positives": own["positives"][i], "negatives": own["negatives"][i]})
+        row |= {"positives": own["positives"][i], "negatives": own["negatives"][i]}
+        rows.append(row)
     return rows
 
 
@@ -102,8 +107,7 @@ PER_LABEL = ("ap", "lacks", "positives", "negatives")
 
 
 def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The metrics without the per-label arrays, NaN (undefined) as None (null: strict JSON for
-    DVC)."""
+    """The metrics without the per-label arrays; NaN (undefined) as None: strict JSON for DVC."""
     return {
         s: {k: None if v != v else v for k, v in m.items() if k not in PER_LABEL}
         for s, m in results.items()
@@ -113,8 +117,7 @@ def summary(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def label_warning(
     results: dict[str, dict[str, Any]], protocol: str, per_label: str | Path | None
 ) -> str | None:
-    """One line when labels lack a positive or a negative among the images that annotate them, else
-    None."""
+    """One line when labels lack a positive or a negative among the images that annotate them."""
     counts = {
         s: (m["labels_without_positive"], m["labels_without_negative"]) for s, m in results.items()
     }
@@ -134,11 +137,8 @@ def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -
     """A readable table: one line per (setting, model), metrics in percent."""
     cols = ["mAP"] + [f"{m}@{k}" for k in top_k for m in ("p", "r", "f1")]
     width = max(len(name) for name in rows) + 2
-    lines = [
-        f"{'setting':<8}{'model':<{width}}"
-        + "".join(f"{c:>8}" for c in cols)
-        + f"{'images':>9}  (percent)"
-    ]
+    header = "".join(f"{c:>8}" for c in cols)
+    lines = [f"{'setting':<8}{'model':<{width}}{header}{'images':>9}  (percent)"]
     for setting in SETTINGS:
         for name, results in rows.items():
             m = results[setting]
@@ -148,10 +148,10 @@ def format_table(rows: dict[str, dict[str, dict[str, Any]]], top_k: list[int]) -
 
 
 def format_query_preference(table: list[dict[str, Any]], num_queries: int) -> str:
-    """How the labels divide among the queries: per query, the labels it wins most often, seen and
-    unseen."""
+    """How the labels divide among the queries: per query, the seen and unseen labels it wins."""
     lines = [
-        f"query preference ({num_queries} queries): labels whose logit comes most often from each query"
+        f"query preference ({num_queries} queries): "
+        "labels whose logit comes most often from each query"
     ]
     for split in ("seen", "unseen"):
         rows = [r for r in table if r["split"] == split and r["positives"] > 0]
@@ -159,23 +159,30 @@ def format_query_preference(table: list[dict[str, Any]], num_queries: int) -> st
             counts = np.bincount([r["top_query"] for r in rows], minlength=num_queries)
             share = np.mean([r["top_share"] for r in rows])
             wins = " ".join(f"q{q}:{n}" for q, n in enumerate(counts))
-            lines.append(
-                f"  {split:<7} {wins}  (top query's mean share of a label's positives {share:.2f})"
-            )
+            mean_share = f"top query's mean share of a label's positives {share:.2f}"
+            lines.append(f"  {split:<7} {wins}  ({mean_share})")
     return "\n".join(lines)
 
 
 def _head(
     model: QKS, inputs: Inputs, loader: CacheLoader, device: torch.device, protocol: str
 ) -> tuple[Predictions, list[dict[str, Any]]]:
-    """The head's predictions (sigmoids under the reference protocol, which ranks them) and
-    query-preference table."""
-    scorer = model_scorer(model, torch.from_numpy(inputs.embeddings).to(device), query_index=True)
+    """The head's predictions (sigmoids under the reference protocol) and query-preference table."""
+    label_emb = torch.from_numpy(inputs.embeddings).to(device)
+    scorer = model_scorer(model, label_emb, query_index=True)
     pred = score_rows(scorer, loader, device, model.cfg.num_queries)
-    table = query_preference(pred.query_counts, inputs.label_names, inputs.num_seen)
+    return pred, _preference(pred, inputs.label_names, inputs.num_seen, protocol)
+
+
+def _preference(
+    pred: Predictions, names: list[str], num_seen: int, protocol: str
+) -> list[dict[str, Any]]:
+    """The query-preference table of a head's predictions; under the reference protocol their
+    scores become fp32 sigmoids, in place (the reference ranks them)."""
+    table = query_preference(pred.query_counts, names, num_seen)
     if protocol == "reference":
-        reference_scores(pred.scores)  # in place: fp32 sigmoids
-    return pred, table
+        reference_scores(pred.scores)
+    return table
 
 
 def _clip(
@@ -184,14 +191,22 @@ def _clip(
     """The CLIP baseline's label embeddings in words, and its scorer."""
     if clip_labels == "template":
         _, emb, attrs = read_label_embeddings(labels_path, CLIP_EMBEDDINGS)
-        how = f"one template, {attrs['clip_template']!r}, L2-normalised (the reference's clip_eval.py)"
+        template = attrs["clip_template"]
+        how = f"one template, {template!r}, L2-normalised (the reference's clip_eval.py)"
     else:
-        emb, how = (
-            inputs.embeddings,
-            f"the {inputs.label_embedding['num_templates']}-template pool's mean",
-        )
+        emb = inputs.embeddings
+        how = f"the {inputs.label_embedding['num_templates']}-template pool's mean"
     proj = torch.from_numpy(inputs.cache.visual_proj[:]).to(device)  # (D, E)
     return how, clip_scorer(proj, torch.from_numpy(emb).to(device))
+
+
+def _head_report(config: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report's entries for the head: its metrics and what chose the checkpoint."""
+    selection = {k: config.get(k) for k in ("selection", "selection_note")}
+    report = {"model": "qks", **selection, **summary(results)}
+    if report["selection"] == "test":
+        report["warning"] = SELECTED_ON_TEST
+    return report
 
 
 def evaluate(
@@ -208,11 +223,31 @@ def evaluate(
     any_split: bool = False,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store (`any_split`: even
-    one that stage one made from a training split); write the metrics JSON and tables. Returns the
-    metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`, and with
-    both a checkpoint and `baseline="clip"` the baseline's settings and `clip_labels` under
-    `clip_zero_shot`."""
+    """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store.
+
+    Writes the metrics JSON `out` and the tables, and echoes the metrics as a table.
+
+    Args:
+        test_path: The test feature store (stage one).
+        labels_path: The label-embedding store (stage one).
+        out: Where the metrics JSON goes.
+        checkpoint: A `qks train` (or `qks import-checkpoint`) output directory; None scores the
+            baseline alone.
+        params: The `evaluate` section of params.yaml (default: its defaults).
+        per_label: Where a CSV per label goes (AP, what it lacks to be scored, positives,
+            negatives); None writes none.
+        query_table: Where the query-preference CSV goes (with a checkpoint only); default: beside
+            `out`, named `<out's stem>.query_preference.csv`.
+        baseline: "clip" scores CLIP zero-shot too (or alone, without a checkpoint).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        any_split: Accept even a store that stage one made from a training split.
+        echo: Where the table and the warnings are printed.
+
+    Returns:
+        The metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`,
+        and with both a checkpoint and `baseline="clip"` the baseline's settings and `clip_labels`
+        under `clip_zero_shot`.
+    """
     if checkpoint is None and baseline is None:
         raise QKSError("nothing to evaluate: give --checkpoint, --baseline clip, or both")
     params = params or EvaluateConfig()
@@ -221,46 +256,91 @@ def evaluate(
     inputs = open_inputs(test_path, labels_path, role="test", any_split=any_split)
     if config is not None:
         check_checkpoint(inputs, config, test_path, labels_path)
-    loader = open_loader(
-        inputs.cache, batch_size=params.batch_size, shuffle=False, pin_memory=dev.type == "cuda"
-    )
+    pin = dev.type == "cuda"
+    loader = open_loader(inputs.cache, batch_size=params.batch_size, shuffle=False, pin_memory=pin)
     metrics = partial(
         evaluate_scores, num_seen=inputs.num_seen, top_k=params.top_k, protocol=params.protocol
     )
     # every metric is in [0, 1]
     report: dict[str, Any] = {"units": "fraction", "protocol": params.protocol}
-    shown, pred = {}, None
+    shown = {}  # each model's results, as the table shows them
+    pred = None
     if model is not None:
         pred, table = _head(model, inputs, loader, dev, params.protocol)
-        write_csv(
-            query_table or Path(out).with_name(Path(out).stem + ".query_preference.csv"), table
-        )
+        write_csv(query_table or Path(out).with_name(Path(out).stem + QUERY_TABLE), table)
         shown["qks"] = metrics(pred.scores, pred.labels)
-        # what chose the checkpoint
-        selection = {k: config.get(k) for k in ("selection", "selection_note")}
-        report |= {"model": "qks", **selection, **summary(shown["qks"])}
-        if report["selection"] == "test":
-            report["warning"] = SELECTED_ON_TEST
+        report |= _head_report(config, shown["qks"])
     if baseline is not None:
         how, scorer = _clip(inputs, labels_path, params.clip_labels, dev)
         clip_pred = score_rows(scorer, loader, dev, into=pred)  # the head's arrays, overwritten
         shown["clip zero-shot"] = metrics(clip_pred.scores, clip_pred.labels)
         clip = {"clip_labels": how, **summary(shown["clip zero-shot"])}
-        report |= (
-            {"model": CLIP_BASELINE, "selection": "none", **clip}
-            if model is None
-            else {CLIP_BASELINE: clip}
-        )
+        if model is None:
+            report |= {"model": CLIP_BASELINE, "selection": "none", **clip}
+        else:
+            report[CLIP_BASELINE] = clip
+    preference = (table, model.cfg.num_queries) if model is not None else None
+    names = inputs.label_names
+    return _write(report, shown, names, inputs.num_seen, out, params, per_label, preference, echo)
+
+
+def _write(
+    report: dict[str, Any],
+    shown: dict[str, dict[str, dict[str, Any]]],
+    names: list[str],
+    num_seen: int,
+    out: str | Path,
+    params: EvaluateConfig,
+    per_label: str | Path | None,
+    preference: tuple[list[dict[str, Any]], int] | None,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Write the per-label CSV (of the first model shown) and the metrics JSON; echo the table, the
+    query preference (table, number of queries) and the warnings. Returns `report`."""
     primary = next(iter(shown.values()))
     if per_label is not None:
-        write_csv(per_label, per_label_table(primary, inputs.label_names, inputs.num_seen))
+        write_csv(per_label, per_label_table(primary, names, num_seen))
     atomic_write(out, json.dumps(report, indent=2) + "\n")
     echo(format_table(shown, params.top_k))
-    if model is not None:
-        echo(format_query_preference(table, model.cfg.num_queries))
-    for line in filter(
-        None, [label_warning(primary, params.protocol, per_label), report.get("warning")]
-    ):
+    if preference is not None:
+        echo(format_query_preference(*preference))
+    warnings = [label_warning(primary, params.protocol, per_label), report.get("warning")]
+    for line in filter(None, warnings):
         echo(f"WARNING: {line}")
     echo(f"metrics written to {out}")
     return report
+
+
+def evaluate_predictions(
+    pred: Predictions,
+    config: dict[str, Any],
+    names: list[str],
+    num_seen: int,
+    out: str | Path,
+    *,
+    params: EvaluateConfig | None = None,
+    per_label: str | Path | None = None,
+    query_table: str | Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """What `evaluate` writes and echoes for a checkpoint, from its predictions made elsewhere (the
+    query index: `qks_pipeline.index`).
+
+    Args:
+        pred: The head's logits, labels and `query_counts` over the valid rows of a test set (the
+            logits are overwritten under the reference protocol).
+        config: The checkpoint's config.json (its selection).
+        names: The labels, seen then unseen; num_seen: how many are seen.
+        out, params, per_label, query_table, echo: As `evaluate` takes them.
+
+    Returns:
+        The metrics written to `out`, as `evaluate` returns them for a checkpoint alone.
+    """
+    params = params or EvaluateConfig()
+    table = _preference(pred, names, num_seen, params.protocol)
+    write_csv(query_table or Path(out).with_name(Path(out).stem + QUERY_TABLE), table)
+    results = evaluate_scores(pred.scores, pred.labels, num_seen, params.top_k, params.protocol)
+    report = {"units": "fraction", "protocol": params.protocol} | _head_report(config, results)
+    preference = (table, pred.query_counts.shape[1])
+    shown = {"qks": results}
+    return _write(report, shown, names, num_seen, out, params, per_label, preference, echo)

@@ -1,5 +1,4 @@
-"""What a stage-two run reads, checked against each other: a feature store, the label store, maybe
-a test store."""
+"""What a stage-two run reads, checked against each other: feature, label and test stores."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from qks_pipeline.store.label_store import LABEL_EMBEDDING, check_label_names, r
 
 @dataclass
 class Inputs:
-    """What a stage-two run reads, checked against each other: a feature store, the label store,
-    maybe a test store."""
+    """A feature store, the label store and maybe a test store, checked against each other."""
 
     cache: Cache  # the training store (train) or the test store (evaluate)
     test: Cache | None
@@ -35,8 +33,7 @@ class Inputs:
 
 
 def check_split(cache: Cache, role: str, any_split: bool) -> None:
-    """Refuse to train on a test store or to evaluate on a training store (the split stage one
-    recorded)."""
+    """Refuse training on a test store and evaluating on a training store (stage one's split)."""
     split = cache.fingerprint.get("data", {}).get("split")
     if any_split or split != {"train": "test", "test": "train"}[role]:
         return
@@ -59,13 +56,16 @@ def open_inputs(
     role: str = "train",
     any_split: bool = False,
 ) -> Inputs:
-    """Open the store `path` (role `train` or `test`), the label store and the optional test store;
-    refuse incomplete stores, the wrong split, other backbones, other label lists."""
+    """Open the store `path` (role `train` or `test`), the label store and the optional test store.
+
+    Refuses incomplete stores, the wrong split, other backbones, other label lists.
+    """
     stores = [open_cache(p) for p in (path, test_path) if p is not None]
     for store, r in zip(stores, (role, "test"), strict=False):
         store.require_complete()
         check_split(store, r, any_split)
-    cache, backbone = stores[0], {"backbone": stores[0].fingerprint["backbone"]}
+    cache = stores[0]
+    backbone = {"backbone": cache.fingerprint["backbone"]}
     names, emb, attrs = read_label_embeddings(labels_path)
     check_fingerprint(
         labels_path,
@@ -86,8 +86,14 @@ def open_inputs(
             raise QKSError(
                 f"{test.num_seen} seen labels, the training store {cache.num_seen}", test_path
             )
-    made = {k: attrs.get(k) for k in (*LABEL_EMBEDDING, "templates")} | {
-        "normalize": bool(attrs.get("normalize"))
-    }
-    test = stores[1] if test_path is not None else None
-    return Inputs(cache, test, names, emb, cache.num_seen, made, attrs.get("backbone_source"))
+    label_embedding = {k: attrs.get(k) for k in (*LABEL_EMBEDDING, "templates")}
+    label_embedding["normalize"] = bool(attrs.get("normalize"))
+    return Inputs(
+        cache=cache,
+        test=stores[1] if test_path is not None else None,
+        label_names=names,
+        embeddings=emb,
+        num_seen=cache.num_seen,
+        label_embedding=label_embedding,
+        backbone_source=attrs.get("backbone_source"),
+    )

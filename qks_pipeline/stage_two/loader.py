@@ -11,9 +11,10 @@ buffers.
 
 Memory bound, in bytes (`CacheLoader.memory_bound_bytes`), whatever the size of the store:
     (prefetch + 2) x batch x T x D x 2 + 2 x WINDOW x S x C' + 32 MiB
-the batches queued, assembled and held by the caller; the labels of two windows (S images a shard, C' label columns);
-the reader thread, zarr's buffers and the open shards' indexes. ViT-B/16, batch 64, prefetch 2, 925 seen labels:
-4 x 19.4 MB + 16 x 0.95 MB + 32 MiB = 120 MiB (`benchmarks/bench_train_memory.py` measured 72-101 MiB).
+for the batches queued, assembled and held by the caller; the labels of two windows (S images a
+shard, C' label columns); the reader thread, zarr's buffers and the open shards' indexes. ViT-B/16,
+batch 64, prefetch 2, 925 seen labels: 4 x 19.4 MB + 16 x 0.95 MB + 32 MiB = 120 MiB
+(`benchmarks/bench_train_memory.py` measured 72-101 MiB).
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from qks_pipeline.store.shard_reader import Reader, open_reader
 
 WINDOW = 8  # shards whose rows are drawn from together
 PREFETCH = 2  # batches assembled ahead by the background thread
-# the reader thread, zarr's buffers decoding a label chunk, the open shards' indexes
+# bytes for the reader thread, zarr's buffers decoding a label chunk and the open shards' indexes
 OVERHEAD = 32 * 2**20
 
 
 @dataclass
 class Batch:
+    """One batch of a `CacheLoader`."""
+
     tokens: torch.Tensor  # (B, T, D) float16, pinned when the loader targets CUDA
     labels: torch.Tensor  # (B, C') int8 over the selected label columns
     rows: np.ndarray  # (B,) int64 store rows, ascending
@@ -47,8 +50,10 @@ class Batch:
 
 @dataclass
 class CacheLoader:
-    """Batches of (tokens, labels) over the valid rows of a row range of one store. Build with
-    `open_loader`."""
+    """Batches of (tokens, labels) over the valid rows of a row range of one store.
+
+    Build one with `open_loader`.
+    """
 
     cache: Cache
     reader: Reader
@@ -62,8 +67,7 @@ class CacheLoader:
     drop_last: bool = False
     prefetch: int = PREFETCH
     pin_memory: bool = False  # assemble batches in pinned memory (when they go to a CUDA device)
-    # (rank, ranks): of each batch, this rank reads its share only
-    # (qks_pipeline/stage_two/data_parallel.py)
+    # (rank, ranks): this rank reads its share of each batch only (stage_two/data_parallel.py)
     part: tuple[int, int] = (0, 1)
     # shard -> its labels (S, C'), oldest first
     _labels: dict[int, np.ndarray] = field(default_factory=dict)
@@ -103,19 +107,21 @@ class CacheLoader:
         # (n,) the window each row falls in
         window = shard_rank[self.rows // self.cache.shard_size] // WINDOW
         # window by window, permuted within
-        rows = self.rows[np.lexsort((rng.random(len(self.rows)), window))]
+        within = rng.random(len(self.rows))
+        rows = self.rows[np.lexsort((within, window))]
         return rows, rng.integers(self.cache.num_views, size=len(rows))
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch: every valid row exactly once (but the last partial batch with
-        `drop_last`)."""
+        """One epoch's batches: each valid row once (but a last partial batch with `drop_last`)."""
         rows, views = self.order(epoch)
         stop = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
         with ThreadPoolExecutor(1, thread_name_prefix="qks-loader") as pool:
             pending: deque = deque()
             try:
                 for start in range(0, stop, self.batch_size):
-                    n, (rank, ranks) = min(self.batch_size, stop - start), self.part
+                    n = min(self.batch_size, stop - start)
+                    rank, ranks = self.part
+                    # this rank's share of the batch's n rows
                     part = slice(start + n * rank // ranks, start + n * (rank + 1) // ranks)
                     pending.append(pool.submit(self._batch, rows[part], views[part]))
                     if len(pending) > self.prefetch:
@@ -127,19 +133,21 @@ class CacheLoader:
                     future.cancel()
 
     def _batch(self, rows: np.ndarray, views: np.ndarray) -> Batch:
-        """Read one batch, in the background thread; rows ascending, so reads go forward through
-        each shard file."""
+        """Read one batch in the background thread, rows ascending (forward through each shard)."""
         ascending = np.argsort(rows)
-        rows, views = rows[ascending], views[ascending]
+        rows = rows[ascending]
+        views = views[ascending]
         tokens = self._tokens(len(rows))
         self.reader.read(rows, views, tokens.numpy())
         return Batch(tokens, torch.from_numpy(self._gather_labels(rows)), rows)
 
     def _tokens(self, n: int) -> torch.Tensor:
-        """A (n, T, D) float16 tensor to read a batch into. Pinned: from torch's caching host
-        allocator, which reuses a block once the copies from it are done. Else one of `prefetch + 2`
-        buffers that no batch (nor view of one) refers to any more: fresh memory costs a page fault
-        per 4 KiB, which made reads 3-4x slower here."""
+        """A (n, T, D) float16 tensor to read a batch into.
+
+        Pinned: from torch's caching host allocator, which reuses a block once the copies from it
+        are done. Else one of `prefetch + 2` buffers that no batch (nor view of one) refers to any
+        more: fresh memory costs a page fault per 4 KiB, which made reads 3-4x slower here.
+        """
         shape = (n, *self.token_shape)
         if self.pin_memory:
             return torch.empty(shape, dtype=torch.float16, pin_memory=True)
@@ -148,9 +156,8 @@ class CacheLoader:
             return torch.empty(shape, dtype=torch.float16)
         if free is None:
             free = len(self._buffers)
-            self._buffers.append(
-                (np.empty((self.batch_size, *shape[1:]), np.float16), lambda: None)
-            )
+            buffer = np.empty((self.batch_size, *shape[1:]), np.float16)
+            self._buffers.append((buffer, lambda: None))
         # a tensor of it holds it: it lives as long as any batch or view of one
         view = self._buffers[free][0][:n]
         self._buffers[free] = (self._buffers[free][0], weakref.ref(view))
@@ -158,25 +165,23 @@ class CacheLoader:
 
     def _gather_labels(self, rows: np.ndarray) -> np.ndarray:
         """Labels (B, C') of `rows`, from their shards' labels; those of two windows are kept."""
-        size, shards = self.cache.shard_size, rows // self.cache.shard_size
+        size = self.cache.shard_size
+        shards = rows // size
         out = np.empty((len(rows), self.num_columns), np.int8)
         for shard in np.unique(shards).tolist():
             if shard not in self._labels:
-                # in order: one shard at a time
+                # keep the labels of two windows (in order: of one shard)
                 if len(self._labels) >= (2 * WINDOW if self.shuffle else 1):
                     del self._labels[next(iter(self._labels))]
-                # (S, C')
-                self._labels[shard] = self.cache.labels[
-                    shard * size : (shard + 1) * size, self.columns
-                ]
+                shard_rows = slice(shard * size, (shard + 1) * size)
+                self._labels[shard] = self.cache.labels[shard_rows, self.columns]  # (S, C')
             pick = shards == shard
             out[pick] = self._labels[shard][rows[pick] - shard * size]
         return out
 
 
 def split_rows(num_rows: int, val_fraction: float) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(train, validation) row ranges: the validation split is the contiguous tail (random: the
-    store is shuffled)."""
+    """(train, validation) row ranges; validation is the tail (random: the store is shuffled)."""
     n_val = int(round(num_rows * val_fraction))
     return (0, num_rows - n_val), (num_rows - n_val, num_rows)
 
@@ -184,12 +189,13 @@ def split_rows(num_rows: int, val_fraction: float) -> tuple[tuple[int, int], tup
 def open_loader(
     cache: Cache, *, rows: tuple[int, int] | None = None, backend: str = "auto", **options: Any
 ) -> CacheLoader:
-    """A loader over the valid rows in `rows` (default: all); `options`: the other `CacheLoader`
-    fields (`batch_size`, `columns`, ...); `backend`: how tokens are read (`shards.open_reader`)."""
+    """A loader over the valid rows in `rows` (default: all).
+
+    `options` are the other `CacheLoader` fields (`batch_size`, `columns`, ...); `backend` says how
+    tokens are read (`qks_pipeline.store.shard_reader.open_reader`).
+    """
     start, stop = rows if rows is not None else (0, cache.num_images)
-    valid = (start + np.flatnonzero(np.asarray(cache.valid[start:stop], dtype=bool))).astype(
-        np.int64
-    )
-    return CacheLoader(
-        cache, open_reader(cache.location, cache.tokens, backend), valid, (start, stop), **options
-    )
+    valid = np.asarray(cache.valid[start:stop], dtype=bool)
+    valid_rows = (start + np.flatnonzero(valid)).astype(np.int64)
+    reader = open_reader(cache.location, cache.tokens, backend)
+    return CacheLoader(cache, reader, valid_rows, (start, stop), **options)

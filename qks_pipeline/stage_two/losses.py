@@ -1,5 +1,6 @@
-"""Training losses (`LOSSES`) over logits (B, C) and targets (B, C) int8: +1 positive, -1 verified
-negative, 0 unknown.
+"""Training losses (`LOSSES`) over logits (B, C) and targets (B, C) int8.
+
+Targets are +1 positive, -1 verified negative, 0 unknown.
 
 Every loss is a mean over images of a per-image term, so that distributed training can weight each
 rank's share of a batch exactly (qks_pipeline/stage_two/data_parallel.py).
@@ -20,25 +21,30 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _wide(logits: Tensor) -> Tensor:
-    """At least float32: the summed loss overflows float16 (mixed precision); float64 stays float64
-    (tests)."""
+    """At least float32: the summed loss overflows float16 (mixed precision); float64 stays."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def asymmetric_loss(
     logits: Tensor, targets: Tensor, masked: bool = False, focus_grad: bool = False
 ) -> Tensor:
-    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it (docs/design.md, section 1):
+    """Asymmetric loss (Ridnik et al., 2021) as the reference trains it (docs/design.md, section 1).
+
     ASL's `AsymmetricLossOptimized(gamma_neg=4, gamma_pos=0, clip=0, eps=1e-5,
     disable_torch_grad_focal_loss=True)`. `masked` leaves unknown (0) entries out (`masl`);
     `focus_grad` lets gradients flow through the focusing weight (`asl_focus_grad`, this project's
-    earlier form)."""
-    gamma_neg, gamma_pos, eps = 4.0, 0.0, 1e-5
+    earlier form).
+    """
+    gamma_neg = 4.0
+    gamma_pos = 0.0
+    eps = 1e-5
     logits = _wide(logits)
     y = (targets == 1).to(logits.dtype)
     p_pos = torch.sigmoid(logits)
     p_neg = 1.0 - p_pos
-    loss = y * torch.log(p_pos.clamp(min=eps)) + (1.0 - y) * torch.log(p_neg.clamp(min=eps))
+    log_pos = torch.log(p_pos.clamp(min=eps))
+    log_neg = torch.log(p_neg.clamp(min=eps))
+    loss = y * log_pos + (1.0 - y) * log_neg
     with torch.set_grad_enabled(focus_grad and torch.is_grad_enabled()):
         pt = p_pos * y + p_neg * (1.0 - y)  # probability of the correct side
         focus = torch.pow(1.0 - pt, gamma_pos * y + gamma_neg * (1.0 - y))
@@ -50,24 +56,29 @@ def asymmetric_loss(
 
 def bce_loss(logits: Tensor, targets: Tensor, masked: bool = False) -> Tensor:
     """BCE with logits (the reference's Open Images loss), summed over entries and divided by B x C.
+
     `masked` leaves unknown (0) entries out (`mbce`; the divisor stays B x C, so on fully annotated
-    labels `mbce` equals `bce`)."""
+    labels `mbce` equals `bce`).
+    """
     logits = _wide(logits)
-    loss = F.binary_cross_entropy_with_logits(
-        logits, (targets == 1).to(logits.dtype), reduction="none"
-    )
+    y = (targets == 1).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     if masked:
         loss = loss * (targets != 0)
     return loss.sum() / logits.numel()
 
 
 def ranking_loss(logits: Tensor, targets: Tensor, margin: float = 1.0) -> Tensor:
-    """The BiAM / MKT pairwise hinge ranking loss: per image, the sum of `max(0, margin - s_pos +
-    s_neg)` over its (positive, verified negative) pairs divided by the number of violating pairs (0
-    without any); mean over images. Pairs come from each image's positives padded to the batch's
-    most, P: (B, P, C), not (B, C, C) (Open Images: P is tens, C thousands)."""
+    """The BiAM / MKT pairwise hinge ranking loss, a mean over images.
+
+    Per image: the sum of `max(0, margin - s_pos + s_neg)` over its (positive, verified negative)
+    pairs, divided by the number of violating pairs (0 without any). Pairs come from each image's
+    positives padded to the batch's most, P: (B, P, C), not (B, C, C) (Open Images: P is tens, C
+    thousands).
+    """
     logits = _wide(logits)
-    pos, neg = targets == 1, targets == -1
+    pos = targets == 1
+    neg = targets == -1
     most = int(pos.sum(dim=1).max()) if pos.numel() else 0
     if most == 0:
         return logits.sum() * 0.0  # no positive anywhere: no pair (zero, with a gradient path)

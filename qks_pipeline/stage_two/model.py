@@ -1,8 +1,10 @@
-"""The QKS head, as the reference builds it (docs/design.md, section 1): N learnable queries pass a
-LayerNorm and dropout, then L post-LayerNorm BERT layers (self-attention over the queries,
-cross-attention to the frozen CLIP visual tokens, feed-forward); the query outputs, projected by a
-trainable copy of CLIP's visual projection, meet the label embeddings; a label's logit is its best
-match over the queries (knowledge sharing), with no normalisation or scale."""
+"""The QKS head, as the reference builds it (docs/design.md, section 1).
+
+N learnable queries pass a LayerNorm and dropout, then L post-LayerNorm BERT layers (self-attention
+over the queries, cross-attention to the frozen CLIP visual tokens, feed-forward). The query
+outputs, projected by a trainable copy of CLIP's visual projection, meet the label embeddings; a
+label's logit is its best match over the queries (knowledge sharing), neither normalised nor scaled.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ LN_EPS = 1e-12  # BERT's LayerNorm epsilon, used everywhere in the Q-Former
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head attention -> dense -> dropout -> add & LayerNorm (BERT's attention + self-output)."""
+    """Multi-head attention, dense, dropout, add & LayerNorm (BERT's attention + self-output)."""
 
     def __init__(self, dim: int, num_heads: int, dropout: float):
         super().__init__()
@@ -31,15 +33,14 @@ class AttentionBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
     def _heads(self, x: Tensor) -> Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, L, D) -> (B, H, L, D/H)
+        # (B, L, D) -> (B, H, L, D/H)
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         """Attend from `x` (B, N, D) to `context` (B, T, D); returns (B, N, D)."""
-        q, k, v = (
-            self._heads(self.query(x)),
-            self._heads(self.key(context)),
-            self._heads(self.value(context)),
-        )
+        q = self._heads(self.query(x))  # (B, H, N, D/H)
+        k = self._heads(self.key(context))  # (B, H, T, D/H)
+        v = self._heads(self.value(context))  # (B, H, T, D/H)
         p = self.dropout if self.training else 0.0  # dropout on the attention probabilities
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, H, N, D/H)
         out = out.transpose(1, 2).flatten(2)  # (B, N, D)
@@ -47,8 +48,7 @@ class AttentionBlock(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """dim -> ff_dim -> dim with exact (erf) GELU, then dropout -> add & LayerNorm (BERT's
-    intermediate + output)."""
+    """dim -> ff_dim -> dim, exact GELU, dropout, add & LayerNorm (BERT's intermediate + output)."""
 
     def __init__(self, dim: int, ff_dim: int, dropout: float):
         super().__init__()
@@ -63,8 +63,7 @@ class FeedForward(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    """One post-LayerNorm layer: self-attention over the queries, cross-attention to the visual
-    tokens, feed-forward."""
+    """A post-LayerNorm layer: self-attention, cross-attention to the image tokens, feed-forward."""
 
     def __init__(self, dim: int, cfg: ModelConfig):
         super().__init__()
@@ -80,13 +79,17 @@ class QFormerLayer(nn.Module):
 
 
 class QKS(nn.Module):
-    """Query-based knowledge sharing over cached CLIP visual tokens (B, T, D): the Q-Former is D
-    wide, as in the reference; `embed_dim` E is CLIP's joint embedding width, where the label
-    embeddings live."""
+    """Query-based knowledge sharing over cached CLIP visual tokens (B, T, D).
+
+    The Q-Former is D wide, as in the reference; `embed_dim` E is CLIP's joint embedding width,
+    where the label embeddings live.
+    """
 
     def __init__(self, cfg: ModelConfig, token_dim: int, embed_dim: int):
         super().__init__()
-        self.cfg = cfg = dataclasses.replace(cfg, num_heads=cfg.heads(token_dim))  # auto resolved
+        # num_heads "auto" resolved to a number for this width
+        cfg = dataclasses.replace(cfg, num_heads=cfg.heads(token_dim))
+        self.cfg = cfg
         self.query_tokens = nn.Parameter(torch.empty(1, cfg.num_queries, token_dim))
         self.embed_norm = nn.LayerNorm(token_dim, eps=LN_EPS)
         self.layers = nn.ModuleList(QFormerLayer(token_dim, cfg) for _ in range(cfg.num_layers))
@@ -96,8 +99,7 @@ class QKS(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """BERT's initialisation; the projection gets CLIP's (std D^-0.5) until `init_projection`
-        copies CLIP's own."""
+        """BERT's initialisation; the projection CLIP's (std D^-0.5) until `init_projection`."""
         nn.init.normal_(self.query_tokens, std=0.02)
         nn.init.normal_(self.proj, std=self.proj.shape[0] ** -0.5)
         for m in self.modules():
@@ -117,8 +119,7 @@ class QKS(nn.Module):
         self.proj.copy_(visual_proj)
 
     def query_features(self, tokens: Tensor) -> Tensor:
-        """Run the Q-Former. tokens (B, T, D) with CLS at index 0 (any float dtype) -> query outputs
-        (B, N, D)."""
+        """The Q-Former: tokens (B, T, D), CLS first, any float dtype -> query outputs (B, N, D)."""
         tokens = tokens.to(self.proj.dtype)
         if not self.cfg.keep_cls:
             tokens = tokens[:, 1:]  # (B, T-1, D)
@@ -131,8 +132,10 @@ class QKS(nn.Module):
     def forward(
         self, tokens: Tensor, label_emb: Tensor, return_query_index: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Tokens (B, T, D), CLS first, and label embeddings (C, E) -> logits (B, C); with
-        `return_query_index`, also which query gave each logit (B, C)."""
+        """Tokens (B, T, D), CLS first, and label embeddings (C, E) -> logits (B, C).
+
+        With `return_query_index`, also which query gave each logit (B, C).
+        """
         feats = self.query_features(tokens) @ self.proj  # (B, N, D) @ (D, E) -> (B, N, E)
         scores = feats @ label_emb.to(feats.dtype).T  # (B, N, E) @ (E, C) -> (B, N, C)
         logits, index = scores.max(dim=1)  # (B, C), (B, C)

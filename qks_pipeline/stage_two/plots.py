@@ -22,6 +22,11 @@ def _rows(path: Path) -> list[dict[str, float | str]]:
         return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def _defined(value: float | str) -> bool:
+    """A number, not NaN (an undefined metric) nor text."""
+    return isinstance(value, float) and not math.isnan(value)
+
+
 def _save(fig, out: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -36,19 +41,15 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
 
 
 def plot_training(log_csv: str | Path, out: str | Path) -> None:
-    """Training curves from `train_log.csv`: loss, the validation score(s), and the learning rate,
-    per epoch."""
+    """Training curves from `train_log.csv`: loss, validation score(s), learning rate per epoch."""
     rows = _rows(Path(log_csv))
     epochs = [r["epoch"] for r in rows]
     fig, (loss, score, lr) = _figure(1, 3, (13, 3.6))
     loss.plot(epochs, [r["loss"] for r in rows], marker="o")
     loss.set(title="training loss", xlabel="epoch")
-    for key in [k for k in rows[0] if k.endswith("mAP") or k == "score"] if rows else []:
-        points = [
-            (r["epoch"], r[key])
-            for r in rows
-            if isinstance(r[key], float) and not math.isnan(r[key])
-        ]
+    scores = [k for k in rows[0] if k.endswith("mAP") or k == "score"] if rows else []
+    for key in scores:
+        points = [(r["epoch"], r[key]) for r in rows if _defined(r[key])]
         if points:
             score.plot([e for e, _ in points], [v for _, v in points], marker="o", label=key)
     score.set(title="validation", xlabel="epoch")
@@ -60,29 +61,25 @@ def plot_training(log_csv: str | Path, out: str | Path) -> None:
 
 
 def plot_per_label_ap(per_label_csv: str | Path, out: str | Path, most: int = 40) -> None:
-    """AP of each unseen label (the zero-shot result), best first; at most `most` bars (the best and
-    the worst halves when there are more), and the sorted AP of all seen and unseen labels beside
-    it."""
-    rows = [
-        r
-        for r in _rows(Path(per_label_csv))
-        if isinstance(r["ap"], float) and not math.isnan(r["ap"])
-    ]
+    """AP of each unseen label (the zero-shot result), best on top; beside it, every label's AP.
+
+    At most `most` bars: the best and the worst halves when there are more. The second panel
+    plots the seen and the unseen labels' AP, sorted.
+    """
+    rows = [r for r in _rows(Path(per_label_csv)) if _defined(r["ap"])]
     unseen = sorted((r for r in rows if r["split"] == "unseen"), key=lambda r: r["ap"])
     title = f"AP per unseen label ({len(unseen)})"
     if len(unseen) > most:
-        unseen, title = (
-            unseen[: most // 2] + unseen[-most // 2 :],
-            f"{title}: the {most // 2} worst and best",
-        )
-    fig, (bars, curve) = _figure(1, 2, (13, max(3.6, 0.22 * len(unseen))))
+        unseen = unseen[: most // 2] + unseen[-most // 2 :]
+        title = f"{title}: the {most // 2} worst and best"
+    height = max(3.6, 0.22 * len(unseen))  # room for a bar per label
+    fig, (bars, curve) = _figure(1, 2, (13, height))
     bars.barh([str(r["label"]) for r in unseen], [r["ap"] for r in unseen])
     bars.set(title=title, xlabel="AP", xlim=(0, 1))
     for split in ("seen", "unseen"):
         aps = sorted((r["ap"] for r in rows if r["split"] == split), reverse=True)
-        curve.plot(
-            [i / max(1, len(aps) - 1) for i in range(len(aps))], aps, label=f"{split} ({len(aps)})"
-        )
+        share = [i / max(1, len(aps) - 1) for i in range(len(aps))]  # of the split's labels
+        curve.plot(share, aps, label=f"{split} ({len(aps)})")
     curve.set(title="AP of every label, sorted", xlabel="share of labels", ylabel="AP", ylim=(0, 1))
     curve.legend()
     _save(fig, Path(out))

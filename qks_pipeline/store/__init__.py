@@ -1,2 +1,5 @@
-"""Where stage one's output lives: the feature store, the label store, their fingerprints, the shard
-reader, locations (a directory or an fsspec URL) and HDF5 interchange."""
+"""Where stage one's output lives.
+
+The feature store, the label store, their fingerprints, the shard reader, locations (a directory or
+an fsspec URL) and HDF5 interchange.
+"""

@@ -32,7 +32,8 @@ ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
 class Cache:
     """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy)."""
 
-    path: Path | str  # a local directory, or an fsspec URL
+    # a local directory, or an fsspec URL
+    path: Path | str
     group: zarr.Group
 
     @functools.cached_property
@@ -101,14 +102,18 @@ class Cache:
         return -(-self.num_images // self.shard_size)
 
     def shard_rows(self, shard: int) -> slice:
-        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+        start = shard * self.shard_size
+        stop = min(start + self.shard_size, self.num_images)
+        return slice(start, stop)
 
     def num_rows(self, shards: Iterable[int]) -> int:
         return sum(self.shard_rows(s).stop - self.shard_rows(s).start for s in shards)
 
     def done_record(self, shard: int) -> dict[str, Any]:
-        """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [{"path",
-        "reason"}]}."""
+        """A finished shard's marker: {"shard", "rows": [start, stop], "skipped": [...]}.
+
+        Each skipped image is {"path", "reason"}.
+        """
         return json.loads(self.location.read_text(_marker(shard)))
 
     def done_shards(self) -> set[int]:
@@ -121,7 +126,7 @@ class Cache:
     def write_shard(
         self, shard: int, tokens: np.ndarray, valid: np.ndarray, skipped: list[dict[str, str]]
     ) -> None:
-        """Write one whole shard, then its done marker (the marker is the only proof of completion)."""
+        """Write one whole shard, then its done marker (the only proof the shard is complete)."""
         rows = self.shard_rows(shard)
         n = rows.stop - rows.start
         assert tokens.shape[0] == n and valid.shape == (n,), (tokens.shape, valid.shape, n)
@@ -146,9 +151,11 @@ class Cache:
         ]
 
     def require_complete(self) -> None:
-        if missing := self.num_shards - len(self.done_shards()):
+        missing = self.num_shards - len(self.done_shards())
+        if missing:
             raise QKSError(
-                f"cache is incomplete: {missing} of {self.num_shards} shards not extracted; rerun extract",
+                f"cache is incomplete: {missing} of {self.num_shards} shards not extracted; "
+                "rerun extract",
                 self.path,
             )
 
@@ -176,38 +183,31 @@ def create_cache(
     `labels`: the (N, C) int8 matrix, or a function (start, stop) -> those rows, called a shard at a
     time (it may not fit in memory: docs/design.md, section 2).
     """
-    n, c = len(paths), len(label_names)
+    n = len(paths)
     assert manifest_index.shape == (n,)
     t, d = token_shape
     shard = min(shard_size, max(n, 1))
     with Location.of(path).building() as tmp:
         group = tmp.open_group("w")
-        shape, shards = (n, num_views, t, d), (shard, num_views, t, d)
         # after `bytes`: each inner chunk is its raw bytes then their crc32c
         crc = [zarr.codecs.Crc32cCodec()]
         group.create_array(
             "tokens",
-            shape=shape,
+            shape=(n, num_views, t, d),
             dtype="float16",
             chunks=(1, 1, t, d),
-            shards=shards,
+            shards=(shard, num_views, t, d),
             compressors=crc,
         )
         group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
-        label_array = group.create_array(
-            "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c))
+        _write_labels(group, labels, n, len(label_names), shard)
+        one_chunk = (max(n, 1),)
+        path_array = group.create_array("paths", shape=(n,), dtype=str, chunks=one_chunk)
+        path_array[:] = np.asarray(paths, dtype=object)
+        index_array = group.create_array(
+            "manifest_index", shape=(n,), dtype="int64", chunks=one_chunk
         )
-        for start in range(0, n, shard):
-            stop = min(start + shard, n)
-            rows = labels(start, stop) if callable(labels) else labels[start:stop]
-            assert rows.shape == (stop - start, c), rows.shape
-            label_array[start:stop] = rows
-        group.create_array("paths", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.asarray(
-            paths, dtype=object
-        )
-        group.create_array("manifest_index", shape=(n,), dtype="int64", chunks=(max(n, 1),))[:] = (
-            manifest_index
-        )
+        index_array[:] = manifest_index
         write_float32(group, "visual_proj", visual_proj)
         group.attrs.update(
             fingerprint=fingerprint,
@@ -217,6 +217,24 @@ def create_cache(
         )
         tmp.makedirs("done")
     return open_cache(path, mode="r+")
+
+
+def _write_labels(
+    group: zarr.Group,
+    labels: np.ndarray | Callable[[int, int], np.ndarray],
+    n: int,
+    c: int,
+    shard: int,
+) -> None:
+    """The (N, C) int8 `labels` array, written a shard at a time."""
+    label_array = group.create_array(
+        "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c))
+    )
+    for start in range(0, n, shard):
+        stop = min(start + shard, n)
+        rows = labels(start, stop) if callable(labels) else labels[start:stop]
+        assert rows.shape == (stop - start, c), rows.shape
+        label_array[start:stop] = rows
 
 
 def write_float32(group: zarr.Group, name: str, a: np.ndarray) -> None:
@@ -254,16 +272,19 @@ def size_on_disk(path: str | Path) -> int:
 
 
 def cache_summary(cache: Cache) -> dict[str, Any]:
-    """What `qks cache info` prints: shape, views, shards done/total, fingerprint summary, skipped
-    count, size."""
-    backbone, data = cache.fingerprint.get("backbone", {}), cache.fingerprint.get("data", {})
+    """What `qks cache info` prints: shapes, shards done, fingerprint summary, skipped, size."""
+    backbone = cache.fingerprint.get("backbone", {})
+    data = cache.fingerprint.get("data", {})
+    num_labels = len(cache.label_names)
+    num_unseen = num_labels - cache.num_seen
+    done = len(cache.done_shards())
     return {
         "path": str(cache.path),
         "tokens": f"{cache.tokens.dtype} {tuple(cache.tokens.shape)} (images, views, tokens, dim)",
         "images": cache.num_images,
         "views": cache.num_views,
-        "labels": f"{len(cache.label_names)} ({cache.num_seen} seen, {len(cache.label_names) - cache.num_seen} unseen)",
-        "shards": f"{len(cache.done_shards())}/{cache.num_shards} done, {cache.shard_size} images each",
+        "labels": f"{num_labels} ({cache.num_seen} seen, {num_unseen} unseen)",
+        "shards": f"{done}/{cache.num_shards} done, {cache.shard_size} images each",
         "skipped": len(cache.skipped()),
         "model": describe_backbone(backbone),
         "data": ", ".join(f"{k}={str(v)[:16]}" for k, v in data.items()),

@@ -15,11 +15,9 @@ READ_VERSIONS = (1, 2)
 def make_fingerprint(
     backbone: dict[str, Any], data: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """A store's identity (docs/design.md, section 2), normalised through JSON to compare equal to
-    the stored copy."""
-    return json.loads(
-        json.dumps({"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}})
-    )
+    """A store's identity (docs/design.md, section 2), through JSON to equal the stored copy."""
+    fingerprint = {"format_version": FORMAT_VERSION, "backbone": backbone, "data": data or {}}
+    return json.loads(json.dumps(fingerprint))
 
 
 def differing_keys(
@@ -28,7 +26,8 @@ def differing_keys(
     """(dotted key, value in `a`, value in `b`) for every leaf where two nested dicts differ."""
     diffs = []
     for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
+        x = a.get(key)
+        y = b.get(key)
         if isinstance(x, dict) and isinstance(y, dict):
             diffs += differing_keys(x, y, f"{prefix}{key}.")
         elif x != y:
@@ -43,17 +42,17 @@ def check_fingerprint(
     what: str = "cache",
     hint: str = "",
 ) -> None:
-    """Refuse a store built differently from what is asked for, naming every difference (and `hint`,
-    if given)."""
+    """Refuse a store built otherwise than asked for, naming every difference (and `hint`)."""
     diffs = [
         f"{key} is {a!r} in the store, {b!r} expected"
         for key, a, b in differing_keys(found, expected)
     ]
-    if diffs:
-        raise QKSError(
-            f"{what} was built differently: " + "; ".join(diffs) + (f" ({hint})" if hint else ""),
-            path,
-        )
+    if not diffs:
+        return
+    message = f"{what} was built differently: " + "; ".join(diffs)
+    if hint:
+        message += f" ({hint})"
+    raise QKSError(message, path)
 
 
 def describe_backbone(fp: dict[str, Any]) -> str:
@@ -61,4 +60,6 @@ def describe_backbone(fp: dict[str, Any]) -> str:
     model = fp.get("model")
     if fp.get("model_config_sha256"):
         model = f"{model} (config sha256 {fp['model_config_sha256'][:12]})"
-    return f"{model}, weights {fp.get('pretrained') or 'random'} sha256 {str(fp.get('weights_sha256'))[:12]}"
+    weights = fp.get("pretrained") or "random"
+    weights_sha256 = str(fp.get("weights_sha256"))[:12]
+    return f"{model}, weights {weights} sha256 {weights_sha256}"

@@ -1,5 +1,7 @@
-"""HDF5 interop: export a finished feature store to one .h5 file (layout: docs/design.md, section 2)
-and import such a file back into a store."""
+"""HDF5 interop: a finished feature store to one .h5 file and back.
+
+The file's layout: docs/design.md, section 2.
+"""
 
 from __future__ import annotations
 
@@ -18,45 +20,42 @@ from qks_pipeline.store.location import Location
 FORMAT = "qks-feature-cache-hdf5/1"
 STR = h5py.string_dtype("utf-8")
 # create_cache arguments stored as they are: arrays, string lists, integer attributes
-ARRAYS, STRINGS, ATTRS = (
-    ("manifest_index", "visual_proj"),
-    ("paths", "label_names"),
-    ("num_seen", "shard_size"),
-)
+ARRAYS = ("manifest_index", "visual_proj")
+STRINGS = ("paths", "label_names")
+ATTRS = ("num_seen", "shard_size")
 
 
 def export_hdf5_cache(store: str | Path, out: str | Path) -> Path:
     """Write a complete store to `out` (through a temporary file, renamed when finished)."""
-    cache, out = open_cache(store), Path(out)
+    cache = open_cache(store)
+    out = Path(out)
     cache.require_complete()
     n, v, t, d = cache.tokens.shape
+    # h5py refuses chunks larger than an empty dataset
+    chunks = (1, 1, t, d) if n else None
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        feats = f.create_dataset(
-            "features", shape=(n, v, t, d), dtype="float16", chunks=(1, 1, t, d) if n else None
-        )
+        feats = f.create_dataset("features", shape=(n, v, t, d), dtype="float16", chunks=chunks)
         labels = f.create_dataset("labels", shape=cache.labels.shape, dtype="int8")
+        # one whole shard at a time: bounded memory
         for shard in range(cache.num_shards):
             rows = cache.shard_rows(shard)
-            feats[rows] = cache.tokens[rows]  # one whole shard at a time: bounded memory
+            feats[rows] = cache.tokens[rows]
             labels[rows] = cache.labels[rows]
         for name in ("valid", *ARRAYS):
             f.create_dataset(name, data=getattr(cache, name)[:])
         for name, strings in zip(STRINGS, (cache.paths[:], cache.label_names), strict=True):
             f.create_dataset(name, data=np.asarray(strings, dtype=object), dtype=STR)
-        f.create_dataset(
-            "done",
-            data=json.dumps([cache.done_record(s) for s in range(cache.num_shards)]),
-            dtype=STR,
-        )
+        done = [cache.done_record(s) for s in range(cache.num_shards)]
+        f.create_dataset("done", data=json.dumps(done), dtype=STR)
         f.attrs.update({name: getattr(cache, name) for name in ATTRS})
         f.attrs.update(format=FORMAT, fingerprint=json.dumps(cache.fingerprint))
     return out
 
 
 def import_hdf5_cache(h5: str | Path, store: str | Path, overwrite: bool = False) -> Cache:
-    """Rebuild a store (arrays, attributes, done markers) from an export; an existing store needs
-    `overwrite`."""
-    location, h5 = Location.of(store), require_file(h5, "HDF5 file")
+    """Rebuild a store (arrays, attributes, done markers) from an export (`overwrite`: replace)."""
+    location = Location.of(store)
+    h5 = require_file(h5, "HDF5 file")
     with location.writer_lock(), h5py.File(h5, "r") as f:
         if location.holds_store() and not overwrite:
             raise QKSError("store exists (use --overwrite to replace it)", location.url)
@@ -64,14 +63,16 @@ def import_hdf5_cache(h5: str | Path, store: str | Path, overwrite: bool = False
             raise QKSError(
                 f"not a qks feature-cache export (format attribute {f.attrs.get('format')!r})", h5
             )
-        if missing := [
-            k for k in ("features", "labels", "valid", "done", *ARRAYS, *STRINGS) if k not in f
-        ]:
+        needed = ("features", "labels", "valid", "done", *ARRAYS, *STRINGS)
+        missing = [name for name in needed if name not in f]
+        if missing:
             raise QKSError(f"HDF5 export lacks dataset(s) {', '.join(missing)}", h5)
         meta = {name: f[name][:] for name in ARRAYS}
         meta |= {name: f[name].asstr()[:].tolist() for name in STRINGS}
         meta |= {name: int(f.attrs[name]) for name in ATTRS}
-        (n, v, t, d), labels = f["features"].shape, f["labels"]  # labels: read a shard at a time
+        n, v, t, d = f["features"].shape
+        # not loaded whole: create_cache reads it a shard at a time
+        labels = f["labels"]
         if labels.shape != (n, len(meta["label_names"])):
             raise QKSError(
                 f"HDF5 export's labels have shape {labels.shape}, not (images, label names)", h5
@@ -82,7 +83,8 @@ def import_hdf5_cache(h5: str | Path, store: str | Path, overwrite: bool = False
         )
         valid = f["valid"][:]
         for record in json.loads(f["done"][()]):
-            shard, rows = record["shard"], cache.shard_rows(record["shard"])
+            shard = record["shard"]
+            rows = cache.shard_rows(shard)
             if record["rows"] != [rows.start, rows.stop]:
                 raise QKSError(
                     f"done record of shard {shard} covers rows {record['rows']}, not {rows}", h5

@@ -29,8 +29,7 @@ def write_label_embeddings(
     clip_embeddings: np.ndarray | None = None,
     **attrs: Any,
 ) -> None:
-    """Store label embeddings (C, E) float32 (and the CLIP baseline's) with the label list and
-    backbone fingerprint."""
+    """Store label embeddings (C, E) float32 (and the CLIP baseline's), labels and fingerprint."""
     assert embeddings.shape[0] == len(label_names)
     with Location.of(path).building() as tmp:
         group = tmp.open_group("w")
@@ -63,23 +62,24 @@ def check_label_names(path: str | Path, found: list[str], expected: list[str], w
     """Refuse a label list that is not the expected one, naming the first difference."""
     if found == expected:
         return
-    pairs = zip(found, expected, strict=False)
-    i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(found), len(expected)))
-    a, b = (names[i] if i < len(names) else "<end>" for names in (found, expected))
-    raise QKSError(
-        f"{what}: label {i} is {a!r}, {b!r} expected ({len(found)} labels vs {len(expected)})", path
-    )
+    # the first position where the lists differ
+    i = 0
+    while i < len(found) and i < len(expected) and found[i] == expected[i]:
+        i += 1
+    a = found[i] if i < len(found) else "<end>"
+    b = expected[i] if i < len(expected) else "<end>"
+    counts = f"{len(found)} labels vs {len(expected)}"
+    raise QKSError(f"{what}: label {i} is {a!r}, {b!r} expected ({counts})", path)
 
 
 def check_label_embedding(
     path: str | Path, found: dict[str, Any], expected: dict[str, Any] | None
 ) -> None:
-    """Refuse labels embedded otherwise than a checkpoint's (`expected`: its `label_embedding`;
-    None: not checked)."""
+    """Refuse labels embedded otherwise than a checkpoint's `label_embedding` (None: no check)."""
+    if expected is None:
+        return
     keys = [
-        k
-        for k in LABEL_EMBEDDING
-        if (expected or {}).get(k) is not None and found.get(k) != expected[k]
+        k for k in LABEL_EMBEDDING if expected.get(k) is not None and found.get(k) != expected[k]
     ]
     if keys:
         diffs = ", ".join(f"{k} {found.get(k)!r} vs {expected[k]!r}" for k in keys)

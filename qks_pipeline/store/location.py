@@ -1,9 +1,9 @@
-"""Where a store lives: a local directory or an fsspec URL (`s3://bucket/train.zarr`, `gs://...`),
-behind one interface.
+"""Where a store lives: a local directory or an fsspec URL, behind one interface.
 
 zarr reads and writes the arrays; this module does the rest through one fsspec filesystem (small
 keys, listing, removal, putting a store built under a temporary name in place: docs/design.md,
-section 2). A `file://` URL is a local path. Credentials come from each filesystem's own
+section 2). A URL is `s3://bucket/train.zarr`, `gs://...` and the like; a `file://` URL is a local
+path. Credentials come from each filesystem's own
 configuration, never from qks (README.md, "Scaling out").
 """
 
@@ -32,7 +32,7 @@ except ImportError:  # Windows: no flock
 log = logging.getLogger(__name__)
 
 ROOT_METADATA = "zarr.json"
-# zarr's temporary chunk files; `qks_pipeline.atomic`'s
+# zarr's temporary chunk files (.partial) and `qks_pipeline.atomic`'s (.tmp<pid>)
 INTERRUPTED_WRITE = re.compile(r"\.partial$|\.tmp\d+$")
 
 
@@ -47,8 +47,11 @@ def local_path(location: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class Location:
-    """A store's root: `url` as the user gave it (a Path when local), `fs` the filesystem, `root`
-    the path within it."""
+    """A store's root.
+
+    `url` is the location as the user gave it (a Path when local), `fs` the filesystem, `root` the
+    path within it.
+    """
 
     url: str | Path
     fs: fsspec.AbstractFileSystem
@@ -71,14 +74,12 @@ class Location:
         return isinstance(self.url, Path)
 
     def open_group(self, mode: str) -> zarr.Group:
-        """The Zarr v3 group here; a refusal by the filesystem (no such bucket, no permission) is
-        one clear error."""
+        """The Zarr v3 group here; a refusal (no such bucket, no permission) is one clear error."""
         try:
             return zarr.open_group(self.url, mode=mode, zarr_format=3)
         except OSError as e:
-            raise QKSError(
-                f"cannot open a store here ({type(e).__name__}: {e})", self.url
-            ) from None
+            message = f"cannot open a store here ({type(e).__name__}: {e})"
+            raise QKSError(message, self.url) from None
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -89,8 +90,10 @@ class Location:
         return self.fs.exists(self._path(key))
 
     def holds_store(self) -> bool:
-        """True when a Zarr store is here, False when nothing (or an empty directory) is. Anything
-        else is refused: qks never replaces what it did not write."""
+        """True when a Zarr store is here, False when nothing (or an empty directory) is.
+
+        Anything else is refused: qks never replaces what it did not write.
+        """
         if self.exists(ROOT_METADATA):
             return True
         if self.fs.isfile(self.root) or self.list(""):
@@ -116,9 +119,10 @@ class Location:
         path = self._path(key)
         self.fs.invalidate_cache(path)
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+            entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
 
     def remove(self) -> None:
         if self.exists():
@@ -126,40 +130,47 @@ class Location:
 
     @contextlib.contextmanager
     def building(self) -> Iterator[Location]:
-        """A fresh `<name>.creating` beside this location to build a store in, put here when the
-        block succeeds and removed when it fails: a store that exists is whole, a failure leaves
-        nothing taking the space (an OSError, such as a full disk, is one clear error)."""
+        """A fresh `<name>.creating` beside this location to build a store in.
+
+        It is put here when the block succeeds and removed when it fails: a store that exists is
+        whole, a failure leaves nothing taking the space (an OSError, such as a full disk, is one
+        clear error).
+        """
         tmp = Location.of(f"{self.url}.creating")
         tmp.remove()
         try:
             yield tmp
             self.replace_with(tmp)
-        except BaseException as e:  # a full disk, a bad label, an interrupt
+        # a full disk, a bad label, an interrupt
+        except BaseException as e:
             tmp.remove()
             if isinstance(e, OSError):
-                raise QKSError(
-                    f"cannot create the store: {e.strerror or e}", e.filename or self.url
-                ) from None
+                message = f"cannot create the store: {e.strerror or e}"
+                raise QKSError(message, e.filename or self.url) from None
             raise
 
     def replace_with(self, built: Location) -> None:
-        """Put the store built at `built` here, replacing what is here; `built` is gone afterwards."""
+        """Put the store built at `built` here, replacing what is here; `built` is gone after."""
         self.remove()
         if self.local:
             os.replace(built.root, self.root)
             return
         meta = built._path(ROOT_METADATA)
         rest = [k for k in sorted(built.fs.find(built.root)) if k != meta]
-        self.fs.copy(rest, [self._path(k[len(built.root) + 1 :]) for k in rest])
-        self.fs.copy(meta, self._path(ROOT_METADATA))  # last: a store that opens is whole
+        targets = [self._path(k[len(built.root) + 1 :]) for k in rest]
+        self.fs.copy(rest, targets)
+        # last: a store that opens is whole
+        self.fs.copy(meta, self._path(ROOT_METADATA))
         built.remove()
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[None]:
-        """Hold an exclusive lock on `<store>.lock` while this process writes the store: a second
-        writer is refused at once, naming the holder. The lock file stays (removing it would let two
-        runs lock two different files); the operating system releases the lock however its holder
-        exits. Local stores only: object storage has none."""
+        """Hold an exclusive lock on `<store>.lock` while this process writes the store.
+
+        A second writer is refused at once, naming the holder. The lock file stays (removing it
+        would let two runs lock two different files); the operating system releases the lock
+        however its holder exits. Local stores only: object storage has none.
+        """
         if not self.local or fcntl is None:
             if self.local:
                 log.warning(
@@ -176,18 +187,19 @@ class Location:
             except BlockingIOError:
                 f.seek(0)
                 holder = f"pid {f.read().strip() or '?'}, lock {lock.name}"
-                raise QKSError(
-                    f"another extraction is writing this store ({holder})", self.url
-                ) from None
+                message = f"another extraction is writing this store ({holder})"
+                raise QKSError(message, self.url) from None
             f.truncate(0)
             f.write(f"{os.getpid()}\n")
             f.flush()
             yield
 
     def remove_interrupted_writes(self) -> list[str]:
-        """Delete what writes cut short by a kill leave inside a local store: zarr's
-        `<chunk>.<uuid>.partial` files and our `.<name>.tmp<pid>` files. Call it only under
-        `writer_lock`. Returns the removed paths."""
+        """Delete what writes cut short by a kill leave inside a local store; return their paths.
+
+        Those are zarr's `<chunk>.<uuid>.partial` files and our `.<name>.tmp<pid>` files. Call it
+        only under `writer_lock`.
+        """
         if not self.local or not self.url.is_dir():
             return []
         removed = [

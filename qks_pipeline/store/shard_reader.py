@@ -1,12 +1,10 @@
-"""Reading token rows out of a store: straight from the shard files where the layout allows, else
-through zarr.
+"""Reading token rows out of a store: from the shard files where the layout allows, else via zarr.
 
 The shard layout: docs/design.md, section 2; why it is read directly, with `os.preadv`, and what
-checking costs: section
-3. `ShardReader` checks the index's checksum, that every entry lies in the file with the one possible length, and each
-sample's crc32c the first time it reads it; any damage is one `QKSError` naming the shard file and
-row. Other stores (other codecs, a URL) are read by TensorStore (a local store) or zarr-python:
-`ArrayReader`.
+checking costs: section 3. `ShardReader` checks the index's checksum, that every entry lies in the
+file with the one possible length, and each sample's crc32c the first time it reads it; any damage
+is one `QKSError` naming the shard file and row. Other stores (other codecs, a URL) are read by
+TensorStore (a local store) or zarr-python: `ArrayReader`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,8 @@ from qks_pipeline.store.location import Location
 
 ABSENT = np.uint64(2**64 - 1)  # (offset, nbytes) of an inner chunk never written
 BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
-LAYOUTS = ([BYTES], [BYTES, {"name": "crc32c"}])  # the inner and the index codecs read directly
+# the inner and the index codecs read directly
+LAYOUTS = ([BYTES], [BYTES, {"name": "crc32c"}])
 # shard files kept open with their checked index (a batch spans at most two windows of 8 shards)
 OPEN_SHARDS = 64
 ADVISE = hasattr(os, "posix_fadvise")  # not on macOS
@@ -56,77 +55,113 @@ class ShardReader:
     # shard -> (S, V) bool: chunks verified so far
     _checked: dict[int, np.ndarray] = field(default_factory=dict)
 
-    def _load(self, shard: int, row: int) -> tuple[Any, Path, np.ndarray]:
-        """The open file of `shard` and its offsets (S, V) int64 (-1: absent), its index checked."""
+    @property
+    def _index_bytes(self) -> int:
+        """The size of a shard's index as stored: (offset, nbytes) uint64 per chunk, a crc32c."""
         s, v = self.shard_shape
-        path = self.root / self.separator.join(["c", str(shard), "0", "0", "0"])
-        if not path.exists():  # zarr writes no shard whose chunks are all absent
-            return None, path, np.full((s, v), -1, np.int64)
-        file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed when evicted)
-        size, index_bytes = os.fstat(file.fileno()).st_size, s * v * 16
-        stored = index_bytes + 4 * self.index_crc
+        return s * v * 16 + 4 * self.index_crc
+
+    def _read_index(
+        self, file: Any, size: int, path: Path, row: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """A shard file's index, its checksum checked: (offset, nbytes), (S, V) uint64 each."""
+        s, v = self.shard_shape
+        stored = self._index_bytes
         if size < stored:
             raise QKSError(
                 f"row {row}: shard file of {size} bytes, shorter than its index (truncated)", path
             )
-        raw = os.pread(file.fileno(), stored, 0 if self.index_at_start else size - stored)
-        if self.index_crc and google_crc32c.value(raw[:index_bytes]) != int.from_bytes(
-            raw[index_bytes:], "little"
-        ):
-            raise QKSError(
-                f"row {row}: shard index checksum mismatch (corrupt or truncated shard file)", path
-            )
-        # (S, V) each
-        offset, nbytes = (
-            np.frombuffer(raw, "<u8", count=s * v * 2).reshape(s, v, 2).transpose(2, 0, 1)
-        )
-        start, end = (stored, size) if self.index_at_start else (0, size - stored)
-        length, end = np.uint64(self.sample_bytes + 4 * self.chunk_crc), np.uint64(end)
+        position = 0 if self.index_at_start else size - stored
+        raw = os.pread(file.fileno(), stored, position)
+        index_bytes = s * v * 16
+        if self.index_crc:
+            stored_crc = int.from_bytes(raw[index_bytes:], "little")
+            if google_crc32c.value(raw[:index_bytes]) != stored_crc:
+                problem = "shard index checksum mismatch (corrupt or truncated shard file)"
+                raise QKSError(f"row {row}: {problem}", path)
+        # (S, V, 2): (offset, nbytes) of each inner chunk
+        entries = np.frombuffer(raw, "<u8", count=s * v * 2).reshape(s, v, 2)
+        return entries[..., 0], entries[..., 1]
+
+    def _load(self, shard: int, row: int) -> tuple[Any, Path, np.ndarray]:
+        """The open file of `shard` and its offsets (S, V) int64 (-1: absent), its index checked."""
+        s, v = self.shard_shape
+        path = self.root / self.separator.join(["c", str(shard), "0", "0", "0"])
+        # zarr writes no shard whose chunks are all absent
+        if not path.exists():
+            return None, path, np.full((s, v), -1, np.int64)
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed when evicted)
+        size = os.fstat(file.fileno()).st_size
+        offset, nbytes = self._read_index(file, size, path, row)
+        # the chunks lie after an index at the start, or before an index at the end
+        stored = self._index_bytes
+        start = stored if self.index_at_start else 0
+        end = np.uint64(size if self.index_at_start else size - stored)
+        length = np.uint64(self.sample_bytes + 4 * self.chunk_crc)
         # (end - offset) wraps around only where offset > end, which the second term already refuses
         inside = (offset >= start) & (offset <= end) & (end - offset >= length)
-        bad = np.argwhere(
-            np.where(offset == ABSENT, nbytes != ABSENT, (nbytes != length) | ~inside)
-        )
+        absent = offset == ABSENT
+        bad = np.argwhere(np.where(absent, nbytes != ABSENT, (nbytes != length) | ~inside))
         if len(bad):
-            (r, view), what = (
-                bad[0],
-                f"offset {offset[tuple(bad[0])]}, {nbytes[tuple(bad[0])]} bytes",
-            )
+            r, view = bad[0]
+            what = f"offset {offset[r, view]}, {nbytes[r, view]} bytes"
             message = (
                 f"index entry ({what}) outside the data or not {length} bytes (corrupt shard file)"
             )
             raise QKSError(f"row {shard * s + r} view {view}: {message}", path)
-        return file, path, np.where(offset == ABSENT, -1, offset.astype(np.int64))
+        return file, path, np.where(absent, -1, offset.astype(np.int64))
 
     def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
-        s, crc, verify = self.shard_shape[0], bytearray(4), self.chunk_crc and self.verify
-        # runs: [file, start, stop] to advise
-        chunks, runs, length = [], [], self.sample_bytes + 4 * self.chunk_crc
+        chunks, runs = self._locate(rows, views)
+        # the disk gets every read of the batch at once: a deep queue
+        if ADVISE:
+            for file, start, stop in runs:
+                os.posix_fadvise(file.fileno(), start, stop - start, os.POSIX_FADV_WILLNEED)
+        self._read_chunks(chunks, out)
+        # close the least recently used
+        while len(self._open) > OPEN_SHARDS:
+            file = self._open.pop(next(iter(self._open)))[0]
+            if file is not None:
+                file.close()
+
+    def _locate(self, rows: np.ndarray, views: np.ndarray) -> tuple[list[tuple], list[list]]:
+        """Each (row, view)'s chunk, and the byte runs [file, start, stop] to advise the kernel of.
+
+        A chunk is (row, view, file, path, offset (-1: absent), its shard's checked flags).
+        """
+        s = self.shard_shape[0]
+        length = self.sample_bytes + 4 * self.chunk_crc
+        chunks = []
+        runs = []
         for row, view in zip(rows.tolist(), views.tolist(), strict=True):
             shard = row // s
-            # most recently used last
+            # re-inserted: the most recently used comes last
             self._open[shard] = self._open.pop(shard, None) or self._load(shard, row)
             file, path, offsets = self._open[shard]
             if shard not in self._checked:
                 self._checked[shard] = np.zeros(self.shard_shape, bool)
             offset = int(offsets[row % s, view])
             chunks.append((row, view, file, path, offset, self._checked[shard]))
+            # contiguous chunks (rows in order): one advice
             if runs and runs[-1][0] is file and runs[-1][2] == offset:
-                runs[-1][2] += length  # contiguous chunks (rows in order): one advice
+                runs[-1][2] += length
             elif offset >= 0:
                 runs.append([file, offset, offset + length])
-        # the disk gets every read of the batch at once: a deep queue
-        for file, start, stop in runs if ADVISE else []:
-            os.posix_fadvise(file.fileno(), start, stop - start, os.POSIX_FADV_WILLNEED)
+        return chunks, runs
+
+    def _read_chunks(self, chunks: list[tuple], out: np.ndarray) -> None:
+        """Read each located chunk into its sample of `out`, checking its crc32c once."""
+        s = self.shard_shape[0]
+        verify = self.chunk_crc and self.verify
+        crc = bytearray(4)
         for sample, (row, view, file, path, offset, checked) in zip(out, chunks, strict=True):
             if offset < 0:
-                sample[...] = 0  # an absent chunk holds the fill value
+                # an absent chunk holds the fill value
+                sample[...] = 0
                 continue
             check = verify and not checked[row % s, view]
-            if (
-                os.preadv(file.fileno(), [sample, crc][: 1 + check], offset)
-                != self.sample_bytes + 4 * check
-            ):
+            buffers = [sample, crc] if check else [sample]
+            if os.preadv(file.fileno(), buffers, offset) != self.sample_bytes + 4 * check:
                 raise QKSError(
                     f"row {row} view {view}: chunk cut short (truncated shard file)", path
                 )
@@ -135,22 +170,20 @@ class ShardReader:
                     f"row {row} view {view}: chunk checksum mismatch (corrupt shard file)", path
                 )
             checked[row % s, view] |= check
-        while len(self._open) > OPEN_SHARDS:  # close the least recently used
-            file = self._open.pop(next(iter(self._open)))[0]
-            if file is not None:
-                file.close()
 
 
 def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
-    """A direct reader for a local store whose tokens have the layout of docs/design.md, section 2,
-    else None."""
-    if not location.local or not hasattr(os, "preadv"):  # Windows has no preadv
+    """A direct reader for a local store in the layout of docs/design.md (section 2), else None."""
+    # Windows has no preadv
+    if not location.local or not hasattr(os, "preadv"):
         return None
     root = location.url / "tokens"
     meta = json.loads((root / "zarr.json").read_text())
-    (codec, *others), keys = meta["codecs"], meta["chunk_key_encoding"]
+    codec, *others = meta["codecs"]
+    keys = meta["chunk_key_encoding"]
     config = codec.get("configuration", {})
-    inner, index = config.get("codecs"), config.get("index_codecs")
+    inner = config.get("codecs")
+    index = config.get("index_codecs")
     sharded = (
         not others
         and codec["name"] == "sharding_indexed"
@@ -164,7 +197,13 @@ def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
     at_start = config.get("index_location", "end") == "start"
     sample_bytes = int(np.prod(tokens.shape[2:])) * 2
     return ShardReader(
-        root, separator, shard_shape, sample_bytes, len(inner) == 2, len(index) == 2, at_start
+        root,
+        separator,
+        shard_shape,
+        sample_bytes,
+        chunk_crc=len(inner) == 2,
+        index_crc=len(index) == 2,
+        index_at_start=at_start,
     )
 
 
@@ -182,16 +221,20 @@ class ArrayReader:
         # zarr's orthogonal selection: one call per view present
         for view in np.unique(views).tolist():
             pick = views == view
-            out[pick] = self.array.oindex[rows[pick], view]  # (n_view, T, D)
+            # (n_view, T, D)
+            out[pick] = self.array.oindex[rows[pick], view]
 
 
 def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -> Reader:
-    """The reader of a store's tokens. `backend`: "direct", "tensorstore" (local stores), "zarr", or
-    "auto": direct where the store allows, else TensorStore for a local store, else zarr-python (a
-    URL)."""
-    direct = shard_reader(location, tokens) if backend in ("auto", "direct") else None
-    if direct is not None:
-        return direct
+    """The reader of a store's tokens.
+
+    `backend`: "direct", "tensorstore" (local stores), "zarr", or "auto": direct where the store
+    allows, else TensorStore for a local store, else zarr-python (a URL).
+    """
+    if backend in ("auto", "direct"):
+        direct = shard_reader(location, tokens)
+        if direct is not None:
+            return direct
     if backend == "direct":
         raise QKSError("the direct reader reads local uncompressed stores only", location.url)
     if backend == "tensorstore" and not location.local:
@@ -201,5 +244,6 @@ def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -
         )
     if backend == "zarr" or not location.local:
         return ArrayReader(tokens)
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(location.url / "tokens")}}
+    kvstore = {"driver": "file", "path": str(location.url / "tokens")}
+    spec = {"driver": "zarr3", "kvstore": kvstore}
     return ArrayReader(tensorstore.open(spec, read=True).result())

@@ -24,9 +24,12 @@ SYNTHETIC_BACKBONE = {"model": "synthetic", "pretrained": "none", "tokens": "all
 
 @dataclass
 class SyntheticData:
-    train: Path  # training store
-    test: Path  # test store
-    labels: Path  # label-embedding store
+    # the training store
+    train: Path
+    # the test store
+    test: Path
+    # the label-embedding store
+    labels: Path
     label_names: list[str]
     num_seen: int
 
@@ -34,9 +37,11 @@ class SyntheticData:
 def _label_matrix(
     rng: np.random.Generator, n: int, c: int, max_pos: int, unknown: float
 ) -> np.ndarray:
+    """(n, c) int8: 1 to `max_pos` random positives per image, the rest negative or unknown."""
     labels = np.full((n, c), -1, dtype=np.int8)
     for i in range(n):
-        labels[i, rng.choice(c, size=rng.integers(1, max_pos + 1), replace=False)] = 1
+        count = rng.integers(1, max_pos + 1)
+        labels[i, rng.choice(c, size=count, replace=False)] = 1
     # a few unknowns among the negatives
     labels[(rng.random((n, c)) < unknown) & (labels == -1)] = 0
     return labels
@@ -48,30 +53,32 @@ class _Design:
 
     names: list[str]
     num_seen: int
-    patterns: np.ndarray  # (C, D): each label's direction in token space
-    proj: np.ndarray  # (D, E): the cache's visual_proj
+    # (C, D): each label's direction in token space
+    patterns: np.ndarray
+    # (D, E): the cache's visual_proj
+    proj: np.ndarray
     views: int
     num_tokens: int
     shard_size: int
     noise: float
-    cls_weight: float  # how strongly the positive labels' patterns show in the CLS token
+    # how strongly the positive labels' patterns show in the CLS token
+    cls_weight: float
     backbone: dict
 
     def tokens(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
-        """(n, V, T, D) tokens: each positive label's pattern in 2 random patch tokens (1.0) and in
-        CLS."""
-        t, d = self.num_tokens, self.patterns.shape[1]
-        out = (
-            rng.standard_normal((labels.shape[0], self.views, t, d), dtype=np.float32) * self.noise
-        )
-        for i in range(labels.shape[0]):
+        """(n, V, T, D) tokens: each positive label's pattern in 2 random patches (1.0) and CLS."""
+        n = labels.shape[0]
+        t = self.num_tokens
+        d = self.patterns.shape[1]
+        out = rng.standard_normal((n, self.views, t, d), dtype=np.float32) * self.noise
+        patches = np.arange(1, t)
+        for i in range(n):
             pos = np.flatnonzero(labels[i] == 1)
             for v in range(self.views):
                 out[i, v, 0] += self.cls_weight * self.patterns[pos].sum(0)
                 for c in pos:
-                    out[i, v, rng.choice(np.arange(1, t), size=2, replace=False)] += self.patterns[
-                        c
-                    ]
+                    picked = rng.choice(patches, size=2, replace=False)
+                    out[i, v, picked] += self.patterns[c]
         return out
 
     def write_store(
@@ -96,7 +103,8 @@ class _Design:
         tokens = self.tokens(rng, labels)
         valid = np.ones(n, dtype=bool)
         valid[list(invalid)] = False
-        tokens[~valid] = 0.0  # an unreadable image has no tokens
+        # an unreadable image has no tokens
+        tokens[~valid] = 0.0
         for shard in range(cache.num_shards):
             rows = cache.shard_rows(shard)
             skipped = [
@@ -131,17 +139,35 @@ def make_synthetic(
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     c = num_seen + num_unseen
-    names = [f"seen{i}" for i in range(num_seen)] + [f"unseen{i}" for i in range(num_unseen)]
+    seen = [f"seen{i}" for i in range(num_seen)]
+    names = seen + [f"unseen{i}" for i in range(num_unseen)]
+    # (D, D) orthonormal
+    q = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
     # (D, E), P^T P = I
-    proj = np.linalg.qr(rng.standard_normal((dim, dim)))[0][:, :embed_dim].astype(np.float32)
-    emb = rng.standard_normal((c, embed_dim)).astype(np.float32)  # (C, E)
-    patterns = emb @ proj.T  # (C, E) @ (E, D) -> (C, D)
+    proj = q[:, :embed_dim].astype(np.float32)
+    # (C, E)
+    emb = rng.standard_normal((c, embed_dim)).astype(np.float32)
+    # (C, E) @ (E, D) -> (C, D)
+    patterns = emb @ proj.T
     backbone = backbone or SYNTHETIC_BACKBONE
     data = SyntheticData(
-        root / "train.zarr", root / "test.zarr", root / "labels.zarr", names, num_seen
+        train=root / "train.zarr",
+        test=root / "test.zarr",
+        labels=root / "labels.zarr",
+        label_names=names,
+        num_seen=num_seen,
     )
     design = _Design(
-        names, num_seen, patterns, proj, views, num_tokens, shard_size, noise, cls_weight, backbone
+        names=names,
+        num_seen=num_seen,
+        patterns=patterns,
+        proj=proj,
+        views=views,
+        num_tokens=num_tokens,
+        shard_size=shard_size,
+        noise=noise,
+        cls_weight=cls_weight,
+        backbone=backbone,
     )
     design.write_store(data.train, rng, num_train, invalid_train)
     design.write_store(data.test, rng, num_test, ())

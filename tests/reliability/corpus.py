@@ -23,15 +23,15 @@ from types import SimpleNamespace
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.reliability.faults import Outcome, cli
-from tests.reliability.harness import ImageData, error_problems, extract_argv
+from tests.reliability.faults.outcome import Outcome
+from tests.reliability.harness import ImageData, cli, error_problems, extract_argv
 from tests.tiny import SEEN, UNSEEN, TinyClip, embed_args
 
 KEYS = {"image", "positive", "negative"}
 VOCAB = SEEN + UNSEEN
 
 
-# ------------------------------------------------------------------------------------------------- manifest oracle
+# ---------------------------------------------------------------------------------- manifest oracle
 class Reject(Exception):
     """The oracle's verdict: this manifest must be refused."""
 
@@ -74,14 +74,14 @@ def _oracle_record(line: str) -> tuple[str, tuple[str, ...], tuple[str, ...] | s
 
 
 def manifest_oracle(data: bytes) -> list[tuple[str, tuple[str, ...], tuple[str, ...] | str]]:
-    """The records of a manifest file's bytes as (image, positive, negative or "*"); raises
-    `Reject`."""
+    """A manifest file's records as (image, positive, negative or "*"); raises `Reject`."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise Reject("utf-8") from e
     text = text.removeprefix("\ufeff")
-    records, images = [], set()
+    records = []
+    images = set()
     for line in re.split(r"\r\n|\r|\n", text):
         if not line.strip():
             continue
@@ -98,8 +98,7 @@ def _as_tuple(rec) -> tuple[str, tuple[str, ...], tuple[str, ...] | str]:
 
 
 def check_read_manifest(path: Path, data: bytes) -> list[str]:
-    """`read_manifest` on `data` must agree with the oracle, or refuse with a QKSError naming the
-    file."""
+    """`read_manifest` on `data` agrees with the oracle, or refuses naming the file (QKSError)."""
     from qks_pipeline.data.manifest import read_manifest
     from qks_pipeline.errors import QKSError
 
@@ -149,7 +148,8 @@ def check_manifest_cli(dataset: Path, data: bytes) -> list[str]:
     try:
         expected, named = _check_verdict(manifest_oracle(data), test_images)
     except Reject:
-        expected, named = None, "train.jsonl"
+        expected = None
+        named = "train.jsonl"
     code, output, escaped = cli("manifest", "check", dataset)
     if escaped is not None or code not in (0, 1) or "Traceback" in output:
         return [f"exit {code}, escaped {type(escaped).__name__}: {output[-200:]!r}"]
@@ -169,7 +169,7 @@ def check_manifest_cli(dataset: Path, data: bytes) -> list[str]:
     )
 
 
-# ------------------------------------------------------------------------------------------- manifest strategies
+# ------------------------------------------------------------------------------ manifest strategies
 # valid, plain ASCII
 IMAGE_PATHS = st.from_regex(r"[a-z]{1,4}(/[a-z0-9]{1,4}){0,2}\.(jpg|png)", fullmatch=True)
 
@@ -197,8 +197,7 @@ def _record_dicts() -> st.SearchStrategy:
 
 @st.composite
 def _valid_record(draw) -> dict:
-    """A record the format allows, with labels from the vocabulary (so `manifest check` must accept
-    it)."""
+    """A record the format allows, labels from the vocabulary (`manifest check` must accept it)."""
     image = draw(IMAGE_PATHS)
     labels = draw(st.permutations(VOCAB))
     k = draw(st.integers(0, 3))
@@ -228,15 +227,13 @@ def _line() -> st.SearchStrategy:
 
 
 def draw_ascii(record: dict) -> bool:
-    """Both spellings of non-ASCII text occur in real manifests: escaped (json.dumps' default) and
-    raw UTF-8."""
+    """Non-ASCII text as real manifests write it: escaped (json.dumps' default) or raw UTF-8."""
     return len(record["image"]) % 2 == 0
 
 
 @st.composite
 def manifest_bytes(draw) -> bytes:
-    """A train.jsonl: JSON-ish lines joined by assorted newlines, sometimes with a BOM or a stray
-    invalid byte."""
+    """A train.jsonl: JSON-ish lines, assorted newlines, sometimes a BOM or a stray invalid byte."""
     lines = draw(st.lists(_line(), max_size=6))
     text = "".join(line + draw(st.sampled_from(["\n", "\r\n", "\r", "\n\n"])) for line in lines)
     data = text.encode("utf-8", errors="surrogatepass")
@@ -274,19 +271,22 @@ NASTY_MANIFESTS: dict[str, bytes] = {
     "label null": b'{"image": "x/good.jpg", "positive": [null]}\n',
     "image listed twice": GOOD + GOOD,
     "image also in the test split": GOOD + b'{"image": "t/1.jpg", "positive": ["red"]}\n',
-    "label both positive and negative": b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["red"]}\n',
+    "label both positive and negative": (
+        b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["red"]}\n'
+    ),
     "unicode image path": '{"image": "dossier/été/日本.jpg", "positive": ["red"]}\n'.encode(),
-    "decomposed label not in the vocabulary": '{"image": "x/1.jpg", "positive": ["re\u0301d"]}\n'.encode(),
+    "decomposed label not in the vocabulary": (
+        '{"image": "x/1.jpg", "positive": ["re\u0301d"]}\n'.encode()
+    ),
     "a 1 MB line": b'{"image": "x/1.jpg", "positive": ["red"], "negative": ["'
     + b"g" * 1_000_000
     + b'"]}\n',
 }
 
 
-# ------------------------------------------------------------------------------------------------------- images
+# ------------------------------------------------------------------------------------------- images
 def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims `width` x `height` and holds no pixels: a decompression bomb PIL must
-    refuse."""
+    """A PNG that claims `width` x `height` and holds no pixels: a decompression bomb to refuse."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -319,7 +319,8 @@ def _odd_modes(root: Path) -> list[ImageCase]:
     here, with numpy, not with the library's conversion)."""
     from PIL import Image
 
-    cases, pixels = [], _rgb(1)
+    cases = []
+    pixels = _rgb(1)
     _save(root, "odd/plain.png", lambda p: Image.fromarray(pixels).save(p))
     _save(root, "odd/png_named.jpg", lambda p: Image.fromarray(pixels).save(p, format="PNG"))
     cases.append(ImageCase("odd/png_named.jpg", same_as="odd/plain.png"))
@@ -403,8 +404,7 @@ def _broken(root: Path) -> list[ImageCase]:
 
 
 def make_image_corpus(root: Path) -> list[ImageCase]:
-    """Write the odd and broken images under `root`; returns the cases (reference PNGs are cases
-    too)."""
+    """Write the odd and broken images under `root`; returns the cases (reference PNGs included)."""
     cases = _odd_modes(root) + _broken(root)
     refs = {c.same_as for c in cases if c.same_as}
     return cases + [ImageCase(ref) for ref in sorted(refs)]
@@ -437,16 +437,16 @@ def check_extracted_corpus(store: Path, cases: list[ImageCase]) -> dict[str, str
         if c.bad is not None:
             if valid[i] or c.bad not in reasons.get(c.path, ""):
                 wrong[c.path] = (
-                    f"expected masked ({c.bad}), got valid={valid[i]} reason={reasons.get(c.path)!r}"
+                    f"expected masked ({c.bad}), "
+                    f"got valid={valid[i]} reason={reasons.get(c.path)!r}"
                 )
         elif not valid[i]:
             wrong[c.path] = f"must load, masked: {reasons.get(c.path)!r}"
         elif c.same_as is not None and not np.allclose(
             tokens[i], tokens[row[c.same_as]], rtol=2e-3, atol=2e-3
         ):
-            wrong[c.path] = (
-                f"tokens differ from {c.same_as}: max {np.abs(tokens[i] - tokens[row[c.same_as]]).max()}"
-            )
+            gap = np.abs(tokens[i] - tokens[row[c.same_as]]).max()
+            wrong[c.path] = f"tokens differ from {c.same_as}: max {gap}"
     return wrong
 
 
@@ -464,7 +464,7 @@ def check_listed_problems(output: str, cases: list[ImageCase], images: Path) -> 
     return wrong
 
 
-# -------------------------------------------------------------------------------------------------- label files
+# -------------------------------------------------------------------------------------- label files
 @dataclass(frozen=True)
 class LabelCase:
     name: str
@@ -526,8 +526,7 @@ LABEL_CASES = [
 
 
 def write_label_dataset(dataset: Path, case: LabelCase) -> None:
-    """seen.txt/unseen.txt from the case, and manifests that use every label the case expects (or
-    'red')."""
+    """seen.txt/unseen.txt of the case, and manifests using every label it expects (or 'red')."""
     dataset.mkdir(parents=True, exist_ok=True)
     (dataset / "seen.txt").write_bytes(case.seen)
     (dataset / "unseen.txt").write_bytes(case.unseen)
@@ -571,7 +570,8 @@ def check_label_case(work: Path, case: LabelCase, clip: TinyClip | None = None) 
                 or len(output.strip().splitlines()) != 1
             ):
                 problems.append(
-                    f"{what}: exit {code}, {case.expect!r} and the file expected: {output.strip()[:150]!r}"
+                    f"{what}: exit {code}, {case.expect!r} and the file expected: "
+                    f"{output.strip()[:150]!r}"
                 )
         elif code != 0:
             problems.append(f"{what}: refused: {output.strip()[:150]!r}")
@@ -603,7 +603,7 @@ def label_outcome(work: Path, clip: TinyClip | None) -> Outcome:
     return outcome
 
 
-# ------------------------------------------------------------------------------------------------- the report's rows
+# -------------------------------------------------------------------------------- the report's rows
 WRONG_WORDS = ("accepted", "refused a valid", "records differ", "wrong count")
 
 
@@ -615,8 +615,7 @@ def _tally(outcome: Outcome, name: str, problems: list[str]) -> None:
 
 
 def manifest_outcome(work: Path, examples: int, seed: int = 0) -> Outcome:
-    """`read_manifest` and `qks manifest check` on every hand-picked manifest and on `examples`
-    hypothesis ones."""
+    """`read_manifest` and `manifest check` on the hand-picked and `examples` fuzzed manifests."""
     from hypothesis import Phase, given, settings
     from hypothesis import seed as hypothesis_seed
 

@@ -1,12 +1,15 @@
-"""What the fault cases share: a tiny CLIP and image dataset, `qks` runs in separate processes,
-store comparison.
+"""What the fault cases share: a tiny CLIP and image dataset, `qks` runs in separate processes
+(and in this one), store comparison.
 
 Runs are real processes that can be SIGKILLed. Two ways to start them (`Runner`):
-- "spawn": a fresh interpreter per run (`python -c "from qks_pipeline.cli import main; main()" ...`), exactly what a
-  user's `qks` does; about 4.5 s of imports per run on these machines;
-- "fork": forked from a warm process that has imported the library (`zygote.py`): the same click entry point in a
-  separate process, started in about 0.1 s. The fast suite and the report use it to afford many kills.
-zygote.py runs as a script (it imports only the library), so no process needs the tests on its import path.
+- "spawn": a fresh interpreter per run
+  (`python -c "from qks_pipeline.cli import main; main()" ...`), exactly what a user's `qks` does;
+  about 4.5 s of imports per run on these machines;
+- "fork": forked from a warm process that has imported the library (`zygote.py`): the same click
+  entry point in a separate process, started in about 0.1 s. The fast suite and the report use it
+  to afford many kills.
+zygote.py runs as a script (it imports only the library), so no process needs the tests on its
+import path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import PIPE, STDOUT
@@ -35,7 +39,7 @@ INSTRUMENTATION_FAILED = 99  # zygote.INSTRUMENTATION_FAILED
 LITTER = re.compile(r"(\.[0-9a-f]{32}\.partial|\.tmp\d+)$")
 
 
-# ------------------------------------------------------------------------------------------------------------ data
+# --------------------------------------------------------------------------------------------- data
 @dataclass(frozen=True)
 class ImageData:
     dataset: Path  # train.jsonl, test.jsonl, seen.txt, unseen.txt
@@ -65,8 +69,7 @@ def _records(rng: np.random.Generator, split: str, n: int, images: Path) -> list
 
 
 def make_image_data(root: Path, n_train: int, n_test: int = 8, seed: int = 0) -> ImageData:
-    """Random-colour noise images (JPEG and PNG, varied sizes), fully annotated with the compact
-    negative form."""
+    """Noise images (JPEG and PNG, varied sizes), fully annotated with the compact negative form."""
     rng = np.random.default_rng(seed)
     data = ImageData(root / "dataset", root / "images")
     data.dataset.mkdir(parents=True, exist_ok=True)
@@ -82,12 +85,11 @@ def make_image_data(root: Path, n_train: int, n_test: int = 8, seed: int = 0) ->
 def extract_argv(
     data: ImageData, clip: TinyClip, out: Path, shard_size: int, split: str = "train"
 ) -> list[str]:
-    """`qks extract` arguments for the tiny model on the CPU, decoding in the main process, 4 images
-    a batch."""
+    """`qks extract` arguments: tiny model, CPU, decoding in the main process, 4 images a batch."""
     return extract_args(data, clip, out, split, batch_size=4, shard_size=shard_size)
 
 
-# --------------------------------------------------------------------------------------------------------- processes
+# ---------------------------------------------------------------------------------------- processes
 @dataclass
 class Run:
     """One `qks` process."""
@@ -127,9 +129,15 @@ class Run:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def wait_until(run: Run, until: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Wait until `until()` holds, `run` has ended, or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while run.poll() is None and not until() and time.monotonic() < deadline:
+        time.sleep(0.002)
+
+
 class Runner:
-    """Starts `qks` runs in separate processes: `mode` "fork" (from a warm zygote) or "spawn" (fresh
-    interpreter)."""
+    """Starts `qks` runs in separate processes, `mode` "fork" (from a warm zygote) or "spawn"."""
 
     def __init__(self, mode: str = "fork"):
         assert mode in ("fork", "spawn"), mode
@@ -216,7 +224,7 @@ def _limit_fsize(fsize: int | None):
     return limit
 
 
-# ------------------------------------------------------------------------------------------------------ error lines
+# -------------------------------------------------------------------------------------- error lines
 def error_problems(output: str, path_hint: str | None = None) -> list[str]:
     """What is wrong with a failed command's output as a user-facing error: a traceback, no `Error:`
     line, or an error line that does not name `path_hint`. Empty when the output ends in one clear
@@ -237,7 +245,22 @@ def last_line(output: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-# ------------------------------------------------------------------------------------------------------- comparison
+def cli(*args: object) -> tuple[int, str, BaseException | None]:
+    """Run `qks ARGS` here: (exit code, output, an exception that escaped click or None)."""
+    from click.testing import CliRunner
+
+    from qks_pipeline.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    escaped = (
+        None
+        if result.exception is None or isinstance(result.exception, SystemExit)
+        else result.exception
+    )
+    return result.exit_code, result.output, escaped
+
+
+# --------------------------------------------------------------------------------------- comparison
 def store_files(root: Path) -> dict[str, bytes]:
     """Every file under `root`, by relative path."""
     if not root.exists():
@@ -271,8 +294,7 @@ class TreeDiff:
 
 
 def compare_trees(root: Path, reference: Path, skip: tuple[str, ...] = ()) -> TreeDiff:
-    """Compare every file under `root` with the same path under `reference`; `skip`: relative paths
-    not compared."""
+    """Compare each file under `root` with the same path under `reference`, but those in `skip`."""
     here, ref = store_files(root), store_files(reference)
     diff = TreeDiff()
     for name in sorted(set(here) | set(ref)):
@@ -288,8 +310,7 @@ def compare_trees(root: Path, reference: Path, skip: tuple[str, ...] = ()) -> Tr
 
 
 def shard_keys(shard: int) -> list[str]:
-    """The files of one shard of a store written by `qks extract`: its done marker, token shard,
-    valid chunk."""
+    """One shard's files in a store of `qks extract`: done marker, token shard, valid chunk."""
     return [f"done/{shard:05d}.json", f"tokens/c/{shard}/0/0/0", f"valid/c/{shard}"]
 
 
@@ -312,3 +333,23 @@ def done_but_wrong(store: Path, reference: Path) -> list[str]:
     for name in markers(store):
         wrong += [k for k in shard_keys(int(name.split(".")[0])) if here.get(k) != ref.get(k)]
     return wrong
+
+
+def store_state(store: Path) -> str:
+    """'absent', 'ok' (verifies), 'incomplete' (QKSError or verify problems), or 'crashes: ...'."""
+    from qks_pipeline.errors import QKSError
+    from qks_pipeline.store.features import open_cache
+    from qks_pipeline.store.verify import verify_cache
+
+    if not store.exists():
+        return "absent"
+    try:
+        return "incomplete" if verify_cache(open_cache(store)) else "ok"
+    except QKSError:
+        return "incomplete"
+    except Exception as e:
+        return f"crashes: {type(e).__name__} {str(e)[:60]}"
+
+
+def passes_as_complete(store: Path) -> bool:
+    return store_state(store) == "ok"

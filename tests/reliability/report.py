@@ -1,15 +1,14 @@
-"""Run the reliability fault cases and print a table: fault injected, trials, survived, data lost,
-wrong results.
+"""Run the reliability fault cases and print a table: trials, survived, data lost, wrong results.
 
-    .venv/bin/python -m tests.reliability.report [--kills 20] [--train-kills 5] [--trials 4] [--pairs 10]
-                                                 [--fuzz 200] [--spawn] [--work DIR] [--seed 0]
+    .venv/bin/python -m tests.reliability.report [--kills 20] [--train-kills 5] [--trials 4]
+        [--pairs 10] [--fuzz 200] [--spawn] [--work DIR] [--seed 0]
 
 Run it from the repository root. The cases are those of the tests beside it (the same functions:
-faults.py and corpus.py); what each count means is in faults.py's docstring. Runs are real processes
-that are SIGKILLed; by default they are forked from a warm process (fast); `--spawn` starts each as
-a fresh interpreter, as a user's shell does (about 4.5 s more per run). Mounting the small tmpfs of
-the disk-full cases needs root; without it those rows say so. Exits 1 when any trial lost data or
-gave a wrong result.
+faults/, one module per fault kind, and corpus.py); what each count means is in faults/outcome.py's
+docstring. Runs are real processes that are SIGKILLed; by default they are forked from a warm
+process (fast); `--spawn` starts each as a fresh interpreter, as a user's shell does (about 4.5 s
+more per run). Mounting the small tmpfs of the disk-full cases needs root; without it those rows say
+so. Exits 1 when any trial lost data or gave a wrong result.
 """
 
 from __future__ import annotations
@@ -22,7 +21,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.reliability import corpus, faults
+from tests.reliability import corpus
+from tests.reliability.faults.concurrent import (
+    concurrent_extractions,
+    create_while_creating,
+    replace_while_running,
+)
+from tests.reliability.faults.disk_full import (
+    disk_full_checkpoint,
+    disk_full_extraction,
+    file_size_limit_extraction,
+    spread,
+)
+from tests.reliability.faults.kills import extraction_kills, training_kills
+from tests.reliability.faults.outcome import Outcome, Unavailable, format_table
+from tests.reliability.faults.stale import make_stale_setup, stale_inputs
+from tests.reliability.faults.training import make_train_setup
 from tests.reliability.harness import Runner, make_image_data
 from tests.tiny import make_tiny_clip
 
@@ -49,15 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _row(name: str, work: Path, make: Callable[[Path], faults.Outcome]) -> faults.Outcome:
-    """Run one case in its own directory; a case that cannot run here becomes a row with 0 trials
-    and the reason."""
+def _row(name: str, work: Path, make: Callable[[Path], Outcome]) -> Outcome:
+    """Run one case in its own directory; one that cannot run here gives 0 trials and the reason."""
     start = time.monotonic()
     (work / name).mkdir(parents=True, exist_ok=True)
     try:
         outcome = make(work / name)
-    except faults.Unavailable as e:
-        outcome = faults.Outcome(name.replace("_", " "), notes=[f"not run: {e}"])
+    except Unavailable as e:
+        outcome = Outcome(name.replace("_", " "), notes=[f"not run: {e}"])
     print(
         f"  {outcome.fault}: {outcome.trials} trials, {time.monotonic() - start:.0f} s",
         file=sys.stderr,
@@ -65,36 +78,32 @@ def _row(name: str, work: Path, make: Callable[[Path], faults.Outcome]) -> fault
     return outcome
 
 
-def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[faults.Outcome]:
-    clip, other = make_tiny_clip(work / "clip", 0), make_tiny_clip(work / "clip", 1)
-    small, big = make_image_data(work / "small", 24), make_image_data(work / "big", 64)
-    setup = faults.make_train_setup(work / "train_setup", num_train=384, epochs=6)
-    small_setup = faults.make_train_setup(work / "small_train_setup", num_train=128, epochs=3)
+def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[Outcome]:
+    clip = make_tiny_clip(work / "clip", 0)
+    other = make_tiny_clip(work / "clip", 1)
+    small = make_image_data(work / "small", 24)
+    big = make_image_data(work / "big", 64)
+    setup = make_train_setup(work / "train_setup", num_train=384, epochs=6)
+    small_setup = make_train_setup(work / "small_train_setup", num_train=128, epochs=3)
     s = args.seed
-    fractions = faults.spread(args.trials, s)
-    cases: list[tuple[str, Callable[[Path], faults.Outcome]]] = [
-        (
-            "kill_extract",
-            lambda w: faults.extraction_kills(runner, w, big, clip, args.kills, seed=s),
-        ),
-        (
-            "kill_train",
-            lambda w: faults.training_kills(runner, w, setup, args.train_kills, 6, seed=s),
-        ),
-        ("disk_extract", lambda w: faults.disk_full_extraction(runner, w, small, clip, fractions)),
-        ("fsize_extract", lambda w: faults.file_size_limit_extraction(runner, w, small, clip)),
+    fractions = spread(args.trials, s)
+    cases: list[tuple[str, Callable[[Path], Outcome]]] = [
+        ("kill_extract", lambda w: extraction_kills(runner, w, big, clip, args.kills, seed=s)),
+        ("kill_train", lambda w: training_kills(runner, w, setup, args.train_kills, 6, seed=s)),
+        ("disk_extract", lambda w: disk_full_extraction(runner, w, small, clip, fractions)),
+        ("fsize_extract", lambda w: file_size_limit_extraction(runner, w, small, clip)),
         (
             "disk_checkpoint",
-            lambda w: faults.disk_full_checkpoint(runner, w, small_setup, 3, fractions, True),
+            lambda w: disk_full_checkpoint(runner, w, small_setup, 3, fractions, state_write=True),
         ),
-        ("pairs", lambda w: faults.concurrent_extractions(runner, w, small, clip, args.pairs)),
+        ("pairs", lambda w: concurrent_extractions(runner, w, small, clip, args.pairs)),
         (
             "pairs_together",
-            lambda w: faults.concurrent_extractions(runner, w, small, clip, 5, barrier=True),
+            lambda w: concurrent_extractions(runner, w, small, clip, 5, barrier=True),
         ),
-        ("create_while_creating", lambda w: faults.create_while_creating(runner, w, small, clip)),
-        ("replace_running", lambda w: faults.replace_while_running(runner, w, small, clip, other)),
-        ("stale", lambda w: faults.stale_inputs(faults.make_stale_setup(w, small, clip, other))),
+        ("create_while_creating", lambda w: create_while_creating(runner, w, small, clip)),
+        ("replace_running", lambda w: replace_while_running(runner, w, small, clip, other)),
+        ("stale", lambda w: stale_inputs(make_stale_setup(w, small, clip, other))),
         ("manifests", lambda w: corpus.manifest_outcome(w, args.fuzz, seed=s)),
         ("images", lambda w: corpus.image_outcome(w, clip)),
         ("labels", lambda w: corpus.label_outcome(w, clip)),
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nqks reliability report ({mode}, seed {args.seed}, {time.monotonic() - start:.0f} s)\n"
     )
-    print(faults.format_table(outcomes))
+    print(format_table(outcomes))
     return int(any(o.data_lost or o.wrong for o in outcomes))
 
 

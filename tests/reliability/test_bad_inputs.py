@@ -21,8 +21,7 @@ from tests.reliability.corpus import (
     manifest_bytes,
     write_corpus_dataset,
 )
-from tests.reliability.faults import cli
-from tests.reliability.harness import ImageData, extract_argv
+from tests.reliability.harness import ImageData, cli, extract_argv
 from tests.tiny import SEEN, UNSEEN
 
 FUZZ = settings(
@@ -75,7 +74,8 @@ def test_odd_and_broken_images_through_extract(image_corpus, clip):
     """Broken files are masked and recorded with their reason; odd modes and a PNG named .jpg load
     as the plain RGB image of the same pixels; `qks cache verify` passes."""
     root, cases = image_corpus
-    data, store = ImageData(root / "dataset", root / "images"), root / "train.zarr"
+    data = ImageData(root / "dataset", root / "images")
+    store = root / "train.zarr"
     code, output, escaped = cli(*extract_argv(data, clip, store, 8))
     assert code == 0 and escaped is None, output
     assert check_extracted_corpus(store, cases) == {}
@@ -96,8 +96,7 @@ def test_label_file(case, clip, tmp_path):
 
 @pytest.mark.parametrize("name", ["a\x00.jpg", "a\ud800.jpg"])
 def test_a_path_no_file_can_have_is_a_bad_image_not_a_crash(name, tmp_path):
-    """The manifest refuses such names; `load_rgb` (also used by `qks predict`) must not crash on
-    one either."""
+    """The manifest refuses such names; `load_rgb` (used by `qks predict` too) must not crash."""
     from qks_pipeline.data.images import BadImage, load_rgb
 
     with pytest.raises(BadImage, match="unreadable"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.faults import (
+from tests.reliability.faults.concurrent import (
     concurrent_extractions,
     create_while_creating,
     replace_while_running,

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.faults import (
-    Outcome,
-    Unavailable,
+from tests.reliability.faults.disk_full import (
     disk_full_checkpoint,
     disk_full_extraction,
     file_size_limit_extraction,
-    make_train_setup,
 )
+from tests.reliability.faults.outcome import Outcome, Unavailable
+from tests.reliability.faults.training import make_train_setup
 
 
 def _or_skip(make) -> Outcome:

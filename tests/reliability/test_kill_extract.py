@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from tests.reliability.faults import cli, extraction_kills
-from tests.reliability.harness import Runner, compare_trees, extract_argv, make_image_data
+from tests.reliability.faults.kills import extraction_kills
+from tests.reliability.harness import Runner, cli, compare_trees, extract_argv, make_image_data
 
 
 def test_sigkill_extraction_three_times_resumes_byte_for_byte(runner, images, clip, tmp_path):
@@ -41,8 +41,7 @@ def test_resume_clears_the_temporary_files_a_killed_run_left(images, clip, tmp_p
 @pytest.mark.slow
 @pytest.mark.soak
 def test_soak_twenty_kills_in_one_run(runner, clip, tmp_path):
-    """20 kills at random moments while one store of 160 images in shards of 2 (80 shards) is
-    extracted."""
+    """20 kills at random moments while one store of 160 images (80 shards of 2) is extracted."""
     data = make_image_data(tmp_path / "data", n_train=160)
     outcome = extraction_kills(runner, tmp_path / "run", data, clip, kills=20, seed=7)
     assert outcome.trials == 20 and outcome.rounds == 1
@@ -52,8 +51,7 @@ def test_soak_twenty_kills_in_one_run(runner, clip, tmp_path):
 @pytest.mark.slow
 @pytest.mark.soak
 def test_soak_kills_of_fresh_interpreters(images, clip, tmp_path):
-    """Five kills of `qks` started as fresh interpreters (not forked): the path a user's shell
-    takes."""
+    """Five kills of `qks` started as fresh interpreters (not forked), as from a user's shell."""
     with Runner("spawn") as spawn:
         outcome = extraction_kills(spawn, tmp_path, images, clip, kills=5, seed=3)
     assert outcome.clean, outcome.notes

@@ -9,7 +9,8 @@ import pytest
 import qks_pipeline.stage_two.train as training
 from qks_pipeline.config import EvaluateConfig, ModelConfig, Params, TrainConfig
 from qks_pipeline.store.synthetic import make_synthetic
-from tests.reliability.faults import compare_runs, make_train_setup, training_kills
+from tests.reliability.faults.kills import training_kills
+from tests.reliability.faults.training import compare_runs, make_train_setup
 
 
 def test_sigkill_training_twice_resumes_to_the_same_weights(runner, tmp_path):
@@ -28,8 +29,7 @@ WRITERS = ("save_weights", "save_state", "write_csv", "atomic_write", "write_con
 
 
 def _kill_after_writes(monkeypatch: pytest.MonkeyPatch, die_after: int | None) -> list[str]:
-    """Count the checkpoint writes of a `train` call; raise Killed right after write number
-    `die_after`."""
+    """Count a `train` call's checkpoint writes; raise Killed right after write `die_after`."""
     calls: list[str] = []
 
     def counted(name: str, real):

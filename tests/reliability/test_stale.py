@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.reliability.faults import StaleSetup, make_stale_setup, run_stale_case, stale_cases
+from tests.reliability.faults.stale import StaleSetup, make_stale_setup, run_stale_case, stale_cases
 
 
 @pytest.fixture(scope="module")

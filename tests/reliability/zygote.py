@@ -2,8 +2,10 @@
 run.
 
 Protocol (one JSON object a line on stdin, one answer a line on stdout):
-    {"op": "run", "argv": [...], "log": PATH, "fsize": BYTES|null, HOOK: VALUE...}  -> {"pid": N}
-    {"op": "poll", "pid": N}                                                    -> {"status": CODE|null}
+    {"op": "run", "argv": [...], "log": PATH, "fsize": BYTES|null, HOOK: VALUE...}
+        -> {"pid": N}
+    {"op": "poll", "pid": N}
+        -> {"status": CODE|null}
     {"op": "quit"}
 
 Each run is a forked child that executes the same click entry point as the `qks` script

@@ -1,5 +1,4 @@
-"""Importers: turn a dataset's own published files into a dataset directory (see
-data_manifests/README.md).
+"""Importers: a dataset's published files -> a dataset directory (data_manifests/README.md).
 
 One module per format; each exposes one `import_*` function that writes `train.jsonl`, `test.jsonl`,
 `seen.txt` and `unseen.txt` through `ImportReport.write` (`manifest.write_dataset`: validated, all
@@ -40,26 +39,26 @@ class ImportReport:
     def write(
         self, seen: Sequence[str], unseen: Sequence[str], splits: Mapping[str, Iterable[Record]]
     ) -> ImportReport:
-        """Write the dataset (`manifest.write_dataset`, all or nothing) and count the images it left
-        out."""
+        """Write the dataset (`manifest.write_dataset`: all or nothing); count images left out."""
         for split, summary in write_dataset(self.out_dir, seen, unseen, splits).items():
             self.written[split] = summary.images - summary.no_positive
             self.dropped[split, "no positive label"] += summary.no_positive
-        self.seen, self.unseen = len(seen), len(unseen)
+        self.seen = len(seen)
+        self.unseen = len(unseen)
         return self
 
     def lines(self) -> list[str]:
         out = [f"wrote {self.out_dir}: {self.seen} seen + {self.unseen} unseen labels"]
         for split, n in self.written.items():
+            line = f"  {split}: {n} images written"
             drops = [
-                f"{c} ({reason})"
-                for (s, reason), c in sorted(self.dropped.items())
-                if s == split and c
+                f"{count} ({reason})"
+                for (s, reason), count in sorted(self.dropped.items())
+                if s == split and count
             ]
-            out.append(
-                f"  {split}: {n} images written"
-                + (f", dropped {', '.join(drops)}" if drops else "")
-            )
+            if drops:
+                line += f", dropped {', '.join(drops)}"
+            out.append(line)
         return out + [f"  note: {note}" for note in self.notes]
 
 
@@ -76,12 +75,12 @@ def csv_rows(path: Path, what: str) -> Iterator[tuple[int, list[str]]]:
 
 
 def import_manifest(root: str | Path, out: str | Path) -> ImportReport:
-    """A dataset directory already in this format (the bundled sample, your own): checked, then
-    copied."""
+    """Check, then copy, a dataset directory already in this format (the bundled sample, yours)."""
     seen, unseen = read_vocabulary(root)
     # one for both splits: an image in both is an error naming the source
     validator = Validator(seen + unseen)
-    splits = {
-        s: [rec for _, rec in iter_manifest(Path(root) / f"{s}.jsonl", validator)] for s in SPLITS
-    }
+    splits = {}
+    for split in SPLITS:
+        records = iter_manifest(Path(root) / f"{split}.jsonl", validator)
+        splits[split] = [record for _, record in records]
     return ImportReport(Path(out)).write(seen, unseen, splits)

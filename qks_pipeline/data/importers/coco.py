@@ -1,5 +1,8 @@
-"""COCO instances JSON (format: data_manifests/README.md): positives are the categories an image has
-an instance of; COCO is exhaustively labelled, so every other category is a verified negative."""
+"""COCO instances JSON (format: data_manifests/README.md).
+
+Positives are the categories an image has an instance of; COCO is exhaustively labelled, so every
+other category is a verified negative.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +16,7 @@ from qks_pipeline.errors import QKSError
 
 
 def read_instances(path: Path) -> tuple[list[str], list[tuple[str, set[str]]]]:
-    """(category names in file order, [(file_name, names of its categories)] in image order) of an
-    instances file."""
+    """An instances file's category names and [(file_name, its categories)], in file order."""
     try:
         data = json.loads(require_file(path, "COCO instances file").read_text(encoding="utf-8"))
         categories = {c["id"]: str(c["name"]).strip() for c in data["categories"]}
@@ -38,14 +40,10 @@ def read_instances(path: Path) -> tuple[list[str], list[tuple[str, set[str]]]]:
 def coco_records(
     images: Sequence[tuple[str, set[str]]], labels: Sequence[str], prefix: str
 ) -> Iterator[Record]:
-    """One record per image over `labels`: present categories positive, the rest negative (COCO is
-    exhaustive)."""
+    """One record per image over `labels`: categories present positive, the rest negative."""
     for file_name, present in images:
-        yield Record(
-            prefix + file_name,
-            tuple(label for label in labels if label in present),
-            negative_rest=True,
-        )
+        positive = tuple(label for label in labels if label in present)
+        yield Record(prefix + file_name, positive, negative_rest=True)
 
 
 def import_coco(
@@ -57,10 +55,20 @@ def import_coco(
     test_prefix: str = "",
     unseen_source: str = "--unseen",
 ) -> ImportReport:
-    """Write a COCO dataset directory; `unseen` names categories (`unseen_source`: where they came
-    from), and the prefixes are prepended to file names (e.g. "train2017/"), so one image root
-    serves both splits."""
-    train_json, test_json = Path(train_json), Path(test_json)
+    """Write a COCO dataset directory.
+
+    Args:
+        train_json: the train split's instances file.
+        test_json: the test split's instances file (the same categories).
+        unseen: the categories held out as unseen labels.
+        out: the dataset directory to write.
+        train_prefix: prepended to the train file names (e.g. "train2017/"), so one image root
+            serves both splits.
+        test_prefix: prepended to the test file names.
+        unseen_source: where `unseen` came from, for error messages.
+    """
+    train_json = Path(train_json)
+    test_json = Path(test_json)
     categories, train_images = read_instances(train_json)
     test_categories, test_images = read_instances(test_json)
     if test_categories != categories:

@@ -1,0 +1,337 @@
+"""The query index on disk: one Zarr v3 store holding, for every image of a feature store, the
+head's query outputs `z = query_features(tokens) @ proj` (N, Q, E), which do not depend on the
+labels, and what evaluation and tagging need beside them.
+
+- `z`: (N, Q, E) float16 (`index.precision: fp16`) or float32, one chunk a shard with its crc32c;
+  filled with NaN, so a shard never written reads as NaN. Stored centred: each query output minus
+  `z_mean`.
+- `z_mean`: (Q, E) float32, the mean query outputs of the first shard's images. A head's query
+  outputs share a large common part (on a trained synthetic head, 99% of their magnitude): rounding
+  the remainder to float16 moves logits 100x less than rounding z itself.
+- `valid`, `paths`, `labels`: the feature store's readable images, image paths and (N, C) int8
+  label matrix.
+- attributes: `index`, the fingerprint (the checkpoint's identity, the feature store's fingerprint,
+  the precision); the label names (seen then unseen), `num_seen`, `shard_size`, the checkpoint's
+  config.json and directory.
+- `done/NNNNN.json`: one marker per finished shard, written after it.
+
+A label's logit for image i is `max_q (z[i, q] + z_mean[q]) . e_label`, the last two lines of
+`model.QKS.forward`, in float32 whatever `z` is stored as.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from qks_pipeline.errors import QKSError
+from qks_pipeline.stage_two.checkpoint import BEST
+from qks_pipeline.store.features import NO_SPACE, Cache
+from qks_pipeline.store.location import Location
+
+FORMAT_VERSION = 1
+ARRAYS = ("z", "z_mean", "valid", "paths", "labels")
+DTYPES = {"fp16": "float16", "fp32": "float32"}
+# entries of the (B, Q, C) per-query scores computed at once: 64 MiB of float32
+BLOCK_ENTRIES = 1 << 24
+# the config.json keys that decide what the head computes
+HEAD_KEYS = ("model", "token_dim", "num_tokens", "embed_dim", "fingerprint")
+
+
+def checkpoint_identity(directory: str | Path, config: dict[str, Any]) -> dict[str, str]:
+    """A checkpoint's identity: the sha256 of its best weights file and of the config that shapes
+    the head."""
+    digest = hashlib.sha256()
+    with open(Path(directory) / BEST, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    head = json.dumps({k: config.get(k) for k in HEAD_KEYS}, sort_keys=True)
+    return {
+        "weights_sha256": digest.hexdigest(),
+        "config_sha256": hashlib.sha256(head.encode()).hexdigest(),
+    }
+
+
+def index_fingerprint(
+    identity: dict[str, str], store: dict[str, Any], precision: str
+) -> dict[str, Any]:
+    """What an index's content depends on, normalised through JSON to compare with the stored
+    copy."""
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint": identity,
+        "store": store,
+        "precision": precision,
+    }
+    return json.loads(json.dumps(blob))
+
+
+def score_block(
+    z: torch.Tensor, label_emb: torch.Tensor, offset: torch.Tensor, query_index: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, C) float32 of centred query outputs z (B, Q, E) against label embeddings (C, E),
+    `offset` (Q, C) the mean outputs' scores, and with `query_index` which query gave each logit
+    (B, C), as `model.QKS.forward` computes them."""
+    scores = z.float() @ label_emb.T + offset  # (B, Q, E) @ (E, C) + (Q, C) -> (B, Q, C)
+    if not query_index:
+        return scores.amax(dim=1), None
+    logits, index = scores.max(dim=1)  # (B, C) each
+    return logits, index
+
+
+@dataclass
+class IndexStore:
+    """An open index; arrays are zarr arrays, read lazily. Build one with `create_index`, open one
+    with `open_index`."""
+
+    path: Path | str  # a local directory, or an fsspec URL
+    group: zarr.Group
+
+    @functools.cached_property
+    def location(self) -> Location:
+        return Location.of(self.path)
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.group.attrs["index"]
+
+    @property
+    def precision(self) -> str:
+        return self.fingerprint["precision"]
+
+    @property
+    def store_fingerprint(self) -> dict[str, Any]:
+        """The fingerprint of the feature store the index was built from."""
+        return self.fingerprint["store"]
+
+    @property
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The config.json of the checkpoint whose head made `z`."""
+        return self.group.attrs["checkpoint_config"]
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where that checkpoint was when the index was built."""
+        return Path(self.group.attrs["checkpoint_dir"])
+
+    @property
+    def label_names(self) -> list[str]:
+        """The feature store's labels, seen then unseen."""
+        return list(self.group.attrs["labels"])
+
+    @property
+    def num_seen(self) -> int:
+        return int(self.group.attrs["num_seen"])
+
+    @property
+    def shard_size(self) -> int:
+        return int(self.group.attrs["shard_size"])
+
+    @property
+    def z(self) -> zarr.Array:
+        """(N, Q, E) the query outputs."""
+        return self.group["z"]
+
+    @functools.cached_property
+    def z_mean(self) -> np.ndarray:
+        """(Q, E) float32: what the stored z are centred on."""
+        return self.group["z_mean"][:]
+
+    @property
+    def valid(self) -> zarr.Array:
+        """(N,) bool: False for an image stage one could not read."""
+        return self.group["valid"]
+
+    @property
+    def paths(self) -> zarr.Array:
+        """(N,) each row's image, relative to the image root."""
+        return self.group["paths"]
+
+    @property
+    def labels(self) -> zarr.Array:
+        """(N, C) int8: +1 positive, -1 negative, 0 unknown."""
+        return self.group["labels"]
+
+    @property
+    def num_images(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return self.z.shape[1]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.z.shape[2]
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_rows(self, shard: int) -> slice:
+        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
+
+    def done_shards(self) -> set[int]:
+        names = self.location.list("done")
+        return {int(name[: -len(".json")]) for name in names if name.endswith(".json")}
+
+    def require_complete(self) -> None:
+        if missing := self.num_shards - len(self.done_shards()):
+            raise QKSError(
+                f"index is incomplete: {missing} of {self.num_shards} shards not built; rerun "
+                "`qks index`",
+                self.path,
+            )
+
+    def write_shard(self, shard: int, z: np.ndarray) -> None:
+        """Write one whole shard of z (S, Q, E) float32, centred here, then its done marker (the
+        only proof of completion)."""
+        rows = self.shard_rows(shard)
+        assert z.shape == (rows.stop - rows.start, *self.z.shape[1:]), (z.shape, rows)
+        record = {"shard": shard, "rows": [rows.start, rows.stop]}
+        try:
+            self.z[rows] = (z - self.z_mean).astype(self.z.dtype)
+            self.location.write_text(f"done/{shard:05d}.json", json.dumps(record))
+        except OSError as e:  # the shard stays not done: a rerun redoes it
+            if e.errno not in NO_SPACE:
+                raise
+            message = f"cannot write index shard {shard}: {e.strerror}"
+            raise QKSError(message, e.filename or self.path) from None
+
+    def read_shard(self, shard: int) -> np.ndarray:
+        """z of one shard (S, Q, E) as stored; a damaged or missing shard is one clear error."""
+        where = f"{self.location.url}/z/c/{shard}/0/0"
+        try:
+            z = self.z[self.shard_rows(shard)]
+        except ValueError as e:  # zarr's crc32c check: a truncated or overwritten file
+            message = f"index shard {shard} is damaged ({e}); rebuild it: qks index --overwrite"
+            raise QKSError(message.split(". Stored")[0], where) from None
+        if z.size and np.isnan(z.flat[0]):  # the NaN fill: the shard's file is gone
+            message = f"index shard {shard} is missing; rebuild it: qks index --overwrite"
+            raise QKSError(message, where)
+        return z
+
+    def blocks(
+        self, rows: np.ndarray | None = None, valid_only: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows (B,), z (B, Q, E)) over `rows` (ascending; default: the valid rows, or every row
+        without `valid_only`), one shard at a time: memory flat in N."""
+        valid = np.asarray(self.valid[:], dtype=bool) if rows is None and valid_only else None
+        for shard in range(self.num_shards):
+            span = self.shard_rows(shard)
+            if rows is None:
+                every = np.arange(span.start, span.stop)
+                picked = every if valid is None else every[valid[span]]
+            else:
+                picked = rows[np.searchsorted(rows, span.start) : np.searchsorted(rows, span.stop)]
+            if len(picked) == span.stop - span.start:  # the whole shard: no copy
+                yield picked, self.read_shard(shard)
+            elif len(picked):
+                yield picked, self.read_shard(shard)[picked - span.start]
+
+    def logit_blocks(
+        self,
+        label_emb: torch.Tensor,
+        rows: np.ndarray | None = None,
+        query_index: bool = False,
+        valid_only: bool = True,
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
+        """(rows (b,), logits (b, C) float32, query index (b, C) or None) over `rows` as `blocks`
+        takes them, in blocks of at most `BLOCK_ENTRIES` per-query scores."""
+        step = max(1, BLOCK_ENTRIES // (self.num_queries * max(1, label_emb.shape[0])))
+        emb = label_emb.float()
+        offset = torch.from_numpy(self.z_mean).to(emb.device) @ emb.T  # (Q, E) @ (E, C) -> (Q, C)
+        for picked, z in self.blocks(rows, valid_only):
+            for start in range(0, len(picked), step):
+                block = torch.from_numpy(z[start : start + step]).to(emb.device)  # (b, Q, E)
+                logits, index = score_block(block, emb, offset, query_index)
+                yield picked[start : start + step], logits, index
+
+
+def _copy_rows(group: zarr.Group, cache: Cache, shard: int) -> None:
+    """The feature store's validity, paths and label matrix, a shard at a time (the labels may not
+    fit in memory)."""
+    n, c = cache.labels.shape
+    valid = group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,))
+    paths = group.create_array("paths", shape=(n,), dtype=str, chunks=(shard,))
+    labels = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
+    for start in range(0, n, shard):
+        rows = slice(start, start + shard)
+        valid[rows] = cache.valid[rows]
+        paths[rows] = np.asarray(cache.paths[rows], dtype=object)
+        labels[rows] = cache.labels[rows]
+
+
+def create_index(
+    path: str | Path,
+    cache: Cache,
+    *,
+    fingerprint: dict[str, Any],
+    z_mean: np.ndarray,
+    checkpoint_dir: Path,
+    checkpoint_config: dict[str, Any],
+) -> IndexStore:
+    """Create an empty index for the feature store `cache` (all but z), whole or not at all: built
+    under a temporary name and put in place (`Location.building`)."""
+    n = cache.num_images
+    shard = cache.shard_size
+    num_queries, embed_dim = z_mean.shape
+    with Location.of(path).building() as tmp:
+        group = tmp.open_group("w")
+        group.create_array(
+            "z",
+            shape=(n, num_queries, embed_dim),
+            dtype=DTYPES[fingerprint["precision"]],
+            chunks=(shard, num_queries, embed_dim),
+            compressors=[zarr.codecs.Crc32cCodec()],
+            fill_value=float("nan"),
+        )
+        group.create_array("z_mean", shape=z_mean.shape, dtype="float32")[:] = z_mean
+        _copy_rows(group, cache, shard)
+        group.attrs.update(
+            index=fingerprint,
+            labels=cache.label_names,
+            num_seen=cache.num_seen,
+            shard_size=shard,
+            checkpoint_dir=str(checkpoint_dir.resolve()),
+            checkpoint_config=checkpoint_config,
+        )
+        tmp.makedirs("done")
+    return open_index(path, mode="r+")
+
+
+def is_index(location: Location) -> bool:
+    """Whether the Zarr store at `location` is a query index (not a feature or label store)."""
+    try:
+        return "index" in location.open_group("r").attrs
+    except (QKSError, FileNotFoundError, ValueError):
+        return False
+
+
+def open_index(path: str | Path, mode: str = "r") -> IndexStore:
+    """Open an index written by `create_index`; a missing, foreign or damaged one is one clear
+    error."""
+    location = Location.of(path)
+    if not location.exists("zarr.json"):
+        raise QKSError("no query index here (run `qks index` first)", location.url)
+    group = location.open_group(mode)
+    fingerprint = group.attrs.get("index")
+    if not isinstance(fingerprint, dict):
+        raise QKSError("not a qks query index (a feature or label store?)", location.url)
+    if fingerprint.get("format_version") != FORMAT_VERSION:
+        version = fingerprint.get("format_version")
+        message = f"index format version {version}, this qks reads {FORMAT_VERSION}; rebuild it"
+        raise QKSError(message, location.url)
+    if missing := [name for name in ARRAYS if name not in group]:
+        message = f"damaged query index: no {', '.join(missing)} array; rebuild it (--overwrite)"
+        raise QKSError(message, location.url)
+    return IndexStore(location.url, group)
