@@ -11,9 +11,13 @@ import contextlib
 import csv
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+
+# `atomic_path`'s temporary names: what a write killed before its rename leaves
+TEMPORARY = re.compile(r"^\..+\.tmp\d+$")
 
 
 @contextlib.contextmanager
@@ -27,6 +31,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_temporary(directory: str | Path) -> list[Path]:
+    """Delete the temporary files (`.<name>.tmp<pid>`) that killed writes left in `directory` (not
+    below it); returns them. Call it only while no other process writes there (under a lock)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    left = [p for p in directory.iterdir() if TEMPORARY.match(p.name) and p.is_file()]
+    for path in left:
+        path.unlink(missing_ok=True)
+    return left
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:

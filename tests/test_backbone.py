@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -14,11 +15,12 @@ import open_clip
 import pytest
 import torch
 
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import QKSError, shorten
 from qks_pipeline.stage_one.backbone import (
     check_supported,
     encode_labels,
     load_backbone,
+    offline_hint,
     token_shape,
     visual_tokens,
 )
@@ -82,6 +84,34 @@ def test_encode_labels_is_the_plain_mean_over_templates(tiny):
     )
 
 
+def _cut_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "cut at the text encoder" in r.getMessage()]
+
+
+def test_a_label_cut_by_the_context_length_is_warned_about(tiny, caplog):
+    """77 tokens: start, 75 words, end fill the context exactly; one word more is cut."""
+    fits = " ".join(["word"] * 75)
+    cut = " ".join(["word"] * 76)
+    assert tiny.tokenizer([fits])[0, -1] != 0
+    with caplog.at_level(logging.WARNING, logger="qks_pipeline.stage_one.backbone"):
+        encode_labels(tiny.model, tiny.tokenizer, ["red", fits], ["{}"])
+        assert _cut_warnings(caplog) == []
+        encode_labels(tiny.model, tiny.tokenizer, ["red", fits, cut], ["{}", "a {}"])
+    (message,) = _cut_warnings(caplog)
+    # `fits` is cut in its second template, `cut` in both
+    assert message.startswith("2 label(s) cut at the text encoder's context of 77 tokens")
+    assert message.endswith(f"(in some template): {shorten(f'{fits}, {cut}')}")
+    assert len(message) < 300
+
+
+def test_label_embedding_shows_a_progress_bar_when_asked(tiny, capsys):
+    encode_labels(tiny.model, tiny.tokenizer, ["red", "blue", "tree"], ["a {}"], progress=True)
+    assert "embed labels: 100%" in capsys.readouterr().err
+    # None: on a terminal only (pytest's stderr is not one)
+    encode_labels(tiny.model, tiny.tokenizer, ["red"], ["a {}"])
+    assert capsys.readouterr().err == ""
+
+
 def test_fingerprint_and_source_name_weights_preprocessing_and_layout(tiny, tiny_clip, tmp_path):
     config, weights = tiny_clip
     fp = tiny.fingerprint
@@ -143,10 +173,39 @@ def test_unreachable_hub_fails_fast_in_one_line(tmp_path, sample_dataset):
     assert (
         "cannot download the 'openai' weights of ViT-B-16" in lines[0] and "unreachable" in lines[0]
     )
-    assert (
-        "set backbone.pretrained (--pretrained) to the file with backbone.model ViT-B-16-quickgelu"
-        in lines[0]
+    # OpenAI's file, which open_clip downloads from its URL and `resolve_weights` knows by its hash
+    url = open_clip.get_pretrained_cfg("ViT-B-16", "openai")["url"]
+    assert lines[0].endswith(
+        f"download {url} where there is internet, then set "
+        "backbone.pretrained=/path/to/ViT-B-16.pt (params.yaml, --set or --pretrained)"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "source", "setting"),
+    [
+        (
+            "ViT-B-32",
+            "laion2b_s34b_b79k",
+            "https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/"
+            "open_clip_model.safetensors (or open_clip_pytorch_model.bin there)",
+            "backbone.pretrained=/path/to/open_clip_model.safetensors (params.yaml, --set or "
+            "--pretrained)",
+        ),
+        (
+            "ViT-B-16",
+            "dfn2b",
+            "https://huggingface.co/apple/DFN2B-CLIP-ViT-B-16/resolve/main/"
+            "open_clip_model.safetensors (or open_clip_pytorch_model.bin there)",
+            "backbone.pretrained=/path/to/open_clip_model.safetensors and "
+            "backbone.model=ViT-B-16-quickgelu (params.yaml, --set or --pretrained/--model)",
+        ),
+    ],
+)
+def test_offline_a_hub_tag_names_the_hub_file_and_its_settings(name, tag, source, setting):
+    """A hub file is not known by its hash: QuickGELU weights need the -quickgelu model name."""
+    hint = offline_hint(name, open_clip.get_pretrained_cfg(name, tag))
+    assert hint == f"download {source} where there is internet, then set {setting}"
 
 
 def test_bad_names_are_user_errors(tiny_clip):

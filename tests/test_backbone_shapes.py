@@ -89,6 +89,7 @@ def test_num_heads_that_do_not_divide_the_width_are_refused_before_any_work(
     extract = ["extract", "--dataset", ds.dataset, "--split", "train", "--images", ds.images]
     out = qks(*extract, "--out", tmp_path / "train.zarr", "--params", params, expect=1)
     assert out.strip().splitlines() == [
-        f"Error: {params}: model.num_heads 12 does not divide the backbone's width 128 (use auto)"
+        f"Error: {params}: model.num_heads = 12: must divide 128, the width of backbone.model "
+        f"{config} (or be auto)"
     ]
     assert not (tmp_path / "train.zarr").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,10 +12,15 @@ from click.testing import CliRunner
 
 from qks_pipeline.cli import main
 from qks_pipeline.errors import QKSError
-from qks_pipeline.store.features import cache_summary, create_cache, open_cache
+from qks_pipeline.store.checked import has_checksums
+from qks_pipeline.store.features import ARRAYS, cache_summary, create_cache, open_cache
 from qks_pipeline.store.fingerprint import check_fingerprint, make_fingerprint
-from qks_pipeline.store.label_store import read_label_embeddings, write_label_embeddings
-from qks_pipeline.store.verify import verify_cache
+from qks_pipeline.store.label_store import (
+    CLIP_EMBEDDINGS,
+    read_label_embeddings,
+    write_label_embeddings,
+)
+from qks_pipeline.store.verify import verify_cache, verify_label_store
 
 N, V, T, D, C = 10, 2, 5, 8, 3
 
@@ -83,12 +89,119 @@ def test_whole_shard_writes_and_done_markers(tmp_path):
     )
 
 
-def test_an_all_zero_shard_is_done_only_by_its_marker(tmp_path):
+def test_an_all_zero_shard_is_written_whole(tmp_path):
+    """From format version 3 a chunk equal to the fill value is written too: an absent chunk can
+    only be damage."""
     cache, _ = _store(tmp_path / "s.zarr")
     cache.write_shard(0, np.zeros((4, V, T, D), np.float16), np.zeros(4, bool), [])
-    # zarr wrote no chunk file, the marker alone records the shard
-    assert cache.done_shards() == {0}
-    assert not cache.tokens[0:4].any()
+    assert cache.done_shards() == {0} and not cache.tokens[0:4].any()
+    assert (cache.path / "tokens/c/0/0/0/0").is_file() and (cache.path / "valid/c/0").is_file()
+    assert cache.missing_chunks() == []
+    again, _ = _store(tmp_path / "zeros.zarr")
+    again.labels[:] = 0
+    assert again.missing_chunks() == [] and (again.path / "labels/c/1/0").is_file()
+
+
+def test_every_chunk_of_every_array_has_a_crc32c(tmp_path):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens)
+    write_label_embeddings(
+        tmp_path / "l.zarr", ["a"], np.ones((1, 4), np.float32), {}, np.ones((1, 4), np.float32)
+    )
+    labels = zarr.open_group(tmp_path / "l.zarr", mode="r")
+    arrays = [cache.group[name] for name in ARRAYS] + [
+        labels["embeddings"],
+        labels[CLIP_EMBEDDINGS],
+    ]
+    assert all(has_checksums(a) for a in arrays)
+    assert cache.fingerprint["format_version"] == 3
+
+
+# a chunk of each array, with a row of it
+CHUNKS = {
+    "tokens": ("tokens/c/1/0/0/0", 5),
+    "labels": ("labels/c/1/0", 5),
+    "valid": ("valid/c/2", 9),
+    "paths": ("paths/c/0", 0),
+    "manifest_index": ("manifest_index/c/0", 0),
+    "visual_proj": ("visual_proj/c/0/0", 0),
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKS))
+def test_a_missing_chunk_of_any_array_is_damage_never_a_fill_value(tmp_path, name):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens)
+    key = CHUNKS[name][0]
+    (cache.path / key).unlink()
+    again = open_cache(cache.path)
+    with pytest.raises(QKSError, match="chunk missing") as e:
+        again.require_complete()
+    assert str(e.value).startswith(f"{cache.path / key}: chunk missing") and "\n" not in str(
+        e.value
+    )
+    assert verify_cache(again) == [f"{cache.path / key}: chunk missing"]
+    result = CliRunner().invoke(main, ["cache", "verify", str(cache.path)])
+    assert result.exit_code == 1 and "damaged feature store, 1 problem(s)" in result.output
+
+
+def _flip(path, at: int = -5) -> None:
+    """Flip one bit of a file (by default in the bytes just before a chunk's crc32c)."""
+    raw = bytearray(path.read_bytes())
+    raw[at] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("name", [n for n in CHUNKS if n != "tokens"])
+def test_a_flipped_bit_in_any_array_is_one_error_naming_the_chunk(tmp_path, name):
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens)
+    key, row = CHUNKS[name]
+    _flip(cache.path / key)
+    again = open_cache(cache.path)
+    again.require_complete()
+    with pytest.raises(QKSError) as e:
+        getattr(again, name)[row]
+    assert str(e.value) == (
+        f"{cache.path / key}: chunk unreadable: crc32c checksum mismatch (corrupt or truncated "
+        "file); the store is damaged; rebuild it"
+    )
+    assert verify_cache(again) == [str(e.value)]
+
+
+def test_a_store_before_version_3_is_read_with_the_checks_its_layout_allows(tmp_path):
+    """Version 2 wrote no chunk equal to the fill value: a shard of unreadable images only may lack
+    its files; another shard's missing file, or a labels chunk, is damage."""
+    cache, tokens = _store(tmp_path / "s.zarr")
+    _fill(cache, tokens, bad_rows=[8, 9])
+    cache.group.attrs["fingerprint"] = {**cache.fingerprint, "format_version": 2}
+    for key in ("tokens/c/2/0/0/0", "valid/c/2"):
+        (cache.path / key).unlink()
+    open_cache(cache.path).require_complete()
+    assert verify_cache(open_cache(cache.path)) == []
+    for key in ("tokens/c/1/0/0/0", "labels/c/0/0"):
+        damaged = shutil.copytree(cache.path, tmp_path / key.replace("/", "_"))
+        (damaged / key).unlink()
+        with pytest.raises(QKSError, match=f"{damaged / key}: chunk missing"):
+            open_cache(damaged).require_complete()
+
+
+def test_verify_checks_a_label_store_and_says_so(tmp_path):
+    emb = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    store = tmp_path / "l.zarr"
+    write_label_embeddings(store, ["a", "b", "c"], emb, make_fingerprint({}), emb)
+    result = CliRunner().invoke(main, ["cache", "verify", str(store)])
+    assert result.exit_code == 0 and result.output.startswith(f"{store}: OK (label store: 3 labels")
+    _flip(store / "embeddings/c/0/0")
+    result = CliRunner().invoke(main, ["cache", "verify", str(store)])
+    assert result.exit_code == 1 and "damaged label store, 1 problem(s)" in result.output
+    assert f"{store / 'embeddings/c/0/0'}: chunk unreadable: crc32c" in result.output
+    with pytest.raises(QKSError, match="embeddings/c/0/0: chunk unreadable: crc32c"):
+        read_label_embeddings(store)
+    (store / "embeddings/c/0/0").unlink()
+    with pytest.raises(QKSError, match="embeddings/c/0/0: chunk missing"):
+        read_label_embeddings(store)
+    assert verify_label_store(store).problems == [f"{store / 'embeddings/c/0/0'}: chunk missing"]
 
 
 def test_fingerprints_compare_after_a_round_trip_and_name_differences(tmp_path):

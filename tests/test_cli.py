@@ -31,11 +31,11 @@ def test_set_overrides_params_yaml_and_reads_values_as_yaml(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.lr=fast", "'params.train.lr' must be float, got 'fast'"),
-        ("train.learning_rate=1", "unknown key(s) in section 'params.train': learning_rate"),
+        ("train.lr=fast", "'train.lr' must be float, got 'fast'"),
+        ("train.learning_rate=1", "unknown key(s) in section 'train': learning_rate"),
         ("trainlr=1", "expected SECTION.KEY=VALUE"),
-        ("model.num_queries=true", "'params.model.num_queries' must be int, got True"),
-        ("evaluate.top_k=[3, x]", "'params.evaluate.top_k' must be int, got 'x'"),
+        ("model.num_queries=true", "'model.num_queries' must be int, got True"),
+        ("evaluate.top_k=[3, x]", "'evaluate.top_k' must be int, got 'x'"),
     ],
 )
 def test_a_bad_override_is_one_line_naming_it(override, message):

@@ -82,6 +82,10 @@ def test_repro_runs_everything_then_nothing(repo: Path) -> None:
         for setting in ("zsl", "gzsl"):
             value = metrics[setting]["mAP"]
             assert isinstance(value, float) and 0.0 < value <= 1.0, (name, setting, value)
+    # the paper's 14 numbers a file (ZSL and GZSL: mAP, P/R/F1@3 and @5), without counts or notes
+    shown = sh(repo, "dvc", "metrics", "show").splitlines()
+    assert max(map(len, shown)) < 200 and len(shown) == 3, shown
+    assert "seen" not in shown[0] and "num_images" not in shown[0] and "template" not in shown[0]
     # header + 2 epochs
     assert (repo / "models" / "qks" / "train_log.csv").read_text().count("\n") >= 3
     assert "Data and pipelines are up to date" in sh(repo, "dvc", "status")
@@ -126,11 +130,11 @@ def test_exp_run_reproduces_the_papers_protocol(repo: Path) -> None:
         repo, "dvc", "exp", "run", "-S", "train.selection=test", "-S", "evaluate.protocol=reference"
     )
     assert "Running stage 'train'" in out and "selected on the TEST set" in out, out
-    metrics = json.loads((repo / "metrics" / "qks.json").read_text())
+    details = json.loads((repo / "metrics" / "qks_details.json").read_text())
     assert (
-        metrics["selection"] == "test"
-        and metrics["protocol"] == "reference"
-        and "warning" in metrics
+        details["selection"] == "test"
+        and details["protocol"] == "reference"
+        and "warning" in details
     )
     config = json.loads((repo / "models" / "qks" / "config.json").read_text())
     assert "test" in json.dumps(config)
@@ -155,3 +159,13 @@ def test_a_code_edit_marks_the_stages_that_import_it(repo: Path) -> None:
     assert {"extract@train", "extract@test"} <= _changed_stages(repo)
     out = sh(repo, "dvc", "repro", "--single-item", "extract@train")
     assert "already complete" in out, out
+
+
+def test_dvc_plots_page_is_not_tracked_by_git() -> None:
+    """`dvc plots show` writes dvc_plots/index.html into the working tree."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "dvc_plots/index.html"], cwd=REPO, capture_output=True
+    )
+    assert ignored.returncode == 0

@@ -26,7 +26,7 @@ from qks_pipeline.config import (
 from qks_pipeline.errors import QKSError
 from qks_pipeline.stage_one.backbone import load_backbone
 from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
-from qks_pipeline.stage_two.evaluate import evaluate
+from qks_pipeline.stage_two.evaluate import evaluate, read_report
 from qks_pipeline.stage_two.loader import open_loader
 from qks_pipeline.stage_two.metrics import (
     SELECTED_ON_TEST,
@@ -106,7 +106,7 @@ def test_evaluate_writes_metrics_and_tables(run, tmp_path):
         device="cpu",
         echo=lines.append,
     )
-    written = json.loads(out.read_text())
+    written = read_report(out)
     assert written == report and written["units"] == "fraction" and written["selection"] == "val"
     assert (
         written["protocol"] == "standard"
@@ -193,6 +193,52 @@ def test_clip_baseline_one_template_or_pool(run, tmp_path):
     assert both["clip_zero_shot"]["zsl"]["mAP"] == pytest.approx(expected["zsl"]["mAP"], abs=1e-6)
     with pytest.raises(QKSError, match="nothing to evaluate"):
         evaluate(data.test, data.labels, tmp_path / "x.json", params=EVAL)
+
+
+TABLE = {"mAP", "p@2", "r@2", "f1@2", "p@3", "r@3", "f1@3"}
+
+
+def test_the_metrics_file_holds_the_papers_numbers_and_the_details_the_rest(run, tmp_path):
+    """`dvc metrics show` reads the metrics file: 7 numbers per setting and model, no counts."""
+    data, ckpt = run
+    out = tmp_path / "both.json"
+    report = evaluate(
+        data.test, data.labels, out, checkpoint=ckpt, baseline="clip", params=EVAL, **QUIET
+    )
+    numbers = json.loads(out.read_text())
+    assert numbers.keys() == {"zsl", "gzsl", "clip_zero_shot"}
+    assert numbers["clip_zero_shot"].keys() == {"zsl", "gzsl"}
+    for m in (numbers["zsl"], numbers["gzsl"], *numbers["clip_zero_shot"].values()):
+        assert m.keys() == TABLE and _in_unit_interval(m)
+    assert numbers["gzsl"]["mAP"] == report["gzsl"]["mAP"]
+    details = json.loads((tmp_path / "both_details.json").read_text())
+    assert details["seen"] == report["seen"] and details["protocol"] == "standard"
+    assert details["zsl"]["num_labels_scored"] == 4 and "mAP" not in details["zsl"]
+    assert details["clip_zero_shot"]["clip_labels"].startswith("one template")
+    assert read_report(out) == report
+
+
+def test_evaluate_writes_all_of_its_outputs_or_none(run, tmp_path):
+    """The metrics JSON cannot be written (its folder is a file): no table is left behind."""
+    data, ckpt = run
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    args = _evaluate_args(ckpt, data.test, data.labels, tmp_path / "blocked" / "m.json")
+    args += ["--per-label", str(tables / "ap.csv"), "--query-preference", str(tables / "q.csv")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "blocked" in result.output, result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+    assert list(tables.iterdir()) == []
+    # a previous set of outputs stays whole
+    args[args.index("--out") + 1] = str(tables / "m.json")
+    assert CliRunner().invoke(main, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in tables.iterdir()}
+    assert set(before) == {"m.json", "m_details.json", "ap.csv", "ap.png", "q.csv"}
+    (tmp_path / "other").write_text("")
+    args[args.index("--out") + 1] = str(tmp_path / "other" / "m.json")
+    assert CliRunner().invoke(main, args).exit_code == 1
+    assert {p.name: p.read_bytes() for p in tables.iterdir()} == before
 
 
 def test_reference_protocol_ranks_fp32_sigmoids(run, tmp_path):
@@ -331,7 +377,7 @@ def test_selection_on_test_reaches_the_metrics(run, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert SELECTED_ON_TEST in result.output
-    written = json.loads((tmp_path / "m.json").read_text())
+    written = json.loads((tmp_path / "m_details.json").read_text())
     assert written["selection"] == "test" and written["warning"] == SELECTED_ON_TEST
 
 
@@ -434,6 +480,5 @@ def test_two_evaluations_in_one_folder_keep_their_own_tables(run, tmp_path):
         result = CliRunner().invoke(main, [*args, "--per-label", str(tmp_path / f"{name}_ap.csv")])
         assert result.exit_code == 0, result.output
     made = {p.name for p in tmp_path.iterdir()}
-    assert made == {
-        f"{n}{s}" for n in "ab" for s in (".json", ".query_preference.csv", "_ap.csv", "_ap.png")
-    }
+    tables = (".json", "_details.json", ".query_preference.csv", "_ap.csv", "_ap.png")
+    assert made == {f"{n}{s}" for n in "ab" for s in tables}

@@ -227,6 +227,35 @@ def test_a_store_built_differently_is_refused_then_overwritten(sample_dataset, t
     )
 
 
+def _files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("key", ["tokens/c/1/0/0/0", "valid/c/1"])
+def test_a_done_shard_that_lost_a_file_is_computed_again(sample_dataset, tiny_clip, tmp_path, key):
+    """'Already complete' means the files are there: a rerun redoes a shard whose file is gone."""
+    out = tmp_path / "train.zarr"
+    _extract(sample_dataset, tiny_clip, out)
+    whole = _files(out)
+    (out / key).unlink()
+    message = _extract(sample_dataset, tiny_clip, out)
+    assert "already complete" not in message and "5 images in 1 shard(s)" in message, message
+    assert _files(out) == whole
+    assert "already complete" in _extract(sample_dataset, tiny_clip, out)
+
+
+def test_a_lost_chunk_only_a_rebuild_writes_is_refused_naming_it(
+    sample_dataset, tiny_clip, tmp_path
+):
+    out = tmp_path / "train.zarr"
+    _extract(sample_dataset, tiny_clip, out)
+    (out / "labels/c/2/0").unlink()
+    message = _extract(sample_dataset, tiny_clip, out, expect=1)
+    assert f"Error: {out / 'labels/c/2/0'}: chunk missing" in message and "--overwrite" in message
+    _extract(sample_dataset, tiny_clip, out, "--overwrite")
+    assert "OK (feature store" in qks("cache", "verify", out)
+
+
 def _bad_dataset(ds, tmp_path: Path) -> tuple[Path, Path]:
     """The sample train split plus broken files and odd modes (which must load)."""
     images, dataset = tmp_path / "images", tmp_path / "dataset"

@@ -25,6 +25,7 @@ from qks_pipeline.index.store import open_index
 from qks_pipeline.predict.tagger import rank
 from qks_pipeline.stage_two.checkpoint import BEST
 from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
+from qks_pipeline.stage_two.evaluate import read_report
 from qks_pipeline.stage_two.loader import open_loader
 from qks_pipeline.stage_two.scoring import model_scorer, score_rows
 from qks_pipeline.stage_two.train import train
@@ -114,8 +115,8 @@ def synthetic(tmp_path_factory):
 
 
 def _metrics(path: Path) -> dict[str, float]:
-    """Every number of a metrics JSON, by setting.key."""
-    report = json.loads(path.read_text())
+    """Every number of a metrics JSON and its details file, by setting.key."""
+    report = read_report(path)
     return {
         f"{s}.{k}": v
         for s in ("zsl", "gzsl", "seen")

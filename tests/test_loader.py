@@ -31,9 +31,12 @@ def data(tmp_path_factory):
 
 
 def _relayout(src, dst, serializer=None, compressors=None):
-    """A copy of the store `src` with tokens rewritten in other codecs (version 1: no crc32c)."""
+    """A copy of the store `src` with tokens rewritten in other codecs, zarr's way: no chunk equal
+    to the fill value (format version 2, or 1 without the inner chunks' crc32c)."""
     shutil.copytree(src, dst)
     group = zarr.open_group(dst, mode="r+")
+    version = 2 if serializer else 1
+    group.attrs["fingerprint"] = {**group.attrs["fingerprint"], "format_version": version}
     tokens = group["tokens"][:]
     del group["tokens"]
     chunks = (S, *tokens.shape[1:]) if serializer else (1, 1, *tokens.shape[2:])
@@ -134,6 +137,61 @@ def test_a_store_without_checksums_still_reads_and_verifies(data, tmp_path):
     batch = next(iter(loader.epoch(0)))
     np.testing.assert_array_equal(batch.tokens.numpy(), v1.tokens[batch.rows, 0])
     assert verify_cache(v1) == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deleted_shard_file_is_never_read_as_zeros(data, tmp_path, backend):
+    store = shutil.copytree(data.train, tmp_path / "t.zarr")
+    path = _shard_file(store, 1)
+    path.unlink()
+    with pytest.raises(QKSError, match="chunk missing") as e:
+        open_loader(open_cache(store), batch_size=16, backend=backend)
+    assert str(e.value).startswith(f"{path}: chunk missing")
+
+
+def test_the_direct_reader_refuses_a_shard_file_gone_after_opening(data, tmp_path):
+    """The loader checked every file at opening; a file deleted later is refused when read."""
+    store = shutil.copytree(data.train, tmp_path / "t.zarr")
+    loader = open_loader(open_cache(store), batch_size=16, shuffle=False, backend="direct")
+    _shard_file(store, 2).unlink()
+    with pytest.raises(QKSError, match=r"row 128: shard file missing; the store is damaged"):
+        list(loader.epoch(0))
+
+
+def test_a_chunk_missing_from_a_shard_file_is_damage(data, tmp_path):
+    """An index entry saying 'absent' (as zarr writes for a chunk equal to the fill value, which
+    version 3 never omits), its checksum recomputed, is refused rather than read as zeros."""
+    import google_crc32c
+
+    store = shutil.copytree(data.train, tmp_path / "t.zarr")
+    path = _shard_file(store, 1)
+    raw = bytearray(path.read_bytes())
+    start = len(raw) - (S * V * 16 + 4)
+    index = np.frombuffer(bytes(raw[start:-4]), "<u8").copy().reshape(S, V, 2)
+    # row 70, view 1
+    index[70 % S, 1] = 2**64 - 1
+    raw[start:-4] = index.tobytes()
+    raw[-4:] = google_crc32c.value(index.tobytes()).to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    loader = open_loader(open_cache(store), batch_size=16, shuffle=False, backend="direct")
+    with pytest.raises(QKSError) as e:
+        list(loader.epoch(0))
+    assert str(e.value) == (
+        f"{path}: row 70 view 1: chunk missing from the shard file; the store is damaged; "
+        "rebuild it"
+    )
+
+
+def test_a_damaged_labels_chunk_stops_the_loader_naming_it(data, tmp_path):
+    store = shutil.copytree(data.train, tmp_path / "t.zarr")
+    chunk = store / "labels" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[-5] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    loader = open_loader(open_cache(store), batch_size=16, shuffle=False)
+    with pytest.raises(QKSError) as e:
+        list(loader.epoch(0))
+    assert str(e.value).startswith(f"{chunk}: chunk unreadable: crc32c checksum mismatch")
 
 
 def _rows(loader, epoch):

@@ -22,7 +22,7 @@ from qks_pipeline.data.manifest import (
     write_labels,
     write_manifest,
 )
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import ECHO_LIMIT, QKSError, shorten
 
 REPO = Path(__file__).resolve().parents[1]
 SCENE = [
@@ -140,6 +140,48 @@ def test_cli_check_summary_and_exit_codes(tmp_path):
     assert f"{root / 'b/3.jpg'}: missing ({out / 'train.jsonl'}:3)" in bad.output
 
 
+def test_manifest_check_decodes_with_stage_ones_pixel_limit(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    root = tmp_path / "images"
+    write_images(root)
+    # 64 pixels an image: above a limit of 16 (twice it: Pillow's error)
+    args = ["manifest", "check", str(out), "--images", str(root)]
+    bombs = CliRunner().invoke(main, [*args, "--set", "extract.max_pixels=16"])
+    assert bombs.exit_code == 1 and "6 problem(s)" in bombs.output, bombs.output
+    assert "decompression bomb: 64 pixels, above the limit of 16" in bombs.output
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  max_pixels: 64\n")
+    assert CliRunner().invoke(main, [*args, "--params", str(params)]).exit_code == 0
+
+
+def test_a_huge_path_or_label_is_echoed_shortened(tmp_path):
+    out = make_dataset(tmp_path / "ds")
+    huge = "a" * 10_000_000 + ".jpg"
+    rewrite(out / "train.jsonl", 2, {"image": huge, "positive": ["wolf"]})
+    result = CliRunner().invoke(main, ["manifest", "check", str(out)])
+    assert result.exit_code == 1 and len(result.output) < 500, result.output[:1000]
+    assert "characters]" in result.output and "not in seen.txt or unseen.txt" in result.output
+    # a valid path too long for any file system: the problem line is short too
+    rewrite(out / "train.jsonl", 2, {"image": f"a/{'b' * 300_000}.jpg", "positive": ["dog"]})
+    root = tmp_path / "images"
+    write_images(root)
+    result = CliRunner().invoke(main, ["manifest", "check", str(out), "--images", str(root)])
+    assert result.exit_code == 1 and len(result.output) < 2_000, result.output[:3000]
+    assert "characters]...bbb" in result.output and "bbb.jpg: unreadable" in result.output
+    long_label = "x" * 5_000
+    (out / "seen.txt").write_text(f"cat\n {long_label}\n")
+    result = CliRunner().invoke(main, ["manifest", "check", str(out)])
+    assert result.exit_code == 1 and len(result.output) < 500, result.output[:1000]
+
+
+def test_an_error_shortens_the_middle_of_a_long_path():
+    path = "/data/" + "x" * 1_000 + "/image.jpg"
+    message = QKSError("missing", path).message
+    assert message.startswith("/data/xxx") and message.endswith("xx/image.jpg: missing")
+    assert len(message) <= ECHO_LIMIT + len(": missing") and "[856 characters]" in message
+    assert shorten("short") == "short" and len(shorten("y" * 201)) <= ECHO_LIMIT
+
+
 def rewrite(path: Path, line: int, obj: object) -> None:
     lines = path.read_text().splitlines()
     lines[line - 1] = obj if isinstance(obj, str) else json.dumps(obj)
@@ -170,6 +212,9 @@ BAD_INPUT = [
     ),
     ("unseen.txt", 2, "cat", "unseen.txt: ", "both seen and unseen"),
     ("seen.txt", 3, "cat", "seen.txt:3: ", "listed twice"),
+    # CLIP lowercases: one embedding for both
+    ("seen.txt", 2, "Cat", "seen.txt: ", "labels 'cat' and 'Cat' differ only in case or spaces"),
+    ("unseen.txt", 1, "Old  Car", "unseen.txt: ", "labels 'old car' and 'Old  Car' differ only"),
 ]
 
 

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from qks_pipeline.cli import main
-from qks_pipeline.cli.predict import find_images
+from qks_pipeline.cli.predict import SKIPPED, find_images, walk_images
 from qks_pipeline.config import ModelConfig, Params, TrainConfig
 from qks_pipeline.data.images import load_rgb
 from qks_pipeline.errors import QKSError
@@ -273,7 +273,7 @@ def test_cli_writes_jsonl_csv_and_html_and_skips_unreadable_images(
         images,
     )
     _, err = _qks(*args)
-    assert "note: duplicate label(s) removed: red" in err
+    assert "note: repeated label(s) removed (equal to one before, up to case): red" in err
     assert f"skipped {images / 'junk.png'}: not a readable image format" in err
     assert f"skipped {images / 'sub' / 'empty.jpg'}: empty file" in err
     assert "8 image(s) tagged with 4 labels, 2 skipped" in err
@@ -324,8 +324,8 @@ def test_cli_jsonl_to_stdout_with_all_scores(run, tiny_clip, sample_dataset):
 
 def test_label_lists(tmp_path):
     assert clean_labels([" red ", "big  red car", "red", "", "Red", "big red car"]) == (
-        ["red", "big red car", "Red"],
         ["red", "big red car"],
+        ["red", "Red", "big red car"],
     )
     for empty in ([], ["", "  "]):
         with pytest.raises(QKSError, match="label list is empty"):
@@ -362,15 +362,33 @@ def test_bad_label_options(run, tiny_clip, sample_dataset, tmp_path, options, me
 
 
 def test_labels_file_with_duplicates(run, tiny_clip, sample_dataset, tmp_path):
-    (tmp_path / "labels.txt").write_text("red\nblue\n\nred\n")
+    (tmp_path / "labels.txt").write_text("red\nblue\n\nred\nRed\n BLUE \n")
     image = sorted((sample_dataset.images / "test").iterdir())[0]
     out, err = _qks(
         *_predict_args(
             run, tiny_clip, sample_dataset, "--labels-file", tmp_path / "labels.txt", image
         )
     )
-    assert "duplicate label(s) removed: red" in err
+    # CLIP lowercases: labels equal up to case are one label, the first spelling kept
+    assert "repeated label(s) removed (equal to one before, up to case): red, Red, BLUE" in err
     assert sorted(t["label"] for t in json.loads(out)["top"]) == ["blue", "red"]
+
+
+def test_clean_labels_merges_labels_equal_up_to_case():
+    assert clean_labels(["Dog", "cat", "dog", " DOG ", "hot  dog", "Hot Dog"]) == (
+        ["Dog", "cat", "hot dog"],
+        ["dog", "DOG", "Hot Dog"],
+    )
+
+
+def test_new_labels_are_embedded_with_a_progress_bar(run, tiny_clip, sample_dataset):
+    image = sorted((sample_dataset.images / "test").iterdir())[0]
+    args = _predict_args(run, tiny_clip, sample_dataset, "--labels", "red, blue", image)
+    _, err = _qks(*[a for a in args if a != "--no-progress"], "--progress")
+    assert "embed labels: 100%" in err and "2/2" in err
+    # cached now: nothing to embed, and no bar without --progress
+    _, err = _qks(*_predict_args(run, tiny_clip, sample_dataset, "--labels", "red, green", image))
+    assert "embed labels" not in err
 
 
 def _error(args: list[object]) -> str:
@@ -475,6 +493,23 @@ def test_exported_clip_weights_beside_the_checkpoint_are_found(run, tiny_clip, t
     assert loaded.keys() == expected.keys() and all(
         torch.equal(loaded[k], expected[k]) for k in loaded
     )
+
+
+def test_walking_a_folder_counts_what_it_skips(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    (photos / "a.jpg").write_bytes(b"")
+    (photos / "sub" / "b.png").write_bytes(b"")
+    (photos / "x.jpg").mkdir()  # a folder named like an image
+    (photos / "sub" / "loop").symlink_to("..")  # a link to a folder above: a loop
+    (photos / "self.jpg").symlink_to("self.jpg")  # a link to itself
+    (photos / "gone.png").symlink_to("nowhere.png")  # a broken link
+    (photos / "notes.txt").write_text("not an image, not counted")
+    notes = []
+    found = find_images([photos], notes.append)
+    assert [p.relative_to(photos).as_posix() for p in found] == ["a.jpg", "sub/b.png"]
+    assert notes == [f"note: {photos}: 4 entries skipped ({SKIPPED})"]
+    assert walk_images(photos / "sub") == ([photos / "sub" / "b.png"], 1)
 
 
 def test_find_images_walks_sorted_and_keeps_missing_files(tmp_path):

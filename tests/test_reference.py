@@ -135,7 +135,7 @@ def test_unknown_qformer_part_is_refused(raw: dict[str, torch.Tensor], tmp_path:
 
 def test_pickled_objects_need_trust(raw: dict[str, torch.Tensor], tmp_path: Path) -> None:
     path = save({"state_dict": raw, "args": argparse.Namespace(lr=1e-5)}, tmp_path / "p.pth")
-    with pytest.raises(QKSError, match="trust_pickle"):
+    with pytest.raises(QKSError, match="pass --trust-pickle if you trust its source"):
         load_reference_checkpoint(path)
     assert load_reference_checkpoint(path, trust_pickle=True)[2]["num_layers"] == LAYERS
 

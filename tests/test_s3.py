@@ -97,7 +97,7 @@ def test_extract_inspect_resume_and_train_on_s3(s3, sample_dataset, tiny_clip, t
 
     info = qks("cache", "info", url)
     assert f"path: {url}" in info and "shards: 4/4 done" in info and "images: 16" in info
-    assert "OK (4 shards, 16 images, 0 skipped)" in qks("cache", "verify", url)
+    assert "OK (feature store: 4 shards, 16 images, 0 skipped" in qks("cache", "verify", url)
 
     s3.rm(f"{BUCKET}/train.zarr/done/00001.json")
     # the server logs every request it serves

@@ -34,6 +34,7 @@ from qks_pipeline.stage_two.train import (
 )
 from qks_pipeline.store.features import create_cache
 from qks_pipeline.store.fingerprint import make_fingerprint
+from qks_pipeline.store.location import Location
 from qks_pipeline.store.synthetic import make_synthetic
 from tests.qks_reference_impl import reference_step
 from tests.tiny import train_args
@@ -144,6 +145,60 @@ def test_more_epochs_continue_and_no_resume_restarts(data, tmp_path):
         data.train, data.labels, out, params=params(epochs=1, lr=1e-4), resume=False, **quiet()
     )
     assert progress.epoch == 1
+
+
+def test_one_run_at_a_time_writes_a_training_directory(data, tmp_path):
+    out = tmp_path / "run"
+    # as another `qks train --out run` holds it
+    with Location.of(out).writer_lock("training run", "directory"):
+        with pytest.raises(QKSError) as e:
+            train(data.train, data.labels, out, params=params(epochs=1), **quiet())
+        cfg = _write_params(tmp_path / "params.yaml", params(epochs=1))
+        result = CliRunner().invoke(main, train_args(data.train, data.labels, out, cfg))
+    message = f"{out}: another training run is writing this directory (pid {os.getpid()}"
+    assert str(e.value).startswith(message) and "lock run.lock" in str(e.value)
+    assert result.exit_code == 1 and f"Error: {message}" in result.output
+    assert not (out / "config.json").exists()
+    assert train(data.train, data.labels, out, params=params(epochs=1), **quiet()).epoch == 1
+
+
+def test_resuming_on_other_inputs_is_refused_in_one_line(data, tmp_path):
+    """Another training store (other data), another label store (other embeddings) or another
+    test store under selection 'test': the run in `out` is not continued on them."""
+    out = tmp_path / "run"
+    p = params(epochs=1, selection="test")
+    train(data.train, data.labels, out, params=p, test_path=data.test, **quiet())
+    other = make_synthetic(tmp_path / "other", num_train=128, num_test=64, seed=1)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    p2 = params(epochs=2, selection="test")
+    cases = [
+        ((other.train, data.labels, data.test), "training store synthetic_seed"),
+        ((data.train, other.labels, data.test), "label store"),
+        ((data.train, data.labels, other.test), "test store synthetic_seed"),
+    ]
+    for (cache, labels, test), what in cases:
+        with pytest.raises(QKSError) as e:
+            train(cache, labels, out, params=p2, test_path=test, **quiet())
+        message = str(e.value)
+        assert message.startswith(f"{out}: holds a run with other settings ({what}")
+        assert "--no-resume" in message and "\n" not in message
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    progress = train(data.train, data.labels, out, params=p2, test_path=data.test, **quiet())
+    assert progress.epoch == 2
+
+
+def test_temporary_files_of_a_killed_save_are_removed_on_the_next_start(data, tmp_path):
+    out = tmp_path / "run"
+    train(data.train, data.labels, out, params=params(epochs=1), **quiet())
+    left = [out / ".last_state.pt.tmp4242", out / ".best.safetensors.tmp17"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    lines: list[str] = []
+    train(data.train, data.labels, out, params=params(epochs=2), **quiet(echo=lines.append))
+    assert not any(path.exists() for path in left)
+    assert any(
+        line.startswith("removed 2 temporary file(s) of an interrupted save") for line in lines
+    )
 
 
 def test_early_stopping(data, tmp_path):

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import click
 
-from qks_pipeline.cli.options import EXISTING_DIR, EXISTING_FILE, NEW_DIR
+from qks_pipeline.cli.options import EXISTING_DIR, EXISTING_FILE, NEW_DIR, params_options
+from qks_pipeline.config import Params
 from qks_pipeline.data.importers import import_manifest
 from qks_pipeline.data.importers.coco import import_coco
 from qks_pipeline.data.importers.hdf5 import LAYOUTS, import_hdf5
 from qks_pipeline.data.importers.nuswide import import_nuswide
 from qks_pipeline.data.importers.openimages import import_openimages
 from qks_pipeline.data.importers.reference_csv import NEGATIVES, import_reference_csv
-from qks_pipeline.data.manifest import DatasetReport, check_dataset, read_labels
+from qks_pipeline.data.manifest import DatasetReport, check_dataset, quoted, read_labels
+from qks_pipeline.errors import shorten
 
 
 def required(name: str, text: str, kind: click.Path = EXISTING_FILE):
@@ -198,11 +200,16 @@ def manifest_group() -> None:
 @click.option(
     "--images", type=EXISTING_DIR, help="Image root: also open and verify every image file."
 )
+@params_options("extract")
 @click.pass_context
-def check(ctx: click.Context, dataset_dir: Path, images: Path | None) -> None:
+def check(ctx: click.Context, dataset_dir: Path, images: Path | None, params: Params) -> None:
     """Validate DATASET_DIR and print its counts; exit code 1 when an image file is missing
-    or unreadable."""
-    report = check_dataset(dataset_dir, images)
+    or unreadable.
+
+    Images are decoded as `qks extract` decodes them, with its decompression-bomb limit
+    (`--set extract.max_pixels=N`).
+    """
+    report = check_dataset(dataset_dir, images, params.extract.max_pixels)
     click.echo("\n".join(report_lines(report)))
     if report.problems:
         ctx.exit(1)
@@ -215,7 +222,7 @@ def report_lines(report: DatasetReport) -> list[str]:
         scope = "seen" if name == "train" else "seen + unseen"
         low, label = s.min_positives()
         out.append(f"  {name}: {s.images} images, {s.no_positive} without a positive {scope} label")
-        out.append(f"    fewest positives of a {scope} label: {low} ({label!r})")
+        out.append(f"    fewest positives of a {scope} label: {low} ({quoted(label)})")
         without = {
             "positive": s.labels_without_positive(),
             "negative": s.labels_without_negative(),
@@ -223,13 +230,13 @@ def report_lines(report: DatasetReport) -> list[str]:
         for what, labels in without.items():
             line = f"    {len(labels)} {scope} label(s) without a {what}"
             if labels:
-                line += f": {labels[:10]}"
+                line += f": {shorten(labels[:10])}"
             out.append(line)
     if report.image_root is None:
         return out + ["image files not checked (no image root given)"]
     out.append(f"image files under {report.image_root}: {len(report.problems)} problem(s)")
     for p in report.problems[:MAX_LISTED]:
-        out.append(f"  {p.image}: {p.reason} ({p.manifest}:{p.line})")
+        out.append(f"  {shorten(p.image)}: {p.reason} ({shorten(p.manifest)}:{p.line})")
     if len(report.problems) > MAX_LISTED:
         out.append(f"  ... and {len(report.problems) - MAX_LISTED} more")
     return out

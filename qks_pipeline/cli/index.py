@@ -15,6 +15,7 @@ import click
 from qks_pipeline.cli.options import DEVICE, EXISTING_FILE, NEW_DIR, NEW_FILE, STORE, params_options
 from qks_pipeline.cli.predict import _write, read_label_lines
 from qks_pipeline.config import Params
+from qks_pipeline.errors import QKSError
 
 POSITIVE = click.IntRange(min=1)
 INDEX = click.option(
@@ -129,10 +130,19 @@ def index_cmd(
 @click.option("--csv", "csv_path", type=NEW_FILE, help="Also write CSV (one row per listed label).")
 @click.option("--all-scores", is_flag=True, help="Add every label's score to each JSONL record.")
 @_label_source
-def tag_cmd(index_path, labels, labels_file, top_k, threshold, out, csv_path, all_scores, **o):
+def tag_cmd(
+    index_path: str | Path,
+    labels: str | None,
+    labels_file: Path | None,
+    top_k: int,
+    threshold: float,
+    out: Path,
+    csv_path: Path | None,
+    all_scores: bool,
+    **o: Any,
+) -> None:
     """Tag every image of the index with any labels: per image the top-K labels and those above the
     threshold, as `qks predict` writes them. Streams: memory does not grow with the images."""
-    from qks_pipeline.errors import QKSError
     from qks_pipeline.index.index import Index
 
     index = _open(Index, index_path, o.pop("params"), o)
@@ -165,7 +175,16 @@ def tag_cmd(index_path, labels, labels_file, top_k, threshold, out, csv_path, al
     "--tags", default=5, show_default=True, type=POSITIVE, help="Top tags per image in the gallery."
 )
 @_label_source
-def search_cmd(index_path, labels, top, out, html, images, tags, **o):
+def search_cmd(
+    index_path: str | Path,
+    labels: tuple[str, ...],
+    top: int,
+    out: Path,
+    html: Path | None,
+    images: Path | None,
+    tags: int,
+    **o: Any,
+) -> None:
     """The images of the index that score highest for LABEL (with several labels: for all of them,
     the lowest of their scores), best first, as JSONL; --html a gallery."""
     from qks_pipeline.atomic import atomic_stream
@@ -204,7 +223,9 @@ def search_cmd(index_path, labels, top, out, html, images, tags, **o):
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--top", default=24, show_default=True, type=POSITIVE, help="Images per search.")
 @_label_source
-def serve_cmd(index_path, images, host, port, top, **o):
+def serve_cmd(
+    index_path: str | Path, images: Path, host: str, port: int, top: int, **o: Any
+) -> None:
     """A local web page over the index: type labels, see the best-matching images with scores;
     click one to see its top tags. Needs the serve extra: pip install 'qks_pipeline[serve]'."""
     from qks_pipeline.index.index import Index

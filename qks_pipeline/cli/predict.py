@@ -10,7 +10,8 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -18,11 +19,13 @@ import click
 
 from qks_pipeline.cli.options import DEVICE, EXISTING_FILE, NEW_DIR, NEW_FILE
 from qks_pipeline.config import ExtractConfig
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import QKSError, shorten
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CSV_FIELDS = ["image", "rank", "label", "score", "in_top_k", "above_threshold", "skipped"]
 MAX_PIXELS = "Larger images are skipped as decompression bombs (extract.max_pixels in stage one)."
+# what `walk_images` counts as skipped
+SKIPPED = "links to folders are not followed; folders and broken or looping links named like images"
 POSITIVE = click.IntRange(min=1)
 
 
@@ -39,20 +42,24 @@ def read_label_lines(path: Path) -> list[str]:
         raise QKSError(message, path) from None
 
 
-def find_images(inputs: Sequence[str | Path]) -> list[Path]:
+def find_images(
+    inputs: Sequence[str | Path], echo: Callable[[str], None] | None = None
+) -> list[Path]:
     """Image files named by `inputs`.
 
     A file as given (one that does not exist too: it is reported as skipped); a directory's image
-    files sorted by their path under it, hidden ones (a leading '.' in the path) left out.
+    files sorted by their path under it, hidden ones (a leading '.' in the path) left out. What a
+    directory holds but cannot be walked or read as an image file is counted, one note to `echo`.
     """
     found: list[Path] = []
     for item in map(Path, inputs):
         if not item.is_dir():
             found.append(item)
             continue
-        files = [p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        names = sorted(p.relative_to(item).as_posix() for p in files)
-        files = [item / name for name in names if not _hidden(name)]
+        files, skipped = walk_images(item)
+        if skipped and echo is not None:
+            entries = "entry" if skipped == 1 else "entries"
+            echo(f"note: {shorten(item)}: {skipped} {entries} skipped ({SKIPPED})")
         if not files:
             raise QKSError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under this directory", item
@@ -61,6 +68,26 @@ def find_images(inputs: Sequence[str | Path]) -> list[Path]:
     if not found:
         raise QKSError("no images given")
     return found
+
+
+def walk_images(folder: Path) -> tuple[list[Path], int]:
+    """The image files under `folder`, sorted by their path under it, hidden ones left out; and how
+    many entries were skipped: links to folders (not followed: they may loop) and image names that
+    are no file (a folder named x.jpg, a broken or looping link)."""
+    names = []
+    skipped = 0
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if _hidden(name):
+            continue
+        if path.is_symlink() and path.is_dir():
+            skipped += 1
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            if path.is_file():
+                names.append(name)
+            else:
+                skipped += 1
+    return [folder / name for name in sorted(names)], skipped
 
 
 def _hidden(name: str) -> bool:
@@ -111,7 +138,7 @@ def _output(path: Path) -> Iterator[TextIO]:
 
 def _labels(labels: str | None, labels_file: Path | None, checkpoint: Path) -> list[str]:
     """The labels given, else the ones the checkpoint was trained on (seen, then unseen)."""
-    from qks_pipeline.predict.tagger import clean_labels
+    from qks_pipeline.predict.tagger import clean_labels, repeats_note
     from qks_pipeline.stage_two.checkpoint import read_config
 
     if labels is not None and labels_file is not None:
@@ -128,8 +155,7 @@ def _labels(labels: str | None, labels_file: Path | None, checkpoint: Path) -> l
             )
     names, dropped = clean_labels(raw)
     if dropped:
-        repeated = ", ".join(dict.fromkeys(dropped))
-        click.echo(f"note: duplicate label(s) removed: {repeated}", err=True)
+        click.echo(f"note: {repeats_note(dropped)}", err=True)
     return names
 
 
@@ -137,7 +163,7 @@ def _skip_note(name: str, reason: str) -> None:
     from tqdm import tqdm
 
     # above the progress bar, not through it
-    tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+    tqdm.write(f"skipped {shorten(name)}: {reason}", file=sys.stderr)
 
 
 def _write(
@@ -271,7 +297,7 @@ def predict_cmd(
     from qks_pipeline.predict.tagger import Tagger
 
     names = _labels(labels, labels_file, checkpoint)
-    files = find_images(images)
+    files = find_images(images, partial(click.echo, err=True))
     # the label-embedding cache: a directory, True for the default one, False for none
     label_cache = False if no_label_cache else (cache_dir or True)
     tagger = Tagger.load(
@@ -309,7 +335,7 @@ def predict_cmd(
 def _summarize(done: int, skipped: int, num_labels: int, outputs: list[Path | None]) -> None:
     """One line on stderr: images tagged and skipped, and where the outputs went."""
     written = [path for path in outputs if path is not None]
-    where = ", ".join("stdout" if str(path) == "-" else str(path) for path in written)
+    where = ", ".join("stdout" if str(path) == "-" else shorten(path) for path in written)
     click.echo(
         f"{done - skipped} image(s) tagged with {num_labels} labels, {skipped} skipped -> {where}",
         err=True,

@@ -218,19 +218,17 @@ def info_cmd(store: Path) -> None:
 @cache_group.command("verify")
 @click.argument("store", type=EXISTING_STORE)
 def verify_cmd(store: Path) -> None:
-    """Check every shard: done marker, every chunk's crc32c (format version 2), valid rows
-    consistent with the skipped list. Exit 1 if not."""
-    from qks_pipeline.store.features import open_cache
-    from qks_pipeline.store.verify import verify_cache
+    """Check a feature store (every shard's done marker, every chunk of every array there and its
+    crc32c, valid rows consistent with the skipped list) or a label store (its arrays' chunks).
+    Exit 1 if not."""
+    from qks_pipeline.store.verify import verify_store
 
-    cache = open_cache(store)
-    problems = verify_cache(cache)
-    if problems:
-        lines = [f"{store}: {len(problems)} problem(s):"] + [f"  {p}" for p in problems]
-        click.echo("\n".join(lines), err=True)
+    verdict = verify_store(store)
+    if verdict.problems:
+        head = f"{store}: damaged {verdict.kind}, {len(verdict.problems)} problem(s):"
+        click.echo("\n".join([head] + [f"  {p}" for p in verdict.problems]), err=True)
         raise SystemExit(1)
-    counts = f"{cache.num_shards} shards, {cache.num_images} images"
-    click.echo(f"{store}: OK ({counts}, {len(cache.skipped())} skipped)")
+    click.echo(f"{store}: OK ({verdict.kind}: {verdict.summary})")
 
 
 @cache_group.command("export-hdf5")

@@ -117,7 +117,13 @@ def train_cmd(
 @click.option(
     "--labels", required=True, type=EXISTING_STORE, help="Label-embedding store (stage one)."
 )
-@click.option("--out", required=True, type=NEW_FILE, help="Metrics JSON (fractions in [0, 1]).")
+@click.option(
+    "--out",
+    required=True,
+    type=NEW_FILE,
+    help="Metrics JSON: the paper's table numbers (fractions in [0, 1]); the rest (counts, "
+    "protocol, selection, notes) in OUT's name + _details.json beside it.",
+)
 @click.option(
     "--per-label",
     type=NEW_FILE,
@@ -189,10 +195,6 @@ def evaluate_cmd(
             any_split=any_split,
             echo=click.echo,
         )
-    if per_label is not None:
-        from qks_pipeline.stage_two.plots import plot_per_label_ap
-
-        plot_per_label_ap(per_label, per_label.with_suffix(".png"))
 
 
 @click.command("import-checkpoint")

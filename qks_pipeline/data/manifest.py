@@ -26,7 +26,7 @@ import numpy as np
 
 from qks_pipeline.atomic import atomic_write
 from qks_pipeline.data.images import BadImage, load_rgb
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import QKSError, shorten
 
 SPLITS = ("train", "test")
 # the JSON value of "negative" that sets `Record.negative_rest`
@@ -56,24 +56,36 @@ def scored_labels(split: str, seen: Sequence[str], unseen: Sequence[str]) -> lis
     return list(seen) + list(unseen)
 
 
+def quoted(value: object) -> str:
+    """A value from a file as a message echoes it: repr, shortened to `errors.ECHO_LIMIT`."""
+    return shorten(repr(value))
+
+
 def check_image_path(image: str) -> str | None:
     """Why `image` is not a valid manifest path (relative, '/' separators, no '..'), or None."""
     if not image.strip() or image != image.strip():
         return "'image' must be a non-empty path without surrounding spaces"
     has_control = any(ord(c) < 32 or ord(c) == 127 for c in image)
     if has_control or UNPAIRED.search(image):
-        return f"image {image!r} must not contain control characters or unpaired surrogates"
+        return f"image {quoted(image)} must not contain control characters or unpaired surrogates"
     if image.startswith("/") or "\\" in image or ":" in image.split("/")[0]:
-        return f"image {image!r} must be a relative path with '/' separators"
+        return f"image {quoted(image)} must be a relative path with '/' separators"
     if ".." in image.split("/"):
-        return f"image {image!r} must not contain '..'"
+        return f"image {quoted(image)} must not contain '..'"
     return None
+
+
+def clip_text_key(label: str) -> str:
+    """What CLIP's tokenizer reads of a label: lowercased, runs of whitespace as one space. Two
+    labels with one key get the same embedding."""
+    return " ".join(label.lower().split())
 
 
 def check_vocabulary(
     seen: Sequence[str], unseen: Sequence[str], seen_file: Path, unseen_file: Path
 ) -> None:
-    """Check two label lists: each non-empty, a label a line, none twice, none both seen and unseen.
+    """Check two label lists: each non-empty, a label a line, none twice, none both seen and unseen,
+    no two equal up to case (`clip_text_key`: CLIP would embed them alike).
 
     Errors name `seen_file` or `unseen_file` (a dataset's seen.txt and unseen.txt, or an importer's
     sources).
@@ -84,11 +96,28 @@ def check_vocabulary(
         for label in labels:
             if not label or label != label.strip() or {"\n", "\r"} & set(label):
                 problem = "must be non-empty, one line, without surrounding spaces"
-                raise QKSError(f"label {label!r} {problem}", path)
+                raise QKSError(f"label {quoted(label)} {problem}", path)
         if twice := sorted(label for label, n in Counter(labels).items() if n > 1):
-            raise QKSError(f"label(s) listed twice: {twice[:5]}", path)
+            raise QKSError(f"label(s) listed twice: {shorten(twice[:5])}", path)
     if both := sorted(set(seen) & set(unseen)):
-        raise QKSError(f"label(s) both seen and unseen: {both[:5]}", unseen_file)
+        raise QKSError(f"label(s) both seen and unseen: {shorten(both[:5])}", unseen_file)
+    _refuse_equal_up_to_case(seen, unseen, seen_file, unseen_file)
+
+
+def _refuse_equal_up_to_case(
+    seen: Sequence[str], unseen: Sequence[str], seen_file: Path, unseen_file: Path
+) -> None:
+    """Two labels that differ only in case or inner spaces, named with the file of the second."""
+    first: dict[str, str] = {}
+    for path, labels in ((seen_file, seen), (unseen_file, unseen)):
+        for label in labels:
+            other = first.setdefault(clip_text_key(label), label)
+            if other != label:
+                raise QKSError(
+                    f"labels {quoted(other)} and {quoted(label)} differ only in case or spaces "
+                    "(CLIP lowercases: they would get one embedding); keep one",
+                    path,
+                )
 
 
 class Validator:
@@ -121,12 +150,15 @@ class Validator:
             unknown = (set(rec.positive) | set(rec.negative)) - self.vocabulary
             if unknown:
                 listed = sorted(unknown)[:5]
-                return f"image {rec.image!r}: label(s) not in seen.txt or unseen.txt: {listed}"
+                listed = shorten(listed)
+                return (
+                    f"image {quoted(rec.image)}: label(s) not in seen.txt or unseen.txt: {listed}"
+                )
         if rec.image in self.first:
             where, first = self.first[rec.image]
             if where == path:
-                return f"image {rec.image!r} listed twice (first on line {first})"
-            return f"image {rec.image!r} is also in {where.name} (line {first})"
+                return f"image {quoted(rec.image)} listed twice (first on line {first})"
+            return f"image {quoted(rec.image)} is also in {where.name} (line {first})"
         return None
 
 
@@ -221,7 +253,7 @@ def read_lines(
     for i, text in iter_lines(path, what, aligned):
         value = text.strip()
         if unique and value in first:
-            raise QKSError(f"{value!r} listed twice (first on line {first[value]})", path, i)
+            raise QKSError(f"{quoted(value)} listed twice (first on line {first[value]})", path, i)
         first.setdefault(value, i)
         out.append(value)
     if not out:
@@ -245,7 +277,7 @@ def lines_sha256(lines: Sequence[str]) -> str:
 def read_templates(path: str | Path) -> list[str]:
     templates = read_lines(path, "template file")
     if bad := [t for t in templates if t.count("{}") != 1]:
-        raise QKSError(f"template {bad[0]!r} must contain exactly one '{{}}'", path)
+        raise QKSError(f"template {quoted(bad[0])} must contain exactly one '{{}}'", path)
     return templates
 
 
@@ -400,11 +432,14 @@ class DatasetReport:
     problems: list[Problem] = field(default_factory=list)
 
 
-def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None) -> DatasetReport:
+def check_dataset(
+    dataset_dir: str | Path, image_root: str | Path | None = None, max_pixels: int | None = None
+) -> DatasetReport:
     """Validate a dataset directory and count what it holds.
 
-    A broken file raises QKSError; problems of image files (with `image_root`) are collected in the
-    report instead, so one run lists them all.
+    A broken file raises QKSError; problems of image files (with `image_root`, decoded with
+    stage one's decompression-bomb limit `max_pixels`; None: Pillow's) are collected in the report
+    instead, so one run lists them all.
     """
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
@@ -425,7 +460,7 @@ def check_dataset(dataset_dir: str | Path, image_root: str | Path | None = None)
             # decoded fully, as extraction does: PIL's verify() misses truncated JPEGs and
             # moderate bombs
             try:
-                load_rgb(report.image_root / rec.image)
+                load_rgb(report.image_root / rec.image, max_pixels)
             except BadImage as e:
                 reason = e.reason if e.reason == "missing" else f"unreadable ({e.reason})"
                 report.problems.append(Problem(path, line, report.image_root / rec.image, reason))

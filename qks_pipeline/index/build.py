@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ def _open_index(
     first = shard_z(model, cache, 0, how["batch_size"]) if cache.num_images else None
     valid = np.asarray(cache.valid[cache.shard_rows(0)], dtype=bool)
     shape = (model.cfg.num_queries, int(model.proj.shape[1]))
-    mean = first[valid].mean(axis=0, dtype=np.float64) if valid.any() else np.zeros(shape)
+    centre = valid.any() and fingerprint["precision"] == "fp16"  # fp32 keeps z as it is
+    mean = first[valid].mean(axis=0, dtype=np.float64) if centre else np.zeros(shape)
     index = create_index(
         out,
         cache,
@@ -133,9 +135,17 @@ def _open_index(
 def _run_here(
     model: QKS, cache: Cache, index: IndexStore, shards: list[int], batch_size: int, bar: tqdm
 ) -> None:
-    for shard in shards:
-        index.write_shard(shard, shard_z(model, cache, shard, batch_size))
-        bar.update(cache.num_rows([shard]))
+    """Compute the shards in order, each written by a thread while the next one is computed."""
+    pending: Future | None = None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for shard in shards:
+            z = shard_z(model, cache, shard, batch_size)
+            if pending is not None:
+                pending.result()  # at most one shard in flight: bounded memory, errors surface here
+            pending = writer.submit(index.write_shard, shard, z)
+            bar.update(cache.num_rows([shard]))
+        if pending is not None:
+            pending.result()
 
 
 @dataclass(frozen=True)

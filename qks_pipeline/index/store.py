@@ -3,11 +3,11 @@ head's query outputs `z = query_features(tokens) @ proj` (N, Q, E), which do not
 labels, and what evaluation and tagging need beside them.
 
 - `z`: (N, Q, E) float16 (`index.precision: fp16`) or float32, one chunk a shard with its crc32c;
-  filled with NaN, so a shard never written reads as NaN. Stored centred: each query output minus
-  `z_mean`.
-- `z_mean`: (Q, E) float32, the mean query outputs of the first shard's images. A head's query
-  outputs share a large common part (on a trained synthetic head, 99% of their magnitude): rounding
-  the remainder to float16 moves logits 100x less than rounding z itself.
+  filled with NaN, so a shard never written reads as NaN. In fp16, each query output minus
+  `z_mean`; in fp32, as it is (`z_mean` zero).
+- `z_mean`: (Q, E) float32, the mean query outputs of the first shard's images (fp16). A head's
+  query outputs share a large common part (on a trained synthetic head, 99% of their magnitude):
+  rounding the remainder to float16 moves logits 100x less than rounding z itself.
 - `valid`, `paths`, `labels`: the feature store's readable images, image paths and (N, C) int8
   label matrix.
 - attributes: `index`, the fingerprint (the checkpoint's identity, the feature store's fingerprint,
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c  # zarr's own crc32c dependency, as the shard reader uses it
 import numpy as np
 import torch
 import zarr
@@ -43,6 +44,10 @@ ARRAYS = ("z", "z_mean", "valid", "paths", "labels")
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 # entries of the (B, Q, C) per-query scores computed at once: 64 MiB of float32
 BLOCK_ENTRIES = 1 << 24
+# entries of z converted to float32 at once (torch's grain size is 32,768)
+COPY_ENTRIES = 32_768
+# bytes of the label matrix copied at once into a new index
+COPY_BYTES = 64 * 2**20
 # the config.json keys that decide what the head computes
 HEAD_KEYS = ("model", "token_dim", "num_tokens", "embed_dim", "fingerprint")
 
@@ -75,13 +80,20 @@ def index_fingerprint(
     return json.loads(json.dumps(blob))
 
 
+def label_table(label_emb: torch.Tensor, z_mean: torch.Tensor) -> torch.Tensor:
+    """(E + Q, C): the label embeddings (C, E) transposed, then each query's mean output's score
+    `z_mean (Q, E) @ e_c`. Rows [z - z_mean, one-hot of q] times it give z . e_c: the centring is
+    undone inside the one product, with no pass over the (B, Q, C) scores."""
+    return torch.cat([label_emb.T, z_mean @ label_emb.T])  # (E, C) over (Q, E) @ (E, C)
+
+
 def score_block(
-    z: torch.Tensor, label_emb: torch.Tensor, offset: torch.Tensor, query_index: bool = False
+    block: torch.Tensor, table: torch.Tensor, query_index: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits (B, C) float32 of centred query outputs z (B, Q, E) against label embeddings (C, E),
-    `offset` (Q, C) the mean outputs' scores, and with `query_index` which query gave each logit
+    """Logits (B, C) float32 of `block` (B, Q, E + Q) float32, each row [centred z, one-hot of its
+    query], against `label_table`'s (E + Q, C), and with `query_index` which query gave each logit
     (B, C), as `model.QKS.forward` computes them."""
-    scores = z.float() @ label_emb.T + offset  # (B, Q, E) @ (E, C) + (Q, C) -> (B, Q, C)
+    scores = block @ table  # (B, Q, E + Q) @ (E + Q, C) -> (B, Q, C)
     if not query_index:
         return scores.amax(dim=1), None
     logits, index = scores.max(dim=1)  # (B, C) each
@@ -136,9 +148,10 @@ class IndexStore:
     def shard_size(self) -> int:
         return int(self.group.attrs["shard_size"])
 
-    @property
+    # the arrays are opened once: each opening reads and parses their metadata
+    @functools.cached_property
     def z(self) -> zarr.Array:
-        """(N, Q, E) the query outputs."""
+        """(N, Q, E) the query outputs, centred on `z_mean`."""
         return self.group["z"]
 
     @functools.cached_property
@@ -146,17 +159,17 @@ class IndexStore:
         """(Q, E) float32: what the stored z are centred on."""
         return self.group["z_mean"][:]
 
-    @property
+    @functools.cached_property
     def valid(self) -> zarr.Array:
         """(N,) bool: False for an image stage one could not read."""
         return self.group["valid"]
 
-    @property
+    @functools.cached_property
     def paths(self) -> zarr.Array:
         """(N,) each row's image, relative to the image root."""
         return self.group["paths"]
 
-    @property
+    @functools.cached_property
     def labels(self) -> zarr.Array:
         """(N, C) int8: +1 positive, -1 negative, 0 unknown."""
         return self.group["labels"]
@@ -207,8 +220,47 @@ class IndexStore:
             message = f"cannot write index shard {shard}: {e.strerror}"
             raise QKSError(message, e.filename or self.path) from None
 
+    @functools.cached_property
+    def _chunk_files(self) -> Path | None:
+        """The directory of z's chunk files when this process reads them itself (a local store,
+        each chunk raw little-endian bytes then their crc32c: zarr-python spends ~10 ms a call),
+        else None (zarr reads them)."""
+        if not self.location.local:
+            return None
+        meta = json.loads((self.location.url / "z" / "zarr.json").read_text())
+        keys = meta["chunk_key_encoding"]
+        codecs = [(c["name"], c.get("configuration", {})) for c in meta["codecs"]]
+        separator = keys.get("configuration", {}).get("separator", "/")
+        direct = (keys["name"], separator) == ("default", "/")
+        if not direct or codecs != [("bytes", {"endian": "little"}), ("crc32c", {})]:
+            return None
+        return self.location.url / "z" / "c"
+
+    def _read_chunk(self, shard: int, directory: Path) -> np.ndarray:
+        """One shard's chunk read straight from its file, its crc32c checked."""
+        path = directory / str(shard) / "0" / "0"
+        shape = (self.shard_size, *self.z.shape[1:])
+        size = int(np.prod(shape)) * self.z.dtype.itemsize
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = bytearray(size + 5)  # one byte more: a longer file is found too
+                got = f.readinto(raw)
+        except FileNotFoundError:
+            message = f"index shard {shard} is missing; rebuild it: qks index --overwrite"
+            raise QKSError(message, path) from None
+        data = np.frombuffer(raw, np.uint8, count=size)  # a buffer google_crc32c takes
+        stored = int.from_bytes(raw[size : size + 4], "little")
+        if got != size + 4 or google_crc32c.value(data) != stored:
+            what = "the wrong size" if got != size + 4 else "a checksum mismatch"
+            message = f"index shard {shard} is damaged ({what}); rebuild it: qks index --overwrite"
+            raise QKSError(message, path)
+        z = np.frombuffer(raw, self.z.dtype, count=int(np.prod(shape))).reshape(shape)
+        return z[: self.shard_rows(shard).stop - self.shard_rows(shard).start]
+
     def read_shard(self, shard: int) -> np.ndarray:
         """z of one shard (S, Q, E) as stored; a damaged or missing shard is one clear error."""
+        if self._chunk_files is not None:
+            return self._read_chunk(shard, self._chunk_files)
         where = f"{self.location.url}/z/c/{shard}/0/0"
         try:
             z = self.z[self.shard_rows(shard)]
@@ -247,26 +299,41 @@ class IndexStore:
     ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor | None]]:
         """(rows (b,), logits (b, C) float32, query index (b, C) or None) over `rows` as `blocks`
         takes them, in blocks of at most `BLOCK_ENTRIES` per-query scores."""
-        step = max(1, BLOCK_ENTRIES // (self.num_queries * max(1, label_emb.shape[0])))
-        emb = label_emb.float()
-        offset = torch.from_numpy(self.z_mean).to(emb.device) @ emb.T  # (Q, E) @ (E, C) -> (Q, C)
+        q, e = self.num_queries, self.embed_dim
+        step = max(1, BLOCK_ENTRIES // (q * max(1, label_emb.shape[0])))
+        table = label_table(label_emb.float(), torch.from_numpy(self.z_mean).to(label_emb.device))
+        # (b, Q, E + Q): each block's z, converted to float32 on the way in, beside a one-hot
+        buffer = torch.zeros(min(step, self.shard_size), q, e + q, device=label_emb.device)
+        buffer[:, :, e:] = torch.eye(q)
         for picked, z in self.blocks(rows, valid_only):
+            source = torch.from_numpy(z)  # (S', Q, E) as stored
             for start in range(0, len(picked), step):
-                block = torch.from_numpy(z[start : start + step]).to(emb.device)  # (b, Q, E)
-                logits, index = score_block(block, emb, offset, query_index)
-                yield picked[start : start + step], logits, index
+                block = buffer[: min(step, len(picked) - start)]
+                _convert(block[:, :, :e], source[start : start + len(block)])
+                logits, index = score_block(block, table, query_index)
+                yield picked[start : start + len(block)], logits, index
+
+
+def _convert(out: torch.Tensor, z: torch.Tensor) -> None:
+    """Copy z (B, Q, E) into `out` as float32, `COPY_ENTRIES` at a time: below torch's grain size
+    each copy runs in one thread. Parallel copies made the scan 8x slower on 2 busy cores (each
+    waits for the other core); a copy is memory-bound anyway."""
+    rows = max(1, COPY_ENTRIES // (z.shape[1] * z.shape[2]))
+    for start in range(0, z.shape[0], rows):
+        out[start : start + rows].copy_(z[start : start + rows])
 
 
 def _copy_rows(group: zarr.Group, cache: Cache, shard: int) -> None:
-    """The feature store's validity, paths and label matrix, a shard at a time (the labels may not
-    fit in memory)."""
+    """The feature store's validity, then its paths and label matrix whole shards at a time, about
+    `COPY_BYTES` of labels (the whole matrix may not fit in memory)."""
     n, c = cache.labels.shape
-    valid = group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,))
+    # one chunk, read at once by every scan (N bytes)
+    group.create_array("valid", shape=(n,), dtype="bool", chunks=(max(n, 1),))[:] = cache.valid[:]
     paths = group.create_array("paths", shape=(n,), dtype=str, chunks=(shard,))
     labels = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
-    for start in range(0, n, shard):
-        rows = slice(start, start + shard)
-        valid[rows] = cache.valid[rows]
+    step = shard * max(1, COPY_BYTES // (shard * max(1, c)))
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
         paths[rows] = np.asarray(cache.paths[rows], dtype=object)
         labels[rows] = cache.labels[rows]
 

@@ -26,9 +26,9 @@ from tqdm import tqdm
 from qks_pipeline.atomic import atomic_path
 from qks_pipeline.config import ExtractConfig
 from qks_pipeline.data.images import BadImage, load_rgb, to_rgb
-from qks_pipeline.data.manifest import lines_sha256, read_templates
+from qks_pipeline.data.manifest import clip_text_key, lines_sha256, read_templates
 from qks_pipeline.devices import autocast, resolve_device
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import QKSError, shorten
 from qks_pipeline.stage_one.backbone import Backbone, encode_labels, load_backbone, visual_tokens
 from qks_pipeline.stage_two import checkpoint
 from qks_pipeline.stage_two.model import QKS
@@ -49,20 +49,29 @@ def prompt_pool() -> list[str]:
 def clean_labels(labels: Sequence[str]) -> tuple[list[str], list[str]]:
     """(unique labels in first-seen order, the repeats dropped); none left is an error.
 
-    Labels are stripped, inner whitespace collapsed (CLIP's tokenizer does too), blanks dropped.
+    Labels are stripped, inner whitespace collapsed, blanks dropped. A label equal to an earlier one
+    up to case is a repeat too, merged into the first spelling: CLIP's tokenizer lowercases, so both
+    would get one embedding (`manifest.clip_text_key`).
     """
-    # an ordered set
-    unique = {}
+    # CLIP's reading of a label -> the first spelling given
+    unique: dict[str, str] = {}
     dropped = []
     for raw in labels:
         label = " ".join(str(raw).split())
-        if label in unique:
+        key = clip_text_key(label)
+        if key in unique:
             dropped.append(label)
         elif label:
-            unique[label] = None
+            unique[key] = label
     if not unique:
         raise QKSError("the label list is empty (give at least one non-blank label)")
-    return list(unique), dropped
+    return list(unique.values()), dropped
+
+
+def repeats_note(dropped: Sequence[str]) -> str:
+    """One line naming the labels `clean_labels` dropped."""
+    repeated = shorten(", ".join(dict.fromkeys(dropped)))
+    return f"repeated label(s) removed (equal to one before, up to case): {repeated}"
 
 
 def default_cache_dir() -> Path:
@@ -274,11 +283,12 @@ class Tagger:
         """Whether the head was trained on L2-normalised label means (`labels.normalize`)."""
         return bool((self.config.get("label_embedding") or {}).get("normalize", False))
 
-    def label_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
+    def label_embeddings(self, labels: Sequence[str], progress: bool | None = None) -> torch.Tensor:
         """(C, E) float32 on the device, as stage one's `encode_labels` makes them.
 
-        From the disk cache when there, else encoded and cached (atomically, for concurrent taggers;
-        an unwritable cache is reported and skipped).
+        From the disk cache when there, else encoded (with a progress bar: `progress`, None on a
+        terminal only) and cached (atomically, for concurrent taggers; an unwritable cache is
+        reported and skipped).
         """
         files = self._cache_files(labels)
         dim = int(self.head.proj.shape[1])
@@ -296,7 +306,13 @@ class Tagger:
             normalize = self.normalize_labels
             # (M, E)
             emb = encode_labels(
-                model, tokenizer, texts, self.templates, normalize, device=self.device
+                model,
+                tokenizer,
+                texts,
+                self.templates,
+                normalize,
+                device=self.device,
+                progress=progress,
             )
             found |= dict(zip(missing, emb.numpy(), strict=True))
             if files:
@@ -354,9 +370,9 @@ class Tagger:
             raise QKSError(f"top_k must be at least 1, got {top_k}")
         names, dropped = clean_labels(labels)
         if dropped:
-            log.warning("duplicate label(s) removed: %s", ", ".join(dict.fromkeys(dropped)))
+            log.warning("%s", repeats_note(dropped))
         # (C, E)
-        label_emb = self.label_embeddings(names)
+        label_emb = self.label_embeddings(names, progress)
         size = self.backbone.fingerprint["preprocess"]["size"]
         data = _Images(images, self.backbone.preprocess, (3, *size), self.max_pixels)
         pin_memory = self.device.type == "cuda"

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import threading
 import urllib.error
 import urllib.request
@@ -28,8 +29,10 @@ from huggingface_hub.utils import logging as hub_logging
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.transformer import VisionTransformer
 from open_clip.utils import to_2tuple
+from tqdm import tqdm
 
-from qks_pipeline.errors import QKSError
+from qks_pipeline.errors import QKSError, shorten
+from qks_pipeline.weights_files import first_line, format_problem, unreadable
 
 log = logging.getLogger(__name__)
 # the hub has its own stderr handler: a root handler (the CLI's) printed lines twice
@@ -149,6 +152,33 @@ def safetensors_alternatives(file: str) -> list[str]:
     return []
 
 
+def offline_hint(name: str, cfg: dict[str, Any]) -> str:
+    """Which file to fetch for an open_clip tag, and the settings that use it.
+
+    open_clip's URL when the tag has one: `resolve_weights` knows that file by its hash (with its
+    activation and preprocessing). Else the hub's file, which needs a `-quickgelu` model name when
+    the tag's weights were trained with QuickGELU.
+    """
+    quick = ""
+    if url := cfg.get("url"):
+        source = url
+        file = os.path.basename(url)
+    else:
+        repo, hub_file = os.path.split(cfg.get("hf_hub", ""))
+        hub_file = hub_file or HF_WEIGHTS_NAME
+        file = next(iter(safetensors_alternatives(hub_file)), hub_file)
+        source = f"{constants.ENDPOINT}/{repo}/resolve/main/{file}"
+        if file != hub_file:
+            source += f" (or {hub_file} there)"
+        if cfg.get("quick_gelu") and "quickgelu" not in name:
+            quick = f" and backbone.model={name}-quickgelu"
+    options = "--pretrained/--model" if quick else "--pretrained"
+    return (
+        f"download {source} where there is internet, then set "
+        f"backbone.pretrained=/path/to/{file}{quick} (params.yaml, --set or {options})"
+    )
+
+
 def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
     """The weights file of an open_clip tag.
 
@@ -163,14 +193,8 @@ def _download(name: str, tag: str, cfg: dict[str, Any]) -> str:
         if path := next((p for p in cached if isinstance(p, str)), None):
             return path
     url = constants.ENDPOINT if repo else cfg.get("url", "")
-    quick = ""
-    if cfg.get("quick_gelu") and "quickgelu" not in name:
-        quick = f" with backbone.model {name}-quickgelu"
     failed = f"cannot download the '{tag}' weights of {name}"
-    hint = (
-        "download them where there is internet and set backbone.pretrained (--pretrained) "
-        f"to the file{quick}"
-    )
+    hint = offline_hint(name, cfg)
     # open_clip's own cache of weights downloaded from a URL
     in_url_cache = not repo and (Path.home() / ".cache" / "clip" / os.path.basename(url)).is_file()
     if constants.HF_HUB_OFFLINE:
@@ -283,10 +307,24 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
         else:
             model, _, preprocess = create(pretrained=None)
             model.load_state_dict(_torchscript_state(weights.path), strict=True)
-    except (RuntimeError, KeyError, ValueError, OSError) as e:
-        why = " ".join(str(e).split())
-        raise QKSError(f"could not load {name} weights: {why}", weights.path) from None
+    # a weights file of another model, or no weights file at all (empty, truncated, a pickle)
+    except Exception as e:
+        if weights.path is None:
+            raise
+        raise _weights_error(name, weights.path, e) from None
     return model, preprocess
+
+
+def _weights_error(name: str, path: str, error: Exception) -> QKSError:
+    """One line for weights that did not load: a file that is not weights at all
+    (`weights_files.unreadable`: no code in a pickle ran), or the weights of another model."""
+    if isinstance(error, pickle.UnpicklingError) or format_problem(path):
+        return unreadable(path, error, f"{name} weights")
+    if not isinstance(error, (RuntimeError, KeyError, ValueError, OSError)):
+        why = f"{type(error).__name__}: {first_line(error)}"
+        return QKSError(f"not a state dict of {name} weights ({why})", path)
+    why = " ".join(str(error).split())
+    return QKSError(f"could not load {name} weights: {why}", path)
 
 
 def _fingerprint(
@@ -360,6 +398,22 @@ def visual_tokens(clip: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls.unsqueeze(1), patches], dim=1)  # (B, T, D)
 
 
+def _cut_rows(tokenizer: Callable, texts: list[str], tokens: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which of `texts`, tokenized to `tokens` (N, context), were cut at the context.
+
+    Only the rows that fill the whole context are tokenized again, one token longer.
+    """
+    context = tokens.shape[1]
+    pad = int(tokenizer([""])[0, -1])  # what fills a row after its last token
+    full = tokens[:, -1] != pad
+    cut = torch.zeros(len(texts), dtype=torch.bool)
+    if full.any():
+        rows = full.nonzero().flatten()
+        longer = tokenizer([texts[i] for i in rows], context_length=context + 1)
+        cut[rows] = longer[:, context] != pad
+    return cut
+
+
 @torch.no_grad()
 def encode_labels(
     clip: torch.nn.Module,
@@ -369,17 +423,39 @@ def encode_labels(
     normalize: bool = False,
     batch_labels: int = 16,
     device: str | torch.device = "cpu",
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Prompt-pool label embeddings (C, E) float32 on the CPU (docs/design.md, section 1).
 
     A label's embedding is the mean of every template (one '{}' each) filled with the label,
-    L2-normalised only with `normalize`; `batch_labels` labels per text batch.
+    L2-normalised only with `normalize`; `batch_labels` labels per text batch. `progress`: a bar
+    over the labels (None: on a terminal only). A label that some template makes longer than the
+    text encoder's context is cut there, as CLIP does, with a warning naming it.
     """
     out = []
-    for start in range(0, len(labels), batch_labels):
-        chunk = labels[start : start + batch_labels]
-        texts = [t.format(label) for label in chunk for t in templates]
-        feats = clip.encode_text(tokenizer(texts).to(device)).float()  # (c * M, E)
-        out.append(feats.view(len(chunk), len(templates), -1).mean(dim=1))  # (c, E)
+    cut = []
+    bar = tqdm(
+        total=len(labels),
+        unit="label",
+        desc="embed labels",
+        disable=None if progress is None else not progress,
+    )
+    with bar:
+        for start in range(0, len(labels), batch_labels):
+            chunk = labels[start : start + batch_labels]
+            texts = [t.format(label) for label in chunk for t in templates]
+            tokens = tokenizer(texts)  # (c * M, context)
+            rows_cut = _cut_rows(tokenizer, texts, tokens).view(len(chunk), len(templates))
+            cut += [label for label, row in zip(chunk, rows_cut, strict=True) if row.any()]
+            feats = clip.encode_text(tokens.to(device)).float()  # (c * M, E)
+            out.append(feats.view(len(chunk), len(templates), -1).mean(dim=1))  # (c, E)
+            bar.update(len(chunk))
+    if cut:
+        log.warning(
+            "%d label(s) cut at the text encoder's context of %d tokens (in some template): %s",
+            len(cut),
+            tokens.shape[1],
+            shorten(", ".join(cut[:5])),
+        )
     emb = torch.cat(out).cpu()  # (C, E)
     return torch.nn.functional.normalize(emb, dim=-1) if normalize else emb

@@ -351,6 +351,17 @@ def _open_store(
     )
 
 
+def _shards_to_compute(cache: Cache) -> list[int]:
+    """The shards without a done marker, and those done whose files are gone (`lost_shards`)."""
+    if lost := cache.lost_shards():
+        log.warning(
+            "%d done shard(s) lost a file (e.g. shard %d); computing them again",
+            len(lost),
+            min(lost),
+        )
+    return sorted(set(range(cache.num_shards)) - cache.done_shards())
+
+
 @dataclass
 class InProcess:
     """The default runner of `extract`: the shards computed in this process.
@@ -467,7 +478,7 @@ def extract(
         cache = _open_store(
             out, dataset_dir, split, bb, cfg, overwrite=overwrite, replace_stale=replace_stale
         )
-        todo = sorted(set(range(cache.num_shards)) - cache.done_shards())
+        todo = _shards_to_compute(cache)
         start = time.perf_counter()
         forward_seconds = runner.run(
             cache, todo, backbone=bb, images=images_root, cfg=cfg, strict=strict

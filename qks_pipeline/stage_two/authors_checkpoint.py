@@ -6,7 +6,6 @@ carry a `module.` prefix (DDP) and be wrapped in a top-level `state_dict` or `mo
 
 from __future__ import annotations
 
-import pickle
 import re
 import warnings
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from qks_pipeline.stage_two.checkpoint import (
     write_config,
 )
 from qks_pipeline.stage_two.model import QKS
+from qks_pipeline.weights_files import load_safetensors, load_torch
 
 # Reference (BERT) names inside encoder.layer.{i} -> our names inside layers.{i}.
 _LAYER_NAMES = {
@@ -62,24 +62,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> dict[str, T
     path = Path(path)
     if not path.is_file():
         raise QKSError("checkpoint not found", path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(path)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as e:
-        hint = (
-            ""
-            if trust_pickle
-            else " (it holds more than tensors; pass trust_pickle=True if you trust its source)"
-        )
-        raise QKSError(f"cannot read checkpoint{hint}: {str(e).splitlines()[0]}", path) from None
-    except Exception as e:  # a truncated or foreign file: torch and safetensors raise various types
-        raise QKSError(
-            f"cannot read checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}", path
-        ) from None
+    if path.suffix == ".safetensors":
+        obj: Any = load_safetensors(path, "checkpoint")
+    else:
+        # the flag applies to a pickle of other objects only, never to a damaged file
+        hint = "" if trust_pickle else "pass --trust-pickle if you trust its source"
+        obj = load_torch(path, "checkpoint", trust_pickle=trust_pickle, hint=hint)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -19,6 +19,7 @@ from qks_pipeline.config import ModelConfig
 from qks_pipeline.errors import QKSError
 from qks_pipeline.stage_two.model import QKS
 from qks_pipeline.store.fingerprint import describe_backbone, differing_keys
+from qks_pipeline.weights_files import load_safetensors
 
 CONFIG = "config.json"  # the model's settings, inputs and selection (`make_config`)
 BEST = "best.safetensors"  # the selected weights
@@ -43,10 +44,12 @@ def make_config(
     train: dict[str, Any] | None = None,
     train_cache: str | None = None,
     source: str | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """config.json, the one schema (docs/design.md, section 6).
 
-    `selection_note` says in words what selected the checkpoint.
+    `selection_note` says in words what selected the checkpoint; `inputs` what a resumed training
+    run must read again (`stage_two.train.inputs_identity`).
     """
     token_dim, embed_dim = model.proj.shape
     return {
@@ -63,6 +66,7 @@ def make_config(
         "selection": selection,
         "selection_note": selection_note,
         "train_cache": train_cache,
+        "inputs": inputs,
         "source": source,
         "best": None,
     }
@@ -107,8 +111,9 @@ def load(directory: str | Path, device: torch.device) -> tuple[QKS, dict[str, An
         raise QKSError(NOT_A_CHECKPOINT, weights)
     cfg = ModelConfig(**config["model"])
     model = QKS(cfg, config["token_dim"], config["embed_dim"])
+    state = load_safetensors(weights, "the checkpoint's weights")
     try:
-        model.load_state_dict(safetensors.torch.load_file(weights))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise QKSError(
             f"weights do not fit {CONFIG}: {' '.join(str(e).split())}", weights

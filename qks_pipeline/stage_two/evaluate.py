@@ -7,12 +7,19 @@ template's label embeddings (`evaluate.clip_labels: template`, the reference's `
 the prompt pool's (`pool`). The query-preference table counts, per label, which query gives its
 logit on its positive images (the paper's "knowledge sharing"). Memory (section 3): 5 bytes per
 image and label.
+
+Outputs, written all or none: the metrics JSON holds the paper's table numbers only (per setting
+ZSL and GZSL: mAP and P/R/F1@K), so `dvc metrics show` stays readable; everything else (the seen
+setting, counts, protocol, selection, notes, the baseline's template) goes to its details file
+beside it (`<stem>_details.json`); the per-label CSV and its plot; the query-preference CSV.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,7 @@ from qks_pipeline.stage_two.metrics import (
     reference_scores,
 )
 from qks_pipeline.stage_two.model import QKS
+from qks_pipeline.stage_two.plots import plot_per_label_ap
 from qks_pipeline.stage_two.scoring import Predictions, clip_scorer, model_scorer, score_rows
 from qks_pipeline.store.fingerprint import check_fingerprint
 from qks_pipeline.store.label_store import (
@@ -46,6 +54,10 @@ from qks_pipeline.store.label_store import (
 CLIP_BASELINE = "clip_zero_shot"
 # the query-preference table's default name: the metrics JSON's stem + this
 QUERY_TABLE = ".query_preference.csv"
+# the details file's name: the metrics JSON's stem + this
+DETAILS = "_details.json"
+# the settings of the paper's tables, whose numbers the metrics JSON holds
+TABLE_SETTINGS = ("zsl", "gzsl")
 
 
 def check_checkpoint(
@@ -225,7 +237,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint and/or the CLIP zero-shot baseline on a test store.
 
-    Writes the metrics JSON `out` and the tables, and echoes the metrics as a table.
+    Writes the metrics JSON `out` (the paper's table numbers), its details file beside it
+    (`<stem>_details.json`: the rest of the returned report) and the tables, all or none; echoes
+    the metrics as a table.
 
     Args:
         test_path: The test feature store (stage one).
@@ -235,7 +249,7 @@ def evaluate(
             baseline alone.
         params: The `evaluate` section of params.yaml (default: its defaults).
         per_label: Where a CSV per label goes (AP, what it lacks to be scored, positives,
-            negatives); None writes none.
+            negatives), and its plot beside it (.png); None writes neither.
         query_table: Where the query-preference CSV goes (with a checkpoint only); default: beside
             `out`, named `<out's stem>.query_preference.csv`.
         baseline: "clip" scores CLIP zero-shot too (or alone, without a checkpoint).
@@ -244,9 +258,9 @@ def evaluate(
         echo: Where the table and the warnings are printed.
 
     Returns:
-        The metrics written to `out`: `protocol`, settings zsl/gzsl/seen (fractions), `selection`,
-        and with both a checkpoint and `baseline="clip"` the baseline's settings and `clip_labels`
-        under `clip_zero_shot`.
+        The report that `out` and its details file divide (`split_report`): `protocol`, settings
+        zsl/gzsl/seen (fractions), `selection`, and with both a checkpoint and `baseline="clip"`
+        the baseline's settings and `clip_labels` under `clip_zero_shot`.
     """
     if checkpoint is None and baseline is None:
         raise QKSError("nothing to evaluate: give --checkpoint, --baseline clip, or both")
@@ -267,7 +281,6 @@ def evaluate(
     pred = None
     if model is not None:
         pred, table = _head(model, inputs, loader, dev, params.protocol)
-        write_csv(query_table or Path(out).with_name(Path(out).stem + QUERY_TABLE), table)
         shown["qks"] = metrics(pred.scores, pred.labels)
         report |= _head_report(config, shown["qks"])
     if baseline is not None:
@@ -280,8 +293,81 @@ def evaluate(
         else:
             report[CLIP_BASELINE] = clip
     preference = (table, model.cfg.num_queries) if model is not None else None
+    outputs = Outputs(out, per_label, query_table if preference else None)
     names = inputs.label_names
-    return _write(report, shown, names, inputs.num_seen, out, params, per_label, preference, echo)
+    return _write(report, shown, names, inputs.num_seen, outputs, params, preference, echo)
+
+
+def split_report(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the metrics file's content, the details file's): the paper's table numbers (per setting in
+    `TABLE_SETTINGS`: mAP and P/R/F1@K, the baseline's under its own key), and everything else."""
+    numbers: dict[str, Any] = {}
+    details: dict[str, Any] = {}
+    for key, value in report.items():
+        if key in TABLE_SETTINGS:
+            numbers[key] = {k: v for k, v in value.items() if _in_table(k)}
+            details[key] = {k: v for k, v in value.items() if not _in_table(k)}
+        elif key == CLIP_BASELINE:
+            numbers[key], details[key] = split_report(value)
+        else:
+            details[key] = value
+    return numbers, details
+
+
+def read_report(out: str | Path) -> dict[str, Any]:
+    """The whole report again, from a metrics JSON and its details file (`split_report` undone)."""
+    numbers = json.loads(Path(out).read_text())
+    details = json.loads(details_path(out).read_text())
+    return _merged(details, numbers)
+
+
+def details_path(out: str | Path) -> Path:
+    """The details file beside a metrics JSON: its stem + `DETAILS`."""
+    out = Path(out)
+    return out.with_name(out.stem + DETAILS)
+
+
+def _merged(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    both = {k: _merged(a[k], b[k]) for k in a.keys() & b.keys() if isinstance(a[k], dict)}
+    return a | b | both
+
+
+def _in_table(metric: str) -> bool:
+    """mAP, p@K, r@K, f1@K: the paper's numbers (not the counts)."""
+    return metric == "mAP" or metric.split("@")[0] in ("p", "r", "f1")
+
+
+class Outputs:
+    """Where evaluation writes: the metrics JSON `out` and its details file beside it, the
+    per-label CSV and its plot (with `per_label`), the query-preference CSV (with `query_table`,
+    default beside `out`)."""
+
+    def __init__(
+        self, out: str | Path, per_label: str | Path | None, query_table: str | Path | None
+    ):
+        self.out = Path(out)
+        self.details = details_path(out)
+        self.per_label = None if per_label is None else Path(per_label)
+        self.query_table = Path(query_table or self.out.with_name(self.out.stem + QUERY_TABLE))
+
+
+@contextlib.contextmanager
+def all_or_none() -> Iterator[Callable[[Path], Path]]:
+    """`stage(path)`: a temporary path to write for `path`. When the block succeeds every one is
+    renamed onto its path; when it fails, all are removed and no output changes."""
+    staged: dict[Path, Path] = {}
+
+    def stage(path: Path) -> Path:
+        staged[path] = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        return staged[path]
+
+    try:
+        yield stage
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
 
 
 def _write(
@@ -289,25 +375,32 @@ def _write(
     shown: dict[str, dict[str, dict[str, Any]]],
     names: list[str],
     num_seen: int,
-    out: str | Path,
+    outputs: Outputs,
     params: EvaluateConfig,
-    per_label: str | Path | None,
     preference: tuple[list[dict[str, Any]], int] | None,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Write the per-label CSV (of the first model shown) and the metrics JSON; echo the table, the
-    query preference (table, number of queries) and the warnings. Returns `report`."""
+    """Write every output or none: the metrics JSON and its details, the per-label CSV (of the first
+    model shown) and its plot, the query-preference CSV (from `preference`: table, number of
+    queries). Then echo the table, the query preference and the warnings. Returns `report`."""
     primary = next(iter(shown.values()))
-    if per_label is not None:
-        write_csv(per_label, per_label_table(primary, names, num_seen))
-    atomic_write(out, json.dumps(report, indent=2) + "\n")
+    numbers, details = split_report(report)
+    with all_or_none() as stage:
+        if preference is not None:
+            write_csv(stage(outputs.query_table), preference[0])
+        if outputs.per_label is not None:
+            table = stage(outputs.per_label)
+            write_csv(table, per_label_table(primary, names, num_seen))
+            plot_per_label_ap(table, stage(outputs.per_label.with_suffix(".png")))
+        atomic_write(stage(outputs.out), json.dumps(numbers, indent=2) + "\n")
+        atomic_write(stage(outputs.details), json.dumps(details, indent=2) + "\n")
     echo(format_table(shown, params.top_k))
     if preference is not None:
         echo(format_query_preference(*preference))
-    warnings = [label_warning(primary, params.protocol, per_label), report.get("warning")]
+    warnings = [label_warning(primary, params.protocol, outputs.per_label), report.get("warning")]
     for line in filter(None, warnings):
         echo(f"WARNING: {line}")
-    echo(f"metrics written to {out}")
+    echo(f"metrics written to {outputs.out} (details: {outputs.details})")
     return report
 
 
@@ -334,13 +427,14 @@ def evaluate_predictions(
         out, params, per_label, query_table, echo: As `evaluate` takes them.
 
     Returns:
-        The metrics written to `out`, as `evaluate` returns them for a checkpoint alone.
+        The report written to `out` and its details file, as `evaluate` returns it for a
+        checkpoint alone.
     """
     params = params or EvaluateConfig()
     table = _preference(pred, names, num_seen, params.protocol)
-    write_csv(query_table or Path(out).with_name(Path(out).stem + QUERY_TABLE), table)
     results = evaluate_scores(pred.scores, pred.labels, num_seen, params.top_k, params.protocol)
     report = {"units": "fraction", "protocol": params.protocol} | _head_report(config, results)
     preference = (table, pred.query_counts.shape[1])
     shown = {"qks": results}
-    return _write(report, shown, names, num_seen, out, params, per_label, preference, echo)
+    outputs = Outputs(out, per_label, query_table)
+    return _write(report, shown, names, num_seen, outputs, params, preference, echo)

@@ -189,13 +189,15 @@ def split_rows(num_rows: int, val_fraction: float) -> tuple[tuple[int, int], tup
 def open_loader(
     cache: Cache, *, rows: tuple[int, int] | None = None, backend: str = "auto", **options: Any
 ) -> CacheLoader:
-    """A loader over the valid rows in `rows` (default: all).
+    """A loader over the valid rows in `rows` (default: all) of a complete store.
 
     `options` are the other `CacheLoader` fields (`batch_size`, `columns`, ...); `backend` says how
-    tokens are read (`qks_pipeline.store.shard_reader.open_reader`).
+    tokens are read (`qks_pipeline.store.shard_reader.open_reader`). A shard not done or a chunk
+    missing is refused here (`Cache.require_complete`, once per store), a damaged chunk when read.
     """
+    cache.require_complete()
     start, stop = rows if rows is not None else (0, cache.num_images)
     valid = np.asarray(cache.valid[start:stop], dtype=bool)
     valid_rows = (start + np.flatnonzero(valid)).astype(np.int64)
-    reader = open_reader(cache.location, cache.tokens, backend)
+    reader = open_reader(cache.location, cache.tokens, backend, cache.every_chunk_written)
     return CacheLoader(cache, reader, valid_rows, (start, stop), **options)

@@ -11,6 +11,8 @@ alone scores and writes (README.md, "Several GPUs").
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import math
 import time
@@ -24,7 +26,7 @@ import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR, ReduceLROnPlateau
 from tqdm import tqdm
 
-from qks_pipeline.atomic import atomic_write, write_csv
+from qks_pipeline.atomic import atomic_write, remove_temporary, write_csv
 from qks_pipeline.config import Params, TrainConfig
 from qks_pipeline.devices import AMP_DTYPES, autocast, resolve_device
 from qks_pipeline.errors import QKSError
@@ -51,6 +53,9 @@ from qks_pipeline.stage_two.metrics import (
 )
 from qks_pipeline.stage_two.model import QKS
 from qks_pipeline.stage_two.scoring import model_scorer, score_rows
+from qks_pipeline.store.fingerprint import differing_keys
+from qks_pipeline.store.location import Location
+from qks_pipeline.weights_files import first_line, load_torch
 
 # train params that may change between a run and its resumption
 RESUMABLE_CHANGES = {"epochs", "early_stop", "nproc"}
@@ -71,6 +76,14 @@ LOG_FIELDS = [
 STATEFUL = ("model", "optimizer", "scheduler", "scaler")
 # what score_epoch's "score" is, per train.selection
 SELECTION = {"val": "val_mAP", "test": "test_zsl_mAP+f1@3+f1@5"}
+# what to do about a resume point that cannot be read
+START_AFRESH = "delete it or pass --no-resume to start afresh"
+# config.json's "inputs" (`inputs_identity`), in words
+INPUT_NAMES = {
+    "train_data": "training store",
+    "test_data": "test store",
+    "label_embeddings_sha256": "label store",
+}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -319,6 +332,19 @@ def save_state(s: Session, progress: Progress, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+def inputs_identity(inputs: Inputs, selection: str) -> dict[str, Any]:
+    """What a resumed run must read again: the training store's data fingerprint, the test store's
+    (selection 'test'), the label embeddings' sha256 (the backbone and labels: config.json's
+    `fingerprint` and `label_names`)."""
+    embeddings = np.ascontiguousarray(inputs.embeddings, dtype=np.float32)
+    test = inputs.test.fingerprint["data"] if inputs.test and selection == "test" else None
+    return {
+        "train_data": inputs.cache.fingerprint["data"],
+        "test_data": test,
+        "label_embeddings_sha256": hashlib.sha256(embeddings.tobytes()).hexdigest(),
+    }
+
+
 def run_config(params: Params, inputs: Inputs, model: QKS) -> dict[str, Any]:
     """config.json (`checkpoint.make_config`): how to rebuild the model and how it was trained."""
     selection = params.train.selection
@@ -337,13 +363,19 @@ def run_config(params: Params, inputs: Inputs, model: QKS) -> dict[str, Any]:
         label_embedding=inputs.label_embedding,
         train=asdict(params.train),
         train_cache=str(inputs.cache.path),
+        inputs=inputs_identity(inputs, selection),
     )
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], out: Path) -> None:
     """Refuse to resume a run in `out` whose config differs in more than `RESUMABLE_CHANGES`."""
     same = ("model", "token_dim", "embed_dim", "fingerprint", "label_names", "num_seen")
-    diffs = [k for k in same if old[k] != new[k]]
+    diffs = [k for k in same if old.get(k) != new[k]]
+    # runs before the record was kept: not compared
+    if old.get("inputs") is not None:
+        for key, _, _ in differing_keys(old["inputs"], new["inputs"]):
+            part, _, field_name = key.partition(".")
+            diffs.append(f"{INPUT_NAMES.get(part, part)}{f' {field_name}' if field_name else ''}")
     old_train = old["train"]
     new_train = new["train"]
     diffs += [
@@ -370,6 +402,8 @@ def _start(
     found = resume and (out / STATE).exists() and (out / CONFIG).exists()
     found = data_parallel.from_rank0(found)
     if data_parallel.rank_and_world()[0] == 0:
+        if left := remove_temporary(out):
+            echo(f"removed {len(left)} temporary file(s) of an interrupted save, e.g. {left[0]}")
         if found:
             old = read_config(out)
             _check_resumable(old, config, out)
@@ -381,14 +415,33 @@ def _start(
     data_parallel.barrier()
     if not found:
         return Progress()
-    state = torch.load(out / STATE, map_location="cpu", weights_only=True)
-    for k in STATEFUL:
-        if getattr(s, k) is not None:
-            getattr(s, k).load_state_dict(state[k])
-    progress = Progress(**state["progress"])
+    progress = load_state(s, out / STATE)
     progress.stopped_early = cfg.early_stop > 0 and progress.since_best >= cfg.early_stop
     echo(f"resuming {out} after epoch {progress.epoch} (best score {progress.best_score:.4f})")
     return progress
+
+
+def load_state(s: Session, path: Path) -> Progress:
+    """Restore the `STATEFUL` parts from a resume point; returns its progress.
+
+    Only tensors and plain containers are unpickled (`weights_only`): no code in the file runs. A
+    file that is truncated, foreign or of another run is one error naming it.
+    """
+    try:
+        state = load_torch(path, "the resume point")
+    except QKSError as e:
+        # the message names the file already
+        raise QKSError(f"{e.message}; {START_AFRESH}") from None
+    try:
+        for k in STATEFUL:
+            if getattr(s, k) is not None:
+                getattr(s, k).load_state_dict(state[k])
+        return Progress(**state["progress"])
+    # a file of other contents: another model's states, no progress, other fields
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        why = f"{type(e).__name__}: {first_line(e)}"
+        message = f"not a resume point of this run ({why}); {START_AFRESH}"
+        raise QKSError(message, path) from None
 
 
 def _save_epoch(
@@ -515,6 +568,24 @@ def train(
     echo = echo if rank == 0 else lambda _: None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # rank 0 alone writes `out`: one run at a time holds its lock
+    lock = Location.of(out).writer_lock("training run", "directory")
+    with lock if rank == 0 else contextlib.nullcontext():
+        return _run(params, inputs, dev, out, resume, progress_bar, echo, on_epoch_end)
+
+
+def _run(
+    params: Params,
+    inputs: Inputs,
+    dev: torch.device,
+    out: Path,
+    resume: bool,
+    progress_bar: bool,
+    echo: Callable[[str], None],
+    on_epoch_end: Callable[[int], None] | None,
+) -> Progress:
+    """`train`'s run in this process, once its inputs, device and lock are settled."""
+    rank = data_parallel.rank_and_world()[0]
     deterministic = torch.are_deterministic_algorithms_enabled()
     # deterministic kernels cost nothing on the CPU; the caller's setting is restored afterwards
     torch.use_deterministic_algorithms(deterministic or dev.type == "cpu")

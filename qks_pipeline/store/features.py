@@ -11,7 +11,7 @@ import errno
 import functools
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,15 @@ import numpy as np
 import zarr
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.store.checked import (
+    EVERY_CHUNK,
+    REBUILD,
+    CheckedArray,
+    chunk_path,
+    create_checked,
+    missing_chunks,
+    missing_error,
+)
 from qks_pipeline.store.fingerprint import READ_VERSIONS, describe_backbone
 from qks_pipeline.store.location import Location
 
@@ -26,6 +35,8 @@ from qks_pipeline.store.location import Location
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 # The arrays every feature store holds (docs/design.md, section 2).
 ARRAYS = ("tokens", "labels", "valid", "paths", "manifest_index", "visual_proj")
+# written a shard at a time, before the shard's done marker: one chunk (tokens: one file) a shard
+PER_SHARD = ("tokens", "valid")
 
 
 @dataclass
@@ -35,6 +46,8 @@ class Cache:
     # a local directory, or an fsspec URL
     path: Path | str
     group: zarr.Group
+    # every shard done and every chunk there, checked once (`require_complete`)
+    _complete: bool = field(default=False, init=False, repr=False)
 
     @functools.cached_property
     def location(self) -> Location:
@@ -44,6 +57,19 @@ class Cache:
     def fingerprint(self) -> dict[str, Any]:
         """The backbone and data the store was built from."""
         return self.group.attrs["fingerprint"]
+
+    @property
+    def format_version(self) -> int:
+        return int(self.fingerprint["format_version"])
+
+    @property
+    def every_chunk_written(self) -> bool:
+        """From format version 3 every chunk is written: an absent one is damage, never a fill."""
+        return self.format_version >= 3
+
+    def checked(self, name: str) -> CheckedArray:
+        """The array `name`, its damaged chunks one error naming the file (`store.checked`)."""
+        return CheckedArray(self.group[name].with_config(EVERY_CHUNK), self.location, name)
 
     @property
     def label_names(self) -> list[str]:
@@ -61,33 +87,33 @@ class Cache:
 
     @property
     def tokens(self) -> zarr.Array:
-        """(N, V, T, D) float16 visual tokens."""
-        return self.group["tokens"]
+        """(N, V, T, D) float16 visual tokens; read through `store.shard_reader`."""
+        return self.group["tokens"].with_config(EVERY_CHUNK)
 
     @property
-    def labels(self) -> zarr.Array:
+    def labels(self) -> CheckedArray:
         """(N, C) int8: +1 positive, -1 negative, 0 unknown."""
-        return self.group["labels"]
+        return self.checked("labels")
 
     @property
-    def valid(self) -> zarr.Array:
+    def valid(self) -> CheckedArray:
         """(N,) bool: False for an unreadable image."""
-        return self.group["valid"]
+        return self.checked("valid")
 
     @property
-    def paths(self) -> zarr.Array:
+    def paths(self) -> CheckedArray:
         """(N,) the image of each row."""
-        return self.group["paths"]
+        return self.checked("paths")
 
     @property
-    def manifest_index(self) -> zarr.Array:
+    def manifest_index(self) -> CheckedArray:
         """(N,) each row's line in the manifest."""
-        return self.group["manifest_index"]
+        return self.checked("manifest_index")
 
     @property
-    def visual_proj(self) -> zarr.Array:
+    def visual_proj(self) -> CheckedArray:
         """(D, E) float32: CLIP's visual projection."""
-        return self.group["visual_proj"]
+        return self.checked("visual_proj")
 
     @property
     def num_images(self) -> int:
@@ -114,7 +140,11 @@ class Cache:
 
         Each skipped image is {"path", "reason"}.
         """
-        return json.loads(self.location.read_text(_marker(shard)))
+        try:
+            return json.loads(self.location.read_text(_marker(shard)))
+        except (ValueError, FileNotFoundError) as e:
+            message = f"done marker unreadable ({type(e).__name__}); {REBUILD}"
+            raise QKSError(message, chunk_path(self.location, _marker(shard))) from None
 
     def done_shards(self) -> set[int]:
         return {
@@ -151,6 +181,12 @@ class Cache:
         ]
 
     def require_complete(self) -> None:
+        """Refuse a store with a shard not extracted or a chunk missing (`missing_chunks`).
+
+        Checked once per `Cache`: a listing of the done markers and of each array.
+        """
+        if self._complete:
+            return
         missing = self.num_shards - len(self.done_shards())
         if missing:
             raise QKSError(
@@ -158,6 +194,55 @@ class Cache:
                 "rerun extract",
                 self.path,
             )
+        if chunks := self.missing_chunks():
+            raise missing_error(self.location, chunks)
+        self._complete = True
+
+    def lost_shards(self) -> set[int]:
+        """Done shards whose token shard file or valid chunk is missing (one listing an array):
+        their done markers, now wrong, are removed, so that a rerun computes them again.
+
+        A missing chunk of another array is refused: only a rebuild (--overwrite) writes it.
+        """
+        missing = self.missing_chunks()
+        if other := [key for key in missing if not key.startswith(PER_SHARD)]:
+            raise missing_error(self.location, other, "--overwrite")
+        # "tokens/c/<shard>/0/0/0", "valid/c/<shard>"
+        lost = {int(key.split("/")[2]) for key in missing}
+        for shard in sorted(lost):
+            self.location.delete(_marker(shard))
+        return lost
+
+    def missing_chunks(self, shards: set[int] | None = None) -> list[str]:
+        """Keys of the chunks the store must hold and does not: every chunk of every array, those
+        of tokens and valid for the done shards only (or `shards`); one listing an array."""
+        done = self.done_shards() if shards is None else shards
+        missing = []
+        for name in ARRAYS:
+            required = self._required(name, done)
+            missing += missing_chunks(self.location, name, self.group[name], required)
+        return missing
+
+    def _required(self, name: str, done: set[int]) -> Callable[[tuple[int, ...]], bool]:
+        """Whether the chunk at grid coordinates must be there (asked of absent chunks only).
+
+        Before format version 3 no chunk equal to the fill value was written: a done shard whose
+        every row was unreadable had no tokens nor valid chunk, a one-image store's manifest index
+        0 none. Other chunks could be absent only by damage (labels: a shard without any
+        annotation, which qks treats as damage too; a rebuild writes it).
+        """
+        if name not in PER_SHARD:
+            fill_only = name == "manifest_index" and self.num_images == 1
+            return lambda coords: self.every_chunk_written or not fill_only
+
+        def required(coords: tuple[int, ...]) -> bool:
+            shard = coords[0]
+            if shard not in done or self.every_chunk_written:
+                return shard in done
+            rows = self.shard_rows(shard)
+            return len(self.done_record(shard)["skipped"]) < rows.stop - rows.start
+
+        return required
 
 
 def _marker(shard: int) -> str:
@@ -189,23 +274,23 @@ def create_cache(
     shard = min(shard_size, max(n, 1))
     with Location.of(path).building() as tmp:
         group = tmp.open_group("w")
-        # after `bytes`: each inner chunk is its raw bytes then their crc32c
-        crc = [zarr.codecs.Crc32cCodec()]
-        group.create_array(
+        # each inner chunk is its raw bytes then their crc32c
+        create_checked(
+            group,
             "tokens",
+            compress=False,
             shape=(n, num_views, t, d),
             dtype="float16",
             chunks=(1, 1, t, d),
             shards=(shard, num_views, t, d),
-            compressors=crc,
         )
-        group.create_array("valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
+        create_checked(group, "valid", shape=(n,), dtype="bool", chunks=(shard,), fill_value=False)
         _write_labels(group, labels, n, len(label_names), shard)
         one_chunk = (max(n, 1),)
-        path_array = group.create_array("paths", shape=(n,), dtype=str, chunks=one_chunk)
+        path_array = create_checked(group, "paths", shape=(n,), dtype=str, chunks=one_chunk)
         path_array[:] = np.asarray(paths, dtype=object)
-        index_array = group.create_array(
-            "manifest_index", shape=(n,), dtype="int64", chunks=one_chunk
+        index_array = create_checked(
+            group, "manifest_index", shape=(n,), dtype="int64", chunks=one_chunk
         )
         index_array[:] = manifest_index
         write_float32(group, "visual_proj", visual_proj)
@@ -227,8 +312,8 @@ def _write_labels(
     shard: int,
 ) -> None:
     """The (N, C) int8 `labels` array, written a shard at a time."""
-    label_array = group.create_array(
-        "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c))
+    label_array = create_checked(
+        group, "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c))
     )
     for start in range(0, n, shard):
         stop = min(start + shard, n)
@@ -238,8 +323,8 @@ def _write_labels(
 
 
 def write_float32(group: zarr.Group, name: str, a: np.ndarray) -> None:
-    """A small float32 array, one chunk."""
-    group.create_array(name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
+    """A small float32 array, one chunk (with its crc32c)."""
+    create_checked(group, name, shape=a.shape, dtype="float32", chunks=a.shape)[:] = a
 
 
 def open_cache(path: str | Path, mode: str = "r") -> Cache:

@@ -8,8 +8,10 @@ from typing import Any
 
 from qks_pipeline.errors import QKSError
 
-FORMAT_VERSION = 2  # 2: a crc32c per inner token chunk; 1 (still read): none
-READ_VERSIONS = (1, 2)
+# 3: every chunk of every array written, each with its crc32c; 2: a crc32c per inner token chunk
+# only; 1: none (2 and 1 still read: docs/design.md, section 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 
 def make_fingerprint(

@@ -39,7 +39,8 @@ def export_hdf5_cache(store: str | Path, out: str | Path) -> Path:
         # one whole shard at a time: bounded memory
         for shard in range(cache.num_shards):
             rows = cache.shard_rows(shard)
-            feats[rows] = cache.tokens[rows]
+            # a damaged shard: one error naming its file
+            feats[rows] = cache.checked("tokens")[rows]
             labels[rows] = cache.labels[rows]
         for name in ("valid", *ARRAYS):
             f.create_dataset(name, data=getattr(cache, name)[:])

@@ -1,6 +1,7 @@
 """The label store: label embeddings from the prompt pool, and the CLIP baseline's.
 
-Layout: docs/design.md, section 2.
+Layout: docs/design.md, section 2. Each array is one chunk with its crc32c (`store.checked`),
+checked when read.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.store.checked import CheckedArray, missing_chunks, missing_error
 from qks_pipeline.store.features import write_float32
 from qks_pipeline.store.fingerprint import READ_VERSIONS
 from qks_pipeline.store.location import Location
@@ -39,23 +42,43 @@ def write_label_embeddings(
         group.attrs.update({"fingerprint": fingerprint, "labels": list(label_names), **attrs})
 
 
-def read_label_embeddings(
-    path: str | Path, array: str = "embeddings"
-) -> tuple[list[str], np.ndarray, dict[str, Any]]:
-    """Return (label names, `array` (C, E) float32, attributes incl. `fingerprint`)."""
+def open_label_store(path: str | Path) -> tuple[Location, zarr.Group, dict[str, Any]]:
+    """A label store's location, group and attributes; refused when absent or of another format."""
     location = Location.of(path)
     if not location.exists("zarr.json"):
         raise QKSError("no label embeddings here (run `qks embed-labels` first)", location.url)
     group = location.open_group("r")
     attrs = dict(group.attrs)
-    if attrs.get("fingerprint", {}).get("format_version") not in READ_VERSIONS:
-        raise QKSError("label embeddings of another format version; rebuild them", location.url)
+    fingerprint = attrs.get("fingerprint")
+    version = fingerprint.get("format_version") if isinstance(fingerprint, dict) else None
+    if "labels" not in attrs or "embeddings" not in group or version is None:
+        raise QKSError("not a qks label store (no labels, embeddings or fingerprint)", location.url)
+    if version not in READ_VERSIONS:
+        raise QKSError(
+            f"label embeddings of format version {version}, this qks reads versions "
+            f"{READ_VERSIONS}; rebuild them",
+            location.url,
+        )
+    return location, group, attrs
+
+
+def read_label_embeddings(
+    path: str | Path, array: str = "embeddings"
+) -> tuple[list[str], np.ndarray, dict[str, Any]]:
+    """Return (label names, `array` (C, E) float32, attributes incl. `fingerprint`).
+
+    A missing or damaged chunk is one error naming its file.
+    """
+    location, group, attrs = open_label_store(path)
     if array not in group:
         raise QKSError(
             f"the label store has no {array} (an older `qks embed-labels` made it); rerun it",
             location.url,
         )
-    return list(attrs["labels"]), group[array][:], attrs
+    if missing := missing_chunks(location, array, group[array]):
+        raise missing_error(location, missing)
+    values = CheckedArray(group[array], location, array)[:]
+    return list(attrs["labels"]), values, attrs
 
 
 def check_label_names(path: str | Path, found: list[str], expected: list[str], what: str) -> None:

@@ -110,6 +110,11 @@ class Location:
         else:
             self.fs.pipe_file(self._path(key), text.encode())
 
+    def delete(self, key: str) -> None:
+        """Remove one key (a file), if there."""
+        if self.exists(key):
+            self.fs.rm_file(self._path(key))
+
     def makedirs(self, key: str) -> None:
         """A directory locally; nothing on object storage (prefixes exist through their keys)."""
         self.fs.makedirs(self._path(key), exist_ok=True)
@@ -123,6 +128,19 @@ class Location:
         except FileNotFoundError:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+
+    def find(self, key: str) -> set[str]:
+        """Keys of every file under `key`, from the store's root (one listing)."""
+        if self.local:
+            root = str(self.url)
+            return {
+                os.path.join(d, f)[len(root) + 1 :].replace(os.sep, "/")
+                for d, _, files in os.walk(os.path.join(root, key))
+                for f in files
+            }
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return {p[len(self.root) + 1 :] for p in self.fs.find(path)}
 
     def remove(self) -> None:
         if self.exists():
@@ -164,12 +182,13 @@ class Location:
         built.remove()
 
     @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[None]:
+    def writer_lock(self, writer: str = "extraction", what: str = "store") -> Iterator[None]:
         """Hold an exclusive lock on `<store>.lock` while this process writes the store.
 
-        A second writer is refused at once, naming the holder. The lock file stays (removing it
-        would let two runs lock two different files); the operating system releases the lock
-        however its holder exits. Local stores only: object storage has none.
+        A second writer is refused at once, naming the holder ("another `writer` is writing this
+        `what`"). The lock file stays (removing it would let two runs lock two different files);
+        the operating system releases the lock however its holder exits. Local stores (and
+        directories, as a training run's) only: object storage has none.
         """
         if not self.local or fcntl is None:
             if self.local:
@@ -187,7 +206,7 @@ class Location:
             except BlockingIOError:
                 f.seek(0)
                 holder = f"pid {f.read().strip() or '?'}, lock {lock.name}"
-                message = f"another extraction is writing this store ({holder})"
+                message = f"another {writer} is writing this {what} ({holder})"
                 raise QKSError(message, self.url) from None
             f.truncate(0)
             f.write(f"{os.getpid()}\n")

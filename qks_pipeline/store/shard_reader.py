@@ -21,6 +21,7 @@ import tensorstore
 import zarr
 
 from qks_pipeline.errors import QKSError
+from qks_pipeline.store.checked import DAMAGE, REBUILD, chunk_path
 from qks_pipeline.store.location import Location
 
 ABSENT = np.uint64(2**64 - 1)  # (offset, nbytes) of an inner chunk never written
@@ -50,6 +51,10 @@ class ShardReader:
     index_at_start: bool
     # check each chunk's crc32c the first time this reader reads it (where the store has them)
     verify: bool = True
+    # every chunk written (format version 3): a missing shard file or chunk is damage, not zeros
+    every_chunk: bool = False
+    # the store's rows: the last shard's chunks past them are never written
+    num_rows: int = 0
     # shard -> file, path, offsets
     _open: dict[int, tuple[Any, Path, np.ndarray]] = field(default_factory=dict)
     # shard -> (S, V) bool: chunks verified so far
@@ -87,8 +92,10 @@ class ShardReader:
         """The open file of `shard` and its offsets (S, V) int64 (-1: absent), its index checked."""
         s, v = self.shard_shape
         path = self.root / self.separator.join(["c", str(shard), "0", "0", "0"])
-        # zarr writes no shard whose chunks are all absent
+        # before format version 3 zarr wrote no shard whose chunks all held the fill value
         if not path.exists():
+            if self.every_chunk:
+                raise QKSError(f"row {row}: shard file missing; {REBUILD}", path)
             return None, path, np.full((s, v), -1, np.int64)
         file = open(path, "rb", buffering=0)  # noqa: SIM115 (closed when evicted)
         size = os.fstat(file.fileno()).st_size
@@ -101,13 +108,18 @@ class ShardReader:
         # (end - offset) wraps around only where offset > end, which the second term already refuses
         inside = (offset >= start) & (offset <= end) & (end - offset >= length)
         absent = offset == ABSENT
-        bad = np.argwhere(np.where(absent, nbytes != ABSENT, (nbytes != length) | ~inside))
+        # (S, 1): rows of the store, whose chunks version 3 always writes
+        in_store = (shard * s + np.arange(s) < self.num_rows)[:, None]
+        bad_absent = (nbytes != ABSENT) | (self.every_chunk & in_store)
+        bad = np.argwhere(np.where(absent, bad_absent, (nbytes != length) | ~inside))
         if len(bad):
             r, view = bad[0]
             what = f"offset {offset[r, view]}, {nbytes[r, view]} bytes"
             message = (
                 f"index entry ({what}) outside the data or not {length} bytes (corrupt shard file)"
             )
+            if absent[r, view] and nbytes[r, view] == ABSENT:
+                message = f"chunk missing from the shard file; {REBUILD}"
             raise QKSError(f"row {shard * s + r} view {view}: {message}", path)
         return file, path, np.where(absent, -1, offset.astype(np.int64))
 
@@ -172,8 +184,13 @@ class ShardReader:
             checked[row % s, view] |= check
 
 
-def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
-    """A direct reader for a local store in the layout of docs/design.md (section 2), else None."""
+def shard_reader(
+    location: Location, tokens: zarr.Array, every_chunk: bool = False
+) -> ShardReader | None:
+    """A direct reader for a local store in the layout of docs/design.md (section 2), else None.
+
+    `every_chunk`: the store wrote every chunk (format version 3, `Cache.every_chunk_written`).
+    """
     # Windows has no preadv
     if not location.local or not hasattr(os, "preadv"):
         return None
@@ -204,6 +221,8 @@ def shard_reader(location: Location, tokens: zarr.Array) -> ShardReader | None:
         chunk_crc=len(inner) == 2,
         index_crc=len(index) == 2,
         index_at_start=at_start,
+        every_chunk=every_chunk,
+        num_rows=tokens.shape[0],
     )
 
 
@@ -212,8 +231,18 @@ class ArrayReader:
     """Token rows through TensorStore (a local store) or zarr-python (any store, including URLs)."""
 
     array: Any  # a tensorstore.TensorStore or a zarr.Array of the tokens
+    where: Path | str = "tokens"  # the tokens array's directory, named by an error
 
     def read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
+        try:
+            self._read(rows, views, out)
+        # a damaged shard: a checksum mismatch, a truncated file
+        except DAMAGE as e:
+            why = str(e).splitlines()[0][:160]
+            message = f"rows {rows.min()}-{rows.max()} unreadable ({why}); {REBUILD}"
+            raise QKSError(message, self.where) from None
+
+    def _read(self, rows: np.ndarray, views: np.ndarray, out: np.ndarray) -> None:
         if not isinstance(self.array, zarr.Array):
             # (n, T, D)
             out[...] = self.array[tensorstore.d[0, 1].vindex[rows, views]].read().result()
@@ -225,14 +254,18 @@ class ArrayReader:
             out[pick] = self.array.oindex[rows[pick], view]
 
 
-def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -> Reader:
+def open_reader(
+    location: Location, tokens: zarr.Array, backend: str = "auto", every_chunk: bool = False
+) -> Reader:
     """The reader of a store's tokens.
 
     `backend`: "direct", "tensorstore" (local stores), "zarr", or "auto": direct where the store
-    allows, else TensorStore for a local store, else zarr-python (a URL).
+    allows, else TensorStore for a local store, else zarr-python (a URL). `every_chunk`: as
+    `shard_reader`'s (the others read a missing shard as zeros: `Cache.require_complete` checks
+    that every shard file is there).
     """
     if backend in ("auto", "direct"):
-        direct = shard_reader(location, tokens)
+        direct = shard_reader(location, tokens, every_chunk)
         if direct is not None:
             return direct
     if backend == "direct":
@@ -242,8 +275,9 @@ def open_reader(location: Location, tokens: zarr.Array, backend: str = "auto") -
             "the tensorstore backend reads local stores only; use the zarr backend for a URL",
             location.url,
         )
+    where = chunk_path(location, "tokens")
     if backend == "zarr" or not location.local:
-        return ArrayReader(tokens)
+        return ArrayReader(tokens, where)
     kvstore = {"driver": "file", "path": str(location.url / "tokens")}
     spec = {"driver": "zarr3", "kvstore": kvstore}
-    return ArrayReader(tensorstore.open(spec, read=True).result())
+    return ArrayReader(tensorstore.open(spec, read=True).result(), where)

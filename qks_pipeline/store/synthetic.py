@@ -64,6 +64,7 @@ class _Design:
     # how strongly the positive labels' patterns show in the CLS token
     cls_weight: float
     backbone: dict
+    seed: int  # of the whole set: part of each store's data fingerprint
 
     def tokens(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
         """(n, V, T, D) tokens: each positive label's pattern in 2 random patches (1.0) and CLS."""
@@ -81,6 +82,10 @@ class _Design:
                     out[i, v, picked] += self.patterns[c]
         return out
 
+    def data_fingerprint(self, path: Path, n: int) -> dict:
+        """What besides the backbone determines a store's content, as stage one records it."""
+        return {"split": path.stem, "synthetic_seed": self.seed, "images": n}
+
     def write_store(
         self, path: Path, rng: np.random.Generator, n: int, invalid: tuple[int, ...]
     ) -> None:
@@ -89,7 +94,7 @@ class _Design:
         paths = [f"img{i:05d}.jpg" for i in range(n)]
         cache = create_cache(
             path,
-            fingerprint=make_fingerprint(self.backbone, {"split": path.stem}),
+            fingerprint=make_fingerprint(self.backbone, self.data_fingerprint(path, n)),
             token_shape=(self.num_tokens, self.proj.shape[0]),
             num_views=self.views,
             shard_size=self.shard_size,
@@ -168,6 +173,7 @@ def make_synthetic(
         noise=noise,
         cls_weight=cls_weight,
         backbone=backbone,
+        seed=seed,
     )
     design.write_store(data.train, rng, num_train, invalid_train)
     design.write_store(data.test, rng, num_test, ())

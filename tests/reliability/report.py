@@ -14,6 +14,7 @@ so. Exits 1 when any trial lost data or gave a wrong result.
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import sys
 import tempfile
@@ -22,10 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tests.reliability import corpus
+from tests.reliability.faults.bad_files import bad_checkpoint_files, bad_weights_files
 from tests.reliability.faults.concurrent import (
     concurrent_extractions,
     create_while_creating,
     replace_while_running,
+)
+from tests.reliability.faults.config_values import config_bounds
+from tests.reliability.faults.damage import (
+    damaged_feature_stores,
+    damaged_label_stores,
+    lost_shard_files,
+    make_pipeline,
 )
 from tests.reliability.faults.disk_full import (
     disk_full_checkpoint,
@@ -36,9 +45,14 @@ from tests.reliability.faults.disk_full import (
 from tests.reliability.faults.kills import extraction_kills, training_kills
 from tests.reliability.faults.outcome import Outcome, Unavailable, format_table
 from tests.reliability.faults.stale import make_stale_setup, stale_inputs
-from tests.reliability.faults.training import make_train_setup
-from tests.reliability.harness import Runner, make_image_data
-from tests.tiny import make_tiny_clip
+from tests.reliability.faults.training import TrainSetup, make_train_setup
+from tests.reliability.faults.training_output import (
+    concurrent_training,
+    killed_save_litter,
+    mismatched_resume,
+)
+from tests.reliability.harness import ImageData, Runner, make_image_data
+from tests.tiny import TinyClip, make_tiny_clip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,8 +121,47 @@ def run_all(args: argparse.Namespace, runner: Runner, work: Path) -> list[Outcom
         ("manifests", lambda w: corpus.manifest_outcome(w, args.fuzz, seed=s)),
         ("images", lambda w: corpus.image_outcome(w, clip)),
         ("labels", lambda w: corpus.label_outcome(w, clip)),
+        *_damage_cases(runner, work, small, clip, setup, small_setup),
     ]
     return [_row(name, work, make) for name, make in cases]
+
+
+def _damage_cases(
+    runner: Runner,
+    work: Path,
+    small: ImageData,
+    clip: TinyClip,
+    setup: TrainSetup,
+    small_setup: TrainSetup,
+) -> list[tuple[str, Callable[[Path], Outcome]]]:
+    """Damaged stores, bad files, training output, config values; the stores and files on one
+    clean run of the pipeline, made once."""
+    pipeline = functools.cache(lambda: make_pipeline(work / "pipeline", small, clip))
+    return [
+        ("missing_chunks", lambda w: damaged_feature_stores(pipeline(), w, "missing")),
+        ("missing_label_chunks", lambda w: damaged_label_stores(pipeline(), w, "missing")),
+        ("flipped_chunks", lambda w: damaged_feature_stores(pipeline(), w, "flipped")),
+        ("flipped_label_chunks", lambda w: damaged_label_stores(pipeline(), w, "flipped")),
+        ("lost_shard_files", lambda w: lost_shard_files(pipeline(), w)),
+        ("train_together", lambda w: concurrent_training(runner, w, setup, 3)),
+        ("resume_mismatch", lambda w: mismatched_resume(w, small_setup)),
+        ("killed_save", lambda w: killed_save_litter(runner, w, setup, 3)),
+        ("bad_weights", lambda w: bad_weights_files(pipeline(), w)),
+        ("bad_checkpoints", lambda w: bad_checkpoint_files(pipeline(), w)),
+        ("config_bounds", lambda w: config_bounds(w, small_setup)),
+    ]
+
+
+def totals_line(outcomes: list[Outcome]) -> str:
+    """The totals the report must keep at zero, in words."""
+    trials = sum(o.trials for o in outcomes)
+    wrong = sum(o.wrong for o in outcomes)
+    lost = sum(o.data_lost for o in outcomes)
+    unclear = sum(o.unclear for o in outcomes)
+    return (
+        f"totals: {trials} trials; {wrong} wrong results (silent or wrongly refused), {lost} with "
+        f"data lost, {unclear} unclear errors (tracebacks included)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nqks reliability report ({mode}, seed {args.seed}, {time.monotonic() - start:.0f} s)\n"
     )
     print(format_table(outcomes))
+    print(f"\n{totals_line(outcomes)}")
     return int(any(o.data_lost or o.wrong for o in outcomes))
 
 
