@@ -119,19 +119,18 @@ def measure(task: str, setting: str, root: Path, model: str) -> float:
 
 
 def measure_all(
-    root: Path, model: str, rounds: int, settings: list[str], busy: bool
+    root: Path, model: str, rounds: int, runs: list[tuple[str, str]], busy: bool
 ) -> dict[tuple[str, str], list]:
     """(task, setting) -> seconds of each round, beside a busy neighbour when `busy`."""
     neighbour = subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) if busy else None
     times: dict[tuple[str, str], list] = {}
     try:
         for _ in range(rounds):
-            for task in TASKS:
-                for setting in settings:
-                    seconds = measure(task, setting, root, model)
-                    times.setdefault((task, setting), []).append(seconds)
-                    where = "busy" if busy else "idle"
-                    print(f"  {where} {task:<8} {setting:<34} {seconds:7.2f} s", flush=True)
+            for task, setting in runs:
+                seconds = measure(task, setting, root, model)
+                times.setdefault((task, setting), []).append(seconds)
+                where = "busy" if busy else "idle"
+                print(f"  {where} {task:<8} {setting:<34} {seconds:7.2f} s", flush=True)
     finally:
         if neighbour is not None:
             neighbour.kill()
@@ -151,6 +150,7 @@ def main() -> None:
     ap.add_argument(
         "--settings", default=",".join(SETTINGS), help=f"some of: {', '.join(SETTINGS)}"
     )
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"some of: {', '.join(TASKS)}")
     # internal: one measurement in this process
     ap.add_argument("--run", choices=TASKS, help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
@@ -162,19 +162,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         prepare(root, args.images)
-        settings = args.settings.split(",")
-        idle = measure_all(root, args.model, args.rounds, settings, busy=False)
-        busy = measure_all(root, args.model, args.rounds, settings, busy=True)
+        runs = [(t, s) for t in args.tasks.split(",") for s in args.settings.split(",")]
+        idle = measure_all(root, args.model, args.rounds, runs, busy=False)
+        busy = measure_all(root, args.model, args.rounds, runs, busy=True)
     print(f"\n{os.cpu_count()} CPUs; best-worst of {args.rounds} rounds, seconds of the work")
     print("train: 2 epochs, 384 rows of 17 x 64 tokens, 4 queries, 2 layers, batch 16")
     print(
         f"extract: {args.model} (random weights), {args.images} JPEGs 500x375, batch 8, in process"
     )
     print(f"{'task':<8} {'setting':<34} {'idle':>13} {'busy neighbour':>15}")
-    for task in TASKS:
-        for setting in settings:
-            key = (task, setting)
-            print(f"{task:<8} {setting:<34} {_cell(idle[key]):>13} {_cell(busy[key]):>15}")
+    for key in runs:
+        print(f"{key[0]:<8} {key[1]:<34} {_cell(idle[key]):>13} {_cell(busy[key]):>15}")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,16 @@ _EXPORTS = {
     "Index": "qks_pipeline.index.index",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Index",
+    "Params",
+    "Tagger",
+    "embed_labels",
+    "evaluate",
+    "extract",
+    "load_params",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -45,3 +45,7 @@ def test_importing_the_package_loads_no_torch():
     code = "import sys, qks_pipeline; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_all_names_exactly_the_lazy_exports():
+    assert sorted(qks_pipeline.__all__) == sorted(qks_pipeline._EXPORTS)

@@ -72,8 +72,8 @@ input { padding: 6px 8px; }
 .panes { display: flex; gap: 16px; align-items: flex-start; }
 .grid { flex: 1; display: grid; grid-template-columns: repeat(auto-fill, minmax(180px, 1fr));
   gap: 12px; }
-.hit { background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002; padding: 8px;
-  cursor: pointer; }
+.hit { margin: 0; background: #fff; border-radius: 8px; box-shadow: 0 1px 3px #0002;
+  padding: 8px; cursor: pointer; }
 .hit img { width: 100%; height: 150px; object-fit: contain; background: #e8eaee; }
 .hit .score { font-weight: 600; }
 .hit .name { word-break: break-all; color: #555; font-size: 12px; }

@@ -150,14 +150,18 @@ def unreadable_chunk(location: Location, key: str, error: Exception) -> QKSError
     return QKSError(f"chunk unreadable: {why}; {REBUILD}", chunk_path(location, key))
 
 
-def missing_error(location: Location, missing: list[str], how: str = "") -> QKSError:
-    """One line naming the first missing chunk (and how many are); `how`: the flag that rebuilds."""
+def missing_error(
+    location: Location, missing: list[str], how: str = "", version: int | None = None
+) -> QKSError:
+    """One line naming the first missing chunk (and how many are); `how`: the flag that rebuilds;
+    `version`: the format version of a store before 3, which wrote no chunk equal to the fill."""
     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
     rebuild = f"{REBUILD} ({how})" if how else REBUILD
-    return QKSError(
-        f"chunk missing{more} (deleted or never written); {rebuild}",
-        chunk_path(location, missing[0]),
-    )
+    why = "deleted or never written"
+    if version is not None and version < 3:
+        why = f"deleted, or all fill values, which format version {version} did not write"
+        rebuild = f"rebuild the store{f' ({how})' if how else ''}: version 3 writes every chunk"
+    return QKSError(f"chunk missing{more} ({why}); {rebuild}", chunk_path(location, missing[0]))
 
 
 def unreadable_chunks(location: Location, name: str, array: zarr.Array) -> list[str]:

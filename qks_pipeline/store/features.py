@@ -195,7 +195,7 @@ class Cache:
                 self.path,
             )
         if chunks := self.missing_chunks():
-            raise missing_error(self.location, chunks)
+            raise missing_error(self.location, chunks, version=self.format_version)
         self._complete = True
 
     def lost_shards(self) -> set[int]:

@@ -76,7 +76,8 @@ def read_label_embeddings(
             location.url,
         )
     if missing := missing_chunks(location, array, group[array]):
-        raise missing_error(location, missing)
+        version = attrs["fingerprint"]["format_version"]
+        raise missing_error(location, missing, version=version)
     values = CheckedArray(group[array], location, array)[:]
     return list(attrs["labels"]), values, attrs
 
