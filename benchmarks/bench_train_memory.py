@@ -14,6 +14,7 @@ Usage: .venv/bin/python -m benchmarks.bench_train_memory [--gb 2] [--dir /tmp/qk
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qks_pipeline.store.features import create_cache, open_cache, size_on_disk
-from qks_pipeline.store.fingerprint import make_fingerprint
+from qks_pipeline.store.fingerprint import FORMAT_VERSION, make_fingerprint
 
 T, D, E, C = 197, 768, 512, 1006
 SHARD = 1024
@@ -54,11 +55,14 @@ def write_cache(path: Path, gb: float) -> None:
 
 
 def ensure_cache(path: Path, gb: float) -> None:
-    """`write_cache` unless an earlier run left a complete store at `path`."""
+    """`write_cache` unless an earlier run left a complete store of this format at `path`."""
     if (path / "zarr.json").exists():
         cache = open_cache(path)
-        if len(cache.done_shards()) == cache.num_shards:
+        current = cache.fingerprint["format_version"] == FORMAT_VERSION
+        if current and len(cache.done_shards()) == cache.num_shards:
             return
+        # an older format's store: rebuilt, as readers refuse what its layout may leave out
+        shutil.rmtree(path)
     start = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_cache(path, gb)

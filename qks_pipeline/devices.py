@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     import torch
 
 # OpenMP's idle threads sleep instead of spinning. On a CPU shared with another busy process, the
-# spinning threads of torch's default pool hold the cores that the thread they wait for needs: a
-# 2-epoch training took 10x longer (README, "Benchmarks": benchmarks/bench_threads.py)
+# spinning threads of torch's default pool hold the cores that the thread they wait for needs: on
+# 2 cores a 2-epoch training took up to 35 s instead of 4 (README, "Benchmarks": bench_threads.py)
 CPU_WAITS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 

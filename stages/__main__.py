@@ -1,8 +1,7 @@
 """`python -m stages COMMAND ARGS...` = `qks COMMAND --params params.yaml ARGS...`.
 
 `--params params.yaml` goes after the command's name (`manifest check` is two words), and only to
-a command that takes it; a call for help (none, `--help`, `COMMAND --help`) passes as given. CPU
-threads wait as the command line's do (`devices.quiet_cpu_waits`, before torch loads).
+a command that takes it; a call for help (none, `--help`, `COMMAND --help`) passes as given.
 """
 
 import sys
@@ -11,7 +10,6 @@ from collections.abc import Sequence
 import click
 
 from qks_pipeline.cli import main
-from qks_pipeline.devices import quiet_cpu_waits
 
 PARAMS = ["--params", "params.yaml"]
 HELP = {"-h", "--help"}
@@ -32,5 +30,4 @@ def with_params(args: Sequence[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    quiet_cpu_waits()
     main(with_params(sys.argv[1:]), prog_name="python -m stages")

@@ -37,6 +37,17 @@ def test_waits_are_passive_unless_the_user_says_otherwise():
     assert _python(PROBE, OMP_WAIT_POLICY="ACTIVE") == "True ACTIVE"
 
 
+def test_every_qks_command_sets_the_policy_before_torch_loads():
+    code = (
+        "import os\n"
+        "from click.testing import CliRunner\n"
+        "from qks_pipeline.cli import main\n"
+        "CliRunner().invoke(main, ['cache', 'info', 'no-such-store'])\n"
+        "print(os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    assert _python(code) == "PASSIVE"
+
+
 def test_too_late_once_torch_is_loaded():
     import torch  # noqa: F401  (loaded, as in this test process)
 

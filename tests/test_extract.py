@@ -411,7 +411,7 @@ def test_max_pixels_masks_larger_images_with_their_numbers(
     assert reasons == {
         p: (
             f"decompression bomb: {n:,} pixels, above the limit of {limit:,} "
-            "(raise it with --max-pixels)"
+            "(raise it with --set extract.max_pixels=N)"
         )
         for p, n in larger.items()
     }

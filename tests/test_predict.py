@@ -588,7 +588,7 @@ def test_max_pixels_skips_larger_images_with_the_numbers_and_raising_it_tags_the
     )
     reason = (
         f"decompression bomb: {pixels:,} pixels, above the limit of {pixels // 2:,} "
-        "(raise it with --max-pixels)"
+        "(raise it with --max-pixels N)"
     )
     assert json.loads(result.stdout) == {"image": str(image), "skipped": reason}
     out, _ = _qks("predict", *base, "--max-pixels", pixels)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from qks_pipeline.cli import data, index, predict, stage_one, stage_two
+from qks_pipeline.devices import quiet_cpu_waits
 from qks_pipeline.errors import QKSError
 
 
@@ -42,6 +43,8 @@ def main() -> None:
     Query index:        qks index, qks tag|search|serve -> a whole collection, any label list
     Data:               qks import FORMAT, qks manifest check, qks cache info|verify
     """
+    # before any command loads torch: OpenMP reads its wait policy once (README, "Threads")
+    quiet_cpu_waits()
 
 
 for module in (data, stage_one, stage_two, predict, index):

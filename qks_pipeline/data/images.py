@@ -45,11 +45,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(gray, "L").convert("RGB")
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+def load_rgb(
+    path: str | Path,
+    max_pixels: int | None = None,
+    limit_option: str = "--set extract.max_pixels=N",
+) -> Image.Image:
     """Decode an image file fully and return it as RGB.
 
     Raises BadImage when it is missing, empty, truncated, corrupt or larger than `max_pixels`,
     Pillow's decompression-bomb limit for this process (`extract.max_pixels`; None: as is).
+    `limit_option` is how the caller's command raises that limit, named in the reason.
     """
     path = Path(path)
     try:
@@ -78,7 +83,7 @@ def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
             size = f"{int(match[1]):,} pixels" if match else str(e)
             limit = f"the limit of {Image.MAX_IMAGE_PIXELS:,}"
             raise BadImage(
-                f"decompression bomb: {size}, above {limit} (raise it with --max-pixels)"
+                f"decompression bomb: {size}, above {limit} (raise it with {limit_option})"
             ) from None
         except Image.UnidentifiedImageError:
             raise BadImage("not a readable image format") from None

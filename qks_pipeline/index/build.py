@@ -240,7 +240,7 @@ def build_index(
     """
     params = params or IndexConfig()
     checkpoint = Path(checkpoint)
-    with Location.of(out).writer_lock():
+    with Location.of(out).writer_lock("index build", "index"):
         model, config = load_checkpoint(checkpoint, resolve_device("cpu" if cluster else device))
         cache = open_cache(cache_path)
         cache.require_complete()

@@ -173,7 +173,7 @@ class _Images(Dataset):
             if isinstance(item, Image.Image):
                 img = to_rgb(item)
             else:
-                img = load_rgb(item, self.max_pixels)
+                img = load_rgb(item, self.max_pixels, limit_option="--max-pixels N")
             return i, self.preprocess(img), ""
         except BadImage as e:
             return i, torch.zeros(self.shape), e.reason

@@ -303,7 +303,10 @@ def _create(name: str, weights: Weights) -> tuple[torch.nn.Module, Callable]:
                 torch.manual_seed(0)
                 model, _, preprocess = create(pretrained=None)
         elif not _is_torchscript(weights.path):
-            model, _, preprocess = create(pretrained=weights.path)
+            with warnings.catch_warnings():
+                # a pickle of protocol 4 or 5: refused in one line below, the warning is noise
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+                model, _, preprocess = create(pretrained=weights.path)
         else:
             model, _, preprocess = create(pretrained=None)
             model.load_state_dict(_torchscript_state(weights.path), strict=True)

@@ -41,7 +41,8 @@ PER_SHARD = ("tokens", "valid")
 
 @dataclass
 class Cache:
-    """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy)."""
+    """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy);
+    all but the tokens (read by `store.shard_reader`) name a damaged chunk (`CheckedArray`)."""
 
     # a local directory, or an fsspec URL
     path: Path | str
@@ -228,8 +229,8 @@ class Cache:
 
         Before format version 3 no chunk equal to the fill value was written: a done shard whose
         every row was unreadable had no tokens nor valid chunk, a one-image store's manifest index
-        0 none. Other chunks could be absent only by damage (labels: a shard without any
-        annotation, which qks treats as damage too; a rebuild writes it).
+        0 none. Any other absent chunk is refused (the message says a rebuild writes it: in such a
+        store, a `labels` shard without one annotation was not written either).
         """
         if name not in PER_SHARD:
             fill_only = name == "manifest_index" and self.num_images == 1

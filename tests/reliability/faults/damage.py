@@ -206,7 +206,7 @@ def lost_shard_files(p: Pipeline, work: Path) -> Outcome:
     """A done shard's token file or `valid` chunk deleted, then `qks extract` again: the shard is
     computed again (not "already complete") and the store equals the clean one; a lost chunk of
     another array is refused in one line naming it."""
-    outcome = Outcome("a lost chunk, then `qks extract` again")
+    outcome = Outcome("a lost chunk, then qks extract again")
     for name, key in FEATURE_CHUNKS.items():
         store = _damaged_copy(p.train, work, key, "missing")
         code, output, escaped = cli(*extract_argv(p.data, p.clip, store, SHARD_SIZE))

@@ -30,7 +30,7 @@ def _reference(runner: Runner, work: Path, setup: TrainSetup) -> Path:
 
 def concurrent_training(runner: Runner, work: Path, setup: TrainSetup, trials: int) -> Outcome:
     """A second `qks train` on the same --out while the first trains."""
-    outcome = Outcome("two `qks train --out DIR` at once")
+    outcome = Outcome("two qks train --out DIR at once")
     reference = _reference(runner, work, setup)
     for i in range(trials):
         out = work / f"run{i}"
