@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from click.testing import CliRunner
 
 from qks_pipeline.cli import main
@@ -22,6 +23,7 @@ from qks_pipeline.index import store as index_store
 from qks_pipeline.index.build import build_index
 from qks_pipeline.index.index import Index, top_labels
 from qks_pipeline.index.store import open_index
+from qks_pipeline.index.verify import verify_index
 from qks_pipeline.predict.tagger import rank
 from qks_pipeline.stage_two.checkpoint import BEST
 from qks_pipeline.stage_two.checkpoint import load as load_checkpoint
@@ -422,12 +424,142 @@ def test_a_truncated_shard_is_one_line(synthetic, tmp_path):
     _, err = qks(
         "evaluate", "--index", path, "--labels", data.labels, "--out", tmp_path / "m.json", expect=1
     )
-    assert "index shard 1 is damaged" in err and len(err.strip().splitlines()) == 1
+    assert "index shard 1 is damaged (the wrong size)" in err
+    assert len(err.strip().splitlines()) == 1 and str(shard) in err
     assert not (tmp_path / "m.json").exists()
     shard.unlink()
     names, emb, _ = read_label_embeddings(data.labels)
-    with pytest.raises(QKSError, match="index shard 1 is missing"):
+    with pytest.raises(QKSError, match="index shard 1 lost its z chunk; rerun `qks index`"):
         Index.open(path, device="cpu").logits(names, embeddings=emb)
+
+
+# ------------------------------------------------- damaged chunks: refused in one line, or rebuilt
+
+# a chunk of each array of the synthetic test store's index (3 shards of 16 images)
+INDEX_CHUNKS = {
+    "z": "z/c/1/0/0",
+    "z_mean": "z_mean/c/0/0",
+    "valid": "valid/c/0",
+    "paths": "paths/c/1",
+    "labels": "labels/c/1/0",
+}
+
+
+@pytest.fixture(scope="module")
+def clean_index(synthetic, tmp_path_factory) -> Path:
+    """An index of the synthetic test store, to copy and damage."""
+    data, checkpoint = synthetic
+    path = tmp_path_factory.mktemp("clean_index") / "i.zarr"
+    build_index(checkpoint, data.test, path)
+    return path
+
+
+def _damaged(clean: Path, tmp_path: Path, key: str, kind: str) -> Path:
+    """A copy of the index `clean` whose chunk `key` is "missing" or has a "flipped" bit (the last
+    data byte, before the crc32c)."""
+    path = shutil.copytree(clean, tmp_path / "damaged.zarr")
+    if kind == "missing":
+        (path / key).unlink()
+    else:
+        raw = bytearray((path / key).read_bytes())
+        raw[-5] ^= 0x01
+        (path / key).write_bytes(bytes(raw))
+    return path
+
+
+# what a damaged chunk is called: (kind, of z?) -> the message's words
+WHY = {
+    ("missing", True): "index shard 1 lost its z chunk; rerun `qks index`",
+    ("missing", False): "chunk missing (deleted or never written)",
+    ("flipped", True): "index shard 1 is damaged (a crc32c checksum mismatch)",
+    ("flipped", False): "chunk unreadable: crc32c checksum mismatch",
+}
+
+
+# tag and search read no labels, evaluate no paths
+READERS = {"paths": ("tag",), "labels": ("evaluate",)}
+
+
+def _tag_and_search(path: Path, labels: Path) -> None:
+    """What tag and search read: z, z_mean, valid and paths of every row."""
+    names, emb, _ = read_label_embeddings(labels)
+    index = Index.open(path, device="cpu")
+    assert len(list(index.tag(names, embeddings=emb))) == index.num_images
+    index.search(names[:1], top=index.num_images, embeddings=emb[:1])
+
+
+@pytest.mark.parametrize("kind", ["missing", "flipped"])
+@pytest.mark.parametrize("array", INDEX_CHUNKS)
+def test_a_damaged_chunk_of_any_array_is_one_line_naming_it(
+    synthetic, clean_index, tmp_path, array, kind
+):
+    data, _ = synthetic
+    key = INDEX_CHUNKS[array]
+    path = _damaged(clean_index, tmp_path, key, kind)
+    # a missing chunk is refused on opening the index; a flipped bit where it is read
+    readers = READERS.get(array, ("evaluate", "tag")) if kind == "flipped" else ("evaluate", "tag")
+    expected = f"{path / key}: {WHY[kind, array == 'z']}"
+    if "tag" in readers:
+        with pytest.raises(QKSError) as raised:
+            _tag_and_search(path, data.labels)
+        assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    if "evaluate" in readers:
+        out = tmp_path / "m.json"
+        _, err = qks("evaluate", "--index", path, "--labels", data.labels, "--out", out, expect=1)
+        assert err.startswith(f"Error: {expected}") and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_a_rerun_after_a_lost_z_chunk_computes_the_shard_again(synthetic, clean_index, tmp_path):
+    data, checkpoint = synthetic
+    path = _damaged(clean_index, tmp_path, INDEX_CHUNKS["z"], "missing")
+    argv = ["index", "--checkpoint", checkpoint, "--cache", data.test, "--out", path]
+    out, _ = qks(*argv, "--no-progress")
+    assert "16 images in 1 shard(s)" in out and "already complete" not in out
+    np.testing.assert_array_equal(open_index(path).z[:], open_index(clean_index).z[:])
+    out, _ = qks(*argv, "--no-progress")
+    assert "already complete" in out
+    # a lost chunk of another array: refused in one line, naming it (only a rebuild writes it)
+    shutil.rmtree(path)
+    path = _damaged(clean_index, tmp_path, INDEX_CHUNKS["labels"], "missing")
+    _, err = qks(*argv, "--no-progress", expect=1)
+    assert f"{path / INDEX_CHUNKS['labels']}: chunk missing" in err and "--overwrite" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_index_of_an_older_format_is_refused_saying_to_rebuild(synthetic, clean_index, tmp_path):
+    data, checkpoint = synthetic
+    path = shutil.copytree(clean_index, tmp_path / "old.zarr")
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["index"] = {**group.attrs["index"], "format_version": 1}
+    message = "index format version 1, this qks reads 2; rebuild it: qks index --replace-stale"
+    _, err = qks("search", "--index", path, "seen0", expect=1)
+    assert f"{path}: {message}" in err and len(err.strip().splitlines()) == 1
+    argv = ["index", "--checkpoint", checkpoint, "--cache", data.test, "--out", path]
+    _, err = qks(*argv, "--no-progress", expect=1)
+    assert message in err and len(err.strip().splitlines()) == 1
+    out, _ = qks(*argv, "--no-progress", "--replace-stale")
+    assert "48 images in 3 shard(s)" in out
+    np.testing.assert_array_equal(open_index(path).z[:], open_index(clean_index).z[:])
+
+
+def test_verify_lists_every_damaged_chunk_of_an_index(clean_index, tmp_path):
+    verdict = verify_index(clean_index)
+    assert verdict.kind == "query index" and verdict.problems == []
+    assert "every chunk's crc32c checked" in verdict.summary
+    path = _damaged(clean_index, tmp_path, INDEX_CHUNKS["labels"], "flipped")
+    (path / INDEX_CHUNKS["z"]).unlink()
+    (path / "done" / "00002.json").unlink()
+    problems = verify_index(path).problems
+    assert problems[0] == "shard 2: no done marker (not built)"
+    assert problems[1] == f"{path / INDEX_CHUNKS['z']}: chunk missing"
+    assert problems[2].startswith(f"{path / INDEX_CHUNKS['labels']}: chunk unreadable: crc32c")
+    assert len(problems) == 3
+    # `qks cache verify` tells an index from the stores
+    out, _ = qks("cache", "verify", clean_index)
+    assert out.startswith(f"{clean_index}: OK (query index: ")
+    _, err = qks("cache", "verify", path, expect=1)
+    assert err.startswith(f"{path}: damaged query index, 3 problem(s):")
 
 
 @pytest.mark.parametrize(

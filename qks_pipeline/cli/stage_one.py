@@ -219,11 +219,17 @@ def info_cmd(store: Path) -> None:
 @click.argument("store", type=EXISTING_STORE)
 def verify_cmd(store: Path) -> None:
     """Check a feature store (every shard's done marker, every chunk of every array there and its
-    crc32c, valid rows consistent with the skipped list) or a label store (its arrays' chunks).
+    crc32c, valid rows consistent with the skipped list), a label store or a query index.
     Exit 1 if not."""
+    from qks_pipeline.index.store import is_index
+    from qks_pipeline.index.verify import verify_index
+    from qks_pipeline.store.location import Location
     from qks_pipeline.store.verify import verify_store
 
-    verdict = verify_store(store)
+    if is_index(Location.of(store)):
+        verdict = verify_index(store)
+    else:
+        verdict = verify_store(store)
     if verdict.problems:
         head = f"{store}: damaged {verdict.kind}, {len(verdict.problems)} problem(s):"
         click.echo("\n".join([head] + [f"  {p}" for p in verdict.problems]), err=True)

@@ -3,8 +3,9 @@ query outputs z are stored (`qks_pipeline.index.store`).
 
 A shard of the feature store is the unit of work, as in stage one: `shard_z` computes one shard's z,
 written whole and then marked done, so a rerun computes only the shards not done and equals an
-uninterrupted run. Memory: one shard of z and the loader's batches, whatever N is. The shards run in
-this process or on a dask cluster, one task per shard (`stage_one.cluster.connect`).
+uninterrupted run; a done shard whose z chunk is gone is computed again. Memory: one shard of z and
+the loader's batches, whatever N is. The shards run in this process or on a dask cluster, one task
+per shard (`stage_one.cluster.connect`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
 from qks_pipeline.index.store import (
     IndexStore,
+    check_version,
     checkpoint_identity,
     create_index,
     index_fingerprint,
@@ -79,17 +81,34 @@ def shard_z(model: QKS, cache: Cache, shard: int, batch_size: int) -> np.ndarray
     return out
 
 
-def _refuse_stale(index: IndexStore, fingerprint: dict[str, Any], replace_stale: bool) -> None:
-    """Refuse an index built otherwise, in one line, unless `replace_stale`."""
+def _refuse_stale(
+    location: Location, found: dict[str, Any], fingerprint: dict[str, Any], replace_stale: bool
+) -> None:
+    """Refuse an index built otherwise (its fingerprint `found`), in one line, unless
+    `replace_stale`."""
     if replace_stale:
-        log.info("%s was built differently; rebuilding it (--replace-stale)", index.path)
+        log.info("%s was built differently; rebuilding it (--replace-stale)", location.url)
         return
-    found = index.fingerprint
+    check_version(found, location.url)
     if diffs := differing_keys(found.get("checkpoint", {}), fingerprint["checkpoint"]):
         what = ", ".join(f"{key} {str(a)[:12]} vs {str(b)[:12]}" for key, a, b in diffs)
         message = f"query index built from another checkpoint ({what}); {REBUILD}"
-        raise QKSError(message, index.path)
-    check_fingerprint(index.path, found, fingerprint, "query index", hint=REBUILD)
+        raise QKSError(message, location.url)
+    check_fingerprint(location.url, found, fingerprint, "query index", hint=REBUILD)
+
+
+def _resume(location: Location, out: str | Path) -> IndexStore:
+    """The index `out`, built the same way, without what interrupted writes left; the done shards
+    whose z chunk is gone are marked not done."""
+    index = open_index(out, mode="r+")
+    location.remove_interrupted_writes()
+    if lost := index.lost_shards():
+        log.warning(
+            "%d done shard(s) lost their z chunk (e.g. shard %d); computing them again",
+            len(lost),
+            min(lost),
+        )
+    return index
 
 
 def _open_index(
@@ -110,11 +129,11 @@ def _open_index(
             message = "holds a Zarr store that is not a query index; refusing to replace it"
             raise QKSError(message, location.url)
         if not how["overwrite"]:
-            index = open_index(out, mode="r+")
-            if index.fingerprint == fingerprint:
-                location.remove_interrupted_writes()
-                return index, None
-            _refuse_stale(index, fingerprint, how["replace_stale"])
+            # read as it is: an index of another format version is refused or replaced
+            found = location.open_group("r").attrs["index"]
+            if found == fingerprint:
+                return _resume(location, out), None
+            _refuse_stale(location, found, fingerprint, how["replace_stale"])
     # the first shard's images give the mean the index is centred on
     first = shard_z(model, cache, 0, how["batch_size"]) if cache.num_images else None
     valid = np.asarray(cache.valid[cache.shard_rows(0)], dtype=bool)

@@ -18,7 +18,7 @@ import torch
 from qks_pipeline.config import EvaluateConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
-from qks_pipeline.index.store import IndexStore, open_index
+from qks_pipeline.index.store import IndexStore, open_index, take_rows
 from qks_pipeline.stage_two.evaluate import evaluate_predictions
 from qks_pipeline.stage_two.scoring import Predictions
 from qks_pipeline.store.fingerprint import check_fingerprint
@@ -72,7 +72,7 @@ def index_predictions(
     for picked, logits, query in index.logit_blocks(label_emb, rows, query_index=True):
         block = slice(pos, pos + len(picked))
         pred.scores[block] = logits.cpu().numpy()
-        pred.labels[block] = index.labels.oindex[picked]
+        pred.labels[block] = take_rows(index.labels, picked)
         r, col = np.nonzero(pred.labels[block] == 1)  # this block's positives
         counts = np.bincount(col * q + query.cpu().numpy()[r, col], minlength=c * q)
         pred.query_counts += counts.reshape(c, q)

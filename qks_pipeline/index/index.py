@@ -19,7 +19,7 @@ import torch
 from qks_pipeline.config import IndexConfig
 from qks_pipeline.devices import resolve_device
 from qks_pipeline.errors import QKSError
-from qks_pipeline.index.store import IndexStore, checkpoint_identity, open_index
+from qks_pipeline.index.store import IndexStore, checkpoint_identity, open_index, take_rows
 from qks_pipeline.predict.tagger import Prediction, Tagger, clean_labels
 from qks_pipeline.stage_two.checkpoint import read_config
 
@@ -228,7 +228,7 @@ class Index:
     ) -> Iterator[Prediction]:
         """One block's predictions: logits (B, C) of `rows`."""
         scores = sigmoid(logits)  # (B, C)
-        paths = self.store.paths.oindex[rows]
+        paths = take_rows(self.store.paths, rows)
         best = top_labels(scores, top_k)
         for i, (row, path) in enumerate(zip(rows, paths, strict=True)):
             if not valid[row]:
@@ -256,7 +256,7 @@ class Index:
             keep = np.lexsort((best_rows, -best_logits.min(axis=1)))[:top]
             best_rows = best_rows[keep]
             best_logits = best_logits[keep]
-        paths = self.store.paths.oindex[best_rows] if len(best_rows) else []
+        paths = take_rows(self.store.paths, best_rows) if len(best_rows) else []
         hits = []
         for row, path, logits in zip(best_rows, paths, best_logits, strict=True):
             scores = sigmoid(logits)

@@ -2,9 +2,9 @@
 head's query outputs `z = query_features(tokens) @ proj` (N, Q, E), which do not depend on the
 labels, and what evaluation and tagging need beside them.
 
-- `z`: (N, Q, E) float16 (`index.precision: fp16`) or float32, one chunk a shard with its crc32c;
-  filled with NaN, so a shard never written reads as NaN. In fp16, each query output minus
-  `z_mean`; in fp32, as it is (`z_mean` zero).
+- `z`: (N, Q, E) float16 (`index.precision: fp16`) or float32, one raw chunk a shard; filled with
+  NaN, so a shard never written reads as NaN. In fp16, each query output minus `z_mean`; in fp32,
+  as it is (`z_mean` zero).
 - `z_mean`: (Q, E) float32, the mean query outputs of the first shard's images (fp16). A head's
   query outputs share a large common part (on a trained synthetic head, 99% of their magnitude):
   rounding the remainder to float16 moves logits 100x less than rounding z itself.
@@ -14,6 +14,11 @@ labels, and what evaluation and tagging need beside them.
   the precision); the label names (seen then unseen), `num_seen`, `shard_size`, the checkpoint's
   config.json and directory.
 - `done/NNNNN.json`: one marker per finished shard, written after it.
+
+Every chunk of every array ends with its crc32c and is written, also one equal to the fill value
+(`store.checked`, from format version 2): a chunk that is not there is damage, found by
+`require_complete` with one listing an array; a chunk that does not decode is one error naming its
+file. A done shard whose z chunk is gone is computed again by a rerun of `qks index`.
 
 A label's logit for image i is `max_q (z[i, q] + z_mean[q]) . e_label`, the last two lines of
 `model.QKS.forward`, in float32 whatever `z` is stored as.
@@ -25,7 +30,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +41,22 @@ import zarr
 
 from qks_pipeline.errors import QKSError
 from qks_pipeline.stage_two.checkpoint import BEST
+from qks_pipeline.store.checked import (
+    DAMAGE,
+    EVERY_CHUNK,
+    CheckedArray,
+    chunk_path,
+    create_checked,
+    missing_chunks,
+    missing_error,
+)
 from qks_pipeline.store.features import NO_SPACE, Cache
 from qks_pipeline.store.location import Location
 
-FORMAT_VERSION = 1
+# 2: every chunk of every array written, with its crc32c (1: z's only, the others could be absent)
+FORMAT_VERSION = 2
+# what a lost chunk of any array but z needs (a lost z chunk: a rerun computes its shard again)
+OVERWRITE = "qks index --overwrite"
 ARRAYS = ("z", "z_mean", "valid", "paths", "labels")
 DTYPES = {"fp16": "float16", "fp32": "float32"}
 # entries of the (B, Q, C) per-query scores computed at once: 64 MiB of float32
@@ -107,10 +124,16 @@ class IndexStore:
 
     path: Path | str  # a local directory, or an fsspec URL
     group: zarr.Group
+    # every shard done and every chunk there, checked once (`require_complete`)
+    _complete: bool = field(default=False, init=False, repr=False)
 
     @functools.cached_property
     def location(self) -> Location:
         return Location.of(self.path)
+
+    def checked(self, name: str) -> CheckedArray:
+        """The array `name`, its damaged chunks one error naming the file (`store.checked`)."""
+        return CheckedArray(self.group[name].with_config(EVERY_CHUNK), self.location, name)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -150,29 +173,30 @@ class IndexStore:
 
     # the arrays are opened once: each opening reads and parses their metadata
     @functools.cached_property
-    def z(self) -> zarr.Array:
-        """(N, Q, E) the query outputs, centred on `z_mean`."""
-        return self.group["z"]
+    def z(self) -> CheckedArray:
+        """(N, Q, E) the query outputs, centred on `z_mean`; read a shard at a time by
+        `read_shard`."""
+        return self.checked("z")
 
     @functools.cached_property
     def z_mean(self) -> np.ndarray:
         """(Q, E) float32: what the stored z are centred on."""
-        return self.group["z_mean"][:]
+        return self.checked("z_mean")[:]
 
     @functools.cached_property
-    def valid(self) -> zarr.Array:
+    def valid(self) -> CheckedArray:
         """(N,) bool: False for an image stage one could not read."""
-        return self.group["valid"]
+        return self.checked("valid")
 
     @functools.cached_property
-    def paths(self) -> zarr.Array:
-        """(N,) each row's image, relative to the image root."""
-        return self.group["paths"]
+    def paths(self) -> CheckedArray:
+        """(N,) each row's image, relative to the image root; some rows: `take_rows`."""
+        return self.checked("paths")
 
     @functools.cached_property
-    def labels(self) -> zarr.Array:
-        """(N, C) int8: +1 positive, -1 negative, 0 unknown."""
-        return self.group["labels"]
+    def labels(self) -> CheckedArray:
+        """(N, C) int8: +1 positive, -1 negative, 0 unknown; some rows: `take_rows`."""
+        return self.checked("labels")
 
     @property
     def num_images(self) -> int:
@@ -198,12 +222,44 @@ class IndexStore:
         return {int(name[: -len(".json")]) for name in names if name.endswith(".json")}
 
     def require_complete(self) -> None:
+        """Refuse an index with a shard not built or a chunk missing (`missing_chunks`).
+
+        Checked once per `IndexStore`: a listing of the done markers and one of each array.
+        """
+        if self._complete:
+            return
         if missing := self.num_shards - len(self.done_shards()):
             raise QKSError(
                 f"index is incomplete: {missing} of {self.num_shards} shards not built; rerun "
                 "`qks index`",
                 self.path,
             )
+        if chunks := self.missing_chunks():
+            raise missing_index_error(self.location, chunks)
+        self._complete = True
+
+    def missing_chunks(self, shards: set[int] | None = None) -> list[str]:
+        """Keys of the chunks the index must hold and does not: every chunk of every array, those
+        of z for the done shards only (or `shards`); one listing an array."""
+        done = self.done_shards() if shards is None else shards
+        # z's chunks (grid coordinates (shard, 0, 0)) of the done shards only
+        missing = missing_chunks(self.location, "z", self.group["z"], lambda c: c[0] in done)
+        for name in ARRAYS[1:]:
+            missing += missing_chunks(self.location, name, self.group[name])
+        return missing
+
+    def lost_shards(self) -> set[int]:
+        """Done shards whose z chunk is missing: their done markers, now wrong, are removed, so
+        that a rerun computes them again. A missing chunk of another array is refused: only a
+        rebuild writes it."""
+        missing = self.missing_chunks()
+        if other := [key for key in missing if not key.startswith("z/")]:
+            raise missing_error(self.location, other, OVERWRITE)
+        # "z/c/<shard>/0/0"
+        lost = {int(key.split("/")[2]) for key in missing}
+        for shard in sorted(lost):
+            self.location.delete(_marker(shard))
+        return lost
 
     def write_shard(self, shard: int, z: np.ndarray) -> None:
         """Write one whole shard of z (S, Q, E) float32, centred here, then its done marker (the
@@ -213,7 +269,7 @@ class IndexStore:
         record = {"shard": shard, "rows": [rows.start, rows.stop]}
         try:
             self.z[rows] = (z - self.z_mean).astype(self.z.dtype)
-            self.location.write_text(f"done/{shard:05d}.json", json.dumps(record))
+            self.location.write_text(_marker(shard), json.dumps(record))
         except OSError as e:  # the shard stays not done: a rerun redoes it
             if e.errno not in NO_SPACE:
                 raise
@@ -246,14 +302,12 @@ class IndexStore:
                 raw = bytearray(size + 5)  # one byte more: a longer file is found too
                 got = f.readinto(raw)
         except FileNotFoundError:
-            message = f"index shard {shard} is missing; rebuild it: qks index --overwrite"
-            raise QKSError(message, path) from None
+            raise lost_shard_error(shard, path) from None
         data = np.frombuffer(raw, np.uint8, count=size)  # a buffer google_crc32c takes
         stored = int.from_bytes(raw[size : size + 4], "little")
         if got != size + 4 or google_crc32c.value(data) != stored:
-            what = "the wrong size" if got != size + 4 else "a checksum mismatch"
-            message = f"index shard {shard} is damaged ({what}); rebuild it: qks index --overwrite"
-            raise QKSError(message, path)
+            what = "the wrong size" if got != size + 4 else "a crc32c checksum mismatch"
+            raise damaged_shard_error(shard, path, what)
         z = np.frombuffer(raw, self.z.dtype, count=int(np.prod(shape))).reshape(shape)
         return z[: self.shard_rows(shard).stop - self.shard_rows(shard).start]
 
@@ -261,15 +315,14 @@ class IndexStore:
         """z of one shard (S, Q, E) as stored; a damaged or missing shard is one clear error."""
         if self._chunk_files is not None:
             return self._read_chunk(shard, self._chunk_files)
-        where = f"{self.location.url}/z/c/{shard}/0/0"
+        where = chunk_path(self.location, f"z/c/{shard}/0/0")
         try:
-            z = self.z[self.shard_rows(shard)]
-        except ValueError as e:  # zarr's crc32c check: a truncated or overwritten file
-            message = f"index shard {shard} is damaged ({e}); rebuild it: qks index --overwrite"
-            raise QKSError(message.split(". Stored")[0], where) from None
-        if z.size and np.isnan(z.flat[0]):  # the NaN fill: the shard's file is gone
-            message = f"index shard {shard} is missing; rebuild it: qks index --overwrite"
-            raise QKSError(message, where)
+            z = self.z.array[self.shard_rows(shard)]
+        except DAMAGE as e:  # zarr's crc32c check: a truncated or overwritten file
+            raise damaged_shard_error(shard, where, str(e).split(". Stored")[0]) from None
+        # the NaN fill: the chunk went after `require_complete` looked
+        if z.size and np.isnan(z.flat[0]):
+            raise lost_shard_error(shard, where)
         return z
 
     def blocks(
@@ -314,6 +367,41 @@ class IndexStore:
                 yield picked[start : start + len(block)], logits, index
 
 
+def take_rows(array: CheckedArray, rows: np.ndarray) -> np.ndarray:
+    """`array`'s `rows` (any order, at least one), a damaged chunk one error naming it."""
+    try:
+        return array.array.oindex[rows]
+    except DAMAGE as e:
+        raise array.damage(slice(int(rows.min()), int(rows.max()) + 1), e) from None
+
+
+def _marker(shard: int) -> str:
+    return f"done/{shard:05d}.json"
+
+
+def lost_shard_error(shard: int, where: Path | str, more: str = "") -> QKSError:
+    """A done shard whose z chunk is gone: a rerun of `qks index` computes it again."""
+    message = f"index shard {shard} lost its z chunk{more}; rerun `qks index` to compute it again"
+    return QKSError(message, where)
+
+
+def damaged_shard_error(shard: int, where: Path | str, what: str) -> QKSError:
+    """A z chunk that does not decode (`what`)."""
+    again = "delete this file and rerun `qks index` to compute it again"
+    return QKSError(f"index shard {shard} is damaged ({what}); {again}", where)
+
+
+def missing_index_error(location: Location, keys: list[str]) -> QKSError:
+    """One line naming a missing chunk: of an array but z, only a rebuild writes it; of z, a
+    rerun computes its shard again."""
+    if other := [key for key in keys if not key.startswith("z/")]:
+        return missing_error(location, other, OVERWRITE)
+    more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+    # "z/c/<shard>/0/0"
+    shard = int(keys[0].split("/")[2])
+    return lost_shard_error(shard, chunk_path(location, keys[0]), more)
+
+
 def _convert(out: torch.Tensor, z: torch.Tensor) -> None:
     """Copy z (B, Q, E) into `out` as float32, `COPY_ENTRIES` at a time: below torch's grain size
     each copy runs in one thread. Parallel copies made the scan 8x slower on 2 busy cores (each
@@ -328,9 +416,10 @@ def _copy_rows(group: zarr.Group, cache: Cache, shard: int) -> None:
     `COPY_BYTES` of labels (the whole matrix may not fit in memory)."""
     n, c = cache.labels.shape
     # one chunk, read at once by every scan (N bytes)
-    group.create_array("valid", shape=(n,), dtype="bool", chunks=(max(n, 1),))[:] = cache.valid[:]
-    paths = group.create_array("paths", shape=(n,), dtype=str, chunks=(shard,))
-    labels = group.create_array("labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
+    valid = create_checked(group, "valid", shape=(n,), dtype="bool", chunks=(max(n, 1),))
+    valid[:] = cache.valid[:]
+    paths = create_checked(group, "paths", shape=(n,), dtype=str, chunks=(shard,))
+    labels = create_checked(group, "labels", shape=(n, c), dtype="int8", chunks=(shard, max(1, c)))
     step = shard * max(1, COPY_BYTES // (shard * max(1, c)))
     for start in range(0, n, step):
         rows = slice(start, start + step)
@@ -354,15 +443,17 @@ def create_index(
     num_queries, embed_dim = z_mean.shape
     with Location.of(path).building() as tmp:
         group = tmp.open_group("w")
-        group.create_array(
+        # raw bytes then their crc32c: `IndexStore._read_chunk` reads them itself
+        create_checked(
+            group,
             "z",
+            compress=False,
             shape=(n, num_queries, embed_dim),
             dtype=DTYPES[fingerprint["precision"]],
             chunks=(shard, num_queries, embed_dim),
-            compressors=[zarr.codecs.Crc32cCodec()],
             fill_value=float("nan"),
         )
-        group.create_array("z_mean", shape=z_mean.shape, dtype="float32")[:] = z_mean
+        create_checked(group, "z_mean", shape=z_mean.shape, dtype="float32")[:] = z_mean
         _copy_rows(group, cache, shard)
         group.attrs.update(
             index=fingerprint,
@@ -379,9 +470,17 @@ def create_index(
 def is_index(location: Location) -> bool:
     """Whether the Zarr store at `location` is a query index (not a feature or label store)."""
     try:
-        return "index" in location.open_group("r").attrs
+        return isinstance(location.open_group("r").attrs.get("index"), dict)
     except (QKSError, FileNotFoundError, ValueError):
         return False
+
+
+def check_version(fingerprint: dict[str, Any], url: Path | str) -> None:
+    """Refuse an index of another format version in one line."""
+    if (version := fingerprint.get("format_version")) != FORMAT_VERSION:
+        rebuild = "rebuild it: qks index --replace-stale"
+        message = f"index format version {version}, this qks reads {FORMAT_VERSION}; {rebuild}"
+        raise QKSError(message, url)
 
 
 def open_index(path: str | Path, mode: str = "r") -> IndexStore:
@@ -394,10 +493,7 @@ def open_index(path: str | Path, mode: str = "r") -> IndexStore:
     fingerprint = group.attrs.get("index")
     if not isinstance(fingerprint, dict):
         raise QKSError("not a qks query index (a feature or label store?)", location.url)
-    if fingerprint.get("format_version") != FORMAT_VERSION:
-        version = fingerprint.get("format_version")
-        message = f"index format version {version}, this qks reads {FORMAT_VERSION}; rebuild it"
-        raise QKSError(message, location.url)
+    check_version(fingerprint, location.url)
     if missing := [name for name in ARRAYS if name not in group]:
         message = f"damaged query index: no {', '.join(missing)} array; rebuild it (--overwrite)"
         raise QKSError(message, location.url)

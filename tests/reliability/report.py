@@ -32,7 +32,9 @@ from tests.reliability.faults.concurrent import (
 from tests.reliability.faults.config_values import config_bounds
 from tests.reliability.faults.damage import (
     damaged_feature_stores,
+    damaged_indexes,
     damaged_label_stores,
+    lost_index_chunks,
     lost_shard_files,
     make_pipeline,
 )
@@ -143,6 +145,9 @@ def _damage_cases(
         ("flipped_chunks", lambda w: damaged_feature_stores(pipeline(), w, "flipped")),
         ("flipped_label_chunks", lambda w: damaged_label_stores(pipeline(), w, "flipped")),
         ("lost_shard_files", lambda w: lost_shard_files(pipeline(), w)),
+        ("missing_index_chunks", lambda w: damaged_indexes(pipeline(), w, "missing")),
+        ("flipped_index_chunks", lambda w: damaged_indexes(pipeline(), w, "flipped")),
+        ("lost_index_chunks", lambda w: lost_index_chunks(pipeline(), w)),
         ("train_together", lambda w: concurrent_training(runner, w, setup, 3)),
         ("resume_mismatch", lambda w: mismatched_resume(w, small_setup)),
         ("killed_save", lambda w: killed_save_litter(runner, w, setup, 3)),

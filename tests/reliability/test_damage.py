@@ -11,7 +11,9 @@ from tests.reliability.faults.bad_files import bad_checkpoint_files, bad_weights
 from tests.reliability.faults.damage import (
     Pipeline,
     damaged_feature_stores,
+    damaged_indexes,
     damaged_label_stores,
+    lost_index_chunks,
     lost_shard_files,
     make_pipeline,
 )
@@ -27,13 +29,17 @@ def test_a_damaged_chunk_of_any_array_is_refused_naming_it(pipeline, tmp_path, k
     for outcome in (
         damaged_feature_stores(pipeline, tmp_path / "features", kind),
         damaged_label_stores(pipeline, tmp_path / "labels", kind),
+        damaged_indexes(pipeline, tmp_path / "index", kind),
     ):
         assert outcome.clean and outcome.unclear == 0, outcome.notes
 
 
 def test_a_lost_shard_file_is_computed_again(pipeline, tmp_path):
-    outcome = lost_shard_files(pipeline, tmp_path)
-    assert outcome.clean and outcome.unclear == 0, outcome.notes
+    for outcome in (
+        lost_shard_files(pipeline, tmp_path / "features"),
+        lost_index_chunks(pipeline, tmp_path / "index"),
+    ):
+        assert outcome.clean and outcome.unclear == 0, outcome.notes
 
 
 def test_bad_weights_and_checkpoint_files_are_one_line_and_run_no_code(pipeline, tmp_path):

@@ -35,6 +35,14 @@ FEATURE_CHUNKS = {
     "visual_proj": "visual_proj/c/0/0",
 }
 LABEL_CHUNKS = {"embeddings": "embeddings/c/0/0", "clip_embeddings": "clip_embeddings/c/0/0"}
+# a chunk of each array of a query index of the test store (`qks index`, shards of 4)
+INDEX_CHUNKS = {
+    "z": "z/c/1/0/0",
+    "z_mean": "z_mean/c/0/0",
+    "valid": "valid/c/0",
+    "paths": "paths/c/1",
+    "labels": "labels/c/1/0",
+}
 
 
 @dataclass(frozen=True)
@@ -218,4 +226,79 @@ def lost_shard_files(p: Pipeline, work: Path) -> Outcome:
             outcome.add(wrong=wrong, unclear=escaped is not None)
         else:
             judge(outcome, f"qks extract, {name}", code, output, escaped, store / key)
+    return outcome
+
+
+def index_commands(p: Pipeline, work: Path) -> dict[str, Command]:
+    """The commands reading a query index, given the (damaged) index."""
+
+    def evaluate(index: Path) -> list[object]:
+        args = ["evaluate", "--index", index, "--labels", p.labels, "--out", work / "metrics.json"]
+        return [*args, "--device", "cpu"]
+
+    def tag(index: Path) -> list[object]:
+        args = ["tag", "--index", index, "--labels", "red, circle", "--out", work / "tags.jsonl"]
+        return [*args, "--device", "cpu"]
+
+    return {
+        "evaluate": Command("qks evaluate --index", evaluate),
+        "tag": Command("qks tag", tag),
+    }
+
+
+# which commands read each array of an index (a missing chunk: every one, on opening the index)
+INDEX_READERS = {
+    "z": ("evaluate", "tag"),
+    "z_mean": ("evaluate", "tag"),
+    "valid": ("evaluate", "tag"),
+    "paths": ("tag",),
+    "labels": ("evaluate",),
+}
+
+
+def clean_index(p: Pipeline, work: Path) -> Path:
+    """The query index of the test store by the pipeline's checkpoint, built once under `work`."""
+    index = work / "clean_index" / "index.zarr"
+    if not index.exists():
+        _ok(*index_argv(p, index))
+    return index
+
+
+def index_argv(p: Pipeline, index: Path) -> list[object]:
+    return ["index", "--checkpoint", p.run, "--cache", p.test, "--out", index, "--device", "cpu"]
+
+
+def damaged_indexes(p: Pipeline, work: Path, kind: str) -> Outcome:
+    """`kind` "missing" or "flipped": one chunk of each array of a query index, then each command
+    that reads that array."""
+    outcome = Outcome(f"a chunk {kind} in each array of a query index")
+    clean = clean_index(p, work)
+    commands = index_commands(p, work)
+    for name, key in INDEX_CHUNKS.items():
+        readers = INDEX_READERS[name] if kind == "flipped" else tuple(commands)
+        for reader in readers:
+            index = _damaged_copy(clean, work, key, kind)
+            command = commands[reader]
+            _trial(outcome, f"{command.name}, {name}", command.argv(index), index / key)
+            outcome.where[name] += 1
+    return outcome
+
+
+def lost_index_chunks(p: Pipeline, work: Path) -> Outcome:
+    """A done shard's z chunk deleted, then `qks index` again: the shard is computed again (not
+    "already complete") and the index equals the clean one; a lost chunk of another array is
+    refused in one line naming it."""
+    outcome = Outcome("a lost index chunk, then qks index again")
+    clean = clean_index(p, work)
+    for name, key in INDEX_CHUNKS.items():
+        index = _damaged_copy(clean, work, key, "missing")
+        code, output, escaped = cli(*index_argv(p, index))
+        if name == "z":
+            diff = compare_trees(index, clean)
+            wrong = code != 0 or "already complete" in output or not diff.equal
+            if wrong:
+                outcome.note(f"{name}: exit {code}, {diff.summary()}: {last_line(output)[:120]}")
+            outcome.add(wrong=wrong, unclear=escaped is not None)
+        else:
+            judge(outcome, f"qks index, {name}", code, output, escaped, index / key)
     return outcome
