@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qks_pipeline.atomic import atomic_write
 from qks_pipeline.index.index import Hit
-from qks_pipeline.predict.html_page import CSP, CSS, card
+from qks_pipeline.predict.html_page import CSS, card, html_document
 from qks_pipeline.predict.tagger import Prediction
 
 TITLE = "QKS search"
@@ -50,24 +50,8 @@ def render_gallery(
     )
     asked = " AND ".join(labels)
     meta = f"{len(hits)} best images for {asked}: the lowest of the labels' scores"
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{TITLE}: {escape(asked)}</title>
-<style>{CSS}{GALLERY_CSS}</style>
-</head>
-<body>
-<h1>{TITLE}: {escape(asked)}</h1>
-<p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>
-<main class="grid">
-{cards}
-</main>
-</body>
-</html>
-"""
+    intro = f'<p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>'
+    return html_document(f"{TITLE}: {escape(asked)}", intro, cards, css=CSS + GALLERY_CSS)
 
 
 def write_gallery(path: str | Path, *args, **kwargs) -> Path:

@@ -30,7 +30,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from qks_pipeline.store.checked import (
 )
 from qks_pipeline.store.features import NO_SPACE, Cache
 from qks_pipeline.store.location import Location
+from qks_pipeline.store.sharded import ShardedStore, done_marker
 
 # 2: every chunk of every array written, with its crc32c (1: z's only, the others could be absent)
 FORMAT_VERSION = 2
@@ -118,18 +119,9 @@ def score_block(
 
 
 @dataclass
-class IndexStore:
+class IndexStore(ShardedStore):
     """An open index; arrays are zarr arrays, read lazily. Build one with `create_index`, open one
     with `open_index`."""
-
-    path: Path | str  # a local directory, or an fsspec URL
-    group: zarr.Group
-    # every shard done and every chunk there, checked once (`require_complete`)
-    _complete: bool = field(default=False, init=False, repr=False)
-
-    @functools.cached_property
-    def location(self) -> Location:
-        return Location.of(self.path)
 
     def checked(self, name: str) -> CheckedArray:
         """The array `name`, its damaged chunks one error naming the file (`store.checked`)."""
@@ -166,10 +158,6 @@ class IndexStore:
     @property
     def num_seen(self) -> int:
         return int(self.group.attrs["num_seen"])
-
-    @property
-    def shard_size(self) -> int:
-        return int(self.group.attrs["shard_size"])
 
     # the arrays are opened once: each opening reads and parses their metadata
     @functools.cached_property
@@ -210,17 +198,6 @@ class IndexStore:
     def embed_dim(self) -> int:
         return self.z.shape[2]
 
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
-
-    def shard_rows(self, shard: int) -> slice:
-        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images))
-
-    def done_shards(self) -> set[int]:
-        names = self.location.list("done")
-        return {int(name[: -len(".json")]) for name in names if name.endswith(".json")}
-
     def require_complete(self) -> None:
         """Refuse an index with a shard not built or a chunk missing (`missing_chunks`).
 
@@ -258,7 +235,7 @@ class IndexStore:
         # "z/c/<shard>/0/0"
         lost = {int(key.split("/")[2]) for key in missing}
         for shard in sorted(lost):
-            self.location.delete(_marker(shard))
+            self.location.delete(done_marker(shard))
         return lost
 
     def write_shard(self, shard: int, z: np.ndarray) -> None:
@@ -269,7 +246,7 @@ class IndexStore:
         record = {"shard": shard, "rows": [rows.start, rows.stop]}
         try:
             self.z[rows] = (z - self.z_mean).astype(self.z.dtype)
-            self.location.write_text(_marker(shard), json.dumps(record))
+            self.location.write_text(done_marker(shard), json.dumps(record))
         except OSError as e:  # the shard stays not done: a rerun redoes it
             if e.errno not in NO_SPACE:
                 raise
@@ -373,10 +350,6 @@ def take_rows(array: CheckedArray, rows: np.ndarray) -> np.ndarray:
         return array.array.oindex[rows]
     except DAMAGE as e:
         raise array.damage(slice(int(rows.min()), int(rows.max()) + 1), e) from None
-
-
-def _marker(shard: int) -> str:
-    return f"done/{shard:05d}.json"
 
 
 def lost_shard_error(shard: int, where: Path | str, more: str = "") -> QKSError:

@@ -115,19 +115,28 @@ def render_html(
     )
     pairs = zip(predictions, sources, strict=True)
     cards = "\n".join(card(p, source, threshold) for p, source in pairs)
+    intro = (
+        f'<p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>\n'
+        f'<details class="meta"><summary>labels</summary>{escape(", ".join(labels))}</details>'
+    )
+    return html_document(TITLE, intro, cards)
+
+
+def html_document(title: str, intro: str, cards: str, css: str = CSS) -> str:
+    """A self-contained page: `title` (HTML, escaped by the caller), the `intro` lines under it,
+    then the grid of `cards`."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{TITLE}</title>
-<style>{CSS}</style>
+<title>{title}</title>
+<style>{css}</style>
 </head>
 <body>
-<h1>{TITLE}</h1>
-<p class="meta">{escape(subtitle + "; " if subtitle else "")}{escape(meta)}</p>
-<details class="meta"><summary>labels</summary>{escape(", ".join(labels))}</details>
+<h1>{title}</h1>
+{intro}
 <main class="grid">
 {cards}
 </main>

@@ -8,10 +8,9 @@ Arrays, attributes and done markers: docs/design.md, section 2; the shard byte l
 from __future__ import annotations
 
 import errno
-import functools
 import json
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from qks_pipeline.store.checked import (
 )
 from qks_pipeline.store.fingerprint import READ_VERSIONS, describe_backbone
 from qks_pipeline.store.location import Location
+from qks_pipeline.store.sharded import ShardedStore, done_marker
 
 # a full disk, a quota, a file-size limit: a user error
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -40,19 +40,9 @@ PER_SHARD = ("tokens", "valid")
 
 
 @dataclass
-class Cache:
+class Cache(ShardedStore):
     """An open feature store: arrays are zarr arrays, read lazily (`cache.valid[:]` gives numpy);
     all but the tokens (read by `store.shard_reader`) name a damaged chunk (`CheckedArray`)."""
-
-    # a local directory, or an fsspec URL
-    path: Path | str
-    group: zarr.Group
-    # every shard done and every chunk there, checked once (`require_complete`)
-    _complete: bool = field(default=False, init=False, repr=False)
-
-    @functools.cached_property
-    def location(self) -> Location:
-        return Location.of(self.path)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -80,11 +70,6 @@ class Cache:
     @property
     def num_seen(self) -> int:
         return int(self.group.attrs["num_seen"])
-
-    @property
-    def shard_size(self) -> int:
-        """Images per shard."""
-        return int(self.group.attrs["shard_size"])
 
     @property
     def tokens(self) -> zarr.Array:
@@ -124,15 +109,6 @@ class Cache:
     def num_views(self) -> int:
         return self.tokens.shape[1]
 
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_images // self.shard_size)
-
-    def shard_rows(self, shard: int) -> slice:
-        start = shard * self.shard_size
-        stop = min(start + self.shard_size, self.num_images)
-        return slice(start, stop)
-
     def num_rows(self, shards: Iterable[int]) -> int:
         return sum(self.shard_rows(s).stop - self.shard_rows(s).start for s in shards)
 
@@ -142,17 +118,10 @@ class Cache:
         Each skipped image is {"path", "reason"}.
         """
         try:
-            return json.loads(self.location.read_text(_marker(shard)))
+            return json.loads(self.location.read_text(done_marker(shard)))
         except (ValueError, FileNotFoundError) as e:
             message = f"done marker unreadable ({type(e).__name__}); {REBUILD}"
-            raise QKSError(message, chunk_path(self.location, _marker(shard))) from None
-
-    def done_shards(self) -> set[int]:
-        return {
-            int(name[: -len(".json")])
-            for name in self.location.list("done")
-            if name.endswith(".json")
-        }
+            raise QKSError(message, chunk_path(self.location, done_marker(shard))) from None
 
     def write_shard(
         self, shard: int, tokens: np.ndarray, valid: np.ndarray, skipped: list[dict[str, str]]
@@ -165,7 +134,7 @@ class Cache:
         try:
             self.tokens[rows] = tokens.astype(np.float16, copy=False)
             self.valid[rows] = valid
-            self.location.write_text(_marker(shard), json.dumps(record))
+            self.location.write_text(done_marker(shard), json.dumps(record))
         except OSError as e:  # the shard stays not done: a rerun redoes it
             if e.errno not in NO_SPACE:
                 raise  # maybe transient (a network store): a cluster run retries it
@@ -211,7 +180,7 @@ class Cache:
         # "tokens/c/<shard>/0/0/0", "valid/c/<shard>"
         lost = {int(key.split("/")[2]) for key in missing}
         for shard in sorted(lost):
-            self.location.delete(_marker(shard))
+            self.location.delete(done_marker(shard))
         return lost
 
     def missing_chunks(self, shards: set[int] | None = None) -> list[str]:
@@ -244,10 +213,6 @@ class Cache:
             return len(self.done_record(shard)["skipped"]) < rows.stop - rows.start
 
         return required
-
-
-def _marker(shard: int) -> str:
-    return f"done/{shard:05d}.json"
 
 
 def create_cache(
